@@ -1,0 +1,312 @@
+"""The ``edgeq`` command line: one subcommand per stage, plus the one-shot ``compile``."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+EXAMPLES = """
+\b
+Examples:
+  edgeq compile                                   # built-in model, arm64, w2a4, every stage
+  edgeq compile model.pt --target rpi4 --bits w2a4 --json
+  edgeq synth --generator ./sd-folder --classes classes.txt -o calib/
+  edgeq quantize model.pt --calib calib/ --bits w4a4 -o quantized/
+  edgeq export quantized/ -o exported/
+  edgeq compile exported/ --target x86 -o compiled/
+  edgeq verify compiled/ --data fashion-mnist:test -o verified/
+"""
+
+
+def _fail(message: str, hint: str | None = None, code: int = 2):
+    click.echo(f"error: {message}" + (f" ({hint})" if hint else ""), err=True)
+    sys.exit(code)
+
+
+def friendly_errors(command):
+    """One line, no traceback, non-zero exit for anything the user can fix."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from edgeq.errors import EdgeqError
+
+        try:
+            return command(*args, **kwargs)
+        except EdgeqError as exc:
+            _fail(exc.message, exc.hint)
+        except KeyboardInterrupt:
+            _fail("interrupted; finished stages were kept and unfinished ones left nothing behind", code=130)
+        except MemoryError:
+            _fail("out of memory", "use fewer --num-images")
+
+    return wrapper
+
+
+def _bits(_ctx, _param, value):
+    from edgeq.errors import EdgeqError
+    from edgeq.spec import QuantSpec
+
+    if value is None:
+        return None
+    try:
+        return QuantSpec.parse(value)
+    except EdgeqError as exc:
+        raise click.BadParameter(f"{exc.message}; {exc.hint}") from None
+
+
+def _target(_ctx, _param, value):
+    from edgeq.errors import EdgeqError
+    from edgeq.targets import get_target
+
+    if value is None:
+        return None
+    try:
+        return get_target(value)
+    except EdgeqError as exc:
+        raise click.BadParameter(f"{exc.message}; {exc.hint}") from None
+
+
+def _output_option(help_text):
+    return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help=help_text)
+
+
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Load a fully pickled model. Unpickling runs any code the file names: use only for files you trust.",
+)
+classes_option = click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="Text file with one class name per line (overrides the model's).")
+
+
+@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="edgeq")
+def cli(verbose):
+    """edgeq ships a trained vision model to an edge CPU at low bit widths (down to W2A4).
+
+    Five stages, each a subcommand writing a folder with a manifest.json:
+    synth (calibration images from a text-to-image model) -> quantize -> export (QDQ ONNX)
+    -> compile (TVM, x86-64 or arm64) -> verify (accuracy, agreement, latency).
+    'edgeq compile MODEL' runs all missing stages at once.
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("edgeq").setLevel(logging.INFO if verbose == 0 else level)
+    logging.getLogger("edgeq").handlers[:] = []
+    if verbose == 0:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("edgeq").addHandler(handler)
+        logging.getLogger("edgeq").propagate = False
+
+
+@cli.command(epilog="\b\nExample:\n  edgeq synth --generator ./sd-folder --strategy mixup --num-images 512 -o calib/")
+@click.argument("model", required=False)
+@click.option("--generator", help="diffusers text-to-image pipeline: a local folder or a hub id (default: the built-in tiny one).")
+@click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True,
+              help="mixup: two classes per prompt ('a photo of a A and a B'); single: one class per prompt.")
+@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Denoising steps per image.")
+@click.option("--guidance-scale", type=float, default=3.0, show_default=True)
+@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Generated image side in pixels.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@classes_option
+@allow_pickle_option
+@_output_option("Output folder for image shards and manifest.")
+@friendly_errors
+def synth(model, generator, strategy, num_images, steps, guidance_scale, size, batch_size, device, seed, classes_file, allow_pickle, out):
+    """Generate calibration images with class prompts taken from MODEL (or --classes)."""
+    from edgeq.models import load_model, read_classes
+    from edgeq.pipeline import BUILTIN_GENERATOR_NOTE, default_generator
+    from edgeq.stages import synth as synth_stage
+
+    classes = read_classes(classes_file) if classes_file else load_model(model, allow_pickle=allow_pickle).classes
+    if generator is None:
+        click.echo(f"note: {BUILTIN_GENERATOR_NOTE}", err=True)
+        generator = default_generator()
+    synth_stage.run(generator, classes, out, strategy=strategy, num_images=num_images, seed=seed, steps=steps,
+                    guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device)
+    click.echo(f"wrote {num_images} images to {out}")
+
+
+@cli.command(epilog="\b\nExample:\n  edgeq quantize model.pt --calib calib/ --bits w4a4 -o quantized/")
+@click.argument("model", required=False)
+@click.option("--calib", required=True, help="Calibration images: an 'edgeq synth' folder, or fashion-mnist:A (real images).")
+@click.option("--bits", callback=_bits, default="w4a4", show_default=True, help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...).")
+@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images to use.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@classes_option
+@allow_pickle_option
+@_output_option("Output folder for the quantized model.")
+@friendly_errors
+def quantize(model, calib, bits, num_images, seed, classes_file, allow_pickle, out):
+    """Quantize MODEL (default: the built-in model) at --bits, calibrated on --calib.
+
+    Per-channel weights, per-tensor activations, MSE-searched ranges, round-to-nearest.
+    MODEL is a .pt/.pt2/.safetensors file, timm:NAME, or package.module:function.
+    """
+    from edgeq.stages import quantize as quantize_stage
+
+    quantize_stage.run(model, calib, out, bits=bits, num_images=num_images, seed=seed, allow_pickle=allow_pickle, classes_file=classes_file)
+    click.echo(f"wrote {bits} model to {out}")
+
+
+@cli.command(epilog="\b\nExample:\n  edgeq export quantized/ -o exported/")
+@click.argument("quantized", type=click.Path(exists=True, file_okay=False))
+@_output_option("Output folder for model.onnx.")
+@friendly_errors
+def export(quantized, out):
+    """Write QUANTIZED (an 'edgeq quantize' folder) as QDQ ONNX in true low-bit types, checked against onnxruntime."""
+    from edgeq.stages import export as export_stage
+
+    export_stage.run(quantized, out)
+    click.echo(f"wrote {out / export_stage.MODEL_FILE}")
+
+
+@cli.command(name="compile", epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
+             "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n  edgeq compile exported/ --target x86 -o compiled/   # compile stage only")
+@click.argument("model", required=False)
+@click.option("--target", callback=_target, default="arm64", show_default=True, help="Target name (see 'edgeq targets'); arm64 = any 64-bit Arm board.")
+@click.option("--bits", callback=_bits, default="w2a4", show_default=True, help="Bit widths as wWaA (one-shot only).")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (compile-stage only, when MODEL is an export folder).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder for the one-shot (default: runs/<model>).")
+@click.option("--generator", help="diffusers pipeline folder or hub id for calibration images (default: the built-in tiny one).")
+@click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True)
+@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
+@click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
+@click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@classes_option
+@allow_pickle_option
+@friendly_errors
+def compile_command(model, target, bits, out, run_dir, generator, strategy, num_images, eval_data, eval_images, latency_runs, seed, force, as_json, classes_file, allow_pickle):
+    """Compile MODEL for --target, running every missing stage (synth, quantize, export, compile, verify).
+
+    With no MODEL the built-in default model is used. If MODEL is an 'edgeq export'
+    folder, only the compile stage runs, into -o.
+    """
+    from edgeq.manifest import MANIFEST_NAME
+
+    if model and (Path(model) / MANIFEST_NAME).is_file():
+        from edgeq.stages import compile as compile_stage
+
+        if out is None:
+            _fail("compiling an export folder needs -o OUTPUT_FOLDER")
+        compile_stage.run(model, out, target=target)
+        click.echo(f"wrote {out / compile_stage.MODULE_FILE}")
+        return
+    from edgeq.pipeline import RunOptions, run
+
+    options = RunOptions(target=target.name, bits=str(bits), run_dir=run_dir, generator=generator, strategy=strategy, num_images=num_images, seed=seed,
+                         eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
+    summary = run(model, options)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        _print_summary(summary)
+
+
+def _percent(value):
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _print_summary(summary: dict) -> None:
+    for note in summary["notes"]:
+        click.echo(f"note: {note}")
+    latency = f"{summary['latency_ms']:.3f} ms (p90 {summary['latency_p90_ms']:.3f} ms)" if summary["latency_ms"] is not None else summary["latency_note"]
+    rows = [
+        ("model", summary["model"]),
+        ("target", summary["target"]),
+        ("bits", summary["bits"]),
+        ("evaluated on", f"{summary['eval_images']} images of {summary['eval_data']}"),
+        ("float top-1", _percent(summary["fp_top1"])),
+        ("quantized top-1", _percent(summary["quant_top1"])),
+        ("compiled top-1", _percent(summary["compiled_top1"])),
+        ("agreement with onnxruntime", _percent(summary["agreement_with_onnxruntime"])),
+        ("latency", latency),
+        ("ran on", summary["ran"]),
+        ("stages", ", ".join(f"{k} {v}" for k, v in summary["stages"].items())),
+        ("artifact", summary["artifact"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command(epilog="\b\nExample:\n  edgeq verify compiled/ --data fashion-mnist:test -o verified/")
+@click.argument("compiled", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Evaluation data: fashion-mnist:test, or an 'edgeq synth' folder (default: the calibration images).")
+@click.option("--num-images", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True, help="Timed runs (native targets only).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_output_option("Output folder for report.json.")
+@friendly_errors
+def verify(compiled, data, num_images, latency_runs, as_json, out):
+    """Run COMPILED (an 'edgeq compile' folder) on data: top-1, agreement with onnxruntime, latency.
+
+    arm64 modules run under qemu-aarch64 here (correctness only; latency is not measured).
+    """
+    from edgeq.stages import verify as verify_stage
+
+    report = verify_stage.run(compiled, out, data=data, num_images=num_images, latency_runs=latency_runs)
+    click.echo(json.dumps(report, indent=None if as_json else 2))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def targets(as_json):
+    """List the compilation targets."""
+    from edgeq.targets import list_targets
+
+    found = list_targets()
+    if as_json:
+        click.echo(json.dumps([t.to_dict() for t in found], indent=2))
+        return
+    for t in found:
+        click.echo(f"{t.name:<12} {t.description}")
+
+
+@cli.group()
+def emulator():
+    """The arm64 emulation environment used to check arm64 modules on x86 (qemu-aarch64)."""
+
+
+@emulator.command(name="setup")
+@click.option("--force", is_flag=True, help="Rebuild even if present.")
+@friendly_errors
+def emulator_setup(force):
+    """Build the arm64 root filesystem and TVM runtime (root, network; about a minute)."""
+    from edgeq import emulation
+
+    root = emulation.setup(force=force)
+    click.echo(f"arm64 emulation environment ready in {root}")
+
+
+def main():
+    """Entry point: usage mistakes and EdgeqErrors become one line on stderr and exit code 2."""
+    from edgeq.errors import EdgeqError
+
+    try:
+        code = cli.main(prog_name="edgeq", standalone_mode=False)
+    except click.UsageError as exc:
+        command = f"edgeq {exc.ctx.info_name} --help" if exc.ctx and exc.ctx.parent else "edgeq --help"
+        _fail(exc.format_message().replace("\n", " "), f"see '{command}'")
+    except click.ClickException as exc:
+        _fail(exc.format_message())
+    except click.Abort:
+        _fail("interrupted", code=130)
+    except EdgeqError as exc:
+        _fail(exc.message, exc.hint)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Loading models safely, with the metadata the pipeline needs (class names, preprocessing).
+
+Accepted sources:
+
+* nothing, or ``builtin:NAME``: a model edgeq ships;
+* ``model.pt`` / ``model.safetensors``: a checkpoint that names a known architecture
+  (``{"arch": ..., "arch_kwargs": ..., "state_dict": ..., "classes": ..., "preprocess": ...}``),
+  read with ``torch.load(weights_only=True)`` or safetensors, so no code runs from the file;
+* ``model.pt2``: a ``torch.export`` program, after checking that loading it unpickles nothing;
+* ``timm:NAME``: a timm model with its pretrained weights (from the local cache when offline);
+* ``package.module:function``: a factory in the user's own code, returning an ``nn.Module``
+  (or a ``(module, metadata)`` pair);
+* a fully pickled ``nn.Module``, only with ``allow_pickle=True``: unpickling runs whatever
+  code the file names, so it is refused unless the user says the file is trusted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import zoo
+from .data import Preprocess
+from .errors import EdgeqError
+
+log = logging.getLogger(__name__)
+
+PICKLE_HINT = (
+    "it is a full pickle, and unpickling can run arbitrary code; re-run with --allow-pickle "
+    "only if you trust the file, or save it safely with edgeq.save_checkpoint() or torch.export.save()"
+)
+IMAGENET_PREPROCESS = Preprocess(3, 224, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    module: nn.Module
+    source: str  # what names the model, as a later run can load it again
+    classes: tuple[str, ...]
+    preprocess: Preprocess
+    arch: str | None = None
+    note: str | None = None  # shown to the user, e.g. what the built-in default is
+
+    @property
+    def name(self) -> str:
+        """A short name for run folders: the file stem, or the source with ':' made filename-safe."""
+        if self.source.startswith("builtin:"):
+            return self.source.partition(":")[2]
+        if Path(self.source).suffix in (".pt", ".pt2", ".pth", ".safetensors"):
+            return Path(self.source).stem
+        return self.source.replace(":", "-").replace("/", "-")
+
+    def digest(self) -> str:
+        """A hash of the weights, names and shapes: equal digests mean the same model."""
+        digest = hashlib.sha256(str(self.arch).encode())
+        for key, tensor in sorted(self.module.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+
+def save_checkpoint(path, module: nn.Module, arch: str, classes, preprocess: Preprocess, arch_kwargs: dict | None = None) -> None:
+    """Save a model so that edgeq (and anyone) can load it without unpickling code."""
+    path = Path(path)
+    meta = {"arch": arch, "arch_kwargs": arch_kwargs or {}, "classes": list(classes), "preprocess": preprocess.to_dict()}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.partial")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={"edgeq": json.dumps(meta)})
+    else:
+        torch.save({**meta, "state_dict": state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(source: str | None = None, *, allow_pickle: bool = False, classes_file: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a model from any accepted source (see the module docstring)."""
+    if source is None or source == "builtin" or source.startswith("builtin:"):
+        loaded = _load_builtin(source.partition(":")[2] if source and ":" in source else zoo.DEFAULT_MODEL)
+    elif Path(source).exists():
+        loaded = _load_file(Path(source), allow_pickle)
+    elif source.startswith("timm:"):
+        loaded = _load_timm(source.partition(":")[2])
+    elif ":" in source and not source.startswith(("/", ".")):
+        loaded = _load_factory(source)
+    else:
+        raise EdgeqError(f"model file not found: {source}", "pass a .pt/.pt2/.safetensors path, timm:NAME, package.module:function, or nothing for the built-in default")
+    if classes_file is not None:
+        loaded.classes = read_classes(classes_file)
+    loaded.module.eval()
+    return loaded
+
+
+def read_classes(path) -> tuple[str, ...]:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeqError(f"classes file not found: {path}", "pass a text file with one class name per line")
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if not names:
+        raise EdgeqError(f"classes file {path} is empty", "write one class name per line")
+    return names
+
+
+def _load_builtin(name: str) -> LoadedModel:
+    weights = zoo.builtin_weights_path(name)
+    with zoo.resources.as_file(weights) as path:
+        loaded = _load_safetensors(Path(path))
+    loaded.source = f"builtin:{name}"
+    loaded.note = zoo.DEFAULT_MODEL_NOTE if name == zoo.DEFAULT_MODEL else None
+    return loaded
+
+
+def _from_metadata(meta: dict, state_dict: dict, source: str) -> LoadedModel:
+    if "arch" not in meta:
+        raise EdgeqError(f"{source} does not name its architecture", "save it with edgeq.save_checkpoint(path, model, arch=...)")
+    module = zoo.build_architecture(meta["arch"], meta.get("arch_kwargs"))
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise EdgeqError(f"{source}: weights do not fit architecture {meta['arch']}: {first}", "check the checkpoint's arch and arch_kwargs") from None
+    classes = tuple(meta.get("classes") or ())
+    preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _default_preprocess(module)
+    return LoadedModel(module, source, classes or _default_classes(module), preprocess, arch=meta["arch"])
+
+
+def _load_safetensors(path: Path) -> LoadedModel:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("edgeq", "{}"))
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise EdgeqError(f"cannot read {path}: not a valid safetensors file ({exc})", "check the file is complete") from None
+    return _from_metadata(meta, state, str(path))
+
+
+def _load_file(path: Path, allow_pickle: bool) -> LoadedModel:
+    if path.is_dir():
+        raise EdgeqError(f"{path} is a folder, not a model file", "pass the .pt, .pt2 or .safetensors file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    if zipfile.is_zipfile(path) and any(n.endswith("/archive_format") for n in zipfile.ZipFile(path).namelist()):
+        return _load_exported(path, allow_pickle)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise EdgeqError(f"refusing to unpickle {path}", PICKLE_HINT) from None
+        log.warning("unpickling %s because --allow-pickle was given (%s)", path, str(exc).splitlines()[0])
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise EdgeqError(f"cannot read {path}: not a PyTorch checkpoint ({str(exc).splitlines()[0]})", "check the file is complete and was written by torch.save or torch.export.save") from None
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, str(path), _default_classes(obj), _default_preprocess(obj), arch=None)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return _from_metadata(obj, obj["state_dict"], str(path))
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise EdgeqError(f"{path} holds a bare state_dict without its architecture", "save it with edgeq.save_checkpoint(path, model, arch=...), or pass a package.module:function that builds the model")
+    raise EdgeqError(f"{path} holds a {type(obj).__name__}, not a model", "pass a checkpoint saved by edgeq.save_checkpoint() or torch.export.save()")
+
+
+def _export_archive_unpickles(path: Path) -> str | None:
+    """Name what in a torch.export archive would be unpickled on load, or None if nothing."""
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if name.endswith(("weights/model_weights_config.json", "constants/model_constants_config.json")):
+                config = json.loads(archive.read(name)).get("config", {})
+                for fqn, payload in config.items():
+                    if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith(("custom_obj", "opaque_obj")):
+                        return f"tensor or object '{fqn}'"
+            if "/sample_inputs/" in name:
+                import io
+
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except pickle.UnpicklingError:
+                    return "its sample inputs"
+    return None
+
+
+def _load_exported(path: Path, allow_pickle: bool) -> LoadedModel:
+    unsafe = _export_archive_unpickles(path)
+    if unsafe and not allow_pickle:
+        raise EdgeqError(f"refusing to load {path}: {unsafe} is pickled", PICKLE_HINT)
+    extra = {"edgeq.json": ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - the archive format raises many kinds
+        raise EdgeqError(f"cannot read torch.export program {path}: {str(exc).splitlines()[0]}", "re-create it with torch.export.save()") from None
+    meta = json.loads(extra["edgeq.json"] or "{}")
+    from .graph import modules_from_exported
+
+    module = modules_from_exported(program)
+    placeholder = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    shape = None
+    if placeholder:
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name == placeholder[0].arg.name:
+                shape = tuple(node.meta["val"].shape)
+    preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _preprocess_for_shape(shape)
+    classes = tuple(meta.get("classes") or ()) or _numbered_classes(module)
+    return LoadedModel(module, str(path), classes, preprocess, arch="torch.export")
+
+
+def _load_timm(name: str) -> LoadedModel:
+    import timm
+
+    if not timm.is_model(name):
+        raise EdgeqError(f"unknown timm model '{name}'", "see timm.list_models() for the valid names")
+    try:
+        module = timm.create_model(name, pretrained=True)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        raise EdgeqError(
+            f"cannot get pretrained weights for timm:{name} ({type(exc).__name__})",
+            "put them in the Hugging Face cache first, or save the model with edgeq.save_checkpoint() and pass the file",
+        ) from None
+    return LoadedModel(module, f"timm:{name}", _default_classes(module), _default_preprocess(module), arch=f"timm:{name}")
+
+
+def _load_factory(spec: str) -> LoadedModel:
+    module_name, _, function_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise EdgeqError(f"cannot import model factory '{spec}': {exc}", "pass package.module:function importable from the current environment") from None
+    result = factory()
+    meta = {}
+    if isinstance(result, tuple) and len(result) == 2:
+        result, meta = result
+    if not isinstance(result, nn.Module):
+        raise EdgeqError(f"model factory '{spec}' returned {type(result).__name__}, not an nn.Module", "return the model, or (model, {'classes': [...], 'preprocess': {...}})")
+    classes = tuple(meta.get("classes") or ()) or _default_classes(result)
+    preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _default_preprocess(result)
+    return LoadedModel(result, spec, classes, preprocess, arch=f"factory:{spec}")
+
+
+def _default_preprocess(module: nn.Module) -> Preprocess:
+    cfg = getattr(module, "pretrained_cfg", None)
+    if cfg and "input_size" in cfg:
+        c, h, w = cfg["input_size"]
+        return Preprocess(c, h, w, tuple(cfg.get("mean", (0.5,) * c)), tuple(cfg.get("std", (0.5,) * c)))
+    first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels == 1:
+        return Preprocess(1, 28, 28, (0.5,), (0.5,))
+    return IMAGENET_PREPROCESS
+
+
+def _preprocess_for_shape(shape) -> Preprocess:
+    if shape is None or len(shape) != 4:
+        return IMAGENET_PREPROCESS
+    _, c, h, w = shape
+    return Preprocess(int(c), int(h), int(w), (0.5,) * int(c), (0.5,) * int(c))
+
+
+def _default_classes(module: nn.Module) -> tuple[str, ...]:
+    num_classes = _num_classes(module)
+    if num_classes == 1000:  # ImageNet-1k in practice; --classes overrides
+        try:
+            from timm.data import ImageNetInfo
+
+            return tuple(ImageNetInfo().label_descriptions(as_dict=False)[i].split(",")[0] for i in range(1000))
+        except Exception:  # noqa: BLE001 - optional nicety
+            pass
+    return _numbered_classes(module)
+
+
+def _numbered_classes(module: nn.Module) -> tuple[str, ...]:
+    return tuple(f"class {i}" for i in range(_num_classes(module) or 0))
+
+
+def _num_classes(module: nn.Module) -> int | None:
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None

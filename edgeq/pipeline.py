@@ -1,0 +1,143 @@
+"""The one-shot run: every missing stage, from a model to a verified module, in one run folder.
+
+    runs/<model>/synth/                    calibration images (shared by every bit width)
+    runs/<model>/quantize-<bits>/          fake-quantized model
+    runs/<model>/export-<bits>/            QDQ ONNX
+    runs/<model>/compile-<bits>-<target>/  module.so
+    runs/<model>/verify-<bits>-<target>/   report.json
+
+A stage whose folder already holds the output of the same inputs and settings (the
+manifest fingerprint) is reused, so re-running after changing only the target rebuilds
+only compile and verify.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from . import emulation
+from .manifest import reusable
+from .models import LoadedModel, load_model
+from .spec import QuantSpec
+from .stages import compile as compile_stage
+from .stages import export as export_stage
+from .stages import quantize as quantize_stage
+from .stages import synth as synth_stage
+from .stages import verify as verify_stage
+from .targets import get_target
+
+log = logging.getLogger(__name__)
+
+BUILTIN_GENERATOR_NOTE = (
+    "generator: edgeq's tiny random-weight diffusers pipeline (structured noise, not pictures) "
+    "until the trained zoo generator ships; pass --generator for a real one"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    target: str = "arm64"
+    bits: str = "w2a4"
+    run_dir: str | None = None
+    generator: str | None = None
+    strategy: str = "mixup"
+    num_images: int = 256
+    seed: int = 0
+    eval_data: str | None = None
+    eval_images: int = 1000
+    latency_runs: int = 100
+    allow_pickle: bool = False
+    classes_file: str | None = None
+    force: bool = False
+
+
+def default_generator() -> str:
+    """The built-in tiny generator, built once into the cache folder."""
+    from .zoo.tiny_pipeline import build_tiny_pipeline
+
+    folder = emulation.cache_dir() / "generators" / "tiny-random"
+    if not (folder / "model_index.json").is_file():
+        from .manifest import staged_folder
+
+        with staged_folder(folder) as tmp:
+            build_tiny_pipeline(tmp)
+    return str(folder)
+
+
+def default_eval_data(loaded: LoadedModel) -> str | None:
+    return "fashion-mnist:test" if loaded.source == "builtin:tiny-fmnist" else None
+
+
+def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
+    """Run the pipeline for ``model`` (None: the built-in default) and return the summary."""
+    spec = QuantSpec.parse(options.bits)
+    target = get_target(options.target)
+    loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
+    run_dir = Path(options.run_dir or Path("runs") / loaded.name)
+    notes = [loaded.note] if loaded.note else []
+    stages: dict[str, str] = {}
+
+    def stage(name: str, folder: Path, planned_fingerprint: str, make) -> Path:
+        if not options.force and reusable(folder, planned_fingerprint):
+            stages[name] = "reused"
+            log.info("%s: reusing %s", name, folder)
+            return folder
+        log.info("%s: running into %s", name, folder)
+        make()
+        stages[name] = "ran"
+        return folder
+
+    generator = options.generator
+    if generator is None:
+        generator = default_generator()
+        notes.append(BUILTIN_GENERATOR_NOTE)
+    synth_params = dict(strategy=options.strategy, num_images=options.num_images, seed=options.seed)
+    synth_defaults = dict(steps=10, guidance_scale=3.0, size=64)
+    synth_dir = stage("synth", run_dir / "synth",
+                      synth_stage.plan(generator, loaded.classes, **synth_params, **synth_defaults).fingerprint,
+                      lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, **synth_defaults))
+
+    quant_dir = run_dir / f"quantize-{spec}"
+    stage("quantize", quant_dir,
+          quantize_stage.plan(loaded, synth_dir, spec, num_images=options.num_images, seed=options.seed, allow_pickle=options.allow_pickle).fingerprint,
+          lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, num_images=options.num_images, seed=options.seed, allow_pickle=options.allow_pickle))
+
+    export_dir = run_dir / f"export-{spec}"
+    stage("export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir))
+
+    compile_dir = run_dir / f"compile-{spec}-{target.name}"
+    stage("compile", compile_dir, compile_stage.plan(export_dir, target).fingerprint, lambda: compile_stage.run(export_dir, compile_dir, target=target))
+
+    eval_data = options.eval_data or default_eval_data(loaded) or str(synth_dir)
+    if eval_data == str(synth_dir):
+        notes.append("accuracy measured on the synthetic calibration images (no labelled data given; pass --data)")
+    if not target.is_native_arch:
+        emulation.setup()
+    verify_dir = run_dir / f"verify-{spec}-{target.name}"
+    latency_runs = options.latency_runs if target.is_native_arch else 0
+    verify_params = dict(data=eval_data, num_images=options.eval_images, latency_runs=latency_runs)
+    stage("verify", verify_dir, verify_stage.plan(compile_dir, **verify_params).fingerprint,
+          lambda: verify_stage.run(compile_dir, verify_dir, **verify_params))
+    report = verify_stage.load_report(verify_dir)
+    if report["agreement_with_onnxruntime"] < 0.99:
+        log.warning("compiled module agrees with onnxruntime on only %.1f%% of images", 100 * report["agreement_with_onnxruntime"])
+    return {
+        "model": loaded.source,
+        "target": target.name,
+        "bits": str(spec),
+        "fp_top1": report["fp_top1"],
+        "quant_top1": report["quant_top1"],
+        "compiled_top1": report["compiled_top1"],
+        "agreement_with_onnxruntime": report["agreement_with_onnxruntime"],
+        "latency_ms": report["latency_ms"],
+        "latency_p90_ms": report["latency_p90_ms"],
+        "latency_note": report["latency_note"],
+        "ran": report["ran"],
+        "eval_data": report["data"],
+        "eval_images": report["images"],
+        "artifact": str(Path(report["artifact"]).resolve()),
+        "run_dir": str(run_dir.resolve()),
+        "stages": stages,
+        "notes": notes,
+    }

@@ -1,0 +1,112 @@
+"""The quantization spec: what bit widths and observers a model is quantized with.
+
+A spec is a frozen dataclass. Its short form is the string users type (``w2a4``:
+2-bit weights, 4-bit activations); its full form round-trips through JSON so that
+manifests record exactly what was done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from enum import Enum
+
+from .errors import EdgeqError
+
+MIN_BITS = 2
+MAX_BITS = 8
+_SHORT_FORM = re.compile(r"^w(\d+)a(\d+)$")
+SPEC_FORM = f"wWaA with W and A between {MIN_BITS} and {MAX_BITS}, e.g. w2a4, w4a4, w8a8"
+
+
+class Observer(str, Enum):
+    """How a quantizer picks its range from calibration data."""
+
+    MSE = "mse"  # the clipping range that minimizes the quantization error
+    MINMAX = "minmax"  # the full observed range: no clipping, coarser steps
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """Bit widths and calibration choices for one quantized model.
+
+    Weights are quantized per output channel, signed and symmetric around zero
+    (integer levels -2^(b-1) .. 2^(b-1)-1, zero point 0), so integer kernels need
+    no weight zero-point correction. Activations are quantized per tensor,
+    unsigned with a zero point, which fits post-ReLU tensors and the u8*s8
+    instructions of x86 (VNNI) alike.
+    """
+
+    weight_bits: int
+    act_bits: int
+    weight_observer: Observer = Observer.MSE
+    act_observer: Observer = Observer.MSE
+
+    def __post_init__(self):
+        for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+            if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+                raise EdgeqError(f"invalid {what} bit width {bits!r}", f"expected {SPEC_FORM}")
+        object.__setattr__(self, "weight_observer", _observer(self.weight_observer))
+        object.__setattr__(self, "act_observer", _observer(self.act_observer))
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec":
+        """Parse the short form (``w2a4``); the observers take their defaults."""
+        match = _SHORT_FORM.match(text.strip().lower()) if isinstance(text, str) else None
+        if not match:
+            raise EdgeqError(f"invalid bit spec '{text}'", f"expected {SPEC_FORM}")
+        weight_bits, act_bits = int(match.group(1)), int(match.group(2))
+        if not (MIN_BITS <= weight_bits <= MAX_BITS and MIN_BITS <= act_bits <= MAX_BITS):
+            raise EdgeqError(f"invalid bit spec '{text}'", f"expected {SPEC_FORM}")
+        return cls(weight_bits, act_bits)
+
+    def __str__(self) -> str:
+        return f"w{self.weight_bits}a{self.act_bits}"
+
+    # Integer ranges. Weights are signed symmetric, activations unsigned.
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        return -(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def act_range(self) -> tuple[int, int]:
+        return 0, 2**self.act_bits - 1
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": str(self),
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "weight_observer": self.weight_observer.value,
+            "act_observer": self.act_observer.value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantSpec":
+        try:
+            return cls(
+                weight_bits=int(data["weight_bits"]),
+                act_bits=int(data["act_bits"]),
+                weight_observer=data.get("weight_observer", Observer.MSE),
+                act_observer=data.get("act_observer", Observer.MSE),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EdgeqError(f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantSpec":
+        return cls.from_dict(json.loads(text))
+
+
+def _observer(value) -> Observer:
+    try:
+        return Observer(value)
+    except ValueError:
+        choices = ", ".join(o.value for o in Observer)
+        raise EdgeqError(f"unknown observer '{value}'", f"choose one of: {choices}") from None

@@ -1,0 +1,265 @@
+"""Stage 3, export: ONNX with QuantizeLinear/DequantizeLinear in the true low-bit types.
+
+torch's ONNX exporters reject sub-8-bit fake quantization, so the float model (with the
+dequantized weights in place) is exported first, and edgeq then writes the QDQ nodes
+itself: each quantized Conv/Gemm/MatMul gets its weight as an INT8/INT4/INT2 initializer
+behind a per-channel DequantizeLinear, and its input behind a QuantizeLinear ->
+DequantizeLinear pair in UINT8/UINT4/UINT2. Layers are matched to ONNX nodes by the
+exact bytes of their weights, which survives whatever names the exporter chooses.
+Widths with no ONNX type (3, 5, 6, 7 bits) use the next container and a Clip.
+
+Opset 21 is used (INT4/UINT4 QDQ), or 25 when a tensor is 2-bit (INT2/UINT2).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeq.kernels.packing import pack
+
+from ..data import resolve_dataset
+from ..errors import EdgeqError
+from ..manifest import Manifest, input_entry, staged_folder
+from . import quantize as quantize_stage
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+CHECK_IMAGES = 16
+_SIGNED = {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8}
+_UNSIGNED = {2: TensorProto.UINT2, 4: TensorProto.UINT4, 8: TensorProto.UINT8}
+
+
+def container_bits(bits: int) -> int:
+    """The smallest ONNX integer width holding ``bits``-bit values."""
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def integer_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:
+    """An initializer of ONNX type (U)INT{2,4,8} holding ``values``, packed as ONNX stores them."""
+    width = container_bits(bits)
+    elem_type = (_SIGNED if signed else _UNSIGNED)[width]
+    tensor = TensorProto(name=name, data_type=elem_type, dims=list(values.shape))
+    tensor.raw_data = pack(values, width) if width < 8 else np.asarray(values, dtype=np.int8 if signed else np.uint8).tobytes()
+    return tensor
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes() + str(array.shape).encode()).hexdigest()
+
+
+def _float_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy where each QuantizedLayer is its plain layer holding the dequantized weight."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, quantize_stage.QuantizedLayer):
+            inner = module.layer
+            inner.weight = torch.nn.Parameter(module.dequantized_weight())
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(twin.get_submodule(parent_name) if parent_name else twin, leaf, inner)
+    return twin
+
+
+def _torch_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter prints progress to stdout and warns about its own internals.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for chatty in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        try:
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},), external_data=False, optimize=True, verbose=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            raise EdgeqError(f"torch could not export the model to ONNX: {str(exc).splitlines()[0]}", "the model must be exportable with torch.export") from None
+        program.save(buffer)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx.ModelProto, list[dict]]:
+    """The QDQ ONNX model of a fake-quantized torch model, and what was quantized where."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
+    needs_2bit = any(min(m.weight_bits, m.act_bits) <= 2 for m in layers.values())
+    opset = 25 if needs_2bit else 21
+    graph_model = _torch_onnx(_float_twin(model).eval(), example, 21)
+
+    by_digest = {}
+    for name, layer in layers.items():
+        weight = layer.dequantized_weight().detach().numpy()
+        by_digest.setdefault(_digest(weight), []).append((name, False))
+        if weight.ndim == 2:
+            by_digest.setdefault(_digest(weight.T), []).append((name, True))
+
+    graph = graph_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    new_nodes, records, replaced = [], [], set()
+    for node in graph.node:
+        matched = None
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers:
+            candidates = by_digest.get(_digest(numpy_helper.to_array(initializers[node.input[1]])), [])
+            matched = next((c for c in candidates if c[0] not in {r["layer"] for r in records}), candidates[0] if candidates else None)
+        if matched is None:
+            new_nodes.append(node)
+            continue
+        layer_name, transposed = matched
+        layer = layers[layer_name]
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            transposed = not trans_b
+        tag = f"edgeq.{layer_name}"
+        new_nodes.extend(_activation_qdq(node, layer, tag, graph))
+        weight_name = node.input[1]
+        if weight_name not in replaced:
+            codes = layer.weight_int.numpy()
+            codes = codes.T if transposed else codes
+            axis = 1 if transposed else 0
+            graph.initializer.extend([
+                integer_tensor(f"{tag}.weight_q", codes, layer.weight_bits, signed=True),
+                numpy_helper.from_array(layer.weight_scale.numpy().astype(np.float32), f"{tag}.weight_scale"),
+                integer_tensor(f"{tag}.weight_zero_point", np.zeros(codes.shape[axis], np.int8), layer.weight_bits, signed=True),
+            ])
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.weight_q", f"{tag}.weight_scale", f"{tag}.weight_zero_point"], [weight_name], name=f"{tag}/weight_dq", axis=axis))
+            replaced.add(weight_name)
+        new_nodes.append(node)
+        records.append({"layer": layer_name, "onnx_node": node.name, "op": node.op_type, "weight_bits": layer.weight_bits, "act_bits": layer.act_bits,
+                        "act_scale": float(layer.act_scale), "act_zero_point": int(layer.act_zero_point)})
+    missing = sorted(set(layers) - {r["layer"] for r in records})
+    if missing:
+        raise EdgeqError(f"could not find the ONNX nodes of quantized layers {', '.join(missing)}", "the exporter changed these weights; report this model to edgeq")
+    kept = [init for init in graph.initializer if init.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph_model.opset_import[:]
+    graph_model.opset_import.extend([helper.make_opsetid("", opset)])
+    graph_model.producer_name = "edgeq"
+    onnx.checker.check_model(graph_model, full_check=True)
+    return graph_model, records
+
+
+def _activation_qdq(node, layer, tag: str, graph) -> list:
+    """Nodes that fake-quantize ``node``'s data input, rewiring the node to their output."""
+    qmin, qmax = layer.act_range
+    scale, zero_point = float(layer.act_scale), int(layer.act_zero_point)
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(scale, np.float32), f"{tag}.act_scale"),
+        integer_tensor(f"{tag}.act_zero_point", np.array(zero_point), layer.act_bits, signed=False),
+    ])
+    source, nodes = node.input[0], []
+    if layer.act_bits not in (2, 4, 8):  # no ONNX type: clip to the range, then use the wider container
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array((qmin - zero_point) * scale, np.float32), f"{tag}.act_low"),
+            numpy_helper.from_array(np.array((qmax - zero_point) * scale, np.float32), f"{tag}.act_high"),
+        ])
+        nodes.append(helper.make_node("Clip", [source, f"{tag}.act_low", f"{tag}.act_high"], [f"{tag}.act_clipped"], name=f"{tag}/act_clip"))
+        source = f"{tag}.act_clipped"
+    nodes.append(helper.make_node("QuantizeLinear", [source, f"{tag}.act_scale", f"{tag}.act_zero_point"], [f"{tag}.act_q"], name=f"{tag}/act_q"))
+    nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.act_q", f"{tag}.act_scale", f"{tag}.act_zero_point"], [f"{tag}.act_dq"], name=f"{tag}/act_dq"))
+    node.input[0] = f"{tag}.act_dq"
+    return nodes
+
+
+def onnxruntime_session(path_or_model, *, intermediate: list[str] | None = None, threads: int = 1):
+    """An onnxruntime CPU session computing the QDQ graph exactly as ONNX specifies it.
+
+    ``intermediate`` adds those float tensors as extra outputs. Graph optimizations are
+    off: onnxruntime 1.32's QDQ fusions build QLinearConv nodes on UINT4 inputs, an invalid
+    graph it then refuses to run (any 2-bit-weight model), and on W4A4 they requantize in
+    fused integer kernels that round differently (0.28 logit units on the built-in model).
+    Unfused, onnxruntime matches torch fake-quant to ~1e-6.
+    """
+    import onnxruntime as ort
+
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    if intermediate:
+        model = copy.deepcopy(model)
+        model.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in intermediate)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto, records: list[dict], inputs: np.ndarray) -> dict:
+    """Differences between torch fake-quant and onnxruntime, in quantization steps.
+
+    For every quantized activation: the largest code difference (LSB) and the fraction of
+    codes that differ. For the logits: the largest absolute difference, and the bound that
+    one-LSB differences in the last layer's input imply (its scale times the largest
+    weight-row L1 norm).
+    """
+    layers = dict(model.named_modules())
+    tags = [f"edgeq.{r['layer']}.act_dq" for r in records]
+    session = onnxruntime_session(onnx_model, intermediate=tags)
+    ort_outputs = session.run(None, {INPUT_NAME: inputs})
+    ort_logits, ort_acts = ort_outputs[0], dict(zip(tags, ort_outputs[1:]))
+
+    torch_acts = {}
+    hooks = [layers[r["layer"]].layer.register_forward_pre_hook(lambda _m, args, key=f"edgeq.{r['layer']}.act_dq": torch_acts.__setitem__(key, args[0].numpy().copy()))
+             for r in records]
+    try:
+        torch_logits = model(torch.from_numpy(inputs)).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    worst_lsb, differing, total = 0.0, 0, 0
+    for record, tag in zip(records, tags):
+        steps = np.abs(ort_acts[tag] - torch_acts[tag]) / record["act_scale"]
+        worst_lsb = max(worst_lsb, float(steps.max()))
+        differing += int((steps > 0.5).sum())
+        total += steps.size
+    last = layers[records[-1]["layer"]]
+    bound = float(last.act_scale) * float(last.dequantized_weight().abs().reshape(last.weight_int.shape[0], -1).sum(1).max())
+    return {
+        "images": int(len(inputs)),
+        "activation_max_lsb": worst_lsb,
+        "activation_fraction_differing": differing / max(total, 1),
+        "logits_max_abs_diff": float(np.abs(ort_logits - torch_logits).max()),
+        "logits_one_lsb_bound": bound,
+        "top1_agreement": float((ort_logits.argmax(1) == torch_logits.argmax(1)).mean()),
+    }
+
+
+def plan(quantized_dir: str | Path) -> Manifest:
+    source = Manifest.load(quantized_dir, "quantize")
+    return Manifest(stage="export", inputs=[input_entry("quantized", quantized_dir)], params={"check_images": CHECK_IMAGES}, spec=source.spec, seed=source.seed)
+
+
+def run(quantized_dir: str | Path, out: str | Path) -> Path:
+    """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime."""
+    manifest = plan(quantized_dir)
+    model, loaded, spec, source = quantize_stage.load(quantized_dir)
+    images = resolve_dataset(source.input("calibration")["path"]).subset(CHECK_IMAGES)
+    inputs = loaded.preprocess(images.images)
+    example = torch.from_numpy(inputs[:2])
+    onnx_model, records = build_qdq_model(model, example)
+    check = compare_with_onnxruntime(model, onnx_model, records, inputs)
+    log.info("onnxruntime vs torch: activations within %.2f LSB, logits max diff %.3g", check["activation_max_lsb"], check["logits_max_abs_diff"])
+    if check["activation_max_lsb"] > 1.0 + 1e-3:
+        raise EdgeqError(f"onnxruntime differs from torch by {check['activation_max_lsb']:.2f} quantization steps", "this is a bug in edgeq's exporter; please report it")
+    manifest.extra = {"model": source.extra["model"], "layers": records, "opset": onnx_model.opset_import[0].version,
+                      "input": {"name": INPUT_NAME, "shape": list(loaded.preprocess.input_shape)}, "onnxruntime_check": check}
+    with staged_folder(out) as tmp:
+        onnx.save(onnx_model, str(tmp / MODEL_FILE))
+        manifest.write(tmp)
+    log.info("ONNX model written to %s", Path(out) / MODEL_FILE)
+    return Path(out)

@@ -1,0 +1,241 @@
+"""Stage 2, quantize: a fake-quantized model at a spec, calibrated on a synth folder.
+
+Every ``nn.Conv2d`` and ``nn.Linear`` (after BatchNorm folding) is wrapped by a
+:class:`QuantizedLayer` that quantizes its input (per tensor, unsigned) and uses
+integer weights times per-channel scales. Round-to-nearest; learned rounding comes
+with block reconstruction. The folder holds ``quantized.safetensors`` (the wrapped
+model's state and the spec) and rebuilds the model from the float model it names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import quant
+from ..data import resolve_dataset
+from ..errors import EdgeqError
+from ..graph import fold_batchnorm
+from ..manifest import Manifest, input_entry, staged_folder
+from ..models import LoadedModel, load_model
+from ..spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+_SAMPLES_PER_BATCH = 1 << 15  # activation values kept per batch for the MSE range search
+
+
+class QuantizedLayer(nn.Module):
+    """A Conv2d or Linear with fake-quantized input and weights.
+
+    Buffers: ``weight_int`` (int8 container for any bit width), ``weight_scale`` (one per
+    output channel), ``act_scale`` and ``act_zero_point`` (per tensor). The float weight
+    stays in ``layer`` so later rounding methods can start from it.
+    """
+
+    def __init__(self, layer: nn.Module, spec: QuantSpec):
+        super().__init__()
+        self.layer = layer
+        self.weight_bits, self.act_bits = spec.weight_bits, spec.act_bits
+        out_channels = layer.weight.shape[0]
+        self.register_buffer("weight_int", torch.zeros_like(layer.weight, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("act_scale", torch.tensor(1.0))
+        self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.bypass = False  # True: run the float layer (while observing calibration ranges)
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        return -(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def act_range(self) -> tuple[int, int]:
+        return 0, 2**self.act_bits - 1
+
+    def set_weight_scale(self, scale: torch.Tensor) -> None:
+        weight = self.layer.weight.detach()
+        self.weight_scale.copy_(scale)
+        codes = quant.quantize(weight, quant.channel_view(scale, weight), 0, *self.weight_range)
+        self.weight_int.copy_(codes.to(torch.int8))
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return quant.dequantize(self.weight_int.float(), quant.channel_view(self.weight_scale, self.weight_int), 0)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.fake_quantize(x, self.act_scale, self.act_zero_point.float(), *self.act_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.layer(x)
+        params = {"weight": self.dequantized_weight()}
+        if self.layer.bias is not None:
+            params["bias"] = self.layer.bias
+        return torch.func.functional_call(self.layer, params, (self.quantize_input(x),))
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name]
+
+
+def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, QuantizedLayer]:
+    wrapped = {}
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped[name] = QuantizedLayer(getattr(parent, leaf), spec)
+        setattr(parent, leaf, wrapped[name])
+    return wrapped
+
+
+def prepare(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
+    """Fold BatchNorm and wrap every quantizable layer (uncalibrated)."""
+    folded = fold_batchnorm(model).eval()
+    names = quantizable_layers(folded)
+    if not names:
+        raise EdgeqError("the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers")
+    return folded, _wrap(folded, names, spec)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.ndarray, spec: QuantSpec, *, seed: int = 0, batch_size: int = 32) -> None:
+    """Set every layer's weight scales and input range from the float model's activations."""
+    for layer in layers.values():
+        layer.set_weight_scale(quant.weight_scales(layer.layer.weight, spec.weight_bits, spec.weight_observer))
+
+    generator = torch.Generator().manual_seed(seed)
+    stats = {name: {"low": float("inf"), "high": float("-inf"), "samples": []} for name in layers}
+
+    def observe(name):
+        def hook(_module, args):
+            x = args[0].detach()
+            entry = stats[name]
+            entry["low"] = min(entry["low"], x.min().item())
+            entry["high"] = max(entry["high"], x.max().item())
+            flat = x.flatten()
+            if flat.numel() > _SAMPLES_PER_BATCH:
+                flat = flat[torch.randint(flat.numel(), (_SAMPLES_PER_BATCH,), generator=generator)]
+            entry["samples"].append(flat.clone())
+        return hook
+
+    # Observe the float model, so no quantization error feeds the ranges.
+    handles = [layer.layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
+    for layer in layers.values():
+        layer.bypass = True
+    try:
+        batches = range(0, len(inputs), batch_size)
+        for start in tqdm(batches, desc="calibrating", unit="batch", leave=False):
+            model(torch.from_numpy(inputs[start : start + batch_size]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer in layers.values():
+            layer.bypass = False
+    for name, layer in layers.items():
+        entry = stats[name]
+        scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], spec.act_bits, spec.act_observer)
+        layer.act_scale.fill_(scale)
+        layer.act_zero_point.fill_(zero_point)
+
+
+def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str, *, seed: int = 0) -> nn.Module:
+    """In memory: BN-fold, wrap and calibrate ``model`` on float ``inputs`` (N, C, H, W)."""
+    spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
+    prepared, layers = prepare(model, spec)
+    calibrate(prepared, layers, inputs, spec, seed=seed)
+    return prepared
+
+
+def plan(loaded: LoadedModel, calib: str | Path, spec: QuantSpec, *, num_images: int, seed: int, allow_pickle: bool) -> Manifest:
+    """The manifest a run with these inputs and settings writes (its fingerprint decides reuse)."""
+    return Manifest(
+        stage="quantize",
+        inputs=[input_entry("model", loaded.source, loaded.digest()), _calib_entry(calib)],
+        params={"num_images": num_images, "method": "rtn", "allow_pickle": allow_pickle},
+        spec=spec.to_dict(),
+        seed=seed,
+    )
+
+
+def run(model: str | LoadedModel | None, calib: str | Path, out: str | Path, *, bits: QuantSpec | str = "w4a4", num_images: int = 256,
+        seed: int = 0, allow_pickle: bool = False, classes_file=None) -> Path:
+    """Quantize ``model`` calibrated on ``calib`` (a synth folder, or fashion-mnist:A) into folder ``out``."""
+    spec = QuantSpec.parse(bits) if isinstance(bits, str) else bits
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file)
+    manifest = plan(loaded, calib, spec, num_images=num_images, seed=seed, allow_pickle=allow_pickle)
+    images = resolve_dataset(str(calib)).subset(num_images)
+    if len(images) == 0:
+        raise EdgeqError(f"the calibration set {calib} is empty", "run 'edgeq synth' with --num-images > 0")
+    inputs = loaded.preprocess(images.images)
+    log.info("calibrating %s at %s on %d images from %s", loaded.source, spec, len(inputs), calib)
+    quantized = quantize_module(loaded.module, inputs, spec, seed=seed)
+    manifest.extra = {
+        "model": {"source": loaded.source, "arch": loaded.arch, "classes": list(loaded.classes), "preprocess": loaded.preprocess.to_dict(), "note": loaded.note},
+        "layers": quantized_layer_names(quantized),
+        "calibration_images": len(inputs),
+    }
+    return save(quantized, manifest, out)
+
+
+def _calib_entry(calib) -> dict:
+    calib = str(calib)
+    if calib.startswith("fashion-mnist"):
+        from ..data import FASHION_MNIST_DIR
+
+        return input_entry("calibration", calib, _dataset_digest(FASHION_MNIST_DIR, calib))
+    return input_entry("calibration", calib)
+
+
+def _dataset_digest(folder, name) -> str:
+    import hashlib
+
+    from ..manifest import sha256_file
+
+    digest = hashlib.sha256(name.encode())
+    for file in sorted(Path(folder).glob("*.gz")):
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+def save(model: nn.Module, manifest: Manifest, out) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with staged_folder(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"spec": json.dumps(manifest.spec)})
+        manifest.write(tmp)
+    log.info("quantized model written to %s", out)
+    return out
+
+
+def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, LoadedModel, QuantSpec, Manifest]:
+    """Rebuild the fake-quantized model of a quantize folder (from the float model it names)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = Manifest.load(folder, "quantize")
+    spec = QuantSpec.from_dict(manifest.spec)
+    model_entry = manifest.input("model")
+    if allow_pickle is None:
+        allow_pickle = bool(manifest.params.get("allow_pickle"))
+    loaded = load_model(model_entry["path"], allow_pickle=allow_pickle)
+    if loaded.digest() != model_entry["sha256"]:
+        raise EdgeqError(f"model {model_entry['path']} changed since {folder} was made", "re-run 'edgeq quantize'")
+    meta = manifest.extra["model"]
+    loaded.classes = tuple(meta["classes"])
+    model, layers = prepare(loaded.module, spec)
+    if sorted(layers) != sorted(manifest.extra["layers"]):
+        raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return model.eval(), loaded, spec, manifest

@@ -1,0 +1,175 @@
+"""Stage 1, synth: calibration images from a diffusers text-to-image pipeline.
+
+Prompt strategies:
+
+* ``single``: one class per prompt, "a photo of a {A}" (GenQ's baseline);
+* ``mixup``: two classes fused in one prompt, "a photo of a {A} and a {B}", with pairs
+  drawn so every class appears equally often (arXiv 2507.21947). Each image records its
+  classes and mixing weights as a soft label.
+
+Output: ``images-00000.safetensors`` shards (uint8 images, float soft labels) and a
+manifest listing every image's prompt, classes, weights and seed. The same seed gives
+the same images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data import ImageSet
+from ..errors import EdgeqError, one_of
+from ..manifest import Manifest, input_entry, staged_folder
+
+log = logging.getLogger(__name__)
+
+SHARD_SIZE = 256
+SHARD_PATTERN = "images-{:05d}.safetensors"
+SINGLE_TEMPLATE = "a photo of a {0}"
+MIXUP_TEMPLATE = "a photo of a {0} and a {1}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptPlan:
+    """One image to generate: its prompt, the classes it mixes and their weights."""
+
+    prompt: str
+    classes: tuple[int, ...]
+    weights: tuple[float, ...]
+    seed: int
+
+
+def single_class_prompts(class_names, count: int, rng: np.random.Generator) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
+    """Classes in a shuffled round-robin, so each appears count/num_classes times (±1)."""
+    order = _balanced(len(class_names), count, rng)
+    return [(SINGLE_TEMPLATE.format(class_names[c]), (int(c),), (1.0,)) for c in order]
+
+
+def mixup_prompts(class_names, count: int, rng: np.random.Generator) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
+    """Pairs of distinct classes; each class fills count*2/num_classes slots (±1)."""
+    if len(class_names) < 2:
+        raise EdgeqError("mixup prompts need at least two classes", "pass more class names, or use --strategy single")
+    slots = _balanced(len(class_names), 2 * count, rng).reshape(count, 2)
+    # Repair same-class pairs by swapping the second slot with another pair's; class counts stay balanced.
+    for i in range(count):
+        if slots[i, 0] == slots[i, 1]:
+            for j in rng.permutation(count):
+                if slots[j, 1] != slots[i, 0] and slots[j, 0] != slots[i, 1]:
+                    slots[i, 1], slots[j, 1] = slots[j, 1], slots[i, 1]
+                    break
+    return [(MIXUP_TEMPLATE.format(class_names[a], class_names[b]), (int(a), int(b)), (0.5, 0.5)) for a, b in slots]
+
+
+def _balanced(num_classes: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    repeats = -(-count // num_classes)
+    pool = np.concatenate([rng.permutation(num_classes) for _ in range(repeats)])[:count]
+    return rng.permutation(pool)
+
+
+STRATEGIES = {"single": single_class_prompts, "mixup": mixup_prompts}
+
+
+def plan_prompts(class_names, count: int, strategy: str, seed: int) -> list[PromptPlan]:
+    if strategy not in STRATEGIES:
+        raise one_of("prompt strategy", strategy, STRATEGIES)
+    rng = np.random.default_rng(seed)
+    prompts = STRATEGIES[strategy](list(class_names), count, rng)
+    image_seeds = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64) % (2**63)
+    return [PromptPlan(p, c, w, int(s)) for (p, c, w), s in zip(prompts, image_seeds)]
+
+
+def load_generator(generator: str, *, device: str = "cpu"):
+    """A diffusers pipeline from a local folder or a hub id (offline: from the local cache)."""
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    # Component-loading chatter (progress bars, type warnings for non-CLIP text encoders) is not news to users.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    local = os.path.isdir(generator)
+    if not local and ("/" not in generator or generator.startswith((".", "/"))):
+        raise EdgeqError(f"generator not found: {generator}", "pass a diffusers pipeline folder or a hub id such as stabilityai/sd-turbo")
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(generator, local_files_only=local, dtype=torch.float16 if device == "cuda" else torch.float32)
+    except Exception as exc:  # noqa: BLE001 - hub and config errors come in many types
+        raise EdgeqError(f"cannot load generator '{generator}': {str(exc).splitlines()[0]}", "pass a complete diffusers pipeline folder (with model_index.json), or a hub id that is cached locally") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def _generator_digest(generator: str) -> str:
+    if os.path.isdir(generator):
+        from ..manifest import sha256_path
+
+        return sha256_path(generator)
+    return f"hub:{generator}"
+
+
+def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int, guidance_scale: float, size: int) -> Manifest:
+    return Manifest(
+        stage="synth",
+        inputs=[input_entry("generator", generator, _generator_digest(generator))],
+        params={"strategy": strategy, "num_images": num_images, "steps": steps, "guidance_scale": guidance_scale, "size": size, "classes": list(class_names)},
+        seed=seed,
+    )
+
+
+def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup", num_images: int = 256, seed: int = 0, steps: int = 10,
+        guidance_scale: float = 3.0, size: int = 64, batch_size: int = 8, device: str = "cpu") -> Path:
+    """Generate ``num_images`` calibration images into folder ``out``."""
+    import torch
+    from safetensors.numpy import save_file
+
+    class_names = tuple(class_names)
+    if not class_names:
+        raise EdgeqError("no class names to prompt with", "pass --classes file.txt with one class per line")
+    if num_images < 1:
+        raise EdgeqError(f"--num-images must be at least 1, not {num_images}", "pass a positive count")
+    manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size)
+    prompts = plan_prompts(class_names, num_images, strategy, seed)
+    pipeline = load_generator(generator, device=device)
+    images = np.zeros((num_images, size, size, 3), np.uint8)
+    with tqdm(total=num_images, desc=f"synth ({strategy})", unit="img") as bar:
+        for start in range(0, num_images, batch_size):
+            batch = prompts[start : start + batch_size]
+            generators = [torch.Generator(device).manual_seed(p.seed) for p in batch]
+            result = pipeline([p.prompt for p in batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                              height=size, width=size, generator=generators, output_type="np")
+            images[start : start + len(batch)] = np.clip(np.round(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
+            bar.update(len(batch))
+    soft = np.zeros((num_images, len(class_names)), np.float32)
+    for i, p in enumerate(prompts):
+        soft[i, list(p.classes)] += p.weights
+    manifest.extra = {"images": [dataclasses.asdict(p) | {"index": i, "shard": SHARD_PATTERN.format(i // SHARD_SIZE)} for i, p in enumerate(prompts)]}
+    with staged_folder(out) as tmp:
+        for shard, start in enumerate(range(0, num_images, SHARD_SIZE)):
+            save_file({"images": images[start : start + SHARD_SIZE], "soft_labels": soft[start : start + SHARD_SIZE]}, str(tmp / SHARD_PATTERN.format(shard)))
+        manifest.write(tmp)
+    log.info("%d images written to %s", num_images, out)
+    return Path(out)
+
+
+def load_images(folder: str | Path) -> ImageSet:
+    """The images and soft labels of a synth folder."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise EdgeqError(f"data folder not found: {folder}", "pass an output folder of 'edgeq synth', or fashion-mnist:test")
+    manifest = Manifest.load(folder, "synth")
+    shards = [load_file(str(folder / o["path"])) for o in manifest.outputs if o["path"].endswith(".safetensors")]
+    if not shards:
+        raise EdgeqError(f"{folder} holds no image shards", "re-run 'edgeq synth'")
+    return ImageSet(
+        np.concatenate([s["images"] for s in shards]),
+        tuple(manifest.params["classes"]),
+        soft_labels=np.concatenate([s["soft_labels"] for s in shards]),
+    )

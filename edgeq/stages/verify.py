@@ -1,0 +1,131 @@
+"""Stage 5, verify: run the compiled module on a data folder and report what it got right.
+
+Reports top-1 of the float model, of the quantized model (torch fake-quant) and of the
+compiled module; the compiled module's top-1 agreement with onnxruntime running the
+exported QDQ model; and its latency (median and p90 over N runs) when it ran natively.
+arm64 modules run here under qemu-aarch64 with the target's CPU model: the numbers are
+checked, the time is not measured.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .. import emulation
+from ..data import resolve_dataset
+from ..errors import EdgeqError
+from ..manifest import Manifest, input_entry, staged_folder
+from ..models import load_model
+from ..runtime import runner
+from ..targets import get_target
+from . import quantize as quantize_stage
+from .compile import MODULE_FILE
+from .export import INPUT_NAME, MODEL_FILE, onnxruntime_session
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+RUNNER_SCRIPT = Path(runner.__file__)
+
+
+def _upstream(compiled_dir: Path) -> tuple[Manifest, Path, Path]:
+    """The compile manifest, and the export and quantize folders it was made from."""
+    compiled = Manifest.load(compiled_dir, "compile")
+    export_dir = Path(compiled.input("export")["path"])
+    quantized_dir = Path(Manifest.load(export_dir, "export").input("quantized")["path"])
+    return compiled, export_dir, quantized_dir
+
+
+def _top1(logits: np.ndarray, targets: np.ndarray | None) -> float | None:
+    return None if targets is None else float((logits.argmax(1) == targets).mean())
+
+
+def run_compiled(module_path: Path, target_name: str, inputs: np.ndarray, latency_runs: int) -> tuple[np.ndarray, list[float] | None, str]:
+    """Outputs of the module, per-run milliseconds (None when emulated), and how it ran."""
+    target = get_target(target_name)
+    if target.is_native_arch:
+        missing = target.missing_host_features()
+        if missing:
+            raise EdgeqError(f"this CPU lacks {', '.join(missing)}, which target {target.name} needs", "verify on a machine that has them, or compile for target x86")
+        machine = runner.load(str(module_path))
+        outputs = runner.predict(machine, inputs)
+        return outputs, (runner.time_runs(machine, inputs[:1], latency_runs) if latency_runs else None), "native"
+    if target.arch != "aarch64" or not target.qemu_cpu:
+        raise EdgeqError(f"cannot run {target.arch} code on this machine", "verify on the device")
+    with tempfile.TemporaryDirectory(prefix="edgeq-verify-") as scratch:
+        scratch = Path(scratch)
+        np.save(scratch / "inputs.npy", inputs)
+        log.info("running %d images under qemu-aarch64 -cpu %s (correctness only)", len(inputs), target.qemu_cpu)
+        emulation.run_python(RUNNER_SCRIPT, [str(module_path), str(scratch / "inputs.npy"), str(scratch / "outputs.npy")], target.qemu_cpu)
+        return np.load(scratch / "outputs.npy"), None, f"qemu-aarch64 -cpu {target.qemu_cpu}"
+
+
+def plan(compiled_dir: str | Path, *, data: str, num_images: int, latency_runs: int) -> Manifest:
+    compiled = Manifest.load(compiled_dir, "compile")
+    return Manifest(stage="verify", inputs=[input_entry("compiled", compiled_dir), input_entry("data", data, _data_digest(data))],
+                    params={"num_images": num_images, "latency_runs": latency_runs}, spec=compiled.spec, target=compiled.target, seed=compiled.seed)
+
+
+def _data_digest(data: str) -> str:
+    if data.startswith("fashion-mnist"):
+        return f"builtin:{data}"
+    return input_entry("data", data)["sha256"]
+
+
+def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_images: int = 1000, latency_runs: int = 100) -> dict:
+    """Verify a compile folder on ``data`` (default: the calibration folder); returns the report."""
+    compiled_dir = Path(compiled_dir)
+    compiled, export_dir, quantized_dir = _upstream(compiled_dir)
+    quantized_model, loaded, spec, quant_manifest = quantize_stage.load(quantized_dir)
+    data = data or quant_manifest.input("calibration")["path"]
+    manifest = plan(compiled_dir, data=data, num_images=num_images, latency_runs=latency_runs)
+    images = resolve_dataset(data, num_images)
+    if len(images) == 0:
+        raise EdgeqError(f"no images in {data}", "pass --data with a non-empty folder or fashion-mnist:test")
+    inputs = loaded.preprocess(images.images)
+    targets = images.targets
+
+    float_model = load_model(quant_manifest.input("model")["path"], allow_pickle=bool(quant_manifest.params.get("allow_pickle"))).module
+    with torch.no_grad():
+        float_logits = torch.cat([float_model(torch.from_numpy(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]).numpy()
+        quant_logits = torch.cat([quantized_model(torch.from_numpy(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]).numpy()
+    onnx_model = onnx.load(str(export_dir / MODEL_FILE))
+    ort_logits = onnxruntime_session(onnx_model).run(None, {INPUT_NAME: inputs})[0]
+    compiled_logits, timings, how = run_compiled(compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs)
+
+    report = {
+        "schema": "edgeq.verify/1",
+        "model": loaded.source,
+        "target": compiled.target,
+        "bits": str(spec),
+        "data": data,
+        "images": int(len(inputs)),
+        "labels": "hard" if images.labels is not None else "argmax of soft labels",
+        "fp_top1": _top1(float_logits, targets),
+        "quant_top1": _top1(quant_logits, targets),
+        "onnxruntime_top1": _top1(ort_logits, targets),
+        "compiled_top1": _top1(compiled_logits, targets),
+        "agreement_with_onnxruntime": float((compiled_logits.argmax(1) == ort_logits.argmax(1)).mean()),
+        "max_abs_diff_vs_onnxruntime": float(np.abs(compiled_logits - ort_logits).max()),
+        "ran": how,
+        "latency_ms": float(np.median(timings)) if timings else None,
+        "latency_p90_ms": float(np.percentile(timings, 90)) if timings else None,
+        "latency_runs": len(timings) if timings else 0,
+        "latency_note": None if timings else ("emulated: latency not measured" if how.startswith("qemu") else "latency not requested"),
+        "artifact": str(compiled_dir / MODULE_FILE),
+    }
+    manifest.extra = {"report": report}
+    with staged_folder(out) as tmp:
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        manifest.write(tmp)
+    return report
+
+
+def load_report(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / REPORT_FILE).read_text())

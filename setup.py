@@ -1,0 +1,50 @@
+"""edgeq: data-free W2A4 quantization and compilation of vision models for edge CPUs.
+
+The repository keeps ``cli/``, ``kernels/`` and ``targets/`` at the top level, but they
+install inside the ``edgeq`` namespace (``edgeq.cli``, ``edgeq.kernels``,
+``edgeq.targets``) through ``package_dir``, so no generic top-level module named
+``cli``, ``kernels`` or ``targets`` lands in site-packages.
+"""
+from setuptools import setup
+
+PACKAGE_DIR = {
+    "edgeq": "edgeq",
+    "edgeq.cli": "cli",
+    "edgeq.kernels": "kernels",
+    "edgeq.targets": "targets",
+}
+
+setup(
+    name="edgeq",
+    version="0.1.0",
+    description="Data-free W2A4 quantization and TVM compilation of vision models for x86-64 and ARM64 edge CPUs",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["edgeq", "edgeq.stages", "edgeq.zoo", "edgeq.runtime", "edgeq.cli", "edgeq.kernels", "edgeq.targets"],
+    package_dir=PACKAGE_DIR,
+    package_data={"edgeq.targets": ["*.json"], "edgeq.zoo": ["*.safetensors"]},
+    install_requires=[
+        # Versions known to work together (see docs/architecture.md): torch and torchvision
+        # are pinned as a pair because timm imports torchvision; apache-tvm-ffi 0.1.15
+        # crashes TVM 0.27's meta-schedule.
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "apache-tvm==0.27.0.post1",
+        "apache-tvm-ffi==0.1.14.post1",
+        "onnx==1.23.2",
+        "onnxscript>=0.5",
+        "onnxruntime>=1.23,<2",
+        "diffusers>=0.35,<1",
+        "transformers>=4.50,<6",
+        "timm>=1.0,<2",
+        "safetensors>=0.4",
+        "click>=8.1",
+        "numpy>=1.26",
+        "tqdm>=4.60",
+        "psutil>=5.9",
+        "ml_dtypes>=0.4",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    entry_points={"console_scripts": ["edgeq=edgeq.cli.main:main"]},
+)
