@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 _aten = torch.ops.aten
 
 
+def eval_mode(module: nn.Module) -> nn.Module:
+    """``module.eval()`` that also works on exported programs' modules (which refuse ``eval()``)."""
+    for sub in module.modules():
+        sub.training = False
+    return module
+
+
 def _replace_container(root: nn.Module, path: str, module: nn.Module) -> bool:
     """Put ``module`` at ``path`` if the holder there has no children (only the tensors)."""
     parent_path, _, leaf = path.rpartition(".")
@@ -64,6 +71,7 @@ def modules_from_exported(program: "torch.export.ExportedProgram") -> fx.GraphMo
         path = weight_node.target.rpartition(".")[0]
         if not path or (bias_node is not None and bias_node.target.rpartition(".")[0] != path):
             continue
+        eval_mode(module)
         module.weight = gm.get_parameter(weight_node.target)
         if bias_node is not None:
             module.bias = gm.get_parameter(bias_node.target)

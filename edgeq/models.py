@@ -31,6 +31,7 @@ from torch import nn
 from . import zoo
 from .data import Preprocess
 from .errors import EdgeqError
+from .graph import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def load_model(source: str | None = None, *, allow_pickle: bool = False, classes
         raise EdgeqError(f"model file not found: {source}", "pass a .pt/.pt2/.safetensors path, timm:NAME, package.module:function, or nothing for the built-in default")
     if classes_file is not None:
         loaded.classes = read_classes(classes_file)
-    loaded.module.eval()
+    eval_mode(loaded.module)
     return loaded
 
 
@@ -155,6 +156,10 @@ def _load_file(path: Path, allow_pickle: bool) -> LoadedModel:
         return _load_safetensors(path)
     if zipfile.is_zipfile(path) and any(n.endswith("/archive_format") for n in zipfile.ZipFile(path).namelist()):
         return _load_exported(path, allow_pickle)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a pickle
+        raise EdgeqError(f"cannot read {path}: not a PyTorch checkpoint", "check the file is complete and was written by torch.save or torch.export.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -211,6 +216,12 @@ def _load_exported(path: Path, allow_pickle: bool) -> LoadedModel:
         for node in program.graph.nodes:
             if node.op == "placeholder" and node.name == placeholder[0].arg.name:
                 shape = tuple(node.meta["val"].shape)
+    if shape and isinstance(shape[0], int):
+        raise EdgeqError(
+            f"{path} was exported with a fixed batch size of {shape[0]}; edgeq calibrates and evaluates in batches",
+            "re-export with dynamic_shapes=({0: torch.export.Dim('batch')},)",
+        )
+    shape = tuple(int(d) for d in shape[1:]) if shape else None
     preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _preprocess_for_shape(shape)
     classes = tuple(meta.get("classes") or ()) or _numbered_classes(module)
     return LoadedModel(module, str(path), classes, preprocess, arch="torch.export")
@@ -260,9 +271,10 @@ def _default_preprocess(module: nn.Module) -> Preprocess:
 
 
 def _preprocess_for_shape(shape) -> Preprocess:
-    if shape is None or len(shape) != 4:
+    """A guess from the input shape (C, H, W): inputs scaled to [-1, 1]."""
+    if shape is None or len(shape) != 3:
         return IMAGENET_PREPROCESS
-    _, c, h, w = shape
+    c, h, w = shape
     return Preprocess(int(c), int(h), int(w), (0.5,) * int(c), (0.5,) * int(c))
 
 

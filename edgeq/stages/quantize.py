@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import quant
 from ..data import resolve_dataset
 from ..errors import EdgeqError
-from ..graph import fold_batchnorm
+from ..graph import eval_mode, fold_batchnorm
 from ..manifest import Manifest, input_entry, staged_folder
 from ..models import LoadedModel, load_model
 from ..spec import QuantSpec
@@ -96,7 +96,7 @@ def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, Quan
 
 def prepare(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
     """Fold BatchNorm and wrap every quantizable layer (uncalibrated)."""
-    folded = fold_batchnorm(model).eval()
+    folded = eval_mode(fold_batchnorm(model))
     names = quantizable_layers(folded)
     if not names:
         raise EdgeqError("the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers")
@@ -238,4 +238,4 @@ def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, Loaded
     if sorted(layers) != sorted(manifest.extra["layers"]):
         raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    return model.eval(), loaded, spec, manifest
+    return eval_mode(model), loaded, spec, manifest

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up edgeq, then run the main job: the built-in model, through every stage, for arm64 at w2a4.
+# Extra arguments go to 'edgeq compile' (e.g. --target x86 --bits w4a4 --json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -z "${VIRTUAL_ENV:-}" ]; then . .venv/bin/activate; fi
+edgeq compile "$@"

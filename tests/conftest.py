@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random generator, a synth folder and quantized folders, built once per session."""
+from __future__ import annotations
+
+import pytest
+
+from edgeq import emulation
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory):
+    from edgeq.zoo.tiny_pipeline import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("generator") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def builtin_model():
+    from edgeq.models import load_model
+
+    return load_model(None)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory, tiny_generator, builtin_model):
+    from edgeq.stages import synth
+
+    return synth.run(tiny_generator, builtin_model.classes, tmp_path_factory.mktemp("synth") / "calib", num_images=16, seed=3, steps=4)
+
+
+@pytest.fixture(scope="session")
+def quantized_dirs(tmp_path_factory):
+    """Quantize folders of the built-in model, calibrated on real images (split A), per bit spec."""
+    from edgeq.stages import quantize
+
+    made = {}
+    root = tmp_path_factory.mktemp("quantized")
+
+    def get(bits: str):
+        if bits not in made:
+            made[bits] = quantize.run(None, "fashion-mnist:A", root / bits, bits=bits, num_images=64)
+        return made[bits]
+
+    return get
+
+
+requires_emulator = pytest.mark.skipif(
+    not emulation.is_ready(), reason="arm64 emulation environment not built (scripts/setup.sh builds it; needs root and network)"
+)

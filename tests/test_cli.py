@@ -1,0 +1,74 @@
+"""The command line: help with examples, and one-line errors with non-zero exits."""
+import sys
+
+import pytest
+import torch
+
+from edgeq.cli.main import main
+from edgeq.zoo import TinyResNet
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["edgeq", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", [[], ["synth"], ["quantize"], ["export"], ["compile"], ["verify"]])
+def test_help_explains_with_an_example(monkeypatch, capsys, command):
+    code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0 and "Example" in out
+
+
+def _assert_one_line_error(result, *needles):
+    code, _, err = result
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_bad_bits(monkeypatch, capsys):
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "compile", "--bits", "w9a4"), "w9a4", "wWaA")
+
+
+def test_unknown_target(monkeypatch, capsys):
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "compile", "--target", "pi4"), "pi4", "rpi4")
+
+
+def test_missing_model_file(monkeypatch, capsys, tmp_path):
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", "missing.pt", "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")), "not found")
+    assert not (tmp_path / "q").exists()
+
+
+def test_corrupt_model_file(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04 truncated zip")
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", str(path), "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")), "cannot read")
+    assert not (tmp_path / "q").exists()
+
+
+def test_pickle_without_opt_in(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(TinyResNet(), path)
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", str(path), "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")), "--allow-pickle")
+
+
+def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(TinyResNet(), path)
+    code, out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8", "-o", str(tmp_path / "q"))
+    assert code == 0 and (tmp_path / "q" / "manifest.json").is_file()
+
+
+def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", "--calib", str(tmp_path / "nowhere"), "-o", str(tmp_path / "q")), "not found")
+
+
+def test_targets_lists_boards(monkeypatch, capsys):
+    code, out, _ = run_cli(monkeypatch, capsys, "targets")
+    assert code == 0 and "rpi4" in out and "jetson-orin" in out

@@ -1,0 +1,100 @@
+"""Export: QDQ ONNX in true low-bit types, matching torch fake-quant in quantization steps."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+
+from edgeq.data import load_fashion_mnist
+from edgeq.lowering import lower_low_bit_qdq
+from edgeq.stages import export, quantize
+
+
+@pytest.fixture(scope="module")
+def test_inputs(builtin_model):
+    return builtin_model.preprocess(load_fashion_mnist("test").images[:64])
+
+
+@pytest.mark.parametrize("bits,opset,weight_type,act_type", [
+    ("w2a4", 25, TensorProto.INT2, TensorProto.UINT4),
+    ("w4a4", 21, TensorProto.INT4, TensorProto.UINT4),
+    ("w3a3", 21, TensorProto.INT4, TensorProto.UINT4),
+    ("w8a8", 21, TensorProto.INT8, TensorProto.UINT8),
+])
+def test_qdq_types_and_agreement_in_steps(quantized_dirs, test_inputs, bits, opset, weight_type, act_type):
+    model, *_ = quantize.load(quantized_dirs(bits))
+    onnx_model, records = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
+    onnx.checker.check_model(onnx_model, full_check=True)
+    assert onnx_model.opset_import[0].version == opset
+    inits = {t.name: t for t in onnx_model.graph.initializer}
+    assert len(records) == 6  # five convs and the classifier
+    for record in records:
+        tag = f"edgeq.{record['layer']}"
+        assert inits[f"{tag}.weight_q"].data_type == weight_type
+        assert inits[f"{tag}.act_zero_point"].data_type == act_type
+        assert len(inits[f"{tag}.weight_scale"].dims) == 1  # per output channel
+    dq_axes = {n.name: n.attribute[0].i for n in onnx_model.graph.node if n.name.endswith("/weight_dq")}
+    assert set(dq_axes.values()) <= {0, 1}
+    check = export.compare_with_onnxruntime(model, onnx_model, records, test_inputs)
+    assert check["activation_max_lsb"] <= 1.0
+    assert check["activation_fraction_differing"] <= 1e-3
+    assert check["logits_max_abs_diff"] <= check["logits_one_lsb_bound"]
+    assert check["top1_agreement"] == 1.0
+
+
+def test_three_bit_activations_are_clipped_to_their_range(quantized_dirs, test_inputs):
+    model, *_ = quantize.load(quantized_dirs("w3a3"))
+    onnx_model, records = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
+    session = export.onnxruntime_session(onnx_model, intermediate=[f"edgeq.{r['layer']}.act_dq" for r in records])
+    outputs = session.run(None, {export.INPUT_NAME: test_inputs})[1:]
+    for record, values in zip(records, outputs):
+        codes = np.round(values / record["act_scale"]) + record["act_zero_point"]
+        assert codes.min() >= 0 and codes.max() <= 7
+
+
+def test_weights_are_the_quantized_codes(quantized_dirs):
+    from onnx import numpy_helper
+
+    model, *_ = quantize.load(quantized_dirs("w2a4"))
+    onnx_model, _ = export.build_qdq_model(model, torch.zeros(2, 1, 28, 28))
+    codes = numpy_helper.to_array(next(t for t in onnx_model.graph.initializer if t.name == "edgeq.stem.0.weight_q"))
+    assert np.array_equal(codes.astype(np.int8), model.get_submodule("stem.0").weight_int.numpy())
+    assert codes.min() >= -2 and codes.max() <= 1
+
+
+def _ort(model, inputs):
+    return export.onnxruntime_session(model).run(None, {export.INPUT_NAME: inputs})[0]
+
+
+@pytest.mark.parametrize("bits", ["w2a4", "w4a4"])
+def test_lowering_keeps_the_numbers(quantized_dirs, test_inputs, bits):
+    model, *_ = quantize.load(quantized_dirs(bits))
+    onnx_model, _ = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
+    lowered = lower_low_bit_qdq(onnx_model)
+    assert all(t.data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT64) for t in lowered.graph.initializer)
+    assert np.array_equal(_ort(onnx_model, test_inputs), _ort(lowered, test_inputs))
+
+
+def test_lowering_needs_the_clip():
+    """Widening a 4-bit QuantizeLinear without the Clip lets codes past 15 through."""
+    from onnx import helper, numpy_helper
+
+    from edgeq.stages.export import integer_tensor
+
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "s"), integer_tensor("z", np.array(2), 4, signed=False)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.array([-3.0, 0.0, 6.5, 40.0], np.float32)
+    expected = (np.clip(np.round(x / 0.5) + 2, 0, 15) - 2) * 0.5
+    assert np.array_equal(export.onnxruntime_session(model).run(None, {"x": x})[0], expected)
+    lowered = lower_low_bit_qdq(model)
+    assert np.array_equal(export.onnxruntime_session(lowered).run(None, {"x": x})[0], expected)
+    unclipped = onnx.ModelProto()
+    unclipped.CopyFrom(lowered)
+    clip = next(n for n in unclipped.graph.node if n.op_type == "Clip")
+    unclipped.graph.node.remove(clip)
+    next(n for n in unclipped.graph.node if n.op_type == "QuantizeLinear").output[0] = clip.output[0]
+    assert not np.array_equal(export.onnxruntime_session(unclipped).run(None, {"x": x})[0], expected)

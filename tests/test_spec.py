@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from edgeq import EdgeqError, Observer, QuantSpec
+
+
+@pytest.mark.parametrize("text", ["w2a4", "w3a3", "w4a4", "w4a8", "w8a8"])
+def test_short_form_round_trips(text):
+    spec = QuantSpec.parse(text)
+    assert str(spec) == text
+    assert QuantSpec.parse(str(spec)) == spec
+    assert QuantSpec.from_json(spec.to_json()) == spec
+
+
+def test_parse_reads_bits_and_defaults():
+    spec = QuantSpec.parse("W2A4")
+    assert (spec.weight_bits, spec.act_bits) == (2, 4)
+    assert spec.weight_range == (-2, 1)
+    assert spec.act_range == (0, 15)
+    assert spec.weight_observer is Observer.MSE
+
+
+def test_json_keeps_observers():
+    spec = QuantSpec(4, 8, weight_observer="minmax", act_observer=Observer.MSE)
+    data = json.loads(spec.to_json())
+    assert data["weight_observer"] == "minmax" and data["bits"] == "w4a8"
+    assert QuantSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("text", ["w9a4", "w1a4", "w4a9", "w4", "4a4", "", "w2a4x", "a4w2", "w-2a4"])
+def test_malformed_strings_show_the_valid_form(text):
+    with pytest.raises(EdgeqError) as info:
+        QuantSpec.parse(text)
+    assert "wWaA" in info.value.hint
+
+
+def test_unknown_observer_lists_choices():
+    with pytest.raises(EdgeqError, match="observer"):
+        QuantSpec(4, 4, weight_observer="percentile")
