@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import Observer
+from .spec import Observer, signed_range, unsigned_range
 
 _MIN_SCALE = 1e-8  # an all-zero channel or tensor still needs a positive scale
 _SEARCH_POINTS = 100
@@ -43,7 +43,7 @@ def weight_scales(weight: torch.Tensor, bits: int, observer: Observer) -> torch.
     side; ``mse`` searches fractions of that scale for the least squared rounding error, which
     clips outliers and matters most at 2 and 3 bits.
     """
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    qmin, qmax = signed_range(bits)
     flat = weight.detach().reshape(weight.shape[0], -1).float()
     max_scale = (flat.abs().amax(1) / ((qmax - qmin) / 2)).clamp_min(_MIN_SCALE)
     if observer is Observer.MINMAX:
@@ -65,7 +65,7 @@ def activation_qparams(samples: torch.Tensor, low: float, high: float, bits: int
     The range always contains 0, so zero (padding, ReLU outputs) is exact. ``mse`` shrinks
     the range towards 0 and keeps the shrink with the least squared error on ``samples``.
     """
-    qmax = 2**bits - 1
+    qmax = unsigned_range(bits)[1]
     low, high = min(float(low), 0.0), max(float(high), 0.0)
 
     def qparams(lo: float, hi: float) -> tuple[float, int]:

@@ -19,6 +19,16 @@ _SHORT_FORM = re.compile(r"^w(\d+)a(\d+)$")
 SPEC_FORM = f"wWaA with W and A between {MIN_BITS} and {MAX_BITS}, e.g. w2a4, w4a4, w8a8"
 
 
+def signed_range(bits: int) -> tuple[int, int]:
+    """Integer levels of a signed symmetric quantizer (weights): -2^(b-1) .. 2^(b-1)-1."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def unsigned_range(bits: int) -> tuple[int, int]:
+    """Integer levels of an unsigned quantizer with a zero point (activations): 0 .. 2^b-1."""
+    return 0, 2**bits - 1
+
+
 class Observer(str, Enum):
     """How a quantizer picks its range from calibration data."""
 
@@ -69,11 +79,11 @@ class QuantSpec:
     # Integer ranges. Weights are signed symmetric, activations unsigned.
     @property
     def weight_range(self) -> tuple[int, int]:
-        return -(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1
+        return signed_range(self.weight_bits)
 
     @property
     def act_range(self) -> tuple[int, int]:
-        return 0, 2**self.act_bits - 1
+        return unsigned_range(self.act_bits)
 
     def to_dict(self) -> dict:
         return {

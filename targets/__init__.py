@@ -13,7 +13,7 @@ import json
 import platform
 from importlib import resources
 
-from edgeq.errors import EdgeqError, one_of
+from edgeq.errors import one_of
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,3 +98,15 @@ def test_lowering_needs_the_clip():
     unclipped.graph.node.remove(clip)
     next(n for n in unclipped.graph.node if n.op_type == "QuantizeLinear").output[0] = clip.output[0]
     assert not np.array_equal(export.onnxruntime_session(unclipped).run(None, {"x": x})[0], expected)
+
+
+def test_vit_linears_export_within_one_step(tmp_path):
+    """ViT linears on 3-D tensors export as MatMul with transposed weights (axis 1 dequantization)."""
+    folder = quantize.run("tests.factories:tiny_vit", "fashion-mnist:A", tmp_path / "q", bits="w4a4", num_images=16)
+    model, loaded, _, _ = quantize.load(folder)
+    inputs = loaded.preprocess(load_fashion_mnist("test").images[:16])
+    onnx_model, records = export.build_qdq_model(model, torch.from_numpy(inputs[:2]))
+    assert {r["op"] for r in records} >= {"Conv", "MatMul"}
+    assert len(records) == 1 + 2 * 4 + 1  # patch embedding, 4 linears per block, head
+    check = export.compare_with_onnxruntime(model, onnx_model, records, inputs)
+    assert check["activation_max_lsb"] <= 1 and check["logits_max_abs_diff"] <= check["logits_one_lsb_bound"]

@@ -17,7 +17,6 @@ import copy
 import hashlib
 import io
 import logging
-import os
 import warnings
 from pathlib import Path
 

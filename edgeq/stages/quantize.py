@@ -53,11 +53,11 @@ class QuantizedLayer(nn.Module):
 
     @property
     def weight_range(self) -> tuple[int, int]:
-        return -(2 ** (self.weight_bits - 1)), 2 ** (self.weight_bits - 1) - 1
+        return quant.signed_range(self.weight_bits)
 
     @property
     def act_range(self) -> tuple[int, int]:
-        return 0, 2**self.act_bits - 1
+        return quant.unsigned_range(self.act_bits)
 
     def set_weight_scale(self, scale: torch.Tensor) -> None:
         weight = self.layer.weight.detach()

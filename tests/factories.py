@@ -1,0 +1,14 @@
+"""Model factories for tests, loaded as ``tests.factories:NAME``. Seeded: a factory must give the same model every call."""
+import torch
+
+FMNIST_META = {"classes": [f"class {i}" for i in range(10)], "preprocess": {"channels": 1, "height": 28, "width": 28, "mean": [0.5], "std": [0.5]}}
+
+
+def tiny_vit():
+    """A two-block timm ViT on 28x28 grayscale (random weights): Q/K/V and MLP linears on 3-D tensors."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, num_classes=10,
+                              depth=2, embed_dim=64, num_heads=2)
+    return model, FMNIST_META
