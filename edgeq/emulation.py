@@ -98,12 +98,22 @@ def python_command(qemu_cpu: str, root: Path | None = None) -> tuple[list[str], 
     return ["qemu-aarch64", "-cpu", qemu_cpu, "-L", str(rootfs), str(rootfs / PYTHON)], env
 
 
-def run_python(script: str | Path, args: list[str], qemu_cpu: str, *, timeout: float = 1800) -> subprocess.CompletedProcess:
+def run_python(script: str | Path, args: list[str], qemu_cpu: str, *, on_progress=None) -> None:
+    """Run an arm64 Python script under qemu; stderr lines from the runner's progress reports go to ``on_progress``."""
+    from .runtime.runner import PROGRESS_PREFIX
+
     command, env = python_command(qemu_cpu)
-    result = subprocess.run([*command, str(script), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or [f"exit code {result.returncode}"]
-        if result.returncode in (132, -4):
+    process = subprocess.Popen([*command, str(script), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    other_lines = []
+    for line in process.stderr:
+        if line.startswith(PROGRESS_PREFIX):
+            if on_progress:
+                on_progress(int(line[len(PROGRESS_PREFIX) :]))
+        else:
+            other_lines.append(line.rstrip())
+    returncode = process.wait()
+    if returncode != 0:
+        detail = [line for line in other_lines if line][-1:] or [f"exit code {returncode}"]
+        if returncode in (132, -4):
             detail = [f"illegal instruction: the module uses an instruction that CPU '{qemu_cpu}' lacks"]
         raise EdgeqError(f"arm64 run under qemu failed: {detail[0]}", "check that the module was compiled for this target")
-    return result

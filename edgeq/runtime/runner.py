@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
+
+PROGRESS_PREFIX = "edgeq-progress "
 
 
 def load(module_path: str):
@@ -32,12 +35,23 @@ def _to_numpy(result) -> np.ndarray:
     return result.numpy()
 
 
-def predict(machine, inputs: np.ndarray) -> np.ndarray:
+def predict(machine, inputs: np.ndarray, progress=None) -> np.ndarray:
+    """Outputs for every input, one image per call; ``progress(done)`` is called every 25 images."""
     import tvm
 
     main = machine["main"]
-    outputs = [_to_numpy(main(tvm.runtime.tensor(np.ascontiguousarray(inputs[i : i + 1])))) for i in range(len(inputs))]
+    outputs = []
+    for i in range(len(inputs)):
+        outputs.append(_to_numpy(main(tvm.runtime.tensor(np.ascontiguousarray(inputs[i : i + 1])))))
+        if progress and ((i + 1) % 25 == 0 or i + 1 == len(inputs)):
+            progress(i + 1)
     return np.concatenate(outputs)
+
+
+def _report_progress(done: int) -> None:
+    # Read by the host when this runs under qemu: one line per update on stderr.
+    sys.stderr.write(f"{PROGRESS_PREFIX}{done}\n")
+    sys.stderr.flush()
 
 
 def time_runs(machine, sample: np.ndarray, runs: int, warmup: int = 5) -> list[float]:
@@ -66,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     machine = load(args.module)
     inputs = np.load(args.inputs)
-    np.save(args.outputs, predict(machine, inputs))
+    np.save(args.outputs, predict(machine, inputs, progress=_report_progress))
     if args.latency_runs and args.timings:
         with open(args.timings, "w") as f:
             json.dump(time_runs(machine, inputs[:1], args.latency_runs), f)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from tqdm.auto import tqdm
 
 from .. import emulation
 from ..data import resolve_dataset
@@ -61,8 +62,9 @@ def run_compiled(module_path: Path, target_name: str, inputs: np.ndarray, latenc
     with tempfile.TemporaryDirectory(prefix="edgeq-verify-") as scratch:
         scratch = Path(scratch)
         np.save(scratch / "inputs.npy", inputs)
-        log.info("running %d images under qemu-aarch64 -cpu %s (correctness only)", len(inputs), target.qemu_cpu)
-        emulation.run_python(RUNNER_SCRIPT, [str(module_path), str(scratch / "inputs.npy"), str(scratch / "outputs.npy")], target.qemu_cpu)
+        with tqdm(total=len(inputs), desc=f"qemu-aarch64 {target.qemu_cpu}", unit="img", leave=False) as bar:
+            emulation.run_python(RUNNER_SCRIPT, [str(module_path), str(scratch / "inputs.npy"), str(scratch / "outputs.npy")], target.qemu_cpu,
+                                 on_progress=lambda done: bar.update(done - bar.n))
         return np.load(scratch / "outputs.npy"), None, f"qemu-aarch64 -cpu {target.qemu_cpu}"
 
 
