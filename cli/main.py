@@ -12,7 +12,7 @@ import click
 EXAMPLES = """
 \b
 Examples:
-  edgeq compile                                   # built-in model, arm64, w2a4, every stage
+  edgeq compile                                   # zoo ResNet teacher, x86, w2a4, every stage
   edgeq compile model.pt --target rpi4 --bits w2a4 --json
   edgeq synth --generator ./sd-folder --classes classes.txt -o calib/
   edgeq quantize model.pt --calib calib/ --bits w4a4 -o quantized/
@@ -59,8 +59,9 @@ def _bits(_ctx, _param, value):
 
 
 def _target(_ctx, _param, value):
-    from edgeq.errors import EdgeqError
     from edgeq.targets import get_target
+
+    from edgeq.errors import EdgeqError
 
     if value is None:
         return None
@@ -105,13 +106,14 @@ def cli(verbose):
 
 @cli.command(epilog="\b\nExample:\n  edgeq synth --generator ./sd-folder --strategy mixup --num-images 512 -o calib/")
 @click.argument("model", required=False)
-@click.option("--generator", help="diffusers text-to-image pipeline: a local folder or a hub id (default: the built-in tiny one).")
+@click.option("--generator", default="zoo:fmnist-generator", show_default=True,
+              help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id.")
 @click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True,
               help="mixup: two classes per prompt ('a photo of a A and a B'); single: one class per prompt.")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Denoising steps per image.")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps per image.")
 @click.option("--guidance-scale", type=float, default=3.0, show_default=True)
-@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True, help="Generated image side in pixels.")
+@click.option("--size", type=click.IntRange(min=8), help="Generated image side in pixels (default: the generator's own).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -122,13 +124,9 @@ def cli(verbose):
 def synth(model, generator, strategy, num_images, steps, guidance_scale, size, batch_size, device, seed, classes_file, allow_pickle, out):
     """Generate calibration images with class prompts taken from MODEL (or --classes)."""
     from edgeq.models import load_model, read_classes
-    from edgeq.pipeline import BUILTIN_GENERATOR_NOTE, default_generator
     from edgeq.stages import synth as synth_stage
 
     classes = read_classes(classes_file) if classes_file else load_model(model, allow_pickle=allow_pickle).classes
-    if generator is None:
-        click.echo(f"note: {BUILTIN_GENERATOR_NOTE}", err=True)
-        generator = default_generator()
     synth_stage.run(generator, classes, out, strategy=strategy, num_images=num_images, seed=seed, steps=steps,
                     guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device)
     click.echo(f"wrote {num_images} images to {out}")
@@ -171,11 +169,11 @@ def export(quantized, out):
 @cli.command(name="compile", epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
              "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n  edgeq compile exported/ --target x86 -o compiled/   # compile stage only")
 @click.argument("model", required=False)
-@click.option("--target", callback=_target, default="arm64", show_default=True, help="Target name (see 'edgeq targets'); arm64 = any 64-bit Arm board.")
+@click.option("--target", callback=_target, default="x86", show_default=True, help="Target name (see 'edgeq targets'); arm64 = any 64-bit Arm board.")
 @click.option("--bits", callback=_bits, default="w2a4", show_default=True, help="Bit widths as wWaA (one-shot only).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (compile-stage only, when MODEL is an export folder).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder for the one-shot (default: runs/<model>).")
-@click.option("--generator", help="diffusers pipeline folder or hub id for calibration images (default: the built-in tiny one).")
+@click.option("--generator", default="zoo:fmnist-generator", show_default=True, help="Text-to-image pipeline for calibration images: zoo:NAME, a diffusers folder, or a hub id.")
 @click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
@@ -230,6 +228,7 @@ def _print_summary(summary: dict) -> None:
         ("float top-1", _percent(summary["fp_top1"])),
         ("quantized top-1", _percent(summary["quant_top1"])),
         ("compiled top-1", _percent(summary["compiled_top1"])),
+        ("agreement with full precision", f"top-1 {_percent(summary['agreement_with_fp']['compiled']['top1'])}, top-5 {_percent(summary['agreement_with_fp']['compiled']['top5'])}"),
         ("agreement with onnxruntime", _percent(summary["agreement_with_onnxruntime"])),
         ("latency", latency),
         ("ran on", summary["ran"]),
@@ -258,6 +257,54 @@ def verify(compiled, data, num_images, latency_runs, as_json, out):
 
     report = verify_stage.run(compiled, out, data=data, num_images=num_images, latency_runs=latency_runs)
     click.echo(json.dumps(report, indent=None if as_json else 2))
+
+
+@cli.command(name="eval", epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
+             "  edgeq eval quantized-effnet/ --data photos          # agreement with full precision, no labels")
+@click.argument("model", required=False)
+@click.option("--data", default="fmnist-test", show_default=True, help="fmnist-test (Fashion-MNIST test set), fashion-mnist:A, photos, or an 'edgeq synth' folder.")
+@click.option("--num-images", type=click.IntRange(min=1), help="Evaluate the first N images only.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@allow_pickle_option
+@friendly_errors
+def eval_command(model, data, num_images, as_json, allow_pickle):
+    """Top-1/top-5 of MODEL (a model, or an 'edgeq quantize' folder) on --data.
+
+    For a quantize folder it also reports agreement with its full-precision model
+    (top-1: same prediction; top-5: the full-precision prediction within the top 5).
+    """
+    from edgeq.evaluate import evaluate
+
+    result = evaluate(model, data, num_images=num_images, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:<18} {value}")
+
+
+@cli.group()
+def zoo():
+    """The offline model zoo: trained Fashion-MNIST teachers, a text-to-image generator, EfficientNet-Lite0."""
+
+
+@zoo.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+def zoo_list(as_json):
+    """Each zoo entry with its provenance: script, seed, data, measured accuracy, sha256."""
+    from edgeq.zoo import ZOO, registry
+
+    records = registry.load()
+    rows = [{"name": f"zoo:{e.name}", "kind": e.kind, "description": e.description, **records.get(e.name, {})} for e in ZOO.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  ({row['kind']})\n  {row['description']}")
+        for key in ("script", "seed", "data", "metrics", "source", "sha256"):
+            if key in row:
+                value = ", ".join(f"{k} {v}" for k, v in row[key].items()) if isinstance(row[key], dict) else row[key]
+                click.echo(f"  {key:<8} {value}")
 
 
 @cli.command()

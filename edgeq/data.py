@@ -22,6 +22,7 @@ FASHION_MNIST_CLASSES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sa
 # Split A trains the teachers and is the "real data" reference; split B trains the
 # generator, which stands in for a public text-to-image model trained on other data.
 SPLIT_SEED = 20260101
+DATA_ALIASES = {"fmnist-test": "fashion-mnist:test", "fmnist-A": "fashion-mnist:A", "fmnist-B": "fashion-mnist:B"}
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
@@ -77,6 +78,7 @@ class ImageSet:
     class_names: tuple[str, ...]
     labels: np.ndarray | None = None  # (N,) int64
     soft_labels: np.ndarray | None = None  # (N, num_classes) float32, rows sum to 1
+    names: tuple[str, ...] | None = None  # where each image came from, when known
 
     def __len__(self) -> int:
         return len(self.images)
@@ -90,6 +92,7 @@ class ImageSet:
             self.class_names,
             None if self.labels is None else self.labels[pick],
             None if self.soft_labels is None else self.soft_labels[pick],
+            None if self.names is None else self.names[pick],
         )
 
     @property
@@ -123,18 +126,86 @@ def load_fashion_mnist(split: str = "test") -> ImageSet:
     except (OSError, EOFError, ValueError, struct.error) as exc:
         raise EdgeqError(f"cannot read Fashion-MNIST from {FASHION_MNIST_DIR}: {exc}", FASHION_MNIST_INSTALL) from None
     if split in ("A", "B"):
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-        half = order[: len(order) // 2] if split == "A" else order[len(order) // 2 :]
-        keep = np.sort(half)
+        keep = split_indices(split, len(images))
         images, labels = images[keep], labels[keep]
     return ImageSet(images[..., None], FASHION_MNIST_CLASSES, labels=labels)
 
 
+def split_indices(split: str, count: int = 60000) -> np.ndarray:
+    """Indices into the 60k training images of half A or B: a fixed-seed permutation cut in two, each half sorted."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(count)
+    return np.sort(order[: count // 2] if split == "A" else order[count // 2 :])
+
+
+PHOTO_SIZE = 256
+OPENCV_SAMPLES = Path("/usr/share/doc/opencv-doc/examples/data")
+_SKIMAGE_PHOTOS = ("astronaut", "camera", "chelsea", "clock", "coffee", "coins", "hubble_deep_field", "moon", "rocket")
+
+
+def _square(image: np.ndarray, size: int) -> np.ndarray:
+    """Center-crop to a square and resize to size x size, as uint8 RGB."""
+    from PIL import Image
+
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[..., :3]
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255).astype(np.uint8) if image.max() <= 1.0 else image.astype(np.uint8)
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = Image.fromarray(np.ascontiguousarray(image[top : top + side, left : left + side]))
+    return np.asarray(crop.resize((size, size), Image.BICUBIC))
+
+
+def load_photos(size: int = PHOTO_SIZE) -> ImageSet:
+    """Real photos shipped offline: scikit-image's data, scikit-learn's samples, Debian opencv-doc's samples.
+
+    There are no labels: these photos measure agreement between a model and its quantized
+    version, not accuracy. Center-cropped to squares of ``size`` pixels, in a fixed order.
+    """
+    photos, names = [], []
+    try:
+        import skimage.data
+
+        for name in _SKIMAGE_PHOTOS:
+            try:
+                photos.append(_square(getattr(skimage.data, name)(), size))
+                names.append(f"skimage:{name}")
+            except Exception:  # noqa: BLE001 - an image that needs a download is skipped offline
+                continue
+    except ImportError:
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        for name, image in zip(("china", "flower"), load_sample_images().images):
+            photos.append(_square(image, size))
+            names.append(f"sklearn:{name}")
+    except ImportError:
+        pass
+    if OPENCV_SAMPLES.is_dir():
+        from PIL import Image
+
+        for path in sorted(OPENCV_SAMPLES.glob("*.jpg")):
+            if path.name.startswith(("left", "right")):  # chessboard calibration shots, not scenes
+                continue
+            photos.append(_square(np.asarray(Image.open(path).convert("RGB")), size))
+            names.append(f"opencv:{path.name}")
+    if not photos:
+        raise EdgeqError("no real photos found", "pip install scikit-image scikit-learn, and apt-get install opencv-doc")
+    return ImageSet(np.stack(photos), class_names=(), names=tuple(names))
+
+
 def resolve_dataset(source: str, count: int | None = None) -> ImageSet:
-    """A data source by name: ``fashion-mnist:test`` (or ``:A``, ``:B``, ``:train``) or a synth folder."""
+    """A data source by name: ``fashion-mnist:test`` (or ``:A``, ``:B``, ``:train``; ``fmnist-test`` for short),
+    ``photos`` (unlabelled real photos), or a synth folder."""
+    source = DATA_ALIASES.get(source, source)
     if source.startswith("fashion-mnist"):
         split = source.partition(":")[2] or "test"
         return load_fashion_mnist(split).subset(count)
+    if source == "photos":
+        return load_photos().subset(count)
     from .stages.synth import load_images
 
     return load_images(source).subset(count)

@@ -86,6 +86,17 @@ def modules_from_exported(program: "torch.export.ExportedProgram") -> fx.GraphMo
     return gm
 
 
+class _LayerTracer(fx.Tracer):
+    """Keeps every Conv2d/Linear (subclasses too, e.g. same-padding convs) a module call, so wrappers run."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, _LayerTracer().trace(model), model.__class__.__name__)
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold each BatchNorm2d that directly follows a Conv2d into the conv's weight and bias.
 
@@ -97,7 +108,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         gm = model
     else:
         try:
-            gm = fx.symbolic_trace(model)
+            gm = trace(model)
         except Exception as exc:  # noqa: BLE001 - tracing fails in many ways on dynamic code
             log.warning("BatchNorm left unfolded: model cannot be traced by torch.fx (%s)", str(exc).splitlines()[0])
             return model

@@ -49,7 +49,8 @@ class LoadedModel:
     classes: tuple[str, ...]
     preprocess: Preprocess
     arch: str | None = None
-    note: str | None = None  # shown to the user, e.g. what the built-in default is
+    note: str | None = None  # shown to the user, e.g. how a figure should be read
+    eval_data: str | None = None  # labelled data the model is known to be measured on
 
     @property
     def name(self) -> str:
@@ -87,8 +88,11 @@ def save_checkpoint(path, module: nn.Module, arch: str, classes, preprocess: Pre
 
 def load_model(source: str | None = None, *, allow_pickle: bool = False, classes_file: str | os.PathLike | None = None) -> LoadedModel:
     """Load a model from any accepted source (see the module docstring)."""
-    if source is None or source == "builtin" or source.startswith("builtin:"):
-        loaded = _load_builtin(source.partition(":")[2] if source and ":" in source else zoo.DEFAULT_MODEL)
+    source = source or zoo.DEFAULT_MODEL
+    if source.startswith("builtin:"):
+        loaded = _load_builtin(source.partition(":")[2])
+    elif source.startswith("zoo:"):
+        loaded = _load_zoo(source.partition(":")[2])
     elif Path(source).exists():
         loaded = _load_file(Path(source), allow_pickle)
     elif source.startswith("timm:"):
@@ -114,11 +118,28 @@ def read_classes(path) -> tuple[str, ...]:
 
 
 def _load_builtin(name: str) -> LoadedModel:
-    weights = zoo.builtin_weights_path(name)
-    with zoo.resources.as_file(weights) as path:
+    with zoo.resources.as_file(zoo.builtin_weights_path(name)) as path:
         loaded = _load_safetensors(Path(path))
     loaded.source = f"builtin:{name}"
-    loaded.note = zoo.DEFAULT_MODEL_NOTE if name == zoo.DEFAULT_MODEL else None
+    loaded.eval_data = "fashion-mnist:test"
+    return loaded
+
+
+EFFICIENTNET_LITE_PREPROCESS = Preprocess(3, 224, 224, (127.0 / 255,) * 3, (128.0 / 255,) * 3)  # TF Lite models: (x - 127) / 128
+
+
+def _load_zoo(name: str) -> LoadedModel:
+    entry = zoo.entry(name)
+    if entry.kind != "classifier":
+        raise EdgeqError(f"zoo:{name} is a {entry.kind}, not a model to quantize", "pass it as --generator, or pick a classifier from 'edgeq zoo list'")
+    if name == "efficientnet-lite0":
+        return LoadedModel(zoo.load_efficientnet_lite0(), "zoo:efficientnet-lite0", zoo.imagenet_classes(), EFFICIENTNET_LITE_PREPROCESS,
+                           arch="efficientnet-lite0", note="no ImageNet here: accuracy figures are agreement with full precision on real photos",
+                           eval_data=entry.eval_data)
+    with zoo.resources.as_file(zoo.weights_path(name)) as path:
+        loaded = _load_safetensors(Path(path))
+    loaded.source = f"zoo:{name}"
+    loaded.eval_data = entry.eval_data
     return loaded
 
 

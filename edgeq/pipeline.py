@@ -16,9 +16,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from . import emulation
+from . import emulation, zoo
 from .manifest import reusable
-from .models import LoadedModel, load_model
+from .models import load_model
 from .spec import QuantSpec
 from .stages import compile as compile_stage
 from .stages import export as export_stage
@@ -29,18 +29,12 @@ from .targets import get_target
 
 log = logging.getLogger(__name__)
 
-BUILTIN_GENERATOR_NOTE = (
-    "generator: edgeq's tiny random-weight diffusers pipeline (structured noise, not pictures) "
-    "until the trained zoo generator ships; pass --generator for a real one"
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    target: str = "arm64"
+    target: str = "x86"
     bits: str = "w2a4"
     run_dir: str | None = None
-    generator: str | None = None
+    generator: str = zoo.DEFAULT_GENERATOR
     strategy: str = "mixup"
     num_images: int = 256
     seed: int = 0
@@ -52,23 +46,6 @@ class RunOptions:
     force: bool = False
 
 
-def default_generator() -> str:
-    """The built-in tiny generator, built once into the cache folder."""
-    from .zoo.tiny_pipeline import build_tiny_pipeline
-
-    folder = emulation.cache_dir() / "generators" / "tiny-random"
-    if not (folder / "model_index.json").is_file():
-        from .manifest import staged_folder
-
-        with staged_folder(folder) as tmp:
-            build_tiny_pipeline(tmp)
-    return str(folder)
-
-
-def default_eval_data(loaded: LoadedModel) -> str | None:
-    return "fashion-mnist:test" if loaded.source == "builtin:tiny-fmnist" else None
-
-
 def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
     """Run the pipeline for ``model`` (None: the built-in default) and return the summary."""
     spec = QuantSpec.parse(options.bits)
@@ -76,6 +53,8 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
     loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
     run_dir = Path(options.run_dir or Path("runs") / loaded.name)
     notes = [loaded.note] if loaded.note else []
+    if model is None:
+        notes.insert(0, f"no model given: using the default {zoo.DEFAULT_MODEL} ({zoo.entry(zoo.DEFAULT_MODEL.partition(':')[2]).description})")
     stages: dict[str, str] = {}
 
     def stage(name: str, folder: Path, planned_fingerprint: str, make) -> Path:
@@ -89,11 +68,8 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         return folder
 
     generator = options.generator
-    if generator is None:
-        generator = default_generator()
-        notes.append(BUILTIN_GENERATOR_NOTE)
     synth_params = dict(strategy=options.strategy, num_images=options.num_images, seed=options.seed)
-    synth_defaults = dict(steps=10, guidance_scale=3.0, size=64)
+    synth_defaults = dict(steps=synth_stage.DEFAULT_STEPS, guidance_scale=synth_stage.DEFAULT_GUIDANCE, size=None)
     synth_dir = stage("synth", run_dir / "synth",
                       synth_stage.plan(generator, loaded.classes, **synth_params, **synth_defaults).fingerprint,
                       lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, **synth_defaults))
@@ -109,9 +85,11 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
     compile_dir = run_dir / f"compile-{spec}-{target.name}"
     stage("compile", compile_dir, compile_stage.plan(export_dir, target).fingerprint, lambda: compile_stage.run(export_dir, compile_dir, target=target))
 
-    eval_data = options.eval_data or default_eval_data(loaded) or str(synth_dir)
+    eval_data = options.eval_data or loaded.eval_data or str(synth_dir)
     if eval_data == str(synth_dir):
         notes.append("accuracy measured on the synthetic calibration images (no labelled data given; pass --data)")
+    elif eval_data == "photos":
+        notes.append("top-1 figures are agreement with the full-precision model on real photos (no labels)")
     if not target.is_native_arch:
         emulation.setup()
     verify_dir = run_dir / f"verify-{spec}-{target.name}"
@@ -129,6 +107,7 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         "fp_top1": report["fp_top1"],
         "quant_top1": report["quant_top1"],
         "compiled_top1": report["compiled_top1"],
+        "agreement_with_fp": report["agreement_with_fp"],
         "agreement_with_onnxruntime": report["agreement_with_onnxruntime"],
         "latency_ms": report["latency_ms"],
         "latency_p90_ms": report["latency_p90_ms"],

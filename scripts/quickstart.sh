@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up edgeq, then run the main job: the built-in model, through every stage, for arm64 at w2a4.
+# Set up edgeq, then run the main job: the zoo ResNet teacher, mixup-class synthesis, W2A4, for x86.
 # Extra arguments go to 'edgeq compile' (e.g. --target x86 --bits w4a4 --json).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,6 +5,8 @@ import pytest
 
 from edgeq import emulation
 
+TINY = "builtin:tiny-fmnist"  # the fast model for tests; the zoo teachers are bigger
+
 
 @pytest.fixture(scope="session")
 def tiny_generator(tmp_path_factory):
@@ -17,7 +19,7 @@ def tiny_generator(tmp_path_factory):
 def builtin_model():
     from edgeq.models import load_model
 
-    return load_model(None)
+    return load_model(TINY)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,7 @@ def quantized_dirs(tmp_path_factory):
 
     def get(bits: str):
         if bits not in made:
-            made[bits] = quantize.run(None, "fashion-mnist:A", root / bits, bits=bits, num_images=64)
+            made[bits] = quantize.run(TINY, "fashion-mnist:A", root / bits, bits=bits, num_images=64)
         return made[bits]
 
     return get

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import torch
-
 from edgeq.cli.main import main
+
 from edgeq.zoo import TinyResNet
 
 
@@ -66,7 +66,7 @@ def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
 
 
 def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", "--calib", str(tmp_path / "nowhere"), "-o", str(tmp_path / "q")), "not found")
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", "builtin:tiny-fmnist", "--calib", str(tmp_path / "nowhere"), "-o", str(tmp_path / "q")), "not found")
 
 
 def test_targets_lists_boards(monkeypatch, capsys):

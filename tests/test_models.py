@@ -20,11 +20,10 @@ def _same_outputs(a, b):
         return torch.allclose(a(x), b(x), atol=1e-5)
 
 
-def test_builtin_default_has_metadata(builtin_model):
+def test_builtin_model_has_metadata(builtin_model):
     assert builtin_model.source == "builtin:tiny-fmnist"
     assert builtin_model.classes == FASHION_MNIST_CLASSES
     assert builtin_model.preprocess.input_shape == (1, 1, 28, 28)
-    assert "placeholder" in builtin_model.note
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -1,11 +1,11 @@
 import numpy as np
 import onnx
 import pytest
+from edgeq.kernels.packing import pack, unpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from edgeq.kernels.packing import pack, unpack
 from edgeq.stages.export import integer_tensor
 
 

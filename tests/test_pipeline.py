@@ -13,13 +13,13 @@ from edgeq.stages import quantize as quantize_stage
 from edgeq.stages import synth as synth_stage
 from edgeq.stages import verify as verify_stage
 
-from .conftest import requires_emulator
+from .conftest import TINY, requires_emulator
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, synth_dir):
     root = tmp_path_factory.mktemp("stages")
-    quantize_stage.run(None, synth_dir, root / "quantized", bits="w2a4", num_images=16)
+    quantize_stage.run(TINY, synth_dir, root / "quantized", bits="w2a4", num_images=16)
     return export_stage.run(root / "quantized", root / "exported")
 
 
@@ -73,16 +73,16 @@ def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir):
 
 def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
     options = RunOptions(target="x86", bits="w4a4", run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, eval_images=50, latency_runs=3)
-    first = run(None, options)
+    first = run(TINY, options)
     assert set(first["stages"].values()) == {"ran"}
     for key in ("model", "target", "bits", "fp_top1", "quant_top1", "compiled_top1", "agreement_with_onnxruntime", "latency_ms", "artifact"):
         assert key in first
     assert first["agreement_with_onnxruntime"] >= 0.99 and first["latency_ms"] > 0
     assert Path(first["artifact"]).is_file()
-    second = run(None, options)
+    second = run(TINY, options)
     assert set(second["stages"].values()) == {"reused"}
     assert second["compiled_top1"] == first["compiled_top1"]
-    third = run(None, RunOptions(**{**options.__dict__, "target": "x86-avx2"}))
+    third = run(TINY, RunOptions(**{**options.__dict__, "target": "x86-avx2"}))
     assert third["stages"] == {"synth": "reused", "quantize": "reused", "export": "reused", "compile": "ran", "verify": "ran"}
 
 

@@ -1,7 +1,7 @@
 import pytest
+from edgeq.targets import get_target, list_targets
 
 from edgeq import EdgeqError
-from edgeq.targets import get_target, list_targets
 
 REQUIRED = {"x86": "x86_64", "x86-avx2": "x86_64", "x86-avx512": "x86_64", "arm64": "aarch64", "rpi4": "aarch64", "rpi5": "aarch64", "jetson-orin": "aarch64"}
 

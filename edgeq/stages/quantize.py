@@ -94,6 +94,12 @@ def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, Quan
     return wrapped
 
 
+def _unwrap(model: nn.Module, name: str) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, getattr(parent, leaf).layer)
+
+
 def prepare(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
     """Fold BatchNorm and wrap every quantizable layer (uncalibrated)."""
     folded = eval_mode(fold_batchnorm(model))
@@ -137,6 +143,11 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
             handle.remove()
         for layer in layers.values():
             layer.bypass = False
+    unused = [name for name in layers if not stats[name]["samples"]]
+    for name in unused:  # never called in forward (e.g. an unused head): leave it as it was
+        log.warning("layer %s never ran during calibration; it stays unquantized", name)
+        _unwrap(model, name)
+        del layers[name]
     for name, layer in layers.items():
         entry = stats[name]
         scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], spec.act_bits, spec.act_observer)
@@ -235,7 +246,10 @@ def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, Loaded
     meta = manifest.extra["model"]
     loaded.classes = tuple(meta["classes"])
     model, layers = prepare(loaded.module, spec)
-    if sorted(layers) != sorted(manifest.extra["layers"]):
+    recorded = set(manifest.extra["layers"])
+    if not recorded <= set(layers):
         raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
+    for name in set(layers) - recorded:  # left unquantized at calibration
+        _unwrap(model, name)
     model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return eval_mode(model), loaded, spec, manifest

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 SHARD_SIZE = 256
 SHARD_PATTERN = "images-{:05d}.safetensors"
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 3.0
 SINGLE_TEMPLATE = "a photo of a {0}"
 MIXUP_TEMPLATE = "a photo of a {0} and a {1}"
 
@@ -82,6 +84,23 @@ def plan_prompts(class_names, count: int, strategy: str, seed: int) -> list[Prom
     return [PromptPlan(p, c, w, int(s)) for (p, c, w), s in zip(prompts, image_seeds)]
 
 
+def resolve_generator(generator: str) -> str:
+    """A generator name as a folder or hub id: ``zoo:fmnist-generator`` becomes its assembled folder."""
+    if generator.startswith("zoo:"):
+        from .. import zoo
+
+        name = generator.partition(":")[2]
+        if zoo.entry(name).kind != "generator":
+            raise EdgeqError(f"zoo:{name} is not a generator", "use zoo:fmnist-generator, a diffusers folder, or a hub id")
+        return zoo.generator_folder()
+    return generator
+
+
+def native_size(pipeline) -> int:
+    """The image side a pipeline was trained at (its UNet's sample size times the VAE's scale)."""
+    return int(pipeline.unet.config.sample_size) * int(getattr(pipeline, "vae_scale_factor", 8))
+
+
 def load_generator(generator: str, *, device: str = "cpu"):
     """A diffusers pipeline from a local folder or a hub id (offline: from the local cache)."""
     import diffusers
@@ -94,6 +113,7 @@ def load_generator(generator: str, *, device: str = "cpu"):
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    generator = resolve_generator(generator)
     local = os.path.isdir(generator)
     if not local and ("/" not in generator or generator.startswith((".", "/"))):
         raise EdgeqError(f"generator not found: {generator}", "pass a diffusers pipeline folder or a hub id such as stabilityai/sd-turbo")
@@ -106,6 +126,7 @@ def load_generator(generator: str, *, device: str = "cpu"):
 
 
 def _generator_digest(generator: str) -> str:
+    generator = resolve_generator(generator)
     if os.path.isdir(generator):
         from ..manifest import sha256_path
 
@@ -113,7 +134,7 @@ def _generator_digest(generator: str) -> str:
     return f"hub:{generator}"
 
 
-def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int, guidance_scale: float, size: int) -> Manifest:
+def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int, guidance_scale: float, size: int | None) -> Manifest:
     return Manifest(
         stage="synth",
         inputs=[input_entry("generator", generator, _generator_digest(generator))],
@@ -122,9 +143,9 @@ def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: i
     )
 
 
-def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup", num_images: int = 256, seed: int = 0, steps: int = 10,
-        guidance_scale: float = 3.0, size: int = 64, batch_size: int = 8, device: str = "cpu") -> Path:
-    """Generate ``num_images`` calibration images into folder ``out``."""
+def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup", num_images: int = 256, seed: int = 0, steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 16, device: str = "cpu") -> Path:
+    """Generate ``num_images`` calibration images into folder ``out`` (``size`` None: the generator's own)."""
     import torch
     from safetensors.numpy import save_file
 
@@ -136,6 +157,7 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
     manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size)
     prompts = plan_prompts(class_names, num_images, strategy, seed)
     pipeline = load_generator(generator, device=device)
+    size = size or native_size(pipeline)
     images = np.zeros((num_images, size, size, 3), np.uint8)
     with tqdm(total=num_images, desc=f"synth ({strategy})", unit="img") as bar:
         for start in range(0, num_images, batch_size):

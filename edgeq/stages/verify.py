@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from tqdm.auto import tqdm
 
 from .. import emulation
 from ..data import resolve_dataset
 from ..errors import EdgeqError
+from ..evaluate import agreement, predict
 from ..manifest import Manifest, input_entry, staged_folder
 from ..models import load_model
 from ..runtime import runner
@@ -94,9 +94,7 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
     targets = images.targets
 
     float_model = load_model(quant_manifest.input("model")["path"], allow_pickle=bool(quant_manifest.params.get("allow_pickle"))).module
-    with torch.no_grad():
-        float_logits = torch.cat([float_model(torch.from_numpy(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]).numpy()
-        quant_logits = torch.cat([quantized_model(torch.from_numpy(inputs[i : i + 256])) for i in range(0, len(inputs), 256)]).numpy()
+    float_logits, quant_logits = predict(float_model, inputs), predict(quantized_model, inputs)
     onnx_model = onnx.load(str(export_dir / MODEL_FILE))
     ort_logits = onnxruntime_session(onnx_model).run(None, {INPUT_NAME: inputs})[0]
     compiled_logits, timings, how = run_compiled(compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs)
@@ -113,6 +111,7 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
         "quant_top1": _top1(quant_logits, targets),
         "onnxruntime_top1": _top1(ort_logits, targets),
         "compiled_top1": _top1(compiled_logits, targets),
+        "agreement_with_fp": {"quantized": agreement(quant_logits, float_logits), "compiled": agreement(compiled_logits, float_logits)},
         "agreement_with_onnxruntime": float((compiled_logits.argmax(1) == ort_logits.argmax(1)).mean()),
         "max_abs_diff_vs_onnxruntime": float(np.abs(compiled_logits - ort_logits).max()),
         "ran": how,

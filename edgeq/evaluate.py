@@ -1,0 +1,51 @@
+"""Accuracy of a model (full precision, or a quantize folder's fake-quant model) on a data source."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import resolve_dataset
+from .manifest import MANIFEST_NAME, Manifest
+from .models import load_model
+
+BATCH = 256
+
+
+@torch.no_grad()
+def predict(module: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
+    return torch.cat([module(torch.from_numpy(inputs[i : i + BATCH])) for i in range(0, len(inputs), BATCH)]).numpy()
+
+
+def topk_accuracy(logits: np.ndarray, targets: np.ndarray, k: int) -> float:
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float((top == targets[:, None]).any(1).mean())
+
+
+def agreement(logits: np.ndarray, reference_logits: np.ndarray) -> dict:
+    """Top-1 agreement (same argmax) and top-5 agreement (the reference's top-1 within the top 5)."""
+    reference = reference_logits.argmax(1)
+    return {"top1": float((logits.argmax(1) == reference).mean()), "top5": topk_accuracy(logits, reference, min(5, logits.shape[1]))}
+
+
+def evaluate(model: str | None, data: str, *, num_images: int | None = None, allow_pickle: bool = False) -> dict:
+    """``{"top1", "top5"}`` on labelled data; for a quantize folder also agreement with its float model."""
+    is_quantized = model is not None and (Path(model) / MANIFEST_NAME).is_file() and Manifest.load(model).stage == "quantize"
+    if is_quantized:
+        from .stages import quantize as quantize_stage
+
+        module, loaded, spec, _ = quantize_stage.load(model)
+    else:
+        loaded = load_model(model, allow_pickle=allow_pickle)
+        module, spec = loaded.module, None
+    images = resolve_dataset(data, num_images)
+    logits = predict(module, loaded.preprocess(images.images))
+    result = {"model": loaded.source if not is_quantized else str(model), "bits": str(spec) if spec else "fp32", "data": data, "images": len(images)}
+    targets = images.targets
+    result["top1"] = topk_accuracy(logits, targets, 1) if targets is not None else None
+    result["top5"] = topk_accuracy(logits, targets, min(5, logits.shape[1])) if targets is not None else None
+    if is_quantized:
+        float_logits = predict(load_model(loaded.source, allow_pickle=allow_pickle).module, loaded.preprocess(images.images))
+        result["agreement_with_fp"] = agreement(logits, float_logits)
+    return result

@@ -1,0 +1,128 @@
+"""The offline zoo: shipped teachers reach their accuracy, EfficientNet-Lite0 sees real photos, entries are listed."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from edgeq import EdgeqError
+from edgeq.data import load_fashion_mnist, load_photos
+from edgeq.evaluate import evaluate, predict
+from edgeq.models import load_model
+from edgeq.zoo import ZOO, registry
+
+THRESHOLDS = {"fmnist-resnet": 0.91, "fmnist-mobilenet": 0.89, "fmnist-vit": 0.88}
+
+
+@pytest.mark.parametrize("name", sorted(THRESHOLDS))
+def test_teacher_accuracy_from_shipped_weights(name):
+    result = evaluate(f"zoo:{name}", "fmnist-test")
+    assert result["images"] == 10000
+    assert result["top1"] >= THRESHOLDS[name]
+    assert result["top1"] == pytest.approx(registry.load()[name]["metrics"]["fashion-mnist:test top1"], abs=5e-4)
+
+
+def test_registry_hashes_match_the_shipped_files():
+    from importlib import resources
+
+    from edgeq.manifest import sha256_path
+
+    for name in THRESHOLDS:
+        record = registry.load()[name]
+        assert record["sha256"] == sha256_path(resources.files("edgeq.zoo").joinpath(record["file"]))
+        assert record["data"] == "fashion-mnist:A" and record["seed"] == 0
+
+
+def test_teachers_are_traceable_for_batchnorm_folding():
+    from torch import nn
+
+    from edgeq.graph import fold_batchnorm
+
+    for name in ("fmnist-resnet", "fmnist-mobilenet"):
+        folded = fold_batchnorm(load_model(f"zoo:{name}").module)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+
+
+def test_efficientnet_lite0_sees_the_cat():
+    model = load_model("zoo:efficientnet-lite0")
+    photos = load_photos()
+    assert len(photos) >= 20
+    chelsea = photos.names.index("skimage:chelsea")
+    logits = predict(model.module, model.preprocess(photos.images[chelsea : chelsea + 1]))
+    top5 = {model.classes[i] for i in np.argsort(-logits[0])[:5]}
+    assert top5 & {"tabby", "tiger cat", "Egyptian cat"}
+    assert len(model.classes) == 1000 and model.preprocess.input_shape == (1, 3, 224, 224)
+
+
+def test_zoo_list_shows_five_entries(monkeypatch, capsys):
+    from edgeq.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["edgeq", "zoo", "list", "--json"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    rows = json.loads(capsys.readouterr().out)
+    assert info.value.code == 0
+    assert [r["name"] for r in rows] == [f"zoo:{n}" for n in ZOO] and len(rows) == 5
+    for row in rows:
+        assert {"script", "seed", "data", "sha256"} <= set(row), row["name"]
+
+
+def test_eval_prints_top1_json(monkeypatch, capsys):
+    from edgeq.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["edgeq", "eval", "builtin:tiny-fmnist", "--data", "fmnist-test", "--num-images", "500", "--json"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    result = json.loads(capsys.readouterr().out)
+    assert info.value.code == 0 and 0.8 < result["top1"] <= 1.0 and result["images"] == 500
+
+
+def test_eval_of_a_quantized_folder_reports_agreement(quantized_dirs):
+    result = evaluate(str(quantized_dirs("w8a8")), "fmnist-test", num_images=300)
+    assert result["bits"] == "w8a8"
+    assert result["agreement_with_fp"]["top1"] > 0.9 and result["agreement_with_fp"]["top5"] >= result["agreement_with_fp"]["top1"]
+
+
+def test_generator_is_not_a_model():
+    with pytest.raises(EdgeqError, match="generator"):
+        load_model("zoo:fmnist-generator")
+
+
+def test_fashion_mnist_splits_are_disjoint_halves():
+    from edgeq.data import split_indices
+
+    a, b = split_indices("A"), split_indices("B")
+    assert len(a) == len(b) == 30000 and not set(a) & set(b)
+    assert np.array_equal(load_fashion_mnist("A").labels, load_fashion_mnist("train").labels[a])
+
+
+def test_missing_fashion_mnist_names_the_package(monkeypatch, tmp_path):
+    import edgeq.data as data
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(EdgeqError) as info:
+        data.load_fashion_mnist("test")
+    assert "apt-get install dataset-fashion-mnist" in info.value.hint
+
+
+def _gate():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("generator_gate", Path(__file__).parents[1] / "benchmarks" / "generator_gate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generator_loads_from_zoo_and_draws_recognizable_classes():
+    """A small sample of the quality gate (the full gate: benchmarks/generator_gate.py, 50 images per class)."""
+    result = _gate().measure(per_class=8)
+    assert result["overall"] >= 0.6
+    assert sum(rate > 0 for rate in result["per_class"].values()) >= 8
+
+
+@pytest.mark.slow
+def test_generator_quality_gate():
+    result = _gate().measure(per_class=50)
+    assert result["overall"] >= 0.80
