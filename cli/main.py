@@ -109,7 +109,14 @@ def cli(verbose):
 @click.option("--generator", default="zoo:fmnist-generator", show_default=True,
               help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id.")
 @click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True,
-              help="mixup: two classes per prompt ('a photo of a A and a B'); single: one class per prompt.")
+              help="mixup: k classes per image (arXiv 2507.21947); single: one class per prompt (GenQ's baseline).")
+@click.option("--fusion", type=click.Choice(["text", "embedding"]), default="text", show_default=True,
+              help="How mixup fuses classes: in the prompt ('a photo of a A and a B'), or as a weighted sum of the "
+                   "single-class prompts' text embeddings (weights ~ Beta(alpha, alpha)).")
+@click.option("--mix-k", type=click.IntRange(min=2), default=2, show_default=True, help="Classes per mixup image.")
+@click.option("--mix-alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Beta/Dirichlet concentration of embedding-fusion weights (1: uniform; small: near one class).")
+@click.option("--mix-template", help="Text-fusion prompt with placeholders {0}..{k-1}, e.g. 'a {0} next to a {1}'.")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps per image.")
 @click.option("--guidance-scale", type=float, default=3.0, show_default=True)
@@ -121,14 +128,17 @@ def cli(verbose):
 @allow_pickle_option
 @_output_option("Output folder for image shards and manifest.")
 @friendly_errors
-def synth(model, generator, strategy, num_images, steps, guidance_scale, size, batch_size, device, seed, classes_file, allow_pickle, out):
+def synth(model, generator, strategy, fusion, mix_k, mix_alpha, mix_template, num_images, steps, guidance_scale, size, batch_size, device, seed,
+          classes_file, allow_pickle, out):
     """Generate calibration images with class prompts taken from MODEL (or --classes)."""
     from edgeq.models import load_model, read_classes
+    from edgeq.prompts import PromptOptions
     from edgeq.stages import synth as synth_stage
 
+    options = PromptOptions(fusion=fusion, mix_k=mix_k, mix_alpha=mix_alpha, mix_template=mix_template)
     classes = read_classes(classes_file) if classes_file else load_model(model, allow_pickle=allow_pickle).classes
     synth_stage.run(generator, classes, out, strategy=strategy, num_images=num_images, seed=seed, steps=steps,
-                    guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device)
+                    guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device, prompts=options)
     click.echo(f"wrote {num_images} images to {out}")
 
 

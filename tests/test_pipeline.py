@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from edgeq.manifest import MANIFEST_NAME, Manifest, staged_folder
@@ -36,6 +37,26 @@ def test_synth_is_deterministic_and_records_every_image(tmp_path, tiny_generator
     images = synth_stage.load_images(synth_dir)
     assert images.images.shape == (16, 64, 64, 3) and images.images.dtype == np.uint8
     assert np.allclose(images.soft_labels.sum(1), 1.0)
+
+
+def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_generator, builtin_model):
+    from edgeq.prompts import PromptOptions, PromptPlan
+
+    options = PromptOptions(fusion="embedding", mix_k=3)
+    out = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "embedding", num_images=4, seed=1, steps=2, prompts=options)
+    manifest = Manifest.load(out, "synth")
+    assert manifest.params["prompts"]["fusion"] == "embedding"
+    record = manifest.extra["images"][0]
+    assert len(record["components"]) == 3 and len(set(record["classes"])) == 3
+    soft = synth_stage.load_images(out).soft_labels[0]
+    assert np.allclose(soft[record["classes"]], record["weights"])
+
+    # A mix that puts all weight on one class conditions exactly as that class's own prompt does.
+    pipeline = synth_stage.load_generator(tiny_generator)
+    one_hot = PromptPlan("mix", (0, 1), (1.0, 0.0), 0, ("a photo of a t-shirt", "a photo of a trousers"))
+    mixed = synth_stage._conditioning(pipeline, [one_hot], guidance_scale=3.0)
+    direct = pipeline.encode_prompt(["a photo of a t-shirt"], pipeline.device, 1, True, negative_prompt=[""])
+    assert torch.equal(mixed["prompt_embeds"], direct[0]) and torch.equal(mixed["negative_prompt_embeds"], direct[1])
 
 
 def test_manifests_record_inputs_and_versions(export_dir):

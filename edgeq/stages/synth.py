@@ -1,11 +1,9 @@
 """Stage 1, synth: calibration images from a diffusers text-to-image pipeline.
 
-Prompt strategies:
-
-* ``single``: one class per prompt, "a photo of a {A}" (GenQ's baseline);
-* ``mixup``: two classes fused in one prompt, "a photo of a {A} and a {B}", with pairs
-  drawn so every class appears equally often (arXiv 2507.21947). Each image records its
-  classes and mixing weights as a soft label.
+Prompt strategies (``edgeq.prompts``): ``single`` (GenQ's baseline, one class per
+prompt) and ``mixup`` (k classes per image, fused in the prompt text or in the text
+encoder's embedding space, arXiv 2507.21947). Each image records its classes and mixing
+weights as a soft label.
 
 Output: ``images-00000.safetensors`` shards (uint8 images, float soft labels) and a
 manifest listing every image's prompt, classes, weights and seed. The same seed gives
@@ -22,8 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data import ImageSet
-from ..errors import EdgeqError, one_of
+from ..errors import EdgeqError
 from ..manifest import Manifest, input_entry, staged_folder
+from ..prompts import SINGLE_TEMPLATE, PromptOptions, PromptPlan, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
 
 log = logging.getLogger(__name__)
 
@@ -31,57 +30,6 @@ SHARD_SIZE = 256
 SHARD_PATTERN = "images-{:05d}.safetensors"
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
-SINGLE_TEMPLATE = "a photo of a {0}"
-MIXUP_TEMPLATE = "a photo of a {0} and a {1}"
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptPlan:
-    """One image to generate: its prompt, the classes it mixes and their weights."""
-
-    prompt: str
-    classes: tuple[int, ...]
-    weights: tuple[float, ...]
-    seed: int
-
-
-def single_class_prompts(class_names, count: int, rng: np.random.Generator) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
-    """Classes in a shuffled round-robin, so each appears count/num_classes times (±1)."""
-    order = _balanced(len(class_names), count, rng)
-    return [(SINGLE_TEMPLATE.format(class_names[c]), (int(c),), (1.0,)) for c in order]
-
-
-def mixup_prompts(class_names, count: int, rng: np.random.Generator) -> list[tuple[str, tuple[int, ...], tuple[float, ...]]]:
-    """Pairs of distinct classes; each class fills count*2/num_classes slots (±1)."""
-    if len(class_names) < 2:
-        raise EdgeqError("mixup prompts need at least two classes", "pass more class names, or use --strategy single")
-    slots = _balanced(len(class_names), 2 * count, rng).reshape(count, 2)
-    # Repair same-class pairs by swapping the second slot with another pair's; class counts stay balanced.
-    for i in range(count):
-        if slots[i, 0] == slots[i, 1]:
-            for j in rng.permutation(count):
-                if slots[j, 1] != slots[i, 0] and slots[j, 0] != slots[i, 1]:
-                    slots[i, 1], slots[j, 1] = slots[j, 1], slots[i, 1]
-                    break
-    return [(MIXUP_TEMPLATE.format(class_names[a], class_names[b]), (int(a), int(b)), (0.5, 0.5)) for a, b in slots]
-
-
-def _balanced(num_classes: int, count: int, rng: np.random.Generator) -> np.ndarray:
-    repeats = -(-count // num_classes)
-    pool = np.concatenate([rng.permutation(num_classes) for _ in range(repeats)])[:count]
-    return rng.permutation(pool)
-
-
-STRATEGIES = {"single": single_class_prompts, "mixup": mixup_prompts}
-
-
-def plan_prompts(class_names, count: int, strategy: str, seed: int) -> list[PromptPlan]:
-    if strategy not in STRATEGIES:
-        raise one_of("prompt strategy", strategy, STRATEGIES)
-    rng = np.random.default_rng(seed)
-    prompts = STRATEGIES[strategy](list(class_names), count, rng)
-    image_seeds = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64) % (2**63)
-    return [PromptPlan(p, c, w, int(s)) for (p, c, w), s in zip(prompts, image_seeds)]
 
 
 def resolve_generator(generator: str) -> str:
@@ -134,17 +82,20 @@ def _generator_digest(generator: str) -> str:
     return f"hub:{generator}"
 
 
-def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int, guidance_scale: float, size: int | None) -> Manifest:
+def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int, guidance_scale: float, size: int | None,
+         prompts: PromptOptions | None = None) -> Manifest:
     return Manifest(
         stage="synth",
         inputs=[input_entry("generator", generator, _generator_digest(generator))],
-        params={"strategy": strategy, "num_images": num_images, "steps": steps, "guidance_scale": guidance_scale, "size": size, "classes": list(class_names)},
+        params={"strategy": strategy, "num_images": num_images, "steps": steps, "guidance_scale": guidance_scale, "size": size, "classes": list(class_names),
+                "prompts": (prompts or PromptOptions()).to_json()},
         seed=seed,
     )
 
 
 def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup", num_images: int = 256, seed: int = 0, steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 16, device: str = "cpu") -> Path:
+        guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 16, device: str = "cpu",
+        prompts: PromptOptions | None = None) -> Path:
     """Generate ``num_images`` calibration images into folder ``out`` (``size`` None: the generator's own)."""
     import torch
     from safetensors.numpy import save_file
@@ -154,8 +105,10 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
         raise EdgeqError("no class names to prompt with", "pass --classes file.txt with one class per line")
     if num_images < 1:
         raise EdgeqError(f"--num-images must be at least 1, not {num_images}", "pass a positive count")
-    manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size)
-    prompts = plan_prompts(class_names, num_images, strategy, seed)
+    options = prompts or PromptOptions()
+    manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
+                    prompts=options)
+    prompts = plan_prompts(class_names, num_images, strategy, seed, options)
     pipeline = load_generator(generator, device=device)
     size = size or native_size(pipeline)
     images = np.zeros((num_images, size, size, 3), np.uint8)
@@ -163,7 +116,7 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
         for start in range(0, num_images, batch_size):
             batch = prompts[start : start + batch_size]
             generators = [torch.Generator(device).manual_seed(p.seed) for p in batch]
-            result = pipeline([p.prompt for p in batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+            result = pipeline(**_conditioning(pipeline, batch, guidance_scale), num_inference_steps=steps, guidance_scale=guidance_scale,
                               height=size, width=size, generator=generators, output_type="np")
             images[start : start + len(batch)] = np.clip(np.round(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
             bar.update(len(batch))
@@ -177,6 +130,27 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
         manifest.write(tmp)
     log.info("%d images written to %s", num_images, out)
     return Path(out)
+
+
+def _conditioning(pipeline, batch: list[PromptPlan], guidance_scale: float) -> dict:
+    """Pipeline keywords for a batch: prompts, or mixed prompt embeddings for embedding fusion."""
+    if not any(p.components for p in batch):
+        return {"prompt": [p.prompt for p in batch]}
+    if not hasattr(pipeline, "encode_prompt"):
+        raise EdgeqError(f"{type(pipeline).__name__} cannot take prompt embeddings", "use --fusion text, or a Stable Diffusion 1.x/2.x pipeline")
+    import torch
+
+    guided = guidance_scale > 1.0
+
+    def encode(texts):
+        with torch.no_grad():
+            return pipeline.encode_prompt(texts, pipeline.device, 1, False)[0]
+
+    embeds = mixed_embeddings(encode, batch)
+    keywords = {"prompt_embeds": embeds}
+    if guided:
+        keywords["negative_prompt_embeds"] = encode([""]).expand_as(embeds)
+    return keywords
 
 
 def load_images(folder: str | Path) -> ImageSet:
