@@ -108,8 +108,11 @@ def cli(verbose):
 @click.argument("model", required=False)
 @click.option("--generator", default="zoo:fmnist-generator", show_default=True,
               help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id.")
-@click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True,
-              help="mixup: k classes per image (arXiv 2507.21947); single: one class per prompt (GenQ's baseline).")
+@click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]), default="mixup", show_default=True,
+              help="mixup: k classes per image (arXiv 2507.21947); single: one class per prompt (GenQ's baseline); "
+                   "noise: Gaussian noise images, no generator (sized from MODEL or --size); bn-inversion: images "
+                   "optimized so MODEL's BatchNorm statistics match its training ones (ZeroQ), no generator.")
+@click.option("--inversion-iters", type=click.IntRange(min=1), default=200, show_default=True, help="bn-inversion: Adam steps per batch.")
 @click.option("--fusion", type=click.Choice(["text", "embedding"]), default="text", show_default=True,
               help="How mixup fuses classes: in the prompt ('a photo of a A and a B'), or as a weighted sum of the "
                    "single-class prompts' text embeddings (weights ~ Beta(alpha, alpha)).")
@@ -128,7 +131,7 @@ def cli(verbose):
 @allow_pickle_option
 @_output_option("Output folder for image shards and manifest.")
 @friendly_errors
-def synth(model, generator, strategy, fusion, mix_k, mix_alpha, mix_template, num_images, steps, guidance_scale, size, batch_size, device, seed,
+def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha, mix_template, num_images, steps, guidance_scale, size, batch_size, device, seed,
           classes_file, allow_pickle, out):
     """Generate calibration images with class prompts taken from MODEL (or --classes)."""
     from edgeq.models import load_model, read_classes
@@ -136,9 +139,14 @@ def synth(model, generator, strategy, fusion, mix_k, mix_alpha, mix_template, nu
     from edgeq.stages import synth as synth_stage
 
     options = PromptOptions(fusion=fusion, mix_k=mix_k, mix_alpha=mix_alpha, mix_template=mix_template)
-    classes = read_classes(classes_file) if classes_file else load_model(model, allow_pickle=allow_pickle).classes
+    from edgeq.bn_inversion import InversionSettings
+
+    needs_model = not classes_file or strategy == "bn-inversion" or (strategy == "noise" and size is None)
+    loaded = load_model(model, allow_pickle=allow_pickle) if needs_model else None
+    classes = read_classes(classes_file) if classes_file else loaded.classes
     synth_stage.run(generator, classes, out, strategy=strategy, num_images=num_images, seed=seed, steps=steps,
-                    guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device, prompts=options)
+                    guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device, prompts=options,
+                    model=loaded, inversion=InversionSettings(iterations=inversion_iters))
     click.echo(f"wrote {num_images} images to {out}")
 
 

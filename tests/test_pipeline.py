@@ -3,9 +3,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
+from edgeq import EdgeqError
 from edgeq.manifest import MANIFEST_NAME, Manifest, staged_folder
 from edgeq.pipeline import RunOptions, run
 from edgeq.stages import compile as compile_stage
@@ -57,6 +58,24 @@ def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_ge
     mixed = synth_stage._conditioning(pipeline, [one_hot], guidance_scale=3.0)
     direct = pipeline.encode_prompt(["a photo of a t-shirt"], pipeline.device, 1, True, negative_prompt=[""])
     assert torch.equal(mixed["prompt_embeds"], direct[0]) and torch.equal(mixed["negative_prompt_embeds"], direct[1])
+
+
+def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builtin_model):
+    first = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "a", strategy="noise", num_images=300, seed=5, size=28)
+    again = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "b", strategy="noise", num_images=300, seed=5, size=28)
+    shard = synth_stage.SHARD_PATTERN.format(1)
+    assert (first / shard).read_bytes() == (again / shard).read_bytes()
+    images = synth_stage.load_images(first)
+    assert images.images.shape == (300, 28, 28, 3) and not images.soft_labels.any()
+    pixels = images.images.astype(np.float64)
+    # Clipping at 0 and 255 (about 2.3% of draws each side at 2 sigma) pulls the std a little under 64.
+    assert pixels.mean() == pytest.approx(synth_stage.NOISE_MEAN, abs=0.5) and 58 < pixels.std() < 64
+    assert Manifest.load(first, "synth").inputs == []
+    with pytest.raises(EdgeqError, match="image size"):
+        synth_stage.run("x", builtin_model.classes, tmp_path / "c", strategy="noise", num_images=4)
+    with pytest.raises(EdgeqError, match="synthesis strategy"):
+        synth_stage.run("x", builtin_model.classes, tmp_path / "d", strategy="uniform", num_images=4)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
 def test_manifests_record_inputs_and_versions(export_dir):

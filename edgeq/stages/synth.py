@@ -20,9 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data import ImageSet
-from ..errors import EdgeqError
+from ..errors import EdgeqError, one_of
 from ..manifest import Manifest, input_entry, staged_folder
-from ..prompts import SINGLE_TEMPLATE, PromptOptions, PromptPlan, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
+from ..prompts import SINGLE_TEMPLATE, STRATEGIES, PromptOptions, PromptPlan, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,40 @@ def _generator_digest(generator: str) -> str:
     return f"hub:{generator}"
 
 
+# Strategies that need no generator: images drawn directly, each with an empty soft label.
+NOISE_MEAN, NOISE_STD = 127.5, 64.0
+
+
+def noise_images(plans: list[PromptPlan], size: int, model=None, inversion=None) -> np.ndarray:
+    """Gaussian noise images (mean 127.5, std 64 grey levels, clipped), one NumPy generator per image seed."""
+    images = np.empty((len(plans), size, size, 3), np.uint8)
+    for i, p in enumerate(plans):
+        values = np.random.default_rng(p.seed).normal(NOISE_MEAN, NOISE_STD, size=(size, size, 3))
+        images[i] = np.clip(np.round(values), 0, 255).astype(np.uint8)
+    return images
+
+
+def bn_inversion_images(plans: list[PromptPlan], size: int, model=None, inversion=None) -> np.ndarray:
+    """Images whose BatchNorm statistics in ``model`` match its running ones (at the model's input size)."""
+    from ..bn_inversion import InversionSettings, invert
+
+    return invert(model, [p.seed for p in plans], inversion or InversionSettings())
+
+
+GENERATOR_FREE = {"noise": noise_images, "bn-inversion": bn_inversion_images}
+STRATEGY_NAMES = (*STRATEGIES, *GENERATOR_FREE)
+
+
 def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int, guidance_scale: float, size: int | None,
-         prompts: PromptOptions | None = None) -> Manifest:
+         prompts: PromptOptions | None = None, model=None, inversion=None) -> Manifest:
+    if strategy in GENERATOR_FREE:
+        params = {"strategy": strategy, "num_images": num_images, "size": size, "classes": list(class_names)}
+        if strategy == "bn-inversion" and model is not None:
+            from ..bn_inversion import InversionSettings
+
+            params["inversion"] = dataclasses.asdict(inversion or InversionSettings())
+            return Manifest(stage="synth", inputs=[input_entry("model", model.source, model.digest())], params=params, seed=seed)
+        return Manifest(stage="synth", inputs=[], params=params, seed=seed)
     return Manifest(
         stage="synth",
         inputs=[input_entry("generator", generator, _generator_digest(generator))],
@@ -95,19 +127,33 @@ def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: i
 
 def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup", num_images: int = 256, seed: int = 0, steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 16, device: str = "cpu",
-        prompts: PromptOptions | None = None) -> Path:
-    """Generate ``num_images`` calibration images into folder ``out`` (``size`` None: the generator's own)."""
+        prompts: PromptOptions | None = None, model=None, inversion=None) -> Path:
+    """Generate ``num_images`` calibration images into folder ``out`` (``size`` None: the generator's own).
+
+    ``model`` (a LoadedModel) is what bn-inversion optimizes against; ``inversion`` its settings.
+    """
     import torch
-    from safetensors.numpy import save_file
 
     class_names = tuple(class_names)
     if not class_names:
         raise EdgeqError("no class names to prompt with", "pass --classes file.txt with one class per line")
     if num_images < 1:
         raise EdgeqError(f"--num-images must be at least 1, not {num_images}", "pass a positive count")
+    if strategy not in STRATEGY_NAMES:
+        raise one_of("synthesis strategy", strategy, STRATEGY_NAMES)
     options = prompts or PromptOptions()
     manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
-                    prompts=options)
+                    prompts=options, model=model, inversion=inversion)
+    if strategy in GENERATOR_FREE:
+        if model is not None and (strategy == "bn-inversion" or size is None):
+            size = model.preprocess.height  # inversion optimizes the model's own input
+        if strategy == "bn-inversion" and model is None:
+            raise EdgeqError("--strategy bn-inversion needs the model being quantized", "pass MODEL to edgeq synth")
+        if size is None:
+            raise EdgeqError(f"--strategy {strategy} needs an image size", "pass --size, or a MODEL whose input size edgeq reads")
+        image_seeds = np.random.SeedSequence(seed).generate_state(num_images, dtype=np.uint64) % (2**63)
+        prompts = [PromptPlan("", (), (), int(s)) for s in image_seeds]
+        return _write(out, manifest, prompts, GENERATOR_FREE[strategy](prompts, size, model, inversion), len(class_names))
     prompts = plan_prompts(class_names, num_images, strategy, seed, options)
     pipeline = load_generator(generator, device=device)
     size = size or native_size(pipeline)
@@ -120,7 +166,14 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
                               height=size, width=size, generator=generators, output_type="np")
             images[start : start + len(batch)] = np.clip(np.round(np.asarray(result.images) * 255.0), 0, 255).astype(np.uint8)
             bar.update(len(batch))
-    soft = np.zeros((num_images, len(class_names)), np.float32)
+    return _write(out, manifest, prompts, images, len(class_names))
+
+
+def _write(out: str | Path, manifest: Manifest, prompts: list[PromptPlan], images: np.ndarray, num_classes: int) -> Path:
+    from safetensors.numpy import save_file
+
+    num_images = len(images)
+    soft = np.zeros((num_images, num_classes), np.float32)
     for i, p in enumerate(prompts):
         soft[i, list(p.classes)] += p.weights
     manifest.extra = {"images": [dataclasses.asdict(p) | {"index": i, "shard": SHARD_PATTERN.format(i // SHARD_SIZE)} for i, p in enumerate(prompts)]}

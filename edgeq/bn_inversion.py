@@ -1,0 +1,98 @@
+"""BatchNorm-statistics inversion: calibration images from the model alone (ZeroQ, Genie).
+
+A model trained with BatchNorm remembers, in each BatchNorm layer's running mean and
+variance, the statistics its training data produced there. Starting from noise, the
+input pixels are optimized so that every BatchNorm layer sees a batch whose per-channel
+mean and standard deviation match the running ones. The images need no generator and no
+data; they carry no class label.
+
+Pixels are optimized in [0, 1] (projected after each step), so rounding to uint8 for the
+synth folder changes them by at most half a grey level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .errors import EdgeqError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionSettings:
+    """How hard to optimize: Adam steps per batch, learning rate (in pixel units), batch size."""
+
+    iterations: int = 200
+    lr: float = 0.05
+    batch_size: int = 32
+
+
+def batchnorm_layers(module) -> list:
+    from torch import nn
+
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
+
+
+def statistics_loss(module, x, layers):
+    """Sum over BatchNorm layers of the mean squared gap in per-channel mean and std, batch vs running."""
+    import torch
+
+    losses = []
+
+    def hook(layer, inputs, _output):
+        value = inputs[0]
+        dims = [0] + list(range(2, value.dim()))
+        mean = value.mean(dims)
+        std = torch.sqrt(value.var(dims, unbiased=False) + layer.eps)
+        losses.append(((mean - layer.running_mean) ** 2).mean() + ((std - torch.sqrt(layer.running_var + layer.eps)) ** 2).mean())
+
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(losses).sum()
+
+
+def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSettings()) -> np.ndarray:
+    """uint8 RGB images (len(seeds), H, W, 3) at the model's input size; one batch per ``batch_size`` seeds."""
+    import torch
+
+    module = loaded.module.eval()
+    layers = batchnorm_layers(module)
+    if not layers:
+        raise EdgeqError(f"{loaded.source} has no BatchNorm layers to invert", "use --strategy noise, or a generator with --strategy mixup")
+    pre = loaded.preprocess
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = np.empty((len(seeds), pre.height, pre.width, 3), np.uint8)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with tqdm(total=len(seeds), desc="synth (bn-inversion)", unit="img") as bar:
+            for start in range(0, len(seeds), settings.batch_size):
+                count = len(seeds[start : start + settings.batch_size])
+                generator = torch.Generator().manual_seed(seeds[start])
+                pixels = (0.5 + 0.25 * torch.randn((count, pre.channels, pre.height, pre.width), generator=generator)).clamp(0, 1).requires_grad_(True)
+                optimizer = torch.optim.Adam([pixels], lr=settings.lr)
+                for _ in range(settings.iterations):
+                    loss = statistics_loss(module, (pixels - mean) / std, layers)
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    with torch.no_grad():
+                        pixels.clamp_(0, 1)
+                log.debug("bn-inversion batch at %d: statistics loss %.4f", start, loss.item())
+                rgb = pixels.detach().expand(-1, 3, -1, -1) if pre.channels == 1 else pixels.detach()
+                images[start : start + count] = (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                bar.update(count)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+    return images

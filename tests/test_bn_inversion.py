@@ -1,0 +1,45 @@
+"""BatchNorm inversion: optimized images match the running statistics far better than noise, deterministically."""
+import numpy as np
+import pytest
+import torch
+
+from edgeq import EdgeqError
+from edgeq.bn_inversion import InversionSettings, batchnorm_layers, invert, statistics_loss
+from edgeq.manifest import Manifest
+from edgeq.models import load_model
+from edgeq.stages import synth
+
+
+def _loss(model, images):
+    x = torch.from_numpy(model.preprocess(images))
+    with torch.no_grad():
+        return statistics_loss(model.module.eval(), x, batchnorm_layers(model.module)).item()
+
+
+def test_inversion_lowers_the_batchnorm_statistics_gap(builtin_model):
+    settings = InversionSettings(iterations=60, batch_size=16)
+    images = invert(builtin_model, list(range(16)), settings)
+    noise = synth.noise_images([synth.PromptPlan("", (), (), s) for s in range(16)], builtin_model.preprocess.height)
+    assert images.shape == (16, 28, 28, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[..., 0], images[..., 2])  # a grayscale model's images stay gray
+    assert _loss(builtin_model, images) < 0.1 * _loss(builtin_model, noise)  # measured: about 0.014
+    assert all(p.requires_grad for p in builtin_model.module.parameters())  # the model is left trainable as found
+
+
+def test_bn_inversion_strategy_is_deterministic_and_records_the_model(tmp_path, builtin_model):
+    settings = InversionSettings(iterations=5, batch_size=8)
+    first = synth.run("unused", builtin_model.classes, tmp_path / "a", strategy="bn-inversion", num_images=12, seed=2, model=builtin_model, inversion=settings)
+    again = synth.run("unused", builtin_model.classes, tmp_path / "b", strategy="bn-inversion", num_images=12, seed=2, model=builtin_model, inversion=settings)
+    shard = synth.SHARD_PATTERN.format(0)
+    assert (first / shard).read_bytes() == (again / shard).read_bytes()
+    manifest = Manifest.load(first, "synth")
+    assert manifest.inputs[0]["role"] == "model" and manifest.params["inversion"]["iterations"] == 5
+    with pytest.raises(EdgeqError, match="needs the model"):
+        synth.run("unused", builtin_model.classes, tmp_path / "c", strategy="bn-inversion", num_images=4)
+
+
+def test_a_model_without_batchnorm_is_refused(tmp_path):
+    vit = load_model("zoo:fmnist-vit")
+    with pytest.raises(EdgeqError, match="no BatchNorm"):
+        synth.run("unused", vit.classes, tmp_path / "v", strategy="bn-inversion", num_images=4, model=vit)
+    assert not (tmp_path / "v").exists()
