@@ -37,6 +37,11 @@ def test_synth_is_deterministic_and_records_every_image(tmp_path, tiny_generator
     assert first["prompt"].startswith("a photo of a ") and len(first["classes"]) == 2 and first["weights"] == [0.5, 0.5]
     images = synth_stage.load_images(synth_dir)
     assert images.images.shape == (16, 64, 64, 3) and images.images.dtype == np.uint8
+    from PIL import Image
+
+    preview = np.asarray(Image.open(synth_dir / synth_stage.PREVIEW_NAME))
+    assert preview.shape == (2 * 64, 8 * 64, 3)
+    assert np.array_equal(preview[64:128, 64:128], images.images[9])  # row 1, column 1
     assert np.allclose(images.soft_labels.sum(1), 1.0)
 
 

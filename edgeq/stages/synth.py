@@ -5,9 +5,9 @@ prompt) and ``mixup`` (k classes per image, fused in the prompt text or in the t
 encoder's embedding space, arXiv 2507.21947). Each image records its classes and mixing
 weights as a soft label.
 
-Output: ``images-00000.safetensors`` shards (uint8 images, float soft labels) and a
-manifest listing every image's prompt, classes, weights and seed. The same seed gives
-the same images.
+Output: ``images-00000.safetensors`` shards (uint8 images, float soft labels), a
+``preview.png`` grid of the first 64 images, and a manifest listing every image's
+prompt, classes, weights and seed. The same seed gives the same images.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 SHARD_SIZE = 256
 SHARD_PATTERN = "images-{:05d}.safetensors"
+PREVIEW_NAME, PREVIEW_COLUMNS, PREVIEW_LIMIT = "preview.png", 8, 64
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 3.0
 
@@ -169,6 +170,20 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
     return _write(out, manifest, prompts, images, len(class_names))
 
 
+def preview_grid(images: np.ndarray, columns: int = PREVIEW_COLUMNS, limit: int = PREVIEW_LIMIT):
+    """The first ``limit`` images tiled ``columns`` wide (a PIL image), to see a set at a glance."""
+    from PIL import Image
+
+    shown = images[:limit]
+    rows = -(-len(shown) // columns)
+    height, width = shown.shape[1:3]
+    grid = np.zeros((rows * height, columns * width, 3), np.uint8)
+    for i, image in enumerate(shown):
+        r, c = divmod(i, columns)
+        grid[r * height : (r + 1) * height, c * width : (c + 1) * width] = image
+    return Image.fromarray(grid)
+
+
 def _write(out: str | Path, manifest: Manifest, prompts: list[PromptPlan], images: np.ndarray, num_classes: int) -> Path:
     from safetensors.numpy import save_file
 
@@ -180,6 +195,7 @@ def _write(out: str | Path, manifest: Manifest, prompts: list[PromptPlan], image
     with staged_folder(out) as tmp:
         for shard, start in enumerate(range(0, num_images, SHARD_SIZE)):
             save_file({"images": images[start : start + SHARD_SIZE], "soft_labels": soft[start : start + SHARD_SIZE]}, str(tmp / SHARD_PATTERN.format(shard)))
+        preview_grid(images).save(tmp / PREVIEW_NAME)
         manifest.write(tmp)
     log.info("%d images written to %s", num_images, out)
     return Path(out)
