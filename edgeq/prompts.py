@@ -168,8 +168,12 @@ def plan_prompts(class_names, count: int, strategy: str, seed: int, options: Pro
     options = options or PromptOptions()
     rng = np.random.default_rng(seed)
     plans = STRATEGIES[strategy](list(class_names), count, rng, options)
-    image_seeds = np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64) % (2**63)
-    return [dataclasses.replace(p, seed=int(s)) for p, s in zip(plans, image_seeds)]
+    return [dataclasses.replace(p, seed=s) for p, s in zip(plans, image_seeds(seed, count))]
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """One generator seed per image, derived from the run's seed (independent of the strategy)."""
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(count, dtype=np.uint64) % (2**63)]
 
 
 def mixed_embeddings(encode, plans: Sequence[PromptPlan]):

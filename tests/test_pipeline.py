@@ -75,7 +75,7 @@ def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builti
     pixels = images.images.astype(np.float64)
     # Clipping at 0 and 255 (about 2.3% of draws each side at 2 sigma) pulls the std a little under 64.
     assert pixels.mean() == pytest.approx(synth_stage.NOISE_MEAN, abs=0.5) and 58 < pixels.std() < 64
-    assert Manifest.load(first, "synth").inputs == []
+    assert Manifest.load(first, "synth").inputs == [] and Manifest.load(first, "synth").params["size"] == 28
     with pytest.raises(EdgeqError, match="image size"):
         synth_stage.run("x", builtin_model.classes, tmp_path / "c", strategy="noise", num_images=4)
     with pytest.raises(EdgeqError, match="synthesis strategy"):

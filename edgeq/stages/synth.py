@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..data import ImageSet
 from ..errors import EdgeqError, one_of
 from ..manifest import Manifest, input_entry, staged_folder
-from ..prompts import SINGLE_TEMPLATE, STRATEGIES, PromptOptions, PromptPlan, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
+from ..prompts import SINGLE_TEMPLATE, STRATEGIES, PromptOptions, PromptPlan, image_seeds, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,6 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
     if strategy not in STRATEGY_NAMES:
         raise one_of("synthesis strategy", strategy, STRATEGY_NAMES)
     options = prompts or PromptOptions()
-    manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
-                    prompts=options, model=model, inversion=inversion)
     if strategy in GENERATOR_FREE:
         if model is not None and (strategy == "bn-inversion" or size is None):
             size = model.preprocess.height  # inversion optimizes the model's own input
@@ -152,8 +150,10 @@ def run(generator: str, class_names, out: str | Path, *, strategy: str = "mixup"
             raise EdgeqError("--strategy bn-inversion needs the model being quantized", "pass MODEL to edgeq synth")
         if size is None:
             raise EdgeqError(f"--strategy {strategy} needs an image size", "pass --size, or a MODEL whose input size edgeq reads")
-        image_seeds = np.random.SeedSequence(seed).generate_state(num_images, dtype=np.uint64) % (2**63)
-        prompts = [PromptPlan("", (), (), int(s)) for s in image_seeds]
+    manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
+                    prompts=options, model=model, inversion=inversion)
+    if strategy in GENERATOR_FREE:
+        prompts = [PromptPlan("", (), (), s) for s in image_seeds(seed, num_images)]
         return _write(out, manifest, prompts, GENERATOR_FREE[strategy](prompts, size, model, inversion), len(class_names))
     prompts = plan_prompts(class_names, num_images, strategy, seed, options)
     pipeline = load_generator(generator, device=device)
