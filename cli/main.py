@@ -15,6 +15,7 @@ Examples:
   edgeq compile                                   # zoo ResNet teacher, x86, w2a4, every stage
   edgeq compile model.pt --target rpi4 --bits w2a4 --json
   edgeq synth --generator ./sd-folder --classes classes.txt -o calib/
+  edgeq synth inspect calib/ --model model.pt
   edgeq quantize model.pt --calib calib/ --bits w4a4 -o quantized/
   edgeq export quantized/ -o exported/
   edgeq compile exported/ --target x86 -o compiled/
@@ -82,7 +83,16 @@ allow_pickle_option = click.option(
 classes_option = click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="Text file with one class name per line (overrides the model's).")
 
 
-@click.group(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The top-level group; 'synth inspect' is read as one command, since 'synth' itself takes a MODEL argument."""
+
+    def resolve_command(self, ctx, args):
+        if len(args) >= 2 and args[0] == "synth" and args[1] == "inspect":
+            return "synth inspect", synth_inspect, args[2:]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Commands, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="edgeq")
 def cli(verbose):
@@ -91,7 +101,8 @@ def cli(verbose):
     Five stages, each a subcommand writing a folder with a manifest.json:
     synth (calibration images from a text-to-image model) -> quantize -> export (QDQ ONNX)
     -> compile (TVM, x86-64 or arm64) -> verify (accuracy, agreement, latency).
-    'edgeq compile MODEL' runs all missing stages at once.
+    'edgeq compile MODEL' runs all missing stages at once; 'edgeq synth inspect FOLDER'
+    compares calibration sets.
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -104,14 +115,29 @@ def cli(verbose):
         logging.getLogger("edgeq").propagate = False
 
 
-@cli.command(epilog="\b\nExample:\n  edgeq synth --generator ./sd-folder --strategy mixup --num-images 512 -o calib/")
+SYNTH_EXAMPLES = """
+\b
+Examples:
+  edgeq synth zoo:fmnist-resnet -o calib/                        # zoo generator, mixup of 2 classes
+  edgeq synth zoo:fmnist-resnet --strategy single -o calib-single/
+  edgeq synth model.pt --generator ./sd-folder --fusion embedding --mix-k 3 -o calib/
+  edgeq synth zoo:efficientnet-lite0 -o calib/                   # no generator: bn-inversion
+  edgeq synth zoo:fmnist-resnet --filter energy --filter-keep 0.5 -o calib/
+  edgeq synth inspect calib/ --model zoo:fmnist-resnet --json
+\b
+A killed run continues where it stopped when the same command is run again.
+"""
+
+
+@cli.command(epilog=SYNTH_EXAMPLES)
 @click.argument("model", required=False)
-@click.option("--generator", default="zoo:fmnist-generator", show_default=True,
-              help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id.")
-@click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]), default="mixup", show_default=True,
+@click.option("--generator", help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id "
+                                  "[default: the model's own (zoo:fmnist-generator for the Fashion-MNIST models), else none].")
+@click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
               help="mixup: k classes per image (arXiv 2507.21947); single: one class per prompt (GenQ's baseline); "
                    "noise: Gaussian noise images, no generator (sized from MODEL or --size); bn-inversion: images "
-                   "optimized so MODEL's BatchNorm statistics match its training ones (ZeroQ), no generator.")
+                   "optimized so MODEL's BatchNorm statistics match its training ones (ZeroQ), no generator "
+                   "[default: mixup with a generator; bn-inversion without one, for a model with BatchNorm].")
 @click.option("--inversion-iters", type=click.IntRange(min=1), default=200, show_default=True, help="bn-inversion: Adam steps per batch.")
 @click.option("--fusion", type=click.Choice(["text", "embedding"]), default="text", show_default=True,
               help="How mixup fuses classes: in the prompt ('a photo of a A and a B'), or as a weighted sum of the "
@@ -120,34 +146,106 @@ def cli(verbose):
 @click.option("--mix-alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Beta/Dirichlet concentration of embedding-fusion weights (1: uniform; small: near one class).")
 @click.option("--mix-template", help="Text-fusion prompt with placeholders {0}..{k-1}, e.g. 'a {0} next to a {1}'.")
+@click.option("--negative-prompt", help="What the generator should steer away from, e.g. 'blurry, text, watermark'.")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps per image.")
-@click.option("--guidance-scale", type=float, default=3.0, show_default=True)
-@click.option("--size", type=click.IntRange(min=8), help="Generated image side in pixels (default: the generator's own).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--guidance-scale", type=float, default=3.0, show_default=True, help="Classifier-free guidance (1: none).")
+@click.option("--size", type=click.IntRange(min=8), help="Generated image side in pixels (default: the generator's own). "
+                                                         "Images are resized to the model's input when quantizing.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per generator call.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16"]), default="auto", show_default=True,
+              help="Generator precision; auto is float16 on cuda, float32 on cpu.")
+@click.option("--filter", "filter_method", type=click.Choice(["none", "energy", "bn-sensitivity"]), default="none", show_default=True,
+              help="GenQ-style filtering with MODEL: draw num-images/filter-keep candidates and keep the lowest energy "
+                   "(-logsumexp of logits) or the closest BatchNorm statistics.")
+@click.option("--filter-keep", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True, help="Fraction of candidates kept.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per shard file (the unit of resuming).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Make the images again even if OUT already holds them.")
 @classes_option
 @allow_pickle_option
-@_output_option("Output folder for image shards and manifest.")
+@_output_option("Output folder for image shards, preview.png and manifest.")
 @friendly_errors
-def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha, mix_template, num_images, steps, guidance_scale, size, batch_size, device, seed,
-          classes_file, allow_pickle, out):
-    """Generate calibration images with class prompts taken from MODEL (or --classes)."""
+def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha, mix_template, negative_prompt, num_images, steps, guidance_scale, size,
+          batch_size, device, dtype, filter_method, filter_keep, shard_size, seed, force, classes_file, allow_pickle, out):
+    """Generate calibration images with class prompts taken from MODEL (or --classes).
+
+    'edgeq synth inspect FOLDER --model M' reports what a calibration set looks like to M.
+    """
+    from edgeq.bn_inversion import InversionSettings
+    from edgeq.diagnostics import FilterOptions
     from edgeq.models import load_model, read_classes
     from edgeq.prompts import PromptOptions
     from edgeq.stages import synth as synth_stage
 
     options = PromptOptions(fusion=fusion, mix_k=mix_k, mix_alpha=mix_alpha, mix_template=mix_template)
-    from edgeq.bn_inversion import InversionSettings
-
-    needs_model = not classes_file or strategy == "bn-inversion" or (strategy == "noise" and size is None)
+    filtering = FilterOptions(method=filter_method, keep=filter_keep)
+    needs_model = (not classes_file or strategy in ("bn-inversion", None) or (strategy == "noise" and size is None)
+                   or filtering.enabled)
     loaded = load_model(model, allow_pickle=allow_pickle) if needs_model else None
     classes = read_classes(classes_file) if classes_file else loaded.classes
+    generator, strategy = synth_stage.choose_source(loaded, generator, strategy)
     synth_stage.run(generator, classes, out, strategy=strategy, num_images=num_images, seed=seed, steps=steps,
                     guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device, prompts=options,
-                    model=loaded, inversion=InversionSettings(iterations=inversion_iters))
-    click.echo(f"wrote {num_images} images to {out}")
+                    model=loaded, inversion=InversionSettings(iterations=inversion_iters), negative_prompt=negative_prompt,
+                    dtype=dtype, filtering=filtering, shard_size=shard_size, force=force)
+    click.echo(f"{num_images} images ({strategy}) in {out}")
+
+
+@click.command(name="synth inspect", epilog="\b\nExamples:\n  edgeq synth inspect calib/ --model zoo:fmnist-resnet\n"
+               "  edgeq synth inspect calib/ --model zoo:fmnist-resnet --json --png calib-inspect.png")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", "model", help="The model whose view of the images is reported [default: the model recorded by the synth run].")
+@click.option("--num-images", type=click.IntRange(min=2), help="Inspect only the first N images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the class histogram and entropy histogram to this PNG.")
+@allow_pickle_option
+@friendly_errors
+def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
+    """Class coverage, prediction entropy and feature diversity of a calibration set, as MODEL sees it.
+
+    Coverage: share of classes that are some image's top-1 prediction (balance: the entropy of
+    that histogram over log C, 1 = uniform). Entropy: mean softmax entropy over log C (mixup
+    sets should be higher than single-class sets). Diversity: mean pairwise L2 and cosine
+    distance of the penultimate features (the input of the last Linear layer).
+    """
+    from edgeq.diagnostics import diagnostics_png, inspect_images
+    from edgeq.errors import EdgeqError
+    from edgeq.manifest import Manifest
+    from edgeq.models import load_model
+    from edgeq.stages import synth as synth_stage
+
+    manifest = Manifest.load(folder, "synth")
+    if model is None:
+        recorded = [i for i in manifest.inputs if i["role"] == "model"]
+        if not recorded:
+            raise EdgeqError(f"{folder} records no model", "pass --model, e.g. --model zoo:fmnist-resnet")
+        model = recorded[0]["path"]
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    images = synth_stage.load_images(folder).subset(num_images)
+    report = inspect_images(loaded, images)
+    if png:
+        diagnostics_png(report, png, title=f"{folder} ({manifest.params.get('strategy')}) seen by {loaded.source}")
+    if as_json:
+        click.echo(json.dumps({"folder": str(folder), "strategy": manifest.params.get("strategy"), "model": loaded.source, **report.to_json()}))
+        return
+    rows = [
+        ("images", f"{report.images} ({manifest.params.get('strategy')})"),
+        ("class coverage", f"{report.class_coverage:.0%} of {len(report.classes)} classes are some image's top-1 (balance {report.predicted_balance:.3f})"),
+        ("prediction entropy", f"{report.mean_entropy:.3f} nats ({report.mean_entropy_normalized:.3f} of log C)"),
+        ("feature diversity", f"{report.feature_diversity:.3f} mean pairwise L2, {report.feature_diversity_cosine:.3f} cosine"),
+        ("mean energy", f"{report.mean_energy:.3f}"),
+    ]
+    if report.top1_in_label is not None:
+        rows.append(("top-1 in prompted classes", f"{report.top1_in_label:.1%}"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+    top = ", ".join(f"{c} {n}" for c, n in sorted(zip(report.classes, report.predicted_histogram), key=lambda cn: -cn[1])[:10])
+    click.echo(f"{'top-1 counts':<{width}}  {top}")
+    if png:
+        click.echo(f"{'chart':<{width}}  {png}")
 
 
 @cli.command(epilog="\b\nExample:\n  edgeq quantize model.pt --calib calib/ --bits w4a4 -o quantized/")
@@ -191,8 +289,10 @@ def export(quantized, out):
 @click.option("--bits", callback=_bits, default="w2a4", show_default=True, help="Bit widths as wWaA (one-shot only).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (compile-stage only, when MODEL is an export folder).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder for the one-shot (default: runs/<model>).")
-@click.option("--generator", default="zoo:fmnist-generator", show_default=True, help="Text-to-image pipeline for calibration images: zoo:NAME, a diffusers folder, or a hub id.")
-@click.option("--strategy", type=click.Choice(["mixup", "single"]), default="mixup", show_default=True)
+@click.option("--generator", help="Text-to-image pipeline for calibration images: zoo:NAME, a diffusers folder, or a hub id "
+                                  "[default: the model's own, else none].")
+@click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
+              help="Calibration images, as in 'edgeq synth' [default: mixup with a generator, else bn-inversion].")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)

@@ -59,8 +59,13 @@ def statistics_loss(module, x, layers):
     return torch.stack(losses).sum()
 
 
-def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSettings()) -> np.ndarray:
-    """uint8 RGB images (len(seeds), H, W, 3) at the model's input size; one batch per ``batch_size`` seeds."""
+def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSettings(), progress=None) -> np.ndarray:
+    """uint8 RGB images (len(seeds), H, W, 3) at the model's input size; one batch per ``batch_size`` seeds.
+
+    ``progress(count)`` is called after each batch; without it a progress bar of its own is shown.
+    """
+    import contextlib
+
     import torch
 
     module = loaded.module.eval()
@@ -75,7 +80,7 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
     for p in trainable:
         p.requires_grad_(False)
     try:
-        with tqdm(total=len(seeds), desc="synth (bn-inversion)", unit="img") as bar:
+        with contextlib.nullcontext() if progress else tqdm(total=len(seeds), desc="synth (bn-inversion)", unit="img") as bar:
             for start in range(0, len(seeds), settings.batch_size):
                 count = len(seeds[start : start + settings.batch_size])
                 generator = torch.Generator().manual_seed(seeds[start])
@@ -91,7 +96,7 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                 log.debug("bn-inversion batch at %d: statistics loss %.4f", start, loss.item())
                 rgb = pixels.detach().expand(-1, 3, -1, -1) if pre.channels == 1 else pixels.detach()
                 images[start : start + count] = (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-                bar.update(count)
+                (progress or bar.update)(count)
     finally:
         for p in trainable:
             p.requires_grad_(True)

@@ -167,6 +167,12 @@ def staged_folder(final: str | os.PathLike, overwrite: bool = True):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_folder(tmp, final)
+
+
+def publish_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the complete folder ``tmp`` to ``final``, replacing what was there, by renames only."""
+    tmp, final = Path(tmp), Path(final)
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)

@@ -51,6 +51,7 @@ class LoadedModel:
     arch: str | None = None
     note: str | None = None  # shown to the user, e.g. how a figure should be read
     eval_data: str | None = None  # labelled data the model is known to be measured on
+    generator: str | None = None  # a text-to-image generator that knows the model's classes
 
     @property
     def name(self) -> str:
@@ -122,6 +123,7 @@ def _load_builtin(name: str) -> LoadedModel:
         loaded = _load_safetensors(Path(path))
     loaded.source = f"builtin:{name}"
     loaded.eval_data = "fashion-mnist:test"
+    loaded.generator = zoo.DEFAULT_GENERATOR
     return loaded
 
 
@@ -140,6 +142,7 @@ def _load_zoo(name: str) -> LoadedModel:
         loaded = _load_safetensors(Path(path))
     loaded.source = f"zoo:{name}"
     loaded.eval_data = entry.eval_data
+    loaded.generator = zoo.DEFAULT_GENERATOR if entry.eval_data == "fashion-mnist:test" else None
     return loaded
 
 

@@ -34,8 +34,8 @@ class RunOptions:
     target: str = "x86"
     bits: str = "w2a4"
     run_dir: str | None = None
-    generator: str = zoo.DEFAULT_GENERATOR
-    strategy: str = "mixup"
+    generator: str | None = None  # None: the model's own generator, else bn-inversion (see synth.choose_source)
+    strategy: str | None = None
     num_images: int = 256
     seed: int = 0
     eval_data: str | None = None
@@ -67,12 +67,14 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         stages[name] = "ran"
         return folder
 
-    generator = options.generator
-    synth_params = dict(strategy=options.strategy, num_images=options.num_images, seed=options.seed)
-    synth_defaults = dict(steps=synth_stage.DEFAULT_STEPS, guidance_scale=synth_stage.DEFAULT_GUIDANCE, size=None)
+    generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
+    if generator is None:
+        notes.append(f"calibration images by {strategy} (no text-to-image generator for this model; pass --generator for mixup prompting)")
+    synth_params = dict(strategy=strategy, num_images=options.num_images, seed=options.seed, model=loaded,
+                        size=loaded.preprocess.height if strategy == "noise" else None)
     synth_dir = stage("synth", run_dir / "synth",
-                      synth_stage.plan(generator, loaded.classes, **synth_params, **synth_defaults).fingerprint,
-                      lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, **synth_defaults))
+                      synth_stage.plan(generator, loaded.classes, **synth_params).fingerprint,
+                      lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, force=True))
 
     quant_dir = run_dir / f"quantize-{spec}"
     stage("quantize", quant_dir,

@@ -16,7 +16,7 @@ def run_cli(monkeypatch, capsys, *args):
     return info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["quantize"], ["export"], ["compile"], ["verify"]])
+@pytest.mark.parametrize("command", [[], ["synth"], ["synth", "inspect"], ["quantize"], ["export"], ["compile"], ["verify"]])
 def test_help_explains_with_an_example(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Example" in out
@@ -61,7 +61,7 @@ def test_pickle_without_opt_in(monkeypatch, capsys, tmp_path):
 def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(TinyResNet(), path)
-    code, out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8", "-o", str(tmp_path / "q"))
+    code, _out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8", "-o", str(tmp_path / "q"))
     assert code == 0 and (tmp_path / "q" / "manifest.json").is_file()
 
 
@@ -72,3 +72,25 @@ def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
 def test_targets_lists_boards(monkeypatch, capsys):
     code, out, _ = run_cli(monkeypatch, capsys, "targets")
     assert code == 0 and "rpi4" in out and "jetson-orin" in out
+
+
+def test_synth_inspect_reports_json_and_draws_a_chart(monkeypatch, capsys, tmp_path, synth_dir):
+    import json
+
+    from PIL import Image
+
+    code, out, _ = run_cli(monkeypatch, capsys, "synth", "inspect", str(synth_dir), "--model", "builtin:tiny-fmnist", "--json", "--png", str(tmp_path / "i.png"))
+    report = json.loads(out)
+    assert code == 0 and report["images"] == 16 and report["strategy"] == "mixup" and sum(report["predicted_histogram"]) == 16
+    assert 0 <= report["mean_entropy_normalized"] <= 1 and report["feature_diversity"] > 0
+    assert Image.open(tmp_path / "i.png").size == (720, 300)
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "inspect", str(synth_dir)), "records no model", "--model")
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "inspect", str(tmp_path), "--model", "builtin:tiny-fmnist"), "manifest.json")
+
+
+def test_synth_without_a_generator_for_the_model(monkeypatch, capsys, tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "--strategy", "mixup", "--classes", str(classes), "-o", str(tmp_path / "o")),
+                           "needs a text-to-image generator", "--generator")
+    assert not (tmp_path / "o").exists()
