@@ -54,7 +54,7 @@ def _bits(_ctx, _param, value):
     if value is None:
         return None
     try:
-        return QuantSpec.parse(value)
+        return QuantSpec.load(value)
     except EdgeqError as exc:
         raise click.BadParameter(f"{exc.message}; {exc.hint}") from None
 
@@ -70,6 +70,10 @@ def _target(_ctx, _param, value):
         return get_target(value)
     except EdgeqError as exc:
         raise click.BadParameter(f"{exc.message}; {exc.hint}") from None
+
+
+# Listed here so that the CLI starts without importing torch; a test checks them against edgeq.reconstruction.Method.
+METHODS = ("rtn", "adaround", "brecq", "qdrop")
 
 
 def _output_option(help_text):
@@ -248,26 +252,55 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
         click.echo(f"{'chart':<{width}}  {png}")
 
 
-@cli.command(epilog="\b\nExample:\n  edgeq quantize model.pt --calib calib/ --bits w4a4 -o quantized/")
+QUANTIZE_EXAMPLES = """
+\b
+Examples:
+  edgeq quantize zoo:fmnist-resnet --calib calib/ --bits w2a4 --method qdrop -o quantized/
+  edgeq quantize zoo:fmnist-resnet --calib real --bits w4a4 --method brecq --iters 5000 -o q-real/
+  edgeq quantize model.pt --calib calib/ --bits spec.json --method qdrop --time-budget 600 -o quantized/
+  edgeq eval quantized/ --data fmnist-test
+"""
+
+
+@cli.command(epilog=QUANTIZE_EXAMPLES)
 @click.argument("model", required=False)
-@click.option("--calib", required=True, help="Calibration images: an 'edgeq synth' folder, or fashion-mnist:A (real images).")
-@click.option("--bits", callback=_bits, default="w4a4", show_default=True, help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...).")
-@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images to use.")
+@click.option("--calib", required=True, help="Calibration images: an 'edgeq synth' folder, fashion-mnist:A, or real "
+                                             "(1024 real images the zoo's Fashion-MNIST models know: split A).")
+@click.option("--bits", callback=_bits, default="w4a4", show_default=True,
+              help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...), or a JSON spec file "
+                   "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits).")
+@click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True,
+              help="rtn: round to nearest; adaround: learned rounding layer by layer; brecq: block by block, with learned "
+                   "activation steps; qdrop: brecq with random dropping of activation quantization.")
+@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Reconstruction iterations per block or layer (the papers use 20000).")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), help="Seconds for all of reconstruction; caps --iters per unit.")
+@click.option("--loss", type=click.Choice(["mse", "fisher"]), default="mse", show_default=True,
+              help="Output error to match: plain MSE, or weighted by squared task-loss gradients (BRECQ's Fisher).")
+@click.option("--drop-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="qdrop: probability an activation skips quantization.")
+@click.option("--round-weight", type=click.FloatRange(min=0), help="Weight of the rounding regularizer [default: 0.1 with depthwise convs, else 0.01].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--num-images", type=click.IntRange(min=1), default=1024, show_default=True, help="Calibration images to use.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @classes_option
 @allow_pickle_option
 @_output_option("Output folder for the quantized model.")
 @friendly_errors
-def quantize(model, calib, bits, num_images, seed, classes_file, allow_pickle, out):
-    """Quantize MODEL (default: the built-in model) at --bits, calibrated on --calib.
+def quantize(model, calib, bits, method, iters, time_budget, loss, drop_prob, round_weight, device, num_images, seed, classes_file, allow_pickle, out):
+    """Quantize MODEL (default: the zoo ResNet) at --bits, calibrated on --calib.
 
-    Per-channel weights, per-tensor activations, MSE-searched ranges, round-to-nearest.
-    MODEL is a .pt/.pt2/.safetensors file, timm:NAME, or package.module:function.
+    Per-channel symmetric weights with MSE-searched steps, per-tensor activations; the first
+    and last layer keep 8 bits (set first_last_bits in a JSON spec to change that). Residual
+    adds, LayerNorm and softmax stay in floating point. --method picks how weights round.
+    MODEL is zoo:NAME, a .pt/.pt2/.safetensors file, timm:NAME, or package.module:function.
     """
+    from edgeq.reconstruction import ReconstructionConfig
     from edgeq.stages import quantize as quantize_stage
 
-    quantize_stage.run(model, calib, out, bits=bits, num_images=num_images, seed=seed, allow_pickle=allow_pickle, classes_file=classes_file)
-    click.echo(f"wrote {bits} model to {out}")
+    config = ReconstructionConfig(method=method, iters=iters, time_budget=time_budget, loss=loss, drop_prob=drop_prob, round_weight=round_weight)
+    quantize_stage.run(model, calib, out, bits=bits, num_images=num_images, seed=seed, allow_pickle=allow_pickle, classes_file=classes_file,
+                       reconstruction=config, device=device)
+    click.echo(f"wrote {bits} model ({method}) to {out}")
 
 
 @cli.command(epilog="\b\nExample:\n  edgeq export quantized/ -o exported/")

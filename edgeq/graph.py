@@ -36,7 +36,7 @@ def _replace_container(root: nn.Module, path: str, module: nn.Module) -> bool:
     return True
 
 
-def modules_from_exported(program: "torch.export.ExportedProgram") -> fx.GraphModule:
+def modules_from_exported(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """Turn an exported program's conv2d, linear and batch_norm calls into modules at their original paths."""
     gm = program.module()
     for node in list(gm.graph.nodes):
@@ -100,36 +100,73 @@ def trace(model: nn.Module) -> fx.GraphModule:
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold each BatchNorm2d that directly follows a Conv2d into the conv's weight and bias.
 
-    Returns a traced copy whose conv modules keep their original names; a model that
-    cannot be traced is returned unchanged (its BatchNorms then stay float ops).
+    Returns a copy. A plain module keeps its own classes and forward code (each folded
+    BatchNorm becomes an ``nn.Identity``), so its blocks can still be run one at a time;
+    the pairs are found by tracing with torch.fx. An exported program's module (already a
+    graph) is rewritten as a graph. A model that cannot be traced is returned unchanged
+    (its BatchNorms then stay float ops).
     """
-    model = copy.deepcopy(model)  # a traced module shares its submodules with the original
+    model = copy.deepcopy(model)
     if isinstance(model, fx.GraphModule):
-        gm = model
-    else:
-        try:
-            gm = trace(model)
-        except Exception as exc:  # noqa: BLE001 - tracing fails in many ways on dynamic code
-            log.warning("BatchNorm left unfolded: model cannot be traced by torch.fx (%s)", str(exc).splitlines()[0])
-            return model
+        return _fold_in_graph(model)
+    try:
+        gm = trace(model)
+    except Exception as exc:  # noqa: BLE001 - tracing fails in many ways on dynamic code
+        log.warning("BatchNorm left unfolded: model cannot be traced by torch.fx (%s)", str(exc).splitlines()[0])
+        return model
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = 0
+    for node in gm.graph.nodes:
+        pair = _conv_bn_pair(node, modules)
+        if pair is None or calls[node.target] != 1 or calls[pair[0]] != 1:
+            continue
+        _fold_pair(modules[pair[0]], modules[pair[1]])
+        _replace_container_module(model, pair[1], nn.Identity())
+        folded += 1
+    log.debug("folded %d BatchNorm layers", folded)
+    return model
+
+
+def _conv_bn_pair(node, modules) -> tuple[str, str] | None:
+    """(conv, batchnorm) targets when ``node`` calls a BatchNorm2d whose only input is a Conv2d used nowhere else."""
+    if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        return None
+    source = node.args[0]
+    if not (isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
+        return None
+    return source.target, node.target
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    with torch.no_grad():
+        inv_std = torch.rsqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(inv_std)
+        beta = bn.bias if bn.affine else torch.zeros_like(inv_std)
+        factor = gamma * inv_std
+        conv.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
+
+
+def _replace_container_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def _fold_in_graph(gm: fx.GraphModule) -> fx.GraphModule:
     modules = dict(gm.named_modules())
     folded = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+        pair = _conv_bn_pair(node, modules)
+        if pair is None:
             continue
-        source = node.args[0]
-        if not (isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
-            continue
-        conv, bn = modules[source.target], modules[node.target]
-        with torch.no_grad():
-            inv_std = torch.rsqrt(bn.running_var + bn.eps)
-            gamma = bn.weight if bn.affine else torch.ones_like(inv_std)
-            beta = bn.bias if bn.affine else torch.zeros_like(inv_std)
-            factor = gamma * inv_std
-            conv.weight.copy_(conv.weight * factor.view(-1, 1, 1, 1))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
-        node.replace_all_uses_with(source)
+        _fold_pair(modules[pair[0]], modules[pair[1]])
+        node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         folded += 1
     gm.graph.eliminate_dead_code()
@@ -137,3 +174,23 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     gm.recompile()
     log.debug("folded %d BatchNorm layers", folded)
     return gm
+
+
+def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
+    """``names`` (submodule paths) in the order a forward pass on ``example`` first calls them; uncalled ones last."""
+    order: list[str] = []
+
+    def record(name):
+        def hook(_module, _args):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [name for name in names if name not in order]

@@ -48,7 +48,7 @@ class RunOptions:
 
 def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
     """Run the pipeline for ``model`` (None: the built-in default) and return the summary."""
-    spec = QuantSpec.parse(options.bits)
+    spec = QuantSpec.load(options.bits)
     target = get_target(options.target)
     loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
     run_dir = Path(options.run_dir or Path("runs") / loaded.name)

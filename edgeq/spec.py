@@ -54,16 +54,23 @@ class QuantSpec:
     act_bits: int
     weight_observer: Observer = Observer.MSE
     act_observer: Observer = Observer.MSE
+    # The first layer (it sees raw pixels) and the last (it makes the logits) lose the most
+    # accuracy per bit and cost the least compute, so both keep 8-bit weights and inputs,
+    # as in BRECQ and QDrop. None: every layer at weight_bits/act_bits.
+    first_last_bits: int | None = 8
 
     def __post_init__(self):
-        for what, bits in (("weight", self.weight_bits), ("activation", self.act_bits)):
+        checks = [("weight", self.weight_bits), ("activation", self.act_bits)]
+        if self.first_last_bits is not None:
+            checks.append(("first/last layer", self.first_last_bits))
+        for what, bits in checks:
             if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
                 raise EdgeqError(f"invalid {what} bit width {bits!r}", f"expected {SPEC_FORM}")
         object.__setattr__(self, "weight_observer", _observer(self.weight_observer))
         object.__setattr__(self, "act_observer", _observer(self.act_observer))
 
     @classmethod
-    def parse(cls, text: str) -> "QuantSpec":
+    def parse(cls, text: str) -> QuantSpec:
         """Parse the short form (``w2a4``); the observers take their defaults."""
         match = _SHORT_FORM.match(text.strip().lower()) if isinstance(text, str) else None
         if not match:
@@ -92,25 +99,48 @@ class QuantSpec:
             "act_bits": self.act_bits,
             "weight_observer": self.weight_observer.value,
             "act_observer": self.act_observer.value,
+            "first_last_bits": self.first_last_bits,
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantSpec":
+    def from_dict(cls, data: dict) -> QuantSpec:
         try:
             return cls(
                 weight_bits=int(data["weight_bits"]),
                 act_bits=int(data["act_bits"]),
                 weight_observer=data.get("weight_observer", Observer.MSE),
                 act_observer=data.get("act_observer", Observer.MSE),
+                first_last_bits=data.get("first_last_bits", 8),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgeqError(f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()") from None
+
+    def layer_bits(self, edge: bool) -> tuple[int, int]:
+        """(weight bits, activation bits) of a layer; ``edge``: the model's first or last layer."""
+        if edge and self.first_last_bits is not None:
+            return max(self.weight_bits, self.first_last_bits), max(self.act_bits, self.first_last_bits)
+        return self.weight_bits, self.act_bits
+
+    @classmethod
+    def load(cls, text: str) -> QuantSpec:
+        """The short form (``w2a4``), or a JSON spec file with the fields of :meth:`to_dict`."""
+        from pathlib import Path
+
+        if isinstance(text, str) and text.endswith(".json"):
+            path = Path(text)
+            if not path.is_file():
+                raise EdgeqError(f"spec file not found: {text}", "pass wWaA (e.g. w2a4) or a JSON file with the fields of a spec")
+            try:
+                return cls.from_dict(json.loads(path.read_text()))
+            except json.JSONDecodeError as exc:
+                raise EdgeqError(f"spec file {text} is not valid JSON ({exc})", "fix the file, e.g. {\"weight_bits\": 2, \"act_bits\": 4}") from None
+        return cls.parse(text)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "QuantSpec":
+    def from_json(cls, text: str) -> QuantSpec:
         return cls.from_dict(json.loads(text))
 
 

@@ -28,10 +28,12 @@ def test_qdq_types_and_agreement_in_steps(quantized_dirs, test_inputs, bits, ops
     assert onnx_model.opset_import[0].version == opset
     inits = {t.name: t for t in onnx_model.graph.initializer}
     assert len(records) == 6  # five convs and the classifier
-    for record in records:
+    assert [r["layer"] for r in records][:: len(records) - 1] == ["stem.0", "classifier"]
+    for index, record in enumerate(records):
         tag = f"edgeq.{record['layer']}"
-        assert inits[f"{tag}.weight_q"].data_type == weight_type
-        assert inits[f"{tag}.act_zero_point"].data_type == act_type
+        edge = index in (0, len(records) - 1)  # the first and last layer keep 8 bits
+        assert inits[f"{tag}.weight_q"].data_type == (TensorProto.INT8 if edge else weight_type)
+        assert inits[f"{tag}.act_zero_point"].data_type == (TensorProto.UINT8 if edge else act_type)
         assert len(inits[f"{tag}.weight_scale"].dims) == 1  # per output channel
     dq_axes = {n.name: n.attribute[0].i for n in onnx_model.graph.node if n.name.endswith("/weight_dq")}
     assert set(dq_axes.values()) <= {0, 1}
@@ -49,9 +51,10 @@ def test_three_bit_activations_are_clipped_to_their_range(quantized_dirs, test_i
     onnx_model, records = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
     session = export.onnxruntime_session(onnx_model, intermediate=[f"edgeq.{r['layer']}.act_dq" for r in records])
     outputs = session.run(None, {export.INPUT_NAME: test_inputs})[1:]
-    for record, values in zip(records, outputs):
+    for index, (record, values) in enumerate(zip(records, outputs)):
         codes = np.round(values / record["act_scale"]) + record["act_zero_point"]
-        assert codes.min() >= 0 and codes.max() <= 7
+        assert record["act_bits"] == (8 if index in (0, len(records) - 1) else 3)  # the edges keep 8 bits
+        assert codes.min() >= 0 and codes.max() <= 2 ** record["act_bits"] - 1
 
 
 def test_weights_are_the_quantized_codes(quantized_dirs):
@@ -59,8 +62,8 @@ def test_weights_are_the_quantized_codes(quantized_dirs):
 
     model, *_ = quantize.load(quantized_dirs("w2a4"))
     onnx_model, _ = export.build_qdq_model(model, torch.zeros(2, 1, 28, 28))
-    codes = numpy_helper.to_array(next(t for t in onnx_model.graph.initializer if t.name == "edgeq.stem.0.weight_q"))
-    assert np.array_equal(codes.astype(np.int8), model.get_submodule("stem.0").weight_int.numpy())
+    codes = numpy_helper.to_array(next(t for t in onnx_model.graph.initializer if t.name == "edgeq.block_conv1.0.weight_q"))
+    assert np.array_equal(codes.astype(np.int8), model.get_submodule("block_conv1.0").weight_int.numpy())
     assert codes.min() >= -2 and codes.max() <= 1
 
 

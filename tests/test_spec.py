@@ -38,3 +38,21 @@ def test_malformed_strings_show_the_valid_form(text):
 def test_unknown_observer_lists_choices():
     with pytest.raises(EdgeqError, match="observer"):
         QuantSpec(4, 4, weight_observer="percentile")
+
+
+def test_first_and_last_layer_bits_round_trip_and_load_from_a_file(tmp_path):
+    spec = QuantSpec.parse("w2a4")
+    assert spec.first_last_bits == 8 and spec.layer_bits(edge=True) == (8, 8) and spec.layer_bits(edge=False) == (2, 4)
+    uniform = QuantSpec(2, 4, first_last_bits=None)
+    assert uniform.layer_bits(edge=True) == (2, 4) and QuantSpec.from_json(uniform.to_json()) == uniform
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"weight_bits": 3, "act_bits": 4, "first_last_bits": 6}))
+    assert QuantSpec.load(str(path)) == QuantSpec(3, 4, first_last_bits=6)
+    assert QuantSpec.from_dict({"weight_bits": 2, "act_bits": 4}).first_last_bits == 8  # manifests made before the field
+    with pytest.raises(EdgeqError, match="spec file not found"):
+        QuantSpec.load(str(tmp_path / "missing.json"))
+    path.write_text("{")
+    with pytest.raises(EdgeqError, match="not valid JSON"):
+        QuantSpec.load(str(path))
+    with pytest.raises(EdgeqError, match="first/last layer bit width"):
+        QuantSpec(2, 4, first_last_bits=9)

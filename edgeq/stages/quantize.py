@@ -2,14 +2,17 @@
 
 Every ``nn.Conv2d`` and ``nn.Linear`` (after BatchNorm folding) is wrapped by a
 :class:`QuantizedLayer` that quantizes its input (per tensor, unsigned) and uses
-integer weights times per-channel scales. Round-to-nearest; learned rounding comes
-with block reconstruction. The folder holds ``quantized.safetensors`` (the wrapped
-model's state and the spec) and rebuilds the model from the float model it names.
+integer weights times per-channel scales; the first and last layer (in execution order)
+keep the spec's ``first_last_bits``. Ranges come from MSE searches on the calibration
+images; then ``edgeq.reconstruction`` (AdaRound, BRECQ, QDrop) learns the rounding and
+activation steps, or round-to-nearest stays. The folder holds ``quantized.safetensors``
+(the wrapped model's state and the spec) and rebuilds the model from the float model it names.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +23,10 @@ from tqdm.auto import tqdm
 from .. import quant
 from ..data import resolve_dataset
 from ..errors import EdgeqError
-from ..graph import eval_mode, fold_batchnorm
+from ..graph import eval_mode, execution_order, fold_batchnorm
 from ..manifest import Manifest, input_entry, staged_folder
 from ..models import LoadedModel, load_model
+from ..reconstruction import Method, ReconstructionConfig, reconstruct
 from ..spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -40,16 +44,17 @@ class QuantizedLayer(nn.Module):
     stays in ``layer`` so later rounding methods can start from it.
     """
 
-    def __init__(self, layer: nn.Module, spec: QuantSpec):
+    def __init__(self, layer: nn.Module, weight_bits: int, act_bits: int):
         super().__init__()
         self.layer = layer
-        self.weight_bits, self.act_bits = spec.weight_bits, spec.act_bits
+        self.weight_bits, self.act_bits = weight_bits, act_bits
         out_channels = layer.weight.shape[0]
         self.register_buffer("weight_int", torch.zeros_like(layer.weight, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
         self.bypass = False  # True: run the float layer (while observing calibration ranges)
+        self.learning = None  # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -74,10 +79,14 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return self.layer(x)
-        params = {"weight": self.dequantized_weight()}
+        if self.learning is not None:
+            weight, x = self.learning.weight(self), self.learning.quantize_input(x)
+        else:
+            weight, x = self.dequantized_weight(), self.quantize_input(x)
+        params = {"weight": weight}
         if self.layer.bias is not None:
             params["bias"] = self.layer.bias
-        return torch.func.functional_call(self.layer, params, (self.quantize_input(x),))
+        return torch.func.functional_call(self.layer, params, (x,))
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -85,11 +94,12 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 
 def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, QuantizedLayer]:
+    """Wrap ``names`` (in execution order): the first and last take the spec's edge bit widths."""
     wrapped = {}
-    for name in names:
+    for index, name in enumerate(names):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped[name] = QuantizedLayer(getattr(parent, leaf), spec)
+        wrapped[name] = QuantizedLayer(getattr(parent, leaf), *spec.layer_bits(edge=index in (0, len(names) - 1)))
         setattr(parent, leaf, wrapped[name])
     return wrapped
 
@@ -100,20 +110,21 @@ def _unwrap(model: nn.Module, name: str) -> None:
     setattr(parent, leaf, getattr(parent, leaf).layer)
 
 
-def prepare(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
-    """Fold BatchNorm and wrap every quantizable layer (uncalibrated)."""
+def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
+    """Fold BatchNorm and wrap every quantizable layer (uncalibrated); ``example`` is an input
+    batch that shows the order layers run in, which decides the first and the last."""
     folded = eval_mode(fold_batchnorm(model))
     names = quantizable_layers(folded)
     if not names:
         raise EdgeqError("the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers")
-    return folded, _wrap(folded, names, spec)
+    return folded, _wrap(folded, execution_order(folded, names, example), spec)
 
 
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.ndarray, spec: QuantSpec, *, seed: int = 0, batch_size: int = 32) -> None:
     """Set every layer's weight scales and input range from the float model's activations."""
     for layer in layers.values():
-        layer.set_weight_scale(quant.weight_scales(layer.layer.weight, spec.weight_bits, spec.weight_observer))
+        layer.set_weight_scale(quant.weight_scales(layer.layer.weight, layer.weight_bits, spec.weight_observer))
 
     generator = torch.Generator().manual_seed(seed)
     stats = {name: {"low": float("inf"), "high": float("-inf"), "samples": []} for name in layers}
@@ -150,48 +161,84 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
         del layers[name]
     for name, layer in layers.items():
         entry = stats[name]
-        scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], spec.act_bits, spec.act_observer)
+        scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], layer.act_bits, spec.act_observer)
         layer.act_scale.fill_(scale)
         layer.act_zero_point.fill_(zero_point)
 
 
-def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str, *, seed: int = 0) -> nn.Module:
-    """In memory: BN-fold, wrap and calibrate ``model`` on float ``inputs`` (N, C, H, W)."""
-    spec = QuantSpec.parse(spec) if isinstance(spec, str) else spec
-    prepared, layers = prepare(model, spec)
+def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str, *, seed: int = 0, reconstruction: ReconstructionConfig | None = None,
+                    device: str = "cpu", report: list | None = None) -> nn.Module:
+    """In memory: BN-fold, wrap, calibrate and (with ``reconstruction``) reconstruct ``model`` on float ``inputs`` (N, C, H, W).
+
+    ``report``, when given, receives one entry per reconstructed unit.
+    """
+    spec = QuantSpec.load(spec) if isinstance(spec, str) else spec
+    prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
+    if reconstruction is not None and reconstruction.learns:
+        torch.manual_seed(seed)
+        units = reconstruct(prepared, layers, torch.from_numpy(inputs), reconstruction, seed=seed, device=device)
+        if report is not None:
+            report.extend(units)
     return prepared
 
 
-def plan(loaded: LoadedModel, calib: str | Path, spec: QuantSpec, *, num_images: int, seed: int, allow_pickle: bool) -> Manifest:
+def plan(loaded: LoadedModel, calib: str | Path, spec: QuantSpec, *, num_images: int, seed: int, allow_pickle: bool,
+         reconstruction: ReconstructionConfig | None = None) -> Manifest:
     """The manifest a run with these inputs and settings writes (its fingerprint decides reuse)."""
+    reconstruction = reconstruction or ReconstructionConfig(method=Method.RTN)
+    params = {"num_images": num_images, "method": reconstruction.method.value, "allow_pickle": allow_pickle}
+    if reconstruction.learns:
+        params["reconstruction"] = reconstruction.to_json()
     return Manifest(
         stage="quantize",
         inputs=[input_entry("model", loaded.source, loaded.digest()), _calib_entry(calib)],
-        params={"num_images": num_images, "method": "rtn", "allow_pickle": allow_pickle},
+        params=params,
         spec=spec.to_dict(),
         seed=seed,
     )
 
 
 def run(model: str | LoadedModel | None, calib: str | Path, out: str | Path, *, bits: QuantSpec | str = "w4a4", num_images: int = 256,
-        seed: int = 0, allow_pickle: bool = False, classes_file=None) -> Path:
-    """Quantize ``model`` calibrated on ``calib`` (a synth folder, or fashion-mnist:A) into folder ``out``."""
-    spec = QuantSpec.parse(bits) if isinstance(bits, str) else bits
+        seed: int = 0, allow_pickle: bool = False, classes_file=None, reconstruction: ReconstructionConfig | None = None, device: str = "cpu") -> Path:
+    """Quantize ``model`` calibrated on ``calib`` (a synth folder, fashion-mnist:A, or real) into folder ``out``.
+
+    ``reconstruction`` None: round-to-nearest.
+    """
+    spec = QuantSpec.load(bits) if isinstance(bits, str) else bits
     loaded = model if isinstance(model, LoadedModel) else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file)
-    manifest = plan(loaded, calib, spec, num_images=num_images, seed=seed, allow_pickle=allow_pickle)
+    calib = resolve_calibration(calib, loaded)
+    manifest = plan(loaded, calib, spec, num_images=num_images, seed=seed, allow_pickle=allow_pickle, reconstruction=reconstruction)
     images = resolve_dataset(str(calib)).subset(num_images)
     if len(images) == 0:
         raise EdgeqError(f"the calibration set {calib} is empty", "run 'edgeq synth' with --num-images > 0")
     inputs = loaded.preprocess(images.images)
-    log.info("calibrating %s at %s on %d images from %s", loaded.source, spec, len(inputs), calib)
-    quantized = quantize_module(loaded.module, inputs, spec, seed=seed)
+    method = reconstruction.method if reconstruction else Method.RTN
+    log.info("quantizing %s at %s (%s) on %d images from %s", loaded.source, spec, method, len(inputs), calib)
+    began = time.perf_counter()
+    units: list = []
+    quantized = quantize_module(loaded.module, inputs, spec, seed=seed, reconstruction=reconstruction, device=device, report=units)
     manifest.extra = {
         "model": {"source": loaded.source, "arch": loaded.arch, "classes": list(loaded.classes), "preprocess": loaded.preprocess.to_dict(), "note": loaded.note},
         "layers": quantized_layer_names(quantized),
+        "layer_bits": {name: [m.weight_bits, m.act_bits] for name, m in quantized.named_modules() if isinstance(m, QuantizedLayer)},
         "calibration_images": len(inputs),
+        "seconds": round(time.perf_counter() - began, 2),
+        "reconstruction": units,
     }
     return save(quantized, manifest, out)
+
+
+REAL_CALIBRATION = "real"  # 1024 images of the training split the zoo's Fashion-MNIST models were trained on
+
+
+def resolve_calibration(calib: str | Path, loaded: LoadedModel) -> str | Path:
+    """``real`` names the model's own real calibration data (split A for the zoo's Fashion-MNIST models)."""
+    if str(calib) != REAL_CALIBRATION:
+        return calib
+    if loaded.eval_data == "fashion-mnist:test":
+        return "fashion-mnist:A"
+    raise EdgeqError(f"--calib real: no real calibration images are known for {loaded.source}", "pass an 'edgeq synth' folder")
 
 
 def _calib_entry(calib) -> dict:
@@ -245,7 +292,7 @@ def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, Loaded
         raise EdgeqError(f"model {model_entry['path']} changed since {folder} was made", "re-run 'edgeq quantize'")
     meta = manifest.extra["model"]
     loaded.classes = tuple(meta["classes"])
-    model, layers = prepare(loaded.module, spec)
+    model, layers = prepare(loaded.module, spec, torch.zeros(loaded.preprocess.input_shape))
     recorded = set(manifest.extra["layers"])
     if not recorded <= set(layers):
         raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
