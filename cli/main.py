@@ -327,6 +327,8 @@ def export(quantized, out):
 @click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
               help="Calibration images, as in 'edgeq synth' [default: mixup with a generator, else bn-inversion].")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
+@click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True, help="How weights round, as in 'edgeq quantize'.")
+@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True, help="Reconstruction iterations per block or layer.")
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
@@ -336,7 +338,8 @@ def export(quantized, out):
 @classes_option
 @allow_pickle_option
 @friendly_errors
-def compile_command(model, target, bits, out, run_dir, generator, strategy, num_images, eval_data, eval_images, latency_runs, seed, force, as_json, classes_file, allow_pickle):
+def compile_command(model, target, bits, out, run_dir, generator, strategy, num_images, method, iters, eval_data, eval_images, latency_runs, seed, force, as_json,
+                    classes_file, allow_pickle):
     """Compile MODEL for --target, running every missing stage (synth, quantize, export, compile, verify).
 
     With no MODEL the built-in default model is used. If MODEL is an 'edgeq export'
@@ -355,7 +358,7 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
     from edgeq.pipeline import RunOptions, run
 
     options = RunOptions(target=target.name, bits=str(bits), run_dir=run_dir, generator=generator, strategy=strategy, num_images=num_images, seed=seed,
-                         eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
+                         method=method, iters=iters, eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
     summary = run(model, options)
     if as_json:
         click.echo(json.dumps(summary))
@@ -374,7 +377,7 @@ def _print_summary(summary: dict) -> None:
     rows = [
         ("model", summary["model"]),
         ("target", summary["target"]),
-        ("bits", summary["bits"]),
+        ("bits", f"{summary['bits']} ({summary['method']})"),
         ("evaluated on", f"{summary['eval_images']} images of {summary['eval_data']}"),
         ("float top-1", _percent(summary["fp_top1"])),
         ("quantized top-1", _percent(summary["quant_top1"])),

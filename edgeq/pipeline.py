@@ -1,10 +1,10 @@
 """The one-shot run: every missing stage, from a model to a verified module, in one run folder.
 
     runs/<model>/synth/                    calibration images (shared by every bit width)
-    runs/<model>/quantize-<bits>/          fake-quantized model
-    runs/<model>/export-<bits>/            QDQ ONNX
-    runs/<model>/compile-<bits>-<target>/  module.so
-    runs/<model>/verify-<bits>-<target>/   report.json
+    runs/<model>/quantize-<bits>-<method>/           fake-quantized model
+    runs/<model>/export-<bits>-<method>/             QDQ ONNX
+    runs/<model>/compile-<bits>-<method>-<target>/   module.so
+    runs/<model>/verify-<bits>-<method>-<target>/    report.json
 
 A stage whose folder already holds the output of the same inputs and settings (the
 manifest fingerprint) is reused, so re-running after changing only the target rebuilds
@@ -19,6 +19,7 @@ from pathlib import Path
 from . import emulation, zoo
 from .manifest import reusable
 from .models import load_model
+from .reconstruction import ReconstructionConfig
 from .spec import QuantSpec
 from .stages import compile as compile_stage
 from .stages import export as export_stage
@@ -36,6 +37,8 @@ class RunOptions:
     run_dir: str | None = None
     generator: str | None = None  # None: the model's own generator, else bn-inversion (see synth.choose_source)
     strategy: str | None = None
+    method: str = "qdrop"  # how weights round (edgeq.reconstruction.Method)
+    iters: int = 2000  # reconstruction iterations per block or layer
     num_images: int = 256
     seed: int = 0
     eval_data: str | None = None
@@ -76,15 +79,16 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
                       synth_stage.plan(generator, loaded.classes, **synth_params).fingerprint,
                       lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, force=True))
 
-    quant_dir = run_dir / f"quantize-{spec}"
-    stage("quantize", quant_dir,
-          quantize_stage.plan(loaded, synth_dir, spec, num_images=options.num_images, seed=options.seed, allow_pickle=options.allow_pickle).fingerprint,
-          lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, num_images=options.num_images, seed=options.seed, allow_pickle=options.allow_pickle))
+    quant_dir = run_dir / f"quantize-{spec}-{options.method}"
+    reconstruction = ReconstructionConfig(method=options.method, iters=options.iters)
+    quant_params = dict(num_images=options.num_images, seed=options.seed, allow_pickle=options.allow_pickle, reconstruction=reconstruction)
+    stage("quantize", quant_dir, quantize_stage.plan(loaded, synth_dir, spec, **quant_params).fingerprint,
+          lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, **quant_params))
 
-    export_dir = run_dir / f"export-{spec}"
+    export_dir = run_dir / f"export-{spec}-{options.method}"
     stage("export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir))
 
-    compile_dir = run_dir / f"compile-{spec}-{target.name}"
+    compile_dir = run_dir / f"compile-{spec}-{options.method}-{target.name}"
     stage("compile", compile_dir, compile_stage.plan(export_dir, target).fingerprint, lambda: compile_stage.run(export_dir, compile_dir, target=target))
 
     eval_data = options.eval_data or loaded.eval_data or str(synth_dir)
@@ -94,7 +98,7 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         notes.append("top-1 figures are agreement with the full-precision model on real photos (no labels)")
     if not target.is_native_arch:
         emulation.setup()
-    verify_dir = run_dir / f"verify-{spec}-{target.name}"
+    verify_dir = run_dir / f"verify-{spec}-{options.method}-{target.name}"
     latency_runs = options.latency_runs if target.is_native_arch else 0
     verify_params = dict(data=eval_data, num_images=options.eval_images, latency_runs=latency_runs)
     stage("verify", verify_dir, verify_stage.plan(compile_dir, **verify_params).fingerprint,
@@ -106,6 +110,7 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         "model": loaded.source,
         "target": target.name,
         "bits": str(spec),
+        "method": options.method,
         "fp_top1": report["fp_top1"],
         "quant_top1": report["quant_top1"],
         "compiled_top1": report["compiled_top1"],

@@ -61,7 +61,8 @@ def test_pickle_without_opt_in(monkeypatch, capsys, tmp_path):
 def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(TinyResNet(), path)
-    code, _out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8", "-o", str(tmp_path / "q"))
+    code, _out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8",
+                             "--method", "qdrop", "--iters", "5", "-o", str(tmp_path / "q"))
     assert code == 0 and (tmp_path / "q" / "manifest.json").is_file()
 
 

@@ -117,7 +117,8 @@ def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir):
 
 
 def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
-    options = RunOptions(target="x86", bits="w4a4", run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, eval_images=50, latency_runs=3)
+    options = RunOptions(target="x86", bits="w4a4", run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, eval_images=50, latency_runs=3,
+                         iters=20)
     first = run(TINY, options)
     assert set(first["stages"].values()) == {"ran"}
     for key in ("model", "target", "bits", "fp_top1", "quant_top1", "compiled_top1", "agreement_with_onnxruntime", "latency_ms", "artifact"):
