@@ -73,15 +73,15 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
     generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
     if generator is None:
         notes.append(f"calibration images by {strategy} (no text-to-image generator for this model; pass --generator for mixup prompting)")
-    synth_params = dict(strategy=strategy, num_images=options.num_images, seed=options.seed, model=loaded,
-                        size=loaded.preprocess.height if strategy == "noise" else None)
+    synth_params = {"strategy": strategy, "num_images": options.num_images, "seed": options.seed, "model": loaded,
+                        "size": loaded.preprocess.height if strategy == "noise" else None}
     synth_dir = stage("synth", run_dir / "synth",
                       synth_stage.plan(generator, loaded.classes, **synth_params).fingerprint,
                       lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, force=True))
 
     quant_dir = run_dir / f"quantize-{spec}-{options.method}"
     reconstruction = ReconstructionConfig(method=options.method, iters=options.iters)
-    quant_params = dict(num_images=options.num_images, seed=options.seed, allow_pickle=options.allow_pickle, reconstruction=reconstruction)
+    quant_params = {"num_images": options.num_images, "seed": options.seed, "allow_pickle": options.allow_pickle, "reconstruction": reconstruction}
     stage("quantize", quant_dir, quantize_stage.plan(loaded, synth_dir, spec, **quant_params).fingerprint,
           lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, **quant_params))
 
@@ -100,7 +100,7 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         emulation.setup()
     verify_dir = run_dir / f"verify-{spec}-{options.method}-{target.name}"
     latency_runs = options.latency_runs if target.is_native_arch else 0
-    verify_params = dict(data=eval_data, num_images=options.eval_images, latency_runs=latency_runs)
+    verify_params = {"data": eval_data, "num_images": options.eval_images, "latency_runs": latency_runs}
     stage("verify", verify_dir, verify_stage.plan(compile_dir, **verify_params).fingerprint,
           lambda: verify_stage.run(compile_dir, verify_dir, **verify_params))
     report = verify_stage.load_report(verify_dir)

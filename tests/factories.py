@@ -12,3 +12,11 @@ def tiny_vit():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, num_classes=10,
                               depth=2, embed_dim=64, num_heads=2)
     return model, FMNIST_META
+
+
+def tiny_zoo_vit():
+    """The zoo's ViT architecture at a toy size (random weights): attention matmuls as MatMul modules."""
+    from edgeq.zoo.teachers import FmnistViT
+
+    torch.manual_seed(0)
+    return FmnistViT(dim=16, depth=1, heads=2, mlp_ratio=2), FMNIST_META

@@ -174,3 +174,46 @@ def test_the_command_line_methods_are_the_library_ones():
     from edgeq.cli.main import METHODS
 
     assert METHODS == tuple(m.value for m in Method)
+
+
+def test_a_time_budget_caps_the_iterations_and_fisher_weights_are_squared_gradients():
+    model = _two_layer_model()
+    inputs = _inputs(32)
+    report: list = []
+    config = ReconstructionConfig(method="adaround", iters=100000, batch_size=4, time_budget=2.0, loss="fisher")
+    quantize.quantize_module(model, inputs, "w2a4", reconstruction=config, report=report)
+    assert len(report) == 3 and all(20 <= r["iterations"] < 100000 for r in report)
+    assert sum(r["seconds"] for r in report) < 10
+
+    from edgeq.reconstruction.cache import fisher_weights
+
+    x = torch.from_numpy(inputs[:4])
+    weights = fisher_weights(model, model[2], x, 4, "cpu")
+    hidden = model[1](model[0](x)).detach()
+    out2 = model[2](hidden).detach().requires_grad_(True)
+    logits = model[4](model[3](out2))
+    nn.functional.cross_entropy(logits, logits.detach().argmax(1), reduction="sum").backward()
+    assert torch.allclose(weights, out2.grad.pow(2))
+
+
+def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp_path):
+    from edgeq.stages import compile as compile_stage
+    from edgeq.stages import verify as verify_stage
+
+    config = ReconstructionConfig(method="qdrop", iters=10, batch_size=8)
+    folder = quantize.run("tests.factories:tiny_zoo_vit", "fashion-mnist:A", tmp_path / "q", bits="w4a4", num_images=32, reconstruction=config)
+    model, _loaded, _, manifest = quantize.load(folder)
+    assert manifest.extra["matmuls"] == ["blocks.0.attn.scores", "blocks.0.attn.context"]
+    scores = model.get_submodule("blocks.0.attn.scores")
+    assert scores.act_bits == 4 and torch.all(scores.act_scale > 0) and not torch.equal(scores.act_scale, torch.ones(2))
+    exported = export.run(folder, tmp_path / "e")
+    from edgeq.manifest import Manifest
+
+    onnx_records = [r for r in Manifest.load(exported, "export").extra["layers"] if "operand" in r]
+    assert [(r["layer"], r["operand"]) for r in onnx_records] == [("blocks.0.attn.scores", 0), ("blocks.0.attn.scores", 1),
+                                                                  ("blocks.0.attn.context", 0), ("blocks.0.attn.context", 1)]
+    check = Manifest.load(exported, "export").extra["onnxruntime_check"]
+    assert check["quantizer_max_lsb"] == 0 and check["layer_max_rel_error"] < 1e-5 and check["top1_agreement"] == 1.0
+    compiled = compile_stage.run(exported, tmp_path / "c", target="x86")
+    report = verify_stage.run(compiled, tmp_path / "v", data="fashion-mnist:test", num_images=100, latency_runs=0)
+    assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3

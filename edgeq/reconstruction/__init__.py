@@ -30,7 +30,7 @@ from ..errors import EdgeqError, one_of
 from ..graph import execution_order
 from .blocks import Unit, find_units, register_block  # noqa: F401 - register_block is public API
 from .cache import fisher_weights, unit_io
-from .layer import LayerLearning
+from .layer import LayerLearning, MatMulLearning
 from .rounding import beta_schedule
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def default_round_weight(model: nn.Module) -> float:
     return 0.1 if depthwise else 0.01
 
 
-def _reconstruction_error(module: nn.Module, learnings: list[LayerLearning], inputs: torch.Tensor, targets: torch.Tensor, device, batch: int = 256) -> float:
+def _reconstruction_error(module: nn.Module, learnings: list, inputs: torch.Tensor, targets: torch.Tensor, device, batch: int = 256) -> float:
     """Mean squared error per element of the unit with hard rounding, no dropping."""
     for learning in learnings:
         learning.active = False
@@ -140,7 +140,8 @@ def _output_error(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return error.sum(-1 if error.dim() == 3 else 1).mean()
 
 
-def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: ReconstructionConfig, *, seed: int = 0, device: str = "cpu") -> list[dict]:
+def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: ReconstructionConfig, *, seed: int = 0, device: str = "cpu",
+                matmuls: dict | None = None) -> list[dict]:
     """Learn the rounding (and activation steps) of ``layers`` unit by unit; returns a report per unit.
 
     ``model`` is a prepared, calibrated model (``quantize.prepare`` then ``calibrate``) whose
@@ -170,39 +171,45 @@ def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: Re
             share = None
             if config.time_budget is not None:
                 share = max(config.time_budget - (time.perf_counter() - started), 0.0) / (len(units) - position)
-            reports.append(_reconstruct_unit(model, layers, unit, inputs, config, round_weight, device, index_generator, drop_generator, share))
+            reports.append(_reconstruct_unit(model, layers, matmuls or {}, unit, inputs, config, round_weight, device, index_generator, drop_generator, share))
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.to("cpu")
-        for layer in layers.values():
-            layer.learning = None
+        for module in [*layers.values(), *(matmuls or {}).values()]:
+            module.learning = None
     return reports
 
 
-def _reconstruct_unit(model, layers, unit: Unit, inputs, config: ReconstructionConfig, round_weight: float, device,
+def _reconstruct_unit(model, layers, matmuls, unit: Unit, inputs, config: ReconstructionConfig, round_weight: float, device,
                       index_generator: torch.Generator, drop_generator: torch.Generator, time_share: float | None) -> dict:
     module = model.get_submodule(unit.name)
     unit_layers = [layers[name] for name in unit.layers]
-    for layer in layers.values():
-        layer.bypass = True
+    # Attention matmuls are learned with the block that holds them (module paths below the unit's).
+    unit_matmuls = [m for name, m in matmuls.items() if name.startswith(f"{unit.name}.")] if unit.kind == "block" else []
+    switchable = [*layers.values(), *matmuls.values()]
+    for quantized in switchable:
+        quantized.bypass = True
     try:
         fp_inputs, fp_outputs = unit_io(model, module, inputs, 64, outputs=True, device=device)
         weights = fisher_weights(model, module, inputs, 64, device) if config.loss is Loss.FISHER else None
     finally:
-        for layer in layers.values():
-            layer.bypass = False
+        for quantized in switchable:
+            quantized.bypass = False
     quant_inputs, _ = unit_io(model, module, inputs, 64, outputs=False, device=device)
 
     learnings = [LayerLearning(layer, learn_rounding=True, learn_act=config.learns_steps, drop_prob=config.unit_drop_prob, generator=drop_generator).to(device)
                  for layer in unit_layers]
-    for layer, learning in zip(unit_layers, learnings):
-        layer.learning = learning
+    matmul_learnings = [MatMulLearning(m, learn_act=config.learns_steps, drop_prob=config.unit_drop_prob, generator=drop_generator).to(device)
+                        for m in unit_matmuls]
+    for quantized, learning in zip([*unit_layers, *unit_matmuls], [*learnings, *matmul_learnings]):
+        quantized.learning = learning
     evaluation = slice(0, min(len(inputs), 256))
-    before = _reconstruction_error(module, learnings, quant_inputs[evaluation], fp_outputs[evaluation], device)
+    everything = [*learnings, *matmul_learnings]
+    before = _reconstruction_error(module, everything, quant_inputs[evaluation], fp_outputs[evaluation], device)
 
     rounding_params = [p for learning in learnings for p in learning.rounding_parameters()]
-    step_params = [p for learning in learnings for p in learning.step_parameters()]
+    step_params = [p for learning in everything for p in learning.step_parameters()]
     optimizer = torch.optim.Adam(rounding_params, lr=config.lr_rounding)
     step_optimizer = torch.optim.Adam(step_params, lr=config.lr_step) if step_params else None
     total = config.iters
@@ -240,11 +247,11 @@ def _reconstruct_unit(model, layers, unit: Unit, inputs, config: ReconstructionC
         if iteration % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4g}")
     bar.close()
-    after = _reconstruction_error(module, learnings, quant_inputs[evaluation], fp_outputs[evaluation], device)
+    after = _reconstruction_error(module, everything, quant_inputs[evaluation], fp_outputs[evaluation], device)
     changed = [float((learning.rounding.hard_codes() != layer.weight_int.float()).float().mean()) for layer, learning in zip(unit_layers, learnings)]
-    for layer, learning in zip(unit_layers, learnings):
-        learning.write_back(layer)
-        layer.learning = None
+    for quantized, learning in zip([*unit_layers, *unit_matmuls], everything):
+        learning.write_back(quantized)
+        quantized.learning = None
     log.info("%s: output MSE %.4g -> %.4g over %d iterations", unit.name, before, after, iteration)
     return {"unit": unit.name, "kind": unit.kind, "layers": list(unit.layers), "iterations": iteration, "mse_before": before, "mse_after": after,
             "rounding_changed": changed, "seconds": round(time.perf_counter() - began, 2)}

@@ -53,3 +53,38 @@ class LayerLearning:
         if self.rounding is not None:
             layer.weight_int.copy_(self.rounding.hard_codes().to(torch.int8))
         layer.act_scale.fill_(float(self.activation.scale.detach().abs().clamp_min(1e-8)))
+
+
+class MatMulLearning:
+    """Attached to a QuantizedMatMul inside a block being reconstructed: its two operand
+    quantizers, steps trainable when ``learn_act``, with QDrop's dropping."""
+
+    def __init__(self, matmul, *, learn_act: bool, drop_prob: float, generator: torch.Generator | None):
+        qmax = matmul.act_range[1]
+        self.operands = [LearnedActivation(matmul.act_scale[i].item(), int(matmul.act_zero_point[i].item()), qmax, learn_scale=learn_act) for i in (0, 1)]
+        self.drop_prob = drop_prob
+        self.generator = generator
+        self.active = True
+
+    def rounding_parameters(self) -> list[torch.Tensor]:
+        return []
+
+    def step_parameters(self) -> list[torch.Tensor]:
+        return [q.scale for q in self.operands if q.scale.requires_grad]
+
+    def quantize_operands(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for x, quantizer in zip((a, b), self.operands):
+            quantized = quantizer(x)
+            out.append(drop_quantization(x, quantized, self.drop_prob, self.generator) if self.active else quantized)
+        return out[0], out[1]
+
+    def to(self, device) -> MatMulLearning:
+        for quantizer in self.operands:
+            quantizer.to(device)
+        return self
+
+    @torch.no_grad()
+    def write_back(self, matmul) -> None:
+        for index, quantizer in enumerate(self.operands):
+            matmul.act_scale[index] = float(quantizer.scale.detach().abs().clamp_min(1e-8))

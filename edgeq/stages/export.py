@@ -30,7 +30,7 @@ from edgeq.kernels.packing import pack
 from .. import quant
 from ..data import resolve_dataset
 from ..errors import EdgeqError
-from ..graph import eval_mode
+from ..graph import eval_mode, execution_order
 from ..manifest import Manifest, input_entry, staged_folder
 from . import quantize as quantize_stage
 
@@ -64,14 +64,19 @@ def _digest(array: np.ndarray) -> str:
 
 
 def _float_twin(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy where each QuantizedLayer is its plain layer holding the dequantized weight."""
+    """A copy where each QuantizedLayer is its plain layer holding the dequantized weight,
+    and each QuantizedMatMul its plain MatMul."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
         if isinstance(module, quantize_stage.QuantizedLayer):
             inner = module.layer
             inner.weight = torch.nn.Parameter(module.dequantized_weight())
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(twin.get_submodule(parent_name) if parent_name else twin, leaf, inner)
+        elif isinstance(module, quantize_stage.QuantizedMatMul):
+            inner = module.matmul
+        else:
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(twin.get_submodule(parent_name) if parent_name else twin, leaf, inner)
     return twin
 
 
@@ -95,9 +100,16 @@ def _torch_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> on
 
 
 def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx.ModelProto, list[dict]]:
-    """The QDQ ONNX model of a fake-quantized torch model, and what was quantized where."""
+    """The QDQ ONNX model of a fake-quantized torch model, and what was quantized where.
+
+    Layers are found by the bytes of their weights. Matrix products of two activations
+    (QuantizedMatMul) have no weights: they are the MatMul nodes with no initializer input,
+    which the exporter writes in execution order, so they are matched in that order.
+    """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
-    needs_2bit = any(min(m.weight_bits, m.act_bits) <= 2 for m in layers.values())
+    matmuls = quantize_stage.quantized_matmuls(model)
+    matmul_order = execution_order(model, list(matmuls), example) if matmuls else []
+    needs_2bit = any(min(m.weight_bits, m.act_bits) <= 2 for m in layers.values()) or any(m.act_bits <= 2 for m in matmuls.values())
     opset = 25 if needs_2bit else 21
     graph_model = _torch_onnx(eval_mode(_float_twin(model)), example, 21)
 
@@ -111,11 +123,22 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
     new_nodes, records, replaced = [], [], set()
+    pending_matmuls = list(matmul_order)
     for node in graph.node:
         matched = None
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers:
             candidates = by_digest.get(_digest(numpy_helper.to_array(initializers[node.input[1]])), [])
             matched = next((c for c in candidates if c[0] not in {r["layer"] for r in records}), candidates[0] if candidates else None)
+        elif node.op_type == "MatMul" and pending_matmuls and not set(node.input[:2]) & set(initializers):
+            name = pending_matmuls.pop(0)
+            matmul = matmuls[name]
+            for index in (0, 1):
+                tag = f"edgeq.{name}.in{index}"
+                new_nodes.extend(_activation_qdq(node, index, float(matmul.act_scale[index]), int(matmul.act_zero_point[index]), matmul.act_bits, tag, graph))
+                records.append({"layer": name, "operand": index, "onnx_node": node.name, "op": "MatMul", "act_bits": matmul.act_bits,
+                                "act_scale": float(matmul.act_scale[index]), "act_zero_point": int(matmul.act_zero_point[index])})
+            new_nodes.append(node)
+            continue
         if matched is None:
             new_nodes.append(node)
             continue
@@ -125,7 +148,7 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             transposed = not trans_b
         tag = f"edgeq.{layer_name}"
-        new_nodes.extend(_activation_qdq(node, layer, tag, graph))
+        new_nodes.extend(_activation_qdq(node, 0, float(layer.act_scale), int(layer.act_zero_point), layer.act_bits, tag, graph))
         weight_name = node.input[1]
         if weight_name not in replaced:
             codes = layer.weight_int.numpy()
@@ -141,7 +164,7 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
         new_nodes.append(node)
         records.append({"layer": layer_name, "onnx_node": node.name, "op": node.op_type, "weight_bits": layer.weight_bits, "act_bits": layer.act_bits,
                         "act_scale": float(layer.act_scale), "act_zero_point": int(layer.act_zero_point)})
-    missing = sorted(set(layers) - {r["layer"] for r in records})
+    missing = sorted((set(layers) | set(matmuls)) - {r["layer"] for r in records})
     if missing:
         raise EdgeqError(f"could not find the ONNX nodes of quantized layers {', '.join(missing)}", "the exporter changed these weights; report this model to edgeq")
     kept = [init for init in graph.initializer if init.name not in replaced]
@@ -156,16 +179,15 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
     return graph_model, records
 
 
-def _activation_qdq(node, layer, tag: str, graph) -> list:
-    """Nodes that fake-quantize ``node``'s data input, rewiring the node to their output."""
-    qmin, qmax = layer.act_range
-    scale, zero_point = float(layer.act_scale), int(layer.act_zero_point)
+def _activation_qdq(node, input_index: int, scale: float, zero_point: int, bits: int, tag: str, graph) -> list:
+    """Nodes that fake-quantize ``node``'s input ``input_index``, rewiring the node to their output."""
+    qmin, qmax = quant.unsigned_range(bits)
     graph.initializer.extend([
         numpy_helper.from_array(np.array(scale, np.float32), f"{tag}.act_scale"),
-        integer_tensor(f"{tag}.act_zero_point", np.array(zero_point), layer.act_bits, signed=False),
+        integer_tensor(f"{tag}.act_zero_point", np.array(zero_point), bits, signed=False),
     ])
-    source, nodes = node.input[0], []
-    if layer.act_bits not in (2, 4, 8):  # no ONNX type: clip to the range, then use the wider container
+    source, nodes = node.input[input_index], []
+    if bits not in (2, 4, 8):  # no ONNX type: clip to the range, then use the wider container
         graph.initializer.extend([
             numpy_helper.from_array(np.array((qmin - zero_point) * scale, np.float32), f"{tag}.act_low"),
             numpy_helper.from_array(np.array((qmax - zero_point) * scale, np.float32), f"{tag}.act_high"),
@@ -174,7 +196,7 @@ def _activation_qdq(node, layer, tag: str, graph) -> list:
         source = f"{tag}.act_clipped"
     nodes.append(helper.make_node("QuantizeLinear", [source, f"{tag}.act_scale", f"{tag}.act_zero_point"], [f"{tag}.act_q"], name=f"{tag}/act_q"))
     nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.act_q", f"{tag}.act_scale", f"{tag}.act_zero_point"], [f"{tag}.act_dq"], name=f"{tag}/act_dq"))
-    node.input[0] = f"{tag}.act_dq"
+    node.input[input_index] = f"{tag}.act_dq"
     return nodes
 
 
@@ -217,12 +239,16 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
     networks), the largest logit difference, and top-1 agreement.
     """
     layers = dict(model.named_modules())
+    operand_records = [r for r in records if "operand" in r]
+    records = [r for r in records if "operand" not in r]
     nodes = {node.name: node for node in onnx_model.graph.node}
     quant_inputs = {node.output[0]: node.input[0] for node in onnx_model.graph.node if node.op_type == "QuantizeLinear"}
     dq_names = [f"edgeq.{r['layer']}.act_dq" for r in records]
     pre_names = [quant_inputs[f"edgeq.{r['layer']}.act_q"] for r in records]
     out_names = [nodes[r["onnx_node"]].output[0] for r in records]
-    wanted = list(dict.fromkeys(dq_names + pre_names + out_names))
+    operand_dq = [f"edgeq.{r['layer']}.in{r['operand']}.act_dq" for r in operand_records]
+    operand_pre = [quant_inputs[f"edgeq.{r['layer']}.in{r['operand']}.act_q"] for r in operand_records]
+    wanted = list(dict.fromkeys(dq_names + pre_names + out_names + operand_dq + operand_pre))
     session = onnxruntime_session(onnx_model, intermediate=wanted)
     ort_outputs = session.run(None, {INPUT_NAME: inputs})
     ort_logits, ort = ort_outputs[0], dict(zip(wanted, ort_outputs[1:]))
@@ -243,14 +269,17 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
         local = quant.fake_quantize(torch.from_numpy(ort[pre]), scale, record["act_zero_point"], *layer.act_range).numpy()
         quantizer_lsb = max(quantizer_lsb, float(np.rint(np.abs(local - ort[dq]) / scale).max()))
         params = {"weight": layer.dequantized_weight()}
-        if layer.layer.bias is not None and record["op"] != "MatMul":  # a MatMul's bias is a separate Add node
-            params["bias"] = layer.layer.bias
+        if layer.layer.bias is not None:  # a MatMul's bias is a separate Add node, after the output compared here
+            params["bias"] = None if record["op"] == "MatMul" else layer.layer.bias
         expected = torch.func.functional_call(layer.layer, params, (torch.from_numpy(ort[dq]),)).numpy()
         layer_error = max(layer_error, float(np.abs(expected - ort[out]).max() / max(np.abs(ort[out]).max(), 1e-12)))
         steps = np.rint(np.abs(ort[dq] - torch_acts[dq]) / scale)  # both sides sit on the grid
         worst_lsb = max(worst_lsb, float(steps.max()))
         differing += int((steps > 0).sum())
         total += steps.size
+    for record, dq, pre in zip(operand_records, operand_dq, operand_pre):
+        local = quant.fake_quantize(torch.from_numpy(ort[pre]), record["act_scale"], record["act_zero_point"], *quant.unsigned_range(record["act_bits"])).numpy()
+        quantizer_lsb = max(quantizer_lsb, float(np.rint(np.abs(local - ort[dq]) / record["act_scale"]).max()))
     return {
         "images": int(len(inputs)),
         "quantizer_max_lsb": quantizer_lsb,

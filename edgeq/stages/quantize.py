@@ -24,6 +24,7 @@ from .. import quant
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..graph import eval_mode, execution_order, fold_batchnorm
+from ..layers import MatMul
 from ..manifest import Manifest, input_entry, staged_folder
 from ..models import LoadedModel, load_model
 from ..reconstruction import Method, ReconstructionConfig, reconstruct
@@ -89,6 +90,41 @@ class QuantizedLayer(nn.Module):
         return torch.func.functional_call(self.layer, params, (x,))
 
 
+class QuantizedMatMul(nn.Module):
+    """A :class:`edgeq.layers.MatMul` of two activations, each input fake-quantized per tensor.
+
+    Buffers: ``act_scale`` and ``act_zero_point``, one entry per input (unsigned, with a
+    zero point, as every activation). ``matmul`` is the wrapped module.
+    """
+
+    def __init__(self, matmul: nn.Module, act_bits: int):
+        super().__init__()
+        self.matmul = matmul
+        self.act_bits = act_bits
+        self.register_buffer("act_scale", torch.ones(2))
+        self.register_buffer("act_zero_point", torch.zeros(2, dtype=torch.int32))
+        self.bypass = False
+        self.learning = None  # during reconstruction: edgeq.reconstruction.MatMulLearning
+
+    @property
+    def act_range(self) -> tuple[int, int]:
+        return quant.unsigned_range(self.act_bits)
+
+    def quantize_operand(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return quant.fake_quantize(x, self.act_scale[index], self.act_zero_point[index].float(), *self.act_range)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.matmul(a, b)
+        if self.learning is not None:
+            return self.matmul(*self.learning.quantize_operands(a, b))
+        return self.matmul(self.quantize_operand(a, 0), self.quantize_operand(b, 1))
+
+
+def quantized_matmuls(model: nn.Module) -> dict[str, QuantizedMatMul]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedMatMul)}
+
+
 def quantizable_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name]
 
@@ -117,7 +153,12 @@ def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[n
     names = quantizable_layers(folded)
     if not names:
         raise EdgeqError("the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers")
-    return folded, _wrap(folded, execution_order(folded, names, example), spec)
+    wrapped = _wrap(folded, execution_order(folded, names, example), spec)
+    for name, module in list(folded.named_modules()):
+        if isinstance(module, MatMul):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(folded.get_submodule(parent_name) if parent_name else folded, leaf, QuantizedMatMul(module, spec.act_bits))
+    return folded, wrapped
 
 
 @torch.no_grad()
@@ -141,10 +182,23 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
             entry["samples"].append(flat.clone())
         return hook
 
+    matmuls = quantized_matmuls(model)
+    for name in matmuls:
+        for index in (0, 1):
+            stats[f"{name}#{index}"] = {"low": float("inf"), "high": float("-inf"), "samples": []}
+
+    def observe_operands(name):
+        def hook(_module, args):
+            for index in (0, 1):
+                observe(f"{name}#{index}")(None, (args[index],))
+        return hook
+
     # Observe the float model, so no quantization error feeds the ranges.
     handles = [layer.layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
-    for layer in layers.values():
-        layer.bypass = True
+    handles += [m.matmul.register_forward_pre_hook(observe_operands(name)) for name, m in matmuls.items()]
+    bypassed = [*layers.values(), *matmuls.values()]
+    for module in bypassed:
+        module.bypass = True
     try:
         batches = range(0, len(inputs), batch_size)
         for start in tqdm(batches, desc="calibrating", unit="batch", leave=False):
@@ -152,8 +206,16 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers.values():
-            layer.bypass = False
+        for module in bypassed:
+            module.bypass = False
+    for name, matmul in matmuls.items():
+        for index in (0, 1):
+            entry = stats.pop(f"{name}#{index}")
+            if not entry["samples"]:
+                continue
+            scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], matmul.act_bits, spec.act_observer)
+            matmul.act_scale[index] = scale
+            matmul.act_zero_point[index] = zero_point
     unused = [name for name in layers if not stats[name]["samples"]]
     for name in unused:  # never called in forward (e.g. an unused head): leave it as it was
         log.warning("layer %s never ran during calibration; it stays unquantized", name)
@@ -177,7 +239,7 @@ def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str,
     calibrate(prepared, layers, inputs, spec, seed=seed)
     if reconstruction is not None and reconstruction.learns:
         torch.manual_seed(seed)
-        units = reconstruct(prepared, layers, torch.from_numpy(inputs), reconstruction, seed=seed, device=device)
+        units = reconstruct(prepared, layers, torch.from_numpy(inputs), reconstruction, seed=seed, device=device, matmuls=quantized_matmuls(prepared))
         if report is not None:
             report.extend(units)
     return prepared
@@ -222,6 +284,7 @@ def run(model: str | LoadedModel | None, calib: str | Path, out: str | Path, *, 
         "model": {"source": loaded.source, "arch": loaded.arch, "classes": list(loaded.classes), "preprocess": loaded.preprocess.to_dict(), "note": loaded.note},
         "layers": quantized_layer_names(quantized),
         "layer_bits": {name: [m.weight_bits, m.act_bits] for name, m in quantized.named_modules() if isinstance(m, QuantizedLayer)},
+        "matmuls": list(quantized_matmuls(quantized)),
         "calibration_images": len(inputs),
         "seconds": round(time.perf_counter() - began, 2),
         "reconstruction": units,

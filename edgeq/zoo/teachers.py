@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import MatMul
+
 
 class BasicBlock(nn.Module):
     """ResNet basic block: two 3x3 convs with BatchNorm, and a 1x1 projection when the shape changes."""
@@ -101,6 +103,7 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
+        self.scores, self.context = MatMul(), MatMul()  # modules, so that their inputs can be quantized
 
     def _split(self, x, batch, tokens):
         return x.reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
@@ -108,8 +111,8 @@ class Attention(nn.Module):
     def forward(self, x):
         batch, tokens, dim = x.shape
         q, k, v = (self._split(f(x), batch, tokens) for f in (self.q, self.k, self.v))
-        weights = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
-        return self.proj(torch.matmul(weights, v).transpose(1, 2).reshape(batch, tokens, dim))
+        weights = torch.softmax(self.scores(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
+        return self.proj(self.context(weights, v).transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class EncoderBlock(nn.Module):
