@@ -268,7 +268,8 @@ Examples:
                                              "(1024 real images the zoo's Fashion-MNIST models know: split A).")
 @click.option("--bits", callback=_bits, default="w4a4", show_default=True,
               help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...), or a JSON spec file "
-                   "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits).")
+                   "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits, weight_symmetric).")
+@click.option("--asymmetric-weights", is_flag=True, help="Per-channel weight zero points (default: symmetric, zero point 0).")
 @click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True,
               help="rtn: round to nearest; adaround: learned rounding layer by layer; brecq: block by block, with learned "
                    "activation steps; qdrop: brecq with random dropping of activation quantization.")
@@ -286,7 +287,8 @@ Examples:
 @allow_pickle_option
 @_output_option("Output folder for the quantized model.")
 @friendly_errors
-def quantize(model, calib, bits, method, iters, time_budget, loss, drop_prob, round_weight, device, num_images, seed, classes_file, allow_pickle, out):
+def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget, loss, drop_prob, round_weight, device, num_images, seed, classes_file,
+             allow_pickle, out):
     """Quantize MODEL (default: the zoo ResNet) at --bits, calibrated on --calib.
 
     Per-channel symmetric weights with MSE-searched steps, per-tensor activations; the first
@@ -297,6 +299,10 @@ def quantize(model, calib, bits, method, iters, time_budget, loss, drop_prob, ro
     from edgeq.reconstruction import ReconstructionConfig
     from edgeq.stages import quantize as quantize_stage
 
+    import dataclasses
+
+    if asymmetric_weights:
+        bits = dataclasses.replace(bits, weight_symmetric=False)
     config = ReconstructionConfig(method=method, iters=iters, time_budget=time_budget, loss=loss, drop_prob=drop_prob, round_weight=round_weight)
     quantize_stage.run(model, calib, out, bits=bits, num_images=num_images, seed=seed, allow_pickle=allow_pickle, classes_file=classes_file,
                        reconstruction=config, device=device)

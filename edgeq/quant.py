@@ -59,6 +59,40 @@ def weight_scales(weight: torch.Tensor, bits: int, observer: Observer) -> torch.
     return best_scale
 
 
+def weight_qparams(weight: torch.Tensor, bits: int, observer: Observer, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (scales, zero points) for weights on the signed levels -2^(b-1) .. 2^(b-1)-1.
+
+    Symmetric: zero points 0 (:func:`weight_scales`). Asymmetric: each channel's range
+    [min(w, 0), max(w, 0)] is spread over all 2^b levels with an integer zero point, which
+    wastes no level on a lopsided channel; ``mse`` shrinks the range per channel for the
+    least squared error. Integer kernels then subtract zero point × input sums.
+    """
+    if symmetric:
+        scales = weight_scales(weight, bits, observer)
+        return scales, torch.zeros_like(scales)
+    qmin, qmax = signed_range(bits)
+    flat = weight.detach().reshape(weight.shape[0], -1).float()
+    low, high = flat.amin(1).clamp_max(0), flat.amax(1).clamp_min(0)
+
+    def qparams(fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = ((high - low) * fraction / (qmax - qmin)).clamp_min(_MIN_SCALE)
+        zero_point = torch.clamp(torch.round(qmin - low * fraction / scale), qmin, qmax)
+        return scale, zero_point
+
+    best_scale, best_zero = qparams(1.0)
+    if observer is Observer.MINMAX:
+        return best_scale, best_zero
+    best_error = torch.full_like(best_scale, float("inf"))
+    for fraction in torch.linspace(1.0, 0.05, _SEARCH_POINTS).tolist():
+        scale, zero_point = qparams(fraction)
+        error = (fake_quantize(flat, scale[:, None], zero_point[:, None], qmin, qmax) - flat).pow(2).sum(1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero_point, best_zero)
+    return best_scale, best_zero
+
+
 def activation_qparams(samples: torch.Tensor, low: float, high: float, bits: int, observer: Observer) -> tuple[float, int]:
     """Per-tensor unsigned (scale, zero_point) from the observed range [low, high] and a sample.
 

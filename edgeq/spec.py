@@ -58,6 +58,9 @@ class QuantSpec:
     # accuracy per bit and cost the least compute, so both keep 8-bit weights and inputs,
     # as in BRECQ and QDrop. None: every layer at weight_bits/act_bits.
     first_last_bits: int | None = 8
+    # Weights symmetric around zero (zero point 0: the cheapest integer kernels), or
+    # asymmetric with a per-channel zero point (all levels used on lopsided channels).
+    weight_symmetric: bool = True
 
     def __post_init__(self):
         checks = [("weight", self.weight_bits), ("activation", self.act_bits)]
@@ -100,6 +103,7 @@ class QuantSpec:
             "weight_observer": self.weight_observer.value,
             "act_observer": self.act_observer.value,
             "first_last_bits": self.first_last_bits,
+            "weight_symmetric": self.weight_symmetric,
         }
 
     @classmethod
@@ -111,6 +115,7 @@ class QuantSpec:
                 weight_observer=data.get("weight_observer", Observer.MSE),
                 act_observer=data.get("act_observer", Observer.MSE),
                 first_last_bits=data.get("first_last_bits", 8),
+                weight_symmetric=bool(data.get("weight_symmetric", True)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgeqError(f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()") from None

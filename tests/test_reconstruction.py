@@ -217,3 +217,26 @@ def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp
     compiled = compile_stage.run(exported, tmp_path / "c", target="x86")
     report = verify_stage.run(compiled, tmp_path / "v", data="fashion-mnist:test", num_images=100, latency_runs=0)
     assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
+
+
+def test_asymmetric_weights_learn_export_and_compile(tmp_path):
+    import dataclasses
+
+    from edgeq.spec import QuantSpec
+    from edgeq.stages import compile as compile_stage
+    from edgeq.stages import verify as verify_stage
+
+    spec = dataclasses.replace(QuantSpec.parse("w2a4"), weight_symmetric=False)
+    folder = quantize.run(TINY, "fashion-mnist:A", tmp_path / "q", bits=spec, num_images=32, reconstruction=ReconstructionConfig(method="brecq", iters=20))
+    model, _, loaded_spec, _ = quantize.load(folder)
+    assert loaded_spec.weight_symmetric is False
+    zero_points = model.get_submodule("down1.0").weight_zero_point
+    assert zero_points.abs().sum() > 0 and zero_points.min() >= -2 and zero_points.max() <= 1
+    exported = export.run(folder, tmp_path / "e")
+    from edgeq.manifest import Manifest
+
+    check = Manifest.load(exported, "export").extra["onnxruntime_check"]
+    assert check["quantizer_max_lsb"] == 0 and check["layer_max_rel_error"] < 1e-5 and check["top1_agreement"] == 1.0
+    compiled = compile_stage.run(exported, tmp_path / "c", target="x86")
+    report = verify_stage.run(compiled, tmp_path / "v", data="fashion-mnist:test", num_images=100, latency_runs=0)
+    assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3

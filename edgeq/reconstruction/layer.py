@@ -18,7 +18,8 @@ class LayerLearning:
 
     def __init__(self, layer, *, learn_rounding: bool, learn_act: bool, drop_prob: float, generator: torch.Generator | None):
         weight = layer.layer.weight.detach()
-        self.rounding = AdaRound(weight, quant.channel_view(layer.weight_scale, weight), *layer.weight_range) if learn_rounding else None
+        self.rounding = (AdaRound(weight, quant.channel_view(layer.weight_scale, weight), *layer.weight_range, zero_point=layer.channel_zero_point())
+                         if learn_rounding else None)
         self.activation = LearnedActivation(layer.act_scale.item(), int(layer.act_zero_point.item()), layer.act_range[1], learn_scale=learn_act)
         self.drop_prob = drop_prob
         self.generator = generator
@@ -35,7 +36,7 @@ class LayerLearning:
             return layer.dequantized_weight()
         if self.active:
             return self.rounding.soft_weight()
-        return self.rounding.hard_codes() * self.rounding.scale
+        return self.rounding.hard_weight()
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.activation(x)

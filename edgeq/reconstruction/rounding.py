@@ -2,8 +2,10 @@
 
 Each weight w with channel scale s is split into floor(w/s) and a learned offset h(V) in [0, 1]:
 
-    w_soft = s * clamp(floor(w/s) + h(V), qmin, qmax)      during reconstruction
-    w_hard = s * clamp(floor(w/s) + [V >= 0], qmin, qmax)  afterwards (h(V) >= 0.5 <=> V >= 0)
+    w_soft = s * (clamp(floor(w/s) + z + h(V), qmin, qmax) - z)      during reconstruction
+    w_hard = s * (clamp(floor(w/s) + z + [V >= 0], qmin, qmax) - z)  afterwards (h(V) >= 0.5 <=> V >= 0)
+
+(z: the channel's zero point, 0 for symmetric weights).
 
 h is the rectified sigmoid clamp(sigmoid(V)·(ζ-γ) + γ, 0, 1) with ζ = 1.1, γ = -0.1, whose
 stretch lets h reach exactly 0 and 1. V starts where h(V) equals the fractional part of
@@ -22,19 +24,23 @@ GAMMA, ZETA = -0.1, 1.1
 class AdaRound:
     """The learned rounding of one weight tensor; ``v`` is the only trainable tensor."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, zero_point: torch.Tensor | float = 0.0):
         scaled = weight.detach() / scale
-        self.floor = torch.floor(scaled)
+        rest = (scaled - torch.floor(scaled)).clamp(1e-6, 1 - 1e-6)
+        self.floor = torch.floor(scaled) + zero_point  # codes are floor(w/s) + zero point + offset
         self.scale = scale.detach()
+        self.zero_point = zero_point
         self.qmin, self.qmax = qmin, qmax
-        rest = (scaled - self.floor).clamp(1e-6, 1 - 1e-6)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
 
     def offset(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
     def soft_weight(self) -> torch.Tensor:
-        return torch.clamp(self.floor + self.offset(), self.qmin, self.qmax) * self.scale
+        return (torch.clamp(self.floor + self.offset(), self.qmin, self.qmax) - self.zero_point) * self.scale
+
+    def hard_weight(self) -> torch.Tensor:
+        return (self.hard_codes() - self.zero_point) * self.scale
 
     def hard_codes(self) -> torch.Tensor:
         return torch.clamp(self.floor + (self.v.detach() >= 0).to(self.floor.dtype), self.qmin, self.qmax)
@@ -44,6 +50,8 @@ class AdaRound:
 
     def to(self, device) -> AdaRound:
         self.floor, self.scale = self.floor.to(device), self.scale.to(device)
+        if isinstance(self.zero_point, torch.Tensor):
+            self.zero_point = self.zero_point.to(device)
         self.v.data = self.v.data.to(device)
         return self
 

@@ -157,7 +157,7 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
             graph.initializer.extend([
                 integer_tensor(f"{tag}.weight_q", codes, layer.weight_bits, signed=True),
                 numpy_helper.from_array(layer.weight_scale.numpy().astype(np.float32), f"{tag}.weight_scale"),
-                integer_tensor(f"{tag}.weight_zero_point", np.zeros(codes.shape[axis], np.int8), layer.weight_bits, signed=True),
+                integer_tensor(f"{tag}.weight_zero_point", layer.weight_zero_point.numpy().astype(np.int8), layer.weight_bits, signed=True),
             ])
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.weight_q", f"{tag}.weight_scale", f"{tag}.weight_zero_point"], [weight_name], name=f"{tag}/weight_dq", axis=axis))
             replaced.add(weight_name)

@@ -52,6 +52,7 @@ class QuantizedLayer(nn.Module):
         out_channels = layer.weight.shape[0]
         self.register_buffer("weight_int", torch.zeros_like(layer.weight, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("weight_zero_point", torch.zeros(out_channels, dtype=torch.int8))  # 0 unless weights are asymmetric
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
         self.bypass = False  # True: run the float layer (while observing calibration ranges)
@@ -65,14 +66,19 @@ class QuantizedLayer(nn.Module):
     def act_range(self) -> tuple[int, int]:
         return quant.unsigned_range(self.act_bits)
 
-    def set_weight_scale(self, scale: torch.Tensor) -> None:
+    def set_weight_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Set the per-channel scales (and zero points) and round the weights to nearest."""
         weight = self.layer.weight.detach()
         self.weight_scale.copy_(scale)
-        codes = quant.quantize(weight, quant.channel_view(scale, weight), 0, *self.weight_range)
+        self.weight_zero_point.copy_(torch.zeros_like(scale) if zero_point is None else zero_point)
+        codes = quant.quantize(weight, quant.channel_view(scale, weight), self.channel_zero_point(), *self.weight_range)
         self.weight_int.copy_(codes.to(torch.int8))
 
+    def channel_zero_point(self) -> torch.Tensor:
+        return quant.channel_view(self.weight_zero_point.float(), self.weight_int)
+
     def dequantized_weight(self) -> torch.Tensor:
-        return quant.dequantize(self.weight_int.float(), quant.channel_view(self.weight_scale, self.weight_int), 0)
+        return quant.dequantize(self.weight_int.float(), quant.channel_view(self.weight_scale, self.weight_int), self.channel_zero_point())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return quant.fake_quantize(x, self.act_scale, self.act_zero_point.float(), *self.act_range)
@@ -165,7 +171,7 @@ def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[n
 def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.ndarray, spec: QuantSpec, *, seed: int = 0, batch_size: int = 32) -> None:
     """Set every layer's weight scales and input range from the float model's activations."""
     for layer in layers.values():
-        layer.set_weight_scale(quant.weight_scales(layer.layer.weight, layer.weight_bits, spec.weight_observer))
+        layer.set_weight_qparams(*quant.weight_qparams(layer.layer.weight, layer.weight_bits, spec.weight_observer, spec.weight_symmetric))
 
     generator = torch.Generator().manual_seed(seed)
     stats = {name: {"low": float("inf"), "high": float("-inf"), "samples": []} for name in layers}
