@@ -1,11 +1,11 @@
 """The kernel references agree with each other bit for bit, and requantization with onnxruntime's QDQ graph."""
 import numpy as np
 import onnx
+from edgeq.kernels import reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from edgeq.kernels import reference
 from edgeq.stages import export
 
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 70), st.integers(1, 17))
