@@ -65,8 +65,3 @@ def beta_schedule(iteration: int, total: int, warmup: float, start: float, end: 
     progress = (iteration - first) / max(total - first, 1)
     return end + (start - end) * max(0.0, 1.0 - progress)
 
-
-def fraction_changed(rounding: AdaRound, weight: torch.Tensor) -> float:
-    """Share of weights whose learned rounding differs from round-to-nearest (a diagnostic)."""
-    nearest = torch.clamp(torch.round(weight.detach() / rounding.scale), rounding.qmin, rounding.qmax)
-    return float((rounding.hard_codes() != nearest).float().mean())

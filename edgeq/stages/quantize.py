@@ -244,7 +244,6 @@ def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str,
     prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
     if reconstruction is not None and reconstruction.learns:
-        torch.manual_seed(seed)
         units = reconstruct(prepared, layers, torch.from_numpy(inputs), reconstruction, seed=seed, device=device, matmuls=quantized_matmuls(prepared))
         if report is not None:
             report.extend(units)
