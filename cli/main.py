@@ -185,8 +185,7 @@ def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha,
 
     options = PromptOptions(fusion=fusion, mix_k=mix_k, mix_alpha=mix_alpha, mix_template=mix_template)
     filtering = FilterOptions(method=filter_method, keep=filter_keep)
-    needs_model = (not classes_file or strategy in ("bn-inversion", None) or (strategy == "noise" and size is None)
-                   or filtering.enabled)
+    needs_model = model is not None or not classes_file or strategy == "bn-inversion" or (strategy == "noise" and size is None) or filtering.enabled
     loaded = load_model(model, allow_pickle=allow_pickle) if needs_model else None
     classes = read_classes(classes_file) if classes_file else loaded.classes
     generator, strategy = synth_stage.choose_source(loaded, generator, strategy)

@@ -94,4 +94,6 @@ def test_synth_without_a_generator_for_the_model(monkeypatch, capsys, tmp_path):
     classes.write_text("cat\ndog\n")
     _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "--strategy", "mixup", "--classes", str(classes), "-o", str(tmp_path / "o")),
                            "needs a text-to-image generator", "--generator")
+    # Class names alone say nothing of which generator knows them: no default model or generator is assumed.
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "--classes", str(classes), "-o", str(tmp_path / "o")), "needs a text-to-image generator")
     assert not (tmp_path / "o").exists()
