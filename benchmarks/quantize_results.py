@@ -26,6 +26,7 @@ from edgeq.data import resolve_dataset
 from edgeq.evaluate import predict
 from edgeq.models import load_model
 from edgeq.reconstruction import ReconstructionConfig
+from edgeq.spec import QuantSpec
 from edgeq.stages import quantize
 
 METHOD_NAMES = {"fp": "full precision", "rtn": "round-to-nearest", "adaround": "AdaRound (layer by layer)", "brecq": "BRECQ (blocks, LSQ steps)",
@@ -56,7 +57,7 @@ def measure(models, bits_list, methods, iters: int, calib_images: int, path: Pat
                 config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters)
                 module = quantize.quantize_module(loaded.module, calib_inputs, bits, seed=0, reconstruction=config)
                 entry = {"model": name, "bits": bits, "method": method, "top1": top1(module), "seconds": round(time.perf_counter() - began, 1),
-                         "iters": 0 if method == "rtn" else iters}
+                         "iters": 0 if method == "rtn" else iters, "spec": QuantSpec.load(bits).to_dict()}
                 results["entries"][_key(name, bits, method)] = entry
                 print(f"{name} {bits} {method}: top-1 {entry['top1']:.2%} ({entry['seconds']:.0f} s)", flush=True)
                 if path:

@@ -267,7 +267,7 @@ Examples:
                                              "(1024 real images the zoo's Fashion-MNIST models know: split A).")
 @click.option("--bits", callback=_bits, default="w4a4", show_default=True,
               help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...), or a JSON spec file "
-                   "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits, weight_symmetric).")
+                   "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits, weight_symmetric, attention_bits).")
 @click.option("--asymmetric-weights", is_flag=True, help="Per-channel weight zero points (default: symmetric, zero point 0).")
 @click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True,
               help="rtn: round to nearest; adaround: learned rounding layer by layer; brecq: block by block, with learned "

@@ -61,11 +61,17 @@ class QuantSpec:
     # Weights symmetric around zero (zero point 0: the cheapest integer kernels), or
     # asymmetric with a per-channel zero point (all levels used on lopsided channels).
     weight_symmetric: bool = True
+    # Both inputs of a product of two activations (a ViT's Q·Kᵀ and softmax·V): the softmax
+    # output and the attention scores are the activations a ViT is most sensitive to, so
+    # they keep 8 bits by default. None: act_bits.
+    attention_bits: int | None = 8
 
     def __post_init__(self):
         checks = [("weight", self.weight_bits), ("activation", self.act_bits)]
         if self.first_last_bits is not None:
             checks.append(("first/last layer", self.first_last_bits))
+        if self.attention_bits is not None:
+            checks.append(("attention", self.attention_bits))
         for what, bits in checks:
             if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
                 raise EdgeqError(f"invalid {what} bit width {bits!r}", f"expected {SPEC_FORM}")
@@ -104,6 +110,7 @@ class QuantSpec:
             "act_observer": self.act_observer.value,
             "first_last_bits": self.first_last_bits,
             "weight_symmetric": self.weight_symmetric,
+            "attention_bits": self.attention_bits,
         }
 
     @classmethod
@@ -116,6 +123,7 @@ class QuantSpec:
                 act_observer=data.get("act_observer", Observer.MSE),
                 first_last_bits=data.get("first_last_bits", 8),
                 weight_symmetric=bool(data.get("weight_symmetric", True)),
+                attention_bits=data.get("attention_bits", 8),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgeqError(f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()") from None
@@ -125,6 +133,11 @@ class QuantSpec:
         if edge and self.first_last_bits is not None:
             return max(self.weight_bits, self.first_last_bits), max(self.act_bits, self.first_last_bits)
         return self.weight_bits, self.act_bits
+
+    @property
+    def matmul_act_bits(self) -> int:
+        """Bits of both inputs of an activation-by-activation matmul."""
+        return self.act_bits if self.attention_bits is None else max(self.act_bits, self.attention_bits)
 
     @classmethod
     def load(cls, text: str) -> QuantSpec:

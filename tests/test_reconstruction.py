@@ -205,7 +205,7 @@ def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp
     model, _loaded, _, manifest = quantize.load(folder)
     assert manifest.extra["matmuls"] == ["blocks.0.attn.scores", "blocks.0.attn.context"]
     scores = model.get_submodule("blocks.0.attn.scores")
-    assert scores.act_bits == 4 and torch.all(scores.act_scale > 0) and not torch.equal(scores.act_scale, torch.ones(2))
+    assert scores.act_bits == 8 and torch.all(scores.act_scale > 0) and not torch.equal(scores.act_scale, torch.ones(2))  # attention_bits
     exported = export.run(folder, tmp_path / "e")
     from edgeq.manifest import Manifest
 

@@ -49,7 +49,8 @@ def test_first_and_last_layer_bits_round_trip_and_load_from_a_file(tmp_path):
     path.write_text(json.dumps({"weight_bits": 3, "act_bits": 4, "first_last_bits": 6}))
     assert QuantSpec.load(str(path)) == QuantSpec(3, 4, first_last_bits=6)
     assert QuantSpec.from_dict({"weight_bits": 2, "act_bits": 4}).first_last_bits == 8  # manifests made before the field
-    asymmetric = QuantSpec(2, 4, weight_symmetric=False)
+    assert spec.matmul_act_bits == 8 and QuantSpec(2, 4, attention_bits=None).matmul_act_bits == 4
+    asymmetric = QuantSpec(2, 4, weight_symmetric=False, attention_bits=6)
     assert QuantSpec.from_json(asymmetric.to_json()) == asymmetric and QuantSpec.parse("w2a4").weight_symmetric
     with pytest.raises(EdgeqError, match="spec file not found"):
         QuantSpec.load(str(tmp_path / "missing.json"))

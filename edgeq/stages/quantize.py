@@ -163,7 +163,7 @@ def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[n
     for name, module in list(folded.named_modules()):
         if isinstance(module, MatMul):
             parent_name, _, leaf = name.rpartition(".")
-            setattr(folded.get_submodule(parent_name) if parent_name else folded, leaf, QuantizedMatMul(module, spec.act_bits))
+            setattr(folded.get_submodule(parent_name) if parent_name else folded, leaf, QuantizedMatMul(module, spec.matmul_act_bits))
     return folded, wrapped
 
 
