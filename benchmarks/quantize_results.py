@@ -14,6 +14,7 @@ the markdown table of one or more such files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -37,7 +38,12 @@ def _key(model: str, bits: str, method: str) -> str:
     return f"{model}/{bits}/{method}"
 
 
-def measure(models, bits_list, methods, iters: int, calib_images: int, path: Path | None) -> dict:
+def spec_for(bits: str, attention_at_act_bits: bool) -> QuantSpec:
+    spec = QuantSpec.load(bits)
+    return dataclasses.replace(spec, attention_bits=None) if attention_at_act_bits else spec
+
+
+def measure(models, bits_list, methods, iters: int, calib_images: int, path: Path | None, attention_at_act_bits: bool = False) -> dict:
     results = json.loads(path.read_text()) if path and path.exists() else {"entries": {}}
     calibration = resolve_dataset("fashion-mnist:A").subset(calib_images)
     test = resolve_dataset("fashion-mnist:test")
@@ -55,9 +61,10 @@ def measure(models, bits_list, methods, iters: int, calib_images: int, path: Pat
             for method in methods:
                 began = time.perf_counter()
                 config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters)
-                module = quantize.quantize_module(loaded.module, calib_inputs, bits, seed=0, reconstruction=config)
+                spec = spec_for(bits, attention_at_act_bits)
+                module = quantize.quantize_module(loaded.module, calib_inputs, spec, seed=0, reconstruction=config)
                 entry = {"model": name, "bits": bits, "method": method, "top1": top1(module), "seconds": round(time.perf_counter() - began, 1),
-                         "iters": 0 if method == "rtn" else iters, "spec": QuantSpec.load(bits).to_dict()}
+                         "iters": 0 if method == "rtn" else iters, "spec": spec.to_dict()}
                 results["entries"][_key(name, bits, method)] = entry
                 print(f"{name} {bits} {method}: top-1 {entry['top1']:.2%} ({entry['seconds']:.0f} s)", flush=True)
                 if path:
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2000)
     parser.add_argument("--calib-images", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--attention-at-act-bits", action="store_true", help="quantize attention matmul inputs at the activation bits, not 8")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the table of these result files and exit")
     args = parser.parse_args()
@@ -103,7 +111,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     np.random.seed(0)
-    results = measure(args.models.split(","), args.bits.split(","), args.methods.split(","), args.iters, args.calib_images, args.json)
+    results = measure(args.models.split(","), args.bits.split(","), args.methods.split(","), args.iters, args.calib_images, args.json,
+                      args.attention_at_act_bits)
     print(table(results["entries"]))
 
 
