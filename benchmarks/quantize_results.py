@@ -52,9 +52,9 @@ def measure(models, bits_list, methods, iters: int, calib_images: int, path: Pat
         test_inputs = loaded.preprocess(test.images)
         calib_inputs = loaded.preprocess(calibration.images)
 
-        def top1(module) -> float:
+        def top1(module, inputs=test_inputs) -> float:
             with torch.no_grad():
-                return float((predict(module, test_inputs).argmax(1) == test.labels).mean())
+                return float((predict(module, inputs).argmax(1) == test.labels).mean())
 
         results["entries"][_key(name, "fp", "fp")] = {"model": name, "bits": "fp", "method": "fp", "top1": top1(loaded.module.eval()), "seconds": 0.0}
         for bits in bits_list:
