@@ -83,3 +83,30 @@ def requantize(acc: np.ndarray, a_scale: float, w_scale: np.ndarray, bias: np.nd
         y = np.maximum(y, np.float32(0))
     codes = np.rint(y / np.float32(out_scale)) + out_zero
     return np.clip(codes, 0, 2**out_bits - 1).astype(np.uint8)
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, x_zero: int, stride: tuple[int, int], pads: tuple[int, int, int, int], depthwise: bool = False) -> np.ndarray:
+    """acc (out_h, out_w, N) int32 of a convolution over NHWC codes ``x`` (H, W, C) and weights ``w`` (N, C or 1, kh, kw)."""
+    x64 = np.asarray(x, np.int64) - int(x_zero)
+    x64 = np.pad(x64, ((pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))  # padding is real zero, i.e. the zero point in codes
+    n, _, kh, kw = w.shape
+    out_h = (x64.shape[0] - kh) // stride[0] + 1
+    out_w = (x64.shape[1] - kw) // stride[1] + 1
+    acc = np.zeros((out_h, out_w, n), np.int64)
+    w64 = np.asarray(w, np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x64[i: i + stride[0] * (out_h - 1) + 1: stride[0], j: j + stride[1] * (out_w - 1) + 1: stride[1], :]  # (oh, ow, C)
+            acc += patch * w64[:, 0, i, j] if depthwise else patch @ w64[:, :, i, j].T
+    return acc.astype(np.int32)
+
+
+def epilogue(acc: np.ndarray, multiplier: np.ndarray, bias: np.ndarray, residual: np.ndarray | None, clamp: tuple[float, float],
+             out_scale: float, out_zero: int, out_qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float y, codes) from accumulators, as the kernels' fused epilogue computes them in float32."""
+    y = acc.astype(np.float32) * np.asarray(multiplier, np.float32) + np.asarray(bias, np.float32)
+    if residual is not None:
+        y = y + np.asarray(residual, np.float32)
+    y = np.clip(y, np.float32(max(clamp[0], -3.0e38)), np.float32(min(clamp[1], 3.0e38))).astype(np.float32)
+    codes = np.clip(np.rint(y / np.float32(out_scale)) + out_zero, 0, out_qmax).astype(np.uint8)
+    return y, codes

@@ -1,13 +1,21 @@
 """Stage 4, compile: a TVM (Relax) module for a target, from an export folder.
 
-The QDQ model is lowered to 8-bit containers plus Clips (see :mod:`edgeq.lowering`),
-imported with TVM's ONNX frontend at batch size 1, built for the target's TVM target
-and linked into ``module.so`` (with the target's cross compiler for arm64).
+Two paths, chosen per model:
+
+* kernels (default when the graph allows): the quantized layers become calls of edgeq's
+  bit-packed low-bit C kernels (:mod:`edgeq.kernels.graph`), compiled for the target's
+  instruction set and linked into ``module.so`` beside TVM's code;
+* generic: the QDQ model is lowered to 8-bit containers plus Clips (see
+  :mod:`edgeq.lowering`) and imported with TVM's ONNX frontend.
+
+Both build at batch size 1 for the target's TVM target and link with the target's cross
+compiler for arm64.
 """
 from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 from pathlib import Path
 
 import onnx
@@ -23,8 +31,76 @@ log = logging.getLogger(__name__)
 MODULE_FILE = "module.so"
 
 
-def build(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path) -> None:
-    """Lower, import, build and link ``onnx_model`` for ``target`` into the shared library ``out_path``."""
+KERNEL_MODES = ("auto", "on", "off")
+
+
+def kernel_toolchain(target: Target) -> tuple[str, str, list[str]]:
+    """C compiler, C++ compiler and flags for building the kernels for ``target``."""
+    from edgeq.kernels import native
+
+    if target.cross_compiler:
+        c_compiler = target.cross_compiler
+        cxx_compiler = c_compiler[: -len("gcc")] + "g++" if c_compiler.endswith("gcc") else c_compiler
+    else:
+        c_compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
+        cxx_compiler = shutil.which("g++") or shutil.which("c++") or "c++"
+    for tool in (c_compiler, cxx_compiler):
+        if shutil.which(tool) is None:
+            raise EdgeqError(f"compiler {tool} not found", "install gcc and g++ (for arm64: sudo apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+    mcpu = target.tvm_target.get("mcpu")
+    return c_compiler, cxx_compiler, native.compile_flags(target.arch, target.cpu_features, mcpu)
+
+
+def build_with_kernels(plan, target: Target, out_path: Path) -> None:
+    """Compile a kernel plan (see :mod:`edgeq.kernels.graph`) into ``out_path``."""
+    import tempfile
+
+    import tvm
+    import tvm_ffi.libinfo
+    from edgeq.kernels import graph, native
+
+    c_compiler, cxx_compiler, flags = kernel_toolchain(target)
+    executable = tvm.compile(graph.to_relax(plan), target=target.tvm())
+    with tempfile.TemporaryDirectory() as tmp:
+        kernels_obj = native.build_object(c_compiler, flags, Path(tmp) / "edgeq_kernels.o")
+        ffi_obj = Path(tmp) / "edgeq_ffi.o"
+        command = [cxx_compiler, *[f for f in flags if f != "-fno-math-errno"], "-std=c++17", "-I", tvm_ffi.libinfo.find_include_path(),
+                   "-I", str(native.SOURCE_DIR), "-c", str(native.FFI_SOURCE), "-o", str(ffi_obj)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise EdgeqError(f"compiling the kernel entry points failed: {result.stderr.strip().splitlines()[-1:]}", "check the C++ compiler")
+        from tvm.support.cc import cross_compiler
+
+        # linked by the C++ driver: the entry points need libstdc++, the kernels libgomp
+        fcompile = cross_compiler(cxx_compiler, options=["-fopenmp"])
+        executable.export_library(str(out_path), fcompile=fcompile, addons=[str(kernels_obj), str(ffi_obj)])
+
+
+def build(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path, *, kernels: str = "auto") -> dict:
+    """Build and link ``onnx_model`` for ``target`` into the shared library ``out_path``; returns how (kernels or generic)."""
+    if kernels not in KERNEL_MODES:
+        raise EdgeqError(f"unknown kernel mode {kernels!r}", f"choose one of: {', '.join(KERNEL_MODES)}")
+    if kernels != "off":
+        from edgeq.kernels import graph, native
+
+        try:
+            plan = graph.build_plan(onnx_model, native.layout_for(target.arch, target.cpu_features))
+        except graph.Unsupported as exc:
+            if kernels == "on":
+                raise EdgeqError(f"the model cannot run on edgeq's kernels: {exc}", "compile with --kernels auto (falls back to TVM's generic code)") from None
+            log.info("low-bit kernels not used (%s); compiling with TVM's generic code", exc)
+            reason = str(exc)
+        else:
+            build_with_kernels(plan, target, out_path)
+            return {"path": "kernels"} | plan.summary()
+    else:
+        reason = "disabled (--kernels off)"
+    build_generic(onnx_model, target, input_name, input_shape, out_path)
+    return {"path": "generic", "reason": reason}
+
+
+def build_generic(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path) -> None:
+    """Lower, import (TVM's ONNX frontend), build and link ``onnx_model``."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -50,7 +126,7 @@ def plan(export_dir: str | Path, target: Target) -> Manifest:
                     target=target.name, seed=source.seed)
 
 
-def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "x86") -> Path:
+def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "x86", kernels: str = "auto") -> Path:
     """Compile an export folder for ``target`` into ``out/module.so``."""
     target = get_target(target)
     manifest = plan(export_dir, target)
@@ -59,8 +135,8 @@ def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "x86"
     input_info = source.extra["input"]
     log.info("compiling for %s (%s)", target.name, target.description)
     with staged_folder(out) as tmp:
-        build(onnx_model, target, input_info["name"], input_info["shape"], tmp / MODULE_FILE)
-        manifest.extra = {"model": source.extra["model"], "input": input_info, "target": target.to_dict()}
+        how = build(onnx_model, target, input_info["name"], input_info["shape"], tmp / MODULE_FILE, kernels=kernels)
+        manifest.extra = {"model": source.extra["model"], "input": input_info, "target": target.to_dict(), "build": how}
         manifest.write(tmp)
     log.info("compiled module written to %s", Path(out) / MODULE_FILE)
     return Path(out)

@@ -1,0 +1,92 @@
+// TVM FFI entry points of the edgeq kernels, called from Relax with R.call_dps_packed
+// (destination-passing style: outputs come last, allocated by the VM). Linked into a
+// compiled module.so next to TVM's generated code, so the module needs nothing else at
+// run time. Integer parameters travel as one int32 tensor, floats as one float32 tensor,
+// in the order of edgeq_conv_params (see edgeq/kernels/graph.py, which writes them).
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/function.h>
+
+#include <cstring>
+
+#include "edgeq_kernels.h"
+
+namespace {
+
+using tvm::ffi::TensorView;
+
+template <typename T>
+T* data(const TensorView& t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t.data_ptr()));
+}
+
+enum ConvFlag { kHasResidual = 0, kDepthwise = 1 };
+constexpr int kConvInts = 21;  // integer fields of edgeq_conv_params
+
+edgeq_conv_params conv_params(const TensorView& ints, const TensorView& floats) {
+  TVM_FFI_ICHECK_EQ(ints.numel(), kConvInts + 2) << "edgeq conv: wrong integer parameter count";
+  TVM_FFI_ICHECK_EQ(floats.numel(), 3) << "edgeq conv: wrong float parameter count";
+  edgeq_conv_params p;
+  std::memcpy(&p, data<int32_t>(ints), sizeof(int32_t) * kConvInts);
+  const float* f = data<float>(floats);
+  p.out_scale = f[0];
+  p.clamp_min = f[1];
+  p.clamp_max = f[2];
+  return p;
+}
+
+void conv(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView ints, TensorView floats,
+          TensorView residual, float* out_float, uint8_t* out_codes) {
+  const edgeq_conv_params p = conv_params(ints, floats);
+  const int32_t* flags = data<int32_t>(ints) + kConvInts;
+  const float* res = flags[kHasResidual] ? data<float>(residual) : nullptr;
+  const int status = flags[kDepthwise]
+                         ? edgeq_depthwise_conv2d(&p, data<uint8_t>(x), data<uint8_t>(weights), data<float>(multiplier), data<float>(bias), res, out_float,
+                                                  out_codes)
+                         : edgeq_conv2d(&p, data<uint8_t>(x), data<uint8_t>(weights), data<int32_t>(wsum), data<float>(multiplier), data<float>(bias), res,
+                                        out_float, out_codes);
+  TVM_FFI_ICHECK_EQ(status, 0) << "edgeq conv kernel rejected its parameters";
+}
+
+void conv2d_float(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView ints, TensorView floats,
+                  TensorView residual, TensorView out) {
+  conv(x, weights, wsum, multiplier, bias, ints, floats, residual, data<float>(out), nullptr);
+}
+
+void conv2d_codes(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView ints, TensorView floats,
+                  TensorView residual, TensorView out) {
+  conv(x, weights, wsum, multiplier, bias, ints, floats, residual, nullptr, data<uint8_t>(out));
+}
+
+// ints: channels, pixels, nchw_input, zero, qmin, qmax; floats: scale
+void quantize(TensorView x, TensorView ints, TensorView floats, TensorView out) {
+  const int32_t* i = data<int32_t>(ints);
+  edgeq_quantize(data<float>(x), i[0], i[1], i[2], data<float>(floats)[0], i[3], i[4], i[5], data<uint8_t>(out));
+}
+
+// ints: in_h, in_w, c, out_h, out_w, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left
+void max_pool(TensorView x, TensorView ints, TensorView out) {
+  const int32_t* i = data<int32_t>(ints);
+  edgeq_max_pool(data<float>(x), i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8], i[9], i[10], data<float>(out));
+}
+
+// ints: pixels, c
+void global_average_pool(TensorView x, TensorView ints, TensorView out) {
+  const int32_t* i = data<int32_t>(ints);
+  edgeq_global_average_pool(data<float>(x), i[0], i[1], data<float>(out));
+}
+
+// floats: lo, hi
+void add_clamp(TensorView a, TensorView b, TensorView floats, TensorView out) {
+  const float* f = data<float>(floats);
+  edgeq_add_clamp(data<float>(a), b.numel() == a.numel() ? data<float>(b) : nullptr, a.numel(), f[0], f[1], data<float>(out));
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_conv2d_float, conv2d_float);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_conv2d_codes, conv2d_codes);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_quantize, quantize);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_max_pool, max_pool);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_global_average_pool, global_average_pool);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_add_clamp, add_clamp);

@@ -1,0 +1,430 @@
+/* edgeq low-bit CPU kernels. See edgeq_kernels.h for the data layouts.
+ *
+ * Why int16 accumulation: a 4-bit activation code times a 2-bit weight is at most 30 in
+ * magnitude, so sums of hundreds of products fit in 16 bits. On AVX2 that makes the inner
+ * step one vpmaddubsw plus one vpaddw per 32 multiply-adds, where an 8-bit kernel needs a
+ * third instruction (vpmaddwd) to widen every product pair before it can saturate. The
+ * int16 sums are widened to int32 once per chunk of k, with the chunk sized from the
+ * actual bound 15 * max|w| so no partial sum can overflow. Activations wider than 4 bits
+ * (first and last layers kept at 8 bits) are split into two nibble planes,
+ * x = 16 * hi + lo, and the same kernel runs on both.
+ *
+ * Each microkernel has a scalar reference (micro_scalar) in this file and a NumPy
+ * reference in edgeq/kernels/reference.py; the tests compare all three bit for bit.
+ */
+#include "edgeq_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_AVX2
+#define NB 32
+#define KG 2
+#define MR 4
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_SDOT
+#define NB 16
+#define KG 4
+#define MR 4
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_NEON
+#define NB 16
+#define KG 1
+#define MR 6
+#else
+#define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_NEON
+#define NB 16
+#define KG 1
+#define MR 6
+#define EDGEQ_SCALAR_ONLY 1
+#endif
+
+#define K_ALIGN 16
+#define NIBBLE_MAX 15
+
+int edgeq_layout(void) { return EDGEQ_THIS_LAYOUT; }
+
+/* The field width is a compile-time constant in each instance, so the loops vectorize
+ * (shift, mask, add over 32 contiguous bytes) on every target. */
+#define EDGEQ_UNPACK_FIXED(BITS)                                                        \
+  static void unpack_##BITS(const uint8_t* packed, int64_t groups, int8_t low, int8_t* out) { \
+    for (int64_t g = 0; g < groups; ++g) {                                              \
+      const uint8_t* src = packed + g * 32;                                             \
+      int8_t* dst = out + g * 32 * (8 / BITS);                                          \
+      for (int field = 0; field < 8 / BITS; ++field)                                    \
+        for (int i = 0; i < 32; ++i)                                                    \
+          dst[field * 32 + i] = (int8_t)((uint8_t)((src[i] >> (field * BITS)) & ((1 << BITS) - 1)) + (uint8_t)low); \
+    }                                                                                   \
+  }
+EDGEQ_UNPACK_FIXED(2)
+EDGEQ_UNPACK_FIXED(4)
+EDGEQ_UNPACK_FIXED(8)
+
+void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t low, int8_t* out) {
+  const int64_t groups = count / (32 * (8 / bits));
+  if (bits == 2) unpack_2(packed, groups, (int8_t)low, out);
+  else if (bits == 4) unpack_4(packed, groups, (int8_t)low, out);
+  else unpack_8(packed, groups, (int8_t)low, out);
+}
+
+/* Largest multiple of K_ALIGN such that chunk * NIBBLE_MAX * w_absmax fits int16. */
+static int32_t int16_chunk(int32_t w_absmax) {
+  int32_t chunk = 32767 / (NIBBLE_MAX * (w_absmax > 0 ? w_absmax : 1));
+  chunk -= chunk % K_ALIGN;
+  return chunk < K_ALIGN ? K_ALIGN : chunk;
+}
+
+/* c[r][n] = sum_k a_r[k] * panel(k, n) for one block of NB channels, k in [0, k_padded). */
+static void micro_scalar(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
+  for (int r = 0; r < MR; ++r) {
+    for (int n = 0; n < NB; ++n) {
+      int32_t sum = 0;
+      for (int32_t k = 0; k < k_padded; ++k) sum += (int32_t)a[r][k] * panel[(k / KG) * NB * KG + n * KG + k % KG];
+      c[r * NB + n] = sum;
+    }
+  }
+}
+
+#if defined(__AVX2__)
+/* Chunks of k: 4 rows x 32 channels of int16 sums in 8 registers (with the two weight
+ * vectors and the broadcast, 11 of 16: a 6-row tile makes GCC spill), widened into c. */
+static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
+  memset(c, 0, sizeof(int32_t) * MR * NB);
+  const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
+    const int32_t k1 = k0 + chunk < k_padded ? k0 + chunk : k_padded;
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    const int8_t* w = panel + (int64_t)k0 * NB;
+    for (int32_t k = k0; k < k1; k += 2, w += 2 * NB) {
+      const __m256i w0 = _mm256_load_si256((const __m256i*)w);
+      const __m256i w1 = _mm256_load_si256((const __m256i*)(w + 32));
+      __m256i x;
+#define EDGEQ_ROW(r)                                                                 \
+  x = _mm256_set1_epi16(*(const int16_t*)(a##r + k));                               \
+  c##r##0 = _mm256_add_epi16(c##r##0, _mm256_maddubs_epi16(x, w0));                 \
+  c##r##1 = _mm256_add_epi16(c##r##1, _mm256_maddubs_epi16(x, w1));
+      EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
+#undef EDGEQ_ROW
+    }
+    const __m256i rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int r = 0; r < MR; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        int32_t* out = c + r * NB + 16 * h;
+        const __m256i low = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
+        const __m256i high = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
+        _mm256_storeu_si256((__m256i*)out, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), low));
+        _mm256_storeu_si256((__m256i*)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), high));
+      }
+    }
+  }
+}
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
+  (void)chunk;
+  int32x4_t acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = vdupq_n_s32(0);
+  for (int32_t k = 0; k < k_padded; k += 16) {
+    int8x16_t x[MR];
+    for (int r = 0; r < MR; ++r) x[r] = vreinterpretq_s8_u8(vld1q_u8(a[r] + k));
+#define EDGEQ_SDOT_LANE(lane)                                                        \
+  {                                                                                  \
+    const int8_t* w = panel + (k + 4 * (lane)) * NB;                                 \
+    const int8x16_t w0 = vld1q_s8(w), w1 = vld1q_s8(w + 16), w2 = vld1q_s8(w + 32), \
+                    w3 = vld1q_s8(w + 48);                                           \
+    for (int r = 0; r < MR; ++r) {                                                   \
+      acc[r][0] = vdotq_laneq_s32(acc[r][0], w0, x[r], lane);                        \
+      acc[r][1] = vdotq_laneq_s32(acc[r][1], w1, x[r], lane);                        \
+      acc[r][2] = vdotq_laneq_s32(acc[r][2], w2, x[r], lane);                        \
+      acc[r][3] = vdotq_laneq_s32(acc[r][3], w3, x[r], lane);                        \
+    }                                                                                \
+  }
+    EDGEQ_SDOT_LANE(0) EDGEQ_SDOT_LANE(1) EDGEQ_SDOT_LANE(2) EDGEQ_SDOT_LANE(3)
+#undef EDGEQ_SDOT_LANE
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) vst1q_s32(c + r * NB + 4 * j, acc[r][j]);
+}
+#elif defined(__aarch64__)
+static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
+  int32x4_t wide[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) wide[r][j] = vdupq_n_s32(0);
+  for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
+    const int32_t k1 = k0 + chunk < k_padded ? k0 + chunk : k_padded;
+    int16x8_t acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vdupq_n_s16(0);
+    for (int32_t k = k0; k < k1; ++k) {
+      const int8x16_t w = vld1q_s8(panel + k * NB);
+      const int8x8_t w_low = vget_low_s8(w);
+      for (int r = 0; r < MR; ++r) {
+        const int8x8_t x = vdup_n_s8((int8_t)a[r][k]);
+        acc[r][0] = vmlal_s8(acc[r][0], x, w_low);
+        acc[r][1] = vmlal_high_s8(acc[r][1], vcombine_s8(x, x), w);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      wide[r][0] = vaddw_s16(wide[r][0], vget_low_s16(acc[r][0]));
+      wide[r][1] = vaddw_high_s16(wide[r][1], acc[r][0]);
+      wide[r][2] = vaddw_s16(wide[r][2], vget_low_s16(acc[r][1]));
+      wide[r][3] = vaddw_high_s16(wide[r][3], acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) vst1q_s32(c + r * NB + 4 * j, wide[r][j]);
+}
+#else
+static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
+  (void)chunk;
+  micro_scalar(a, panel, k_padded, c);
+}
+#endif
+
+/* Unpack one block's panel (NB * k_padded values) from the stored form. */
+static int8_t* block_panel(const uint8_t* packed, int32_t block, int32_t k_padded, int32_t bits, int32_t low) {
+  const int64_t values = (int64_t)NB * k_padded;
+  int8_t* panel = (int8_t*)aligned_alloc(64, (size_t)((values + 63) / 64 * 64));
+  if (panel) edgeq_unpack(packed + block * values * bits / 8, values, bits, low, panel);
+  return panel;
+}
+
+typedef struct {
+  const float *multiplier, *bias, *residual;
+  float *out_float, clamp_min, clamp_max, out_scale;
+  uint8_t* out_codes;
+  int32_t out_c, out_zero, out_qmin, out_qmax;
+} epilogue_args;
+
+/* Written as separate branch-free passes over the channels so the compiler vectorizes
+ * each (rintf becomes vroundps / frintx under -fno-math-errno). */
+static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* acc) {
+  const int64_t base = m * e->out_c + n0;
+  float y[NB > 64 ? NB : 64];
+  for (int32_t start = 0; start < count; start += 64) {
+    const int32_t len = count - start < 64 ? count - start : 64;
+    const float* mult = e->multiplier + n0 + start;
+    const float* bias = e->bias + n0 + start;
+    for (int32_t j = 0; j < len; ++j) y[j] = (float)acc[start + j] * mult[j] + bias[j];
+    if (e->residual) {
+      const float* res = e->residual + base + start;
+      for (int32_t j = 0; j < len; ++j) y[j] += res[j];
+    }
+    const float lo = e->clamp_min, hi = e->clamp_max;
+    for (int32_t j = 0; j < len; ++j) y[j] = y[j] < lo ? lo : (y[j] > hi ? hi : y[j]);
+    if (e->out_float) memcpy(e->out_float + base + start, y, sizeof(float) * (size_t)len);
+    if (e->out_codes) {
+      uint8_t* codes = e->out_codes + base + start;
+      const float scale = e->out_scale, zero = (float)e->out_zero, qmin = (float)e->out_qmin, qmax = (float)e->out_qmax;
+      int32_t j = 0;
+#if defined(__AVX2__)
+      const __m256 vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero), vmin = _mm256_set1_ps(qmin), vmax = _mm256_set1_ps(qmax);
+      for (; j + 8 <= len; j += 8) {
+        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzero), vmin), vmax);
+        const __m256i q32 = _mm256_cvtps_epi32(q);
+        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+        _mm_storel_epi64((__m128i*)(codes + j), _mm_packus_epi16(q16, q16));
+      }
+#elif defined(__aarch64__)
+      const float32x4_t vscale = vdupq_n_f32(scale), vzero = vdupq_n_f32(zero), vmin = vdupq_n_f32(qmin), vmax = vdupq_n_f32(qmax);
+      for (; j + 8 <= len; j += 8) {
+        float32x4_t q0 = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(y + j), vscale)), vzero);
+        float32x4_t q1 = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(y + j + 4), vscale)), vzero);
+        q0 = vminq_f32(vmaxq_f32(q0, vmin), vmax);
+        q1 = vminq_f32(vmaxq_f32(q1, vmin), vmax);
+        const uint16x8_t q16 = vcombine_u16(vmovn_u32(vcvtq_u32_f32(q0)), vmovn_u32(vcvtq_u32_f32(q1)));
+        vst1_u8(codes + j, vmovn_u16(q16));
+      }
+#endif
+      for (; j < len; ++j) {
+        float q = rintf(y[j] / scale) + zero;
+        q = q < qmin ? qmin : (q > qmax ? qmax : q);
+        codes[j] = (uint8_t)(int32_t)q;
+      }
+    }
+  }
+}
+
+/* Rows of codes, k_padded wide: the receptive field of each output pixel (im2col), padded
+ * spatially with the zero point and along k with zeros; one plane per nibble when split. */
+static void im2col(const edgeq_conv_params* p, const uint8_t* x, int split, uint8_t* rows) {
+  const int64_t m_count = (int64_t)p->out_h * p->out_w;
+  const int64_t plane = m_count * p->k_padded;
+  const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
+  for (int64_t m = 0; m < m_count; ++m) {
+    const int32_t oh = (int32_t)(m / p->out_w), ow = (int32_t)(m % p->out_w);
+    uint8_t* row = rows + m * p->k_padded;
+    int32_t pos = 0;
+    for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+      const int32_t ih = oh * p->stride_h - p->pad_top + kh;
+      for (int32_t kw = 0; kw < p->kernel_w; ++kw, pos += p->in_c) {
+        const int32_t iw = ow * p->stride_w - p->pad_left + kw;
+        if (ih < 0 || ih >= p->in_h || iw < 0 || iw >= p->in_w)
+          memset(row + pos, p->x_zero, (size_t)p->in_c);
+        else
+          memcpy(row + pos, x + ((int64_t)ih * p->in_w + iw) * p->in_c, (size_t)p->in_c);
+      }
+    }
+    memset(row + k, 0, (size_t)(p->k_padded - k));
+    if (split) {
+      uint8_t* high = rows + plane + m * p->k_padded;
+      for (int32_t i = 0; i < p->k_padded; ++i) {
+        high[i] = row[i] >> 4;
+        row[i] &= 15;
+      }
+    }
+  }
+}
+
+/* sum_k rows[m] * w for all m and one block: raw int32 products, MR rows at a time. */
+static void block_product(const uint8_t* rows, int64_t m_count, int32_t lda, const int8_t* panel, int32_t k_padded, int32_t chunk, int64_t m,
+                          int32_t* tile) {
+  const uint8_t* a[MR];
+  for (int r = 0; r < MR; ++r) a[r] = rows + (m + r < m_count ? m + r : m_count - 1) * lda;
+  micro(a, panel, k_padded, chunk, tile);
+}
+
+int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, const uint8_t* packed_weights, int32_t w_bits, int32_t w_low, int32_t w_absmax,
+                   int32_t a_max, int32_t* out) {
+  if (k_padded % K_ALIGN || a_max > NIBBLE_MAX) return -1;
+  const int32_t chunk = int16_chunk(w_absmax);
+  const int32_t blocks = (n + NB - 1) / NB;
+  for (int32_t b = 0; b < blocks; ++b) {
+    int8_t* panel = block_panel(packed_weights, b, k_padded, w_bits, w_low);
+    if (!panel) return -2;
+    for (int64_t i = 0; i < m; i += MR) {
+      int32_t tile[MR * NB];
+      block_product(a, m, k_padded, panel, k_padded, chunk, i, tile);
+      for (int r = 0; r < MR && i + r < m; ++r)
+        for (int j = 0; j < NB && b * NB + j < n; ++j) out[(i + r) * n + b * NB + j] = tile[r * NB + j];
+    }
+    free(panel);
+  }
+  return 0;
+}
+
+int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
+                 const float* bias, const float* residual, float* out_float, uint8_t* out_codes) {
+  const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
+  if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255) return -1;
+  const int split = p->x_max > NIBBLE_MAX;
+  const int64_t m_count = (int64_t)p->out_h * p->out_w;
+  const int direct = !split && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
+                     p->in_c == p->k_padded && p->in_h == p->out_h && p->in_w == p->out_w;
+  uint8_t* rows = NULL;
+  if (!direct) {
+    rows = (uint8_t*)malloc((size_t)(m_count * p->k_padded * (split ? 2 : 1)));
+    if (!rows) return -2;
+    im2col(p, x, split, rows);
+  }
+  const uint8_t* low_rows = direct ? x : rows;
+  const int32_t chunk = int16_chunk(p->w_absmax);
+  const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax};
+  const int32_t blocks = (p->out_c + NB - 1) / NB;
+  int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
+  for (int32_t b = 0; b < blocks; ++b) {
+    int8_t* panel = block_panel(packed_weights, b, p->k_padded, p->w_bits, p->w_low);
+    if (!panel) {
+      status = -2;
+      continue;
+    }
+    const int32_t n0 = b * NB, count = p->out_c - n0 < NB ? p->out_c - n0 : NB;
+    for (int64_t m = 0; m < m_count; m += MR) {
+      int32_t tile[MR * NB], high[MR * NB];
+      block_product(low_rows, m_count, p->k_padded, panel, p->k_padded, chunk, m, tile);
+      if (split) block_product(rows + m_count * p->k_padded, m_count, p->k_padded, panel, p->k_padded, chunk, m, high);
+      for (int r = 0; r < MR && m + r < m_count; ++r) {
+        int32_t acc[NB];
+        for (int32_t j = 0; j < count; ++j)
+          acc[j] = tile[r * NB + j] + (split ? 16 * high[r * NB + j] : 0) - p->x_zero * wsum[n0 + j];
+        epilogue(&e, m + r, n0, count, acc);
+      }
+    }
+    free(panel);
+  }
+  free(rows);
+  return status;
+}
+
+int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const float* multiplier, const float* bias,
+                           const float* residual, float* out_float, uint8_t* out_codes) {
+  const int32_t c = p->in_c, taps = p->kernel_h * p->kernel_w;
+  if (p->out_c != c) return -1;
+  const int64_t stored = ((int64_t)taps * c + 127) / 128 * 128;
+  int8_t* w = (int8_t*)malloc((size_t)stored);
+  if (!w) return -2;
+  edgeq_unpack(packed_weights, stored, p->w_bits, p->w_low, w);
+  const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax};
+  const int64_t m_count = (int64_t)p->out_h * p->out_w;
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < m_count; ++m) {
+    int32_t* acc = (int32_t*)calloc((size_t)c, sizeof(int32_t));
+    const int32_t oh = (int32_t)(m / p->out_w), ow = (int32_t)(m % p->out_w);
+    for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+      const int32_t ih = oh * p->stride_h - p->pad_top + kh;
+      if (ih < 0 || ih >= p->in_h) continue;
+      for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
+        const int32_t iw = ow * p->stride_w - p->pad_left + kw;
+        if (iw < 0 || iw >= p->in_w) continue;
+        const uint8_t* xs = x + ((int64_t)ih * p->in_w + iw) * c;
+        const int8_t* ws = w + (kh * p->kernel_w + kw) * c;
+        for (int32_t ch = 0; ch < c; ++ch) acc[ch] += ((int32_t)xs[ch] - p->x_zero) * ws[ch];
+      }
+    }
+    epilogue(&e, m, 0, c, acc);
+    free(acc);
+  }
+  free(w);
+  return 0;
+}
+
+void edgeq_quantize(const float* x, int32_t channels, int32_t pixels, int32_t nchw_input, float scale, int32_t zero, int32_t qmin, int32_t qmax, uint8_t* out) {
+  for (int64_t m = 0; m < pixels; ++m) {
+    for (int32_t ch = 0; ch < channels; ++ch) {
+      const float v = nchw_input ? x[(int64_t)ch * pixels + m] : x[m * channels + ch];
+      float q = rintf(v / scale) + (float)zero;
+      q = q < (float)qmin ? (float)qmin : (q > (float)qmax ? (float)qmax : q);
+      out[m * channels + ch] = (uint8_t)q;
+    }
+  }
+}
+
+void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
+                    int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, float* out) {
+  for (int32_t oh = 0; oh < out_h; ++oh) {
+    for (int32_t ow = 0; ow < out_w; ++ow) {
+      float* o = out + ((int64_t)oh * out_w + ow) * c;
+      for (int32_t ch = 0; ch < c; ++ch) o[ch] = -INFINITY;
+      for (int32_t kh = 0; kh < kernel_h; ++kh) {
+        const int32_t ih = oh * stride_h - pad_top + kh;
+        if (ih < 0 || ih >= in_h) continue;
+        for (int32_t kw = 0; kw < kernel_w; ++kw) {
+          const int32_t iw = ow * stride_w - pad_left + kw;
+          if (iw < 0 || iw >= in_w) continue;
+          const float* xs = x + ((int64_t)ih * in_w + iw) * c;
+          for (int32_t ch = 0; ch < c; ++ch) o[ch] = xs[ch] > o[ch] ? xs[ch] : o[ch];
+        }
+      }
+    }
+  }
+}
+
+void edgeq_global_average_pool(const float* x, int32_t pixels, int32_t c, float* out) {
+  for (int32_t ch = 0; ch < c; ++ch) out[ch] = 0.0f;
+  for (int64_t m = 0; m < pixels; ++m)
+    for (int32_t ch = 0; ch < c; ++ch) out[ch] += x[m * c + ch];
+  for (int32_t ch = 0; ch < c; ++ch) out[ch] /= (float)pixels;
+}
+
+void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, float hi, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    float y = a[i] + (b ? b[i] : 0.0f);
+    out[i] = y < lo ? lo : (y > hi ? hi : y);
+  }
+}

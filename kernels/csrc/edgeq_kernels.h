@@ -1,0 +1,88 @@
+/* edgeq low-bit CPU kernels: a plain C ABI (the TVM FFI wrappers in edgeq_ffi.cc and the
+ * ctypes tests both call it).
+ *
+ * Tensors are NHWC. Activations between quantized layers are unsigned codes, one per byte
+ * (a 4-bit code occupies the low nibble); weights arrive bit-packed (see the layout below)
+ * and are unpacked into an L1/L2-sized int8 panel per block of output channels, so the
+ * packed form is what is stored and streamed from memory.
+ *
+ * Weight panel (what the microkernel reads), for one block of NB output channels and
+ * groups of G consecutive reduction indices k:
+ *
+ *     panel[block][k / G][n % NB][k % G]        int8, zero for padding
+ *
+ *   layout id   NB  G   target                         inner instruction
+ *   LAYOUT_AVX2 32  2   x86-64 AVX2                    vpmaddubsw (u8 x s8 pairs -> s16)
+ *   LAYOUT_SDOT 16  4   AArch64 with dot product       sdot (s8 quads -> s32)
+ *   LAYOUT_NEON 16  1   AArch64 NEON, and portable C   smlal (s8 x s8 -> s16)
+ *
+ * Stored (packed) weights: the panel's int8 values v are offset to codes c = v - low
+ * (0 <= c < 2^bits) and packed `bits` per field in groups of 32 bytes:
+ *
+ *   2 bits: byte i of a 32-byte group = | c[96+i] 7..6 | c[64+i] 5..4 | c[32+i] 3..2 | c[i] 1..0 |
+ *   4 bits: byte i of a 32-byte group = | c[32+i] 7..4 | c[i] 3..0 |
+ *   8 bits: byte i = c[i]
+ *
+ * so unpacking a group is `bits`-wide shifts and masks over 32 contiguous bytes (one
+ * AVX2 register, two NEON registers), with no shuffles.
+ */
+#ifndef EDGEQ_KERNELS_H_
+#define EDGEQ_KERNELS_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2 };
+
+/* Which panel layout this build's microkernel reads. */
+int edgeq_layout(void);
+
+/* Quantized convolution (groups == 1; dense layers are 1x1 convolutions over rows):
+ *   acc[m, n] = sum_k (x[m, k] - x_zero) * w[n, k]        (exact int32)
+ *   y = acc * multiplier[n] + bias[n] (+ residual[m, n]); y = clamp(y, clamp_min, clamp_max)
+ *   out_float[m, n] = y (when given); out_codes[m, n] = clamp(rint(y / out_scale) + out_zero, out_qmin, out_qmax) (when given)
+ */
+typedef struct {
+  int32_t in_h, in_w, in_c, out_h, out_w, out_c;
+  int32_t kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left;
+  int32_t x_zero, x_max;           /* activation zero point and largest code */
+  int32_t w_bits, w_low, w_absmax; /* stored field width, code offset, max |w| */
+  int32_t k_padded;                /* kernel_h * kernel_w * in_c rounded up to 16 */
+  int32_t out_zero, out_qmin, out_qmax;
+  float out_scale, clamp_min, clamp_max;
+} edgeq_conv_params;
+
+/* 0 on success, a negative number when the arguments are inconsistent. wsum[n] = sum_k w[n, k]. */
+int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
+                 const float* bias, const float* residual, float* out_float, uint8_t* out_codes);
+
+/* The raw integer product sum_k a[m, k] * w[n, k] over rows of codes (a: m x k_padded,
+ * padded with zeros), for the bit-exact tests of the microkernel. */
+int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, const uint8_t* packed_weights, int32_t w_bits, int32_t w_low, int32_t w_absmax,
+                   int32_t a_max, int32_t* out);
+
+/* Depthwise convolution: weights [kernel_h][kernel_w][channels] as int8 values (w_low/w_bits
+ * describe their packed form, padded to a multiple of 128 values). Same epilogue as above. */
+int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const float* multiplier, const float* bias,
+                           const float* residual, float* out_float, uint8_t* out_codes);
+
+/* Float NCHW or NHWC input to NHWC codes: clamp(rint(x / scale) + zero, qmin, qmax). */
+void edgeq_quantize(const float* x, int32_t channels, int32_t pixels, int32_t nchw_input, float scale, int32_t zero, int32_t qmin, int32_t qmax, uint8_t* out);
+
+void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
+                    int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, float* out);
+void edgeq_global_average_pool(const float* x, int32_t pixels, int32_t c, float* out);
+/* out = clamp(a + b, lo, hi) elementwise (b may be NULL). */
+void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, float hi, float* out);
+
+/* Unpack `count` (a multiple of 32 * 8 / bits) stored codes into int8 values c + low. */
+void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t low, int8_t* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,257 @@
+"""The C kernels (``kernels/csrc``): weight panels, building for a target, and ctypes bindings.
+
+A target's build flags decide which microkernel the C file compiles (AVX2, AArch64 dot
+product, AArch64 NEON, or portable C), and each microkernel reads its own panel layout;
+:func:`layout_for` picks the same one in Python so the weights are stored in the order the
+kernel consumes them. This module imports nothing beyond NumPy and the standard library
+so it also runs inside the arm64 emulator.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+C_SOURCE = SOURCE_DIR / "edgeq_kernels.c"
+FFI_SOURCE = SOURCE_DIR / "edgeq_ffi.cc"
+K_ALIGN = 16  # reduction length is padded to this (one 16-byte activation load on NEON)
+GROUP_BYTES = 32  # packed fields come in groups of 32 bytes (one AVX2 register)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a microkernel wants its weights: blocks of ``block`` output channels, ``group`` consecutive k per channel."""
+
+    name: str
+    id: int  # matches EDGEQ_LAYOUT_* in edgeq_kernels.h
+    block: int
+    group: int
+
+
+LAYOUTS = {
+    "neon": Layout("neon", 0, 16, 1),
+    "avx2": Layout("avx2", 1, 32, 2),
+    "sdot": Layout("sdot", 2, 16, 4),
+}
+
+
+def layout_for(arch: str, cpu_features) -> Layout:
+    """The layout the C file compiles to for a target (see :func:`compile_flags`)."""
+    features = set(cpu_features)
+    if arch == "x86_64":
+        return LAYOUTS["avx2" if "avx2" in features else "neon"]
+    if arch == "aarch64":
+        return LAYOUTS["sdot" if "asimddp" in features else "neon"]
+    raise ValueError(f"no kernel layout for architecture {arch!r}")
+
+
+def compile_flags(arch: str, cpu_features, mcpu: str | None = None) -> list[str]:
+    features = set(cpu_features)
+    flags = ["-O3", "-fPIC", "-fno-math-errno", "-fopenmp"]
+    if arch == "x86_64":
+        if "avx2" in features:
+            flags += ["-mavx2", "-mfma"]
+    elif arch == "aarch64":
+        if mcpu and mcpu != "generic":
+            flags.append(f"-mcpu={mcpu}")
+        if "asimddp" in features and not (mcpu and mcpu != "generic"):
+            flags.append("-march=armv8.2-a+dotprod")
+    return flags
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def storage(values: np.ndarray) -> tuple[int, int]:
+    """(bits, low): the narrowest field width in (2, 4, 8) that holds ``values`` and 0 (padding) as codes ``v - low``."""
+    low = min(int(values.min(initial=0)), 0)
+    high = max(int(values.max(initial=0)), 0)
+    for bits in (2, 4, 8):
+        if high - low < 2**bits:
+            return bits, low
+    raise ValueError(f"weights span {low}..{high}: more than 8 bits")
+
+
+def pack_fields(values: np.ndarray, bits: int, low: int) -> np.ndarray:
+    """Pack int8 ``values`` (length a multiple of 32·8/bits) as codes v - low, `bits` per field, 32-byte groups (see edgeq_kernels.h)."""
+    per_byte = 8 // bits
+    codes = (np.asarray(values, np.int16).ravel() - low).astype(np.uint8)
+    if codes.size % (GROUP_BYTES * per_byte):
+        raise ValueError(f"{codes.size} values do not fill whole groups of {GROUP_BYTES * per_byte}")
+    fields = codes.reshape(-1, per_byte, GROUP_BYTES)
+    packed = np.zeros((fields.shape[0], GROUP_BYTES), np.uint8)
+    for field in range(per_byte):
+        packed |= fields[:, field, :] << np.uint8(field * bits)
+    return packed.ravel()
+
+
+def unpack_fields(packed: np.ndarray, count: int, bits: int, low: int) -> np.ndarray:
+    """The inverse of :func:`pack_fields` (the NumPy reference of ``edgeq_unpack``)."""
+    per_byte = 8 // bits
+    groups = np.asarray(packed, np.uint8).reshape(-1, GROUP_BYTES)
+    fields = np.stack([(groups >> np.uint8(field * bits)) & np.uint8(2**bits - 1) for field in range(per_byte)], axis=1)
+    return (fields.reshape(-1)[:count].astype(np.int16) + low).astype(np.int8)
+
+
+def panel(weights: np.ndarray, layout: Layout) -> np.ndarray:
+    """Weights (N, K) int8 in panel order [N/block][K/group][block][group], zero-padded to whole blocks and K to 16."""
+    n, k = weights.shape
+    padded = np.zeros((round_up(n, layout.block), round_up(k, K_ALIGN)), np.int8)
+    padded[:n, :k] = weights
+    blocks, k_padded = padded.shape[0] // layout.block, padded.shape[1]
+    return padded.reshape(blocks, layout.block, k_padded // layout.group, layout.group).transpose(0, 2, 1, 3).ravel()
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedWeights:
+    """Weights in a layout's panel order, bit-packed: what a compiled module stores."""
+
+    data: np.ndarray  # uint8
+    bits: int
+    low: int
+    absmax: int
+    k_padded: int
+    out_channels: int
+
+
+def pack_weights(weights: np.ndarray, layout: Layout) -> PackedWeights:
+    weights = np.asarray(weights)
+    if weights.min(initial=0) < -128 or weights.max(initial=0) > 127:
+        raise ValueError("weight codes must fit int8")
+    weights = weights.astype(np.int8)
+    bits, low = storage(weights)
+    values = panel(weights, layout)
+    return PackedWeights(pack_fields(values, bits, low), bits, low, int(np.abs(weights.astype(np.int16)).max(initial=0)),
+                         round_up(weights.shape[1], K_ALIGN), weights.shape[0])
+
+
+def pack_depthwise(weights: np.ndarray) -> PackedWeights:
+    """Depthwise weights (C, kh, kw) int8 stored as [kh][kw][C], padded to whole groups."""
+    weights = np.asarray(weights).astype(np.int8)
+    values = np.ascontiguousarray(weights.transpose(1, 2, 0)).ravel()
+    bits, low = storage(values)
+    padded = np.zeros(round_up(values.size, 128), np.int8)
+    padded[: values.size] = values
+    return PackedWeights(pack_fields(padded, bits, low), bits, low, int(np.abs(values.astype(np.int16)).max(initial=0)), 0, weights.shape[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Building and loading (host or cross compiler)
+
+
+def _digest(*parts) -> str:
+    hasher = hashlib.sha256()
+    for source in (C_SOURCE, SOURCE_DIR / "edgeq_kernels.h"):
+        hasher.update(source.read_bytes())
+    for part in parts:
+        hasher.update(repr(part).encode())
+    return hasher.hexdigest()[:16]
+
+
+def build_object(compiler: str, flags: list[str], out: Path) -> Path:
+    """Compile the C kernels into an object file (for linking into a TVM module)."""
+    command = [compiler, *flags, "-std=c11", "-c", str(C_SOURCE), "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
+    return out
+
+
+def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
+    """A shared library of the C kernels (for ctypes), cached by source and flags."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"libedgeq_kernels-{_digest(compiler, flags)}.so"
+    if not path.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            partial = Path(tmp) / path.name
+            command = [compiler, *flags, "-std=c11", "-shared", str(C_SOURCE), "-o", str(partial), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
+            os.replace(partial, path)
+    return path
+
+
+def host_flags() -> tuple[str, list[str]]:
+    """The compiler and flags for this machine, with the best layout its CPU runs."""
+    import platform
+
+    arch = platform.machine()
+    features = host_cpu_features()
+    compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
+    return compiler, compile_flags(arch, features)
+
+
+def host_cpu_features() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+class _ConvParams(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in (
+        "in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left",
+        "x_zero", "x_max", "w_bits", "w_low", "w_absmax", "k_padded", "out_zero", "out_qmin", "out_qmax")] + [
+        ("out_scale", ctypes.c_float), ("clamp_min", ctypes.c_float), ("clamp_max", ctypes.c_float)]
+
+
+def conv_params(**values) -> _ConvParams:
+    params = _ConvParams()
+    for name, value in values.items():
+        setattr(params, name, value)
+    return params
+
+
+class Library:
+    """ctypes bindings of a built kernel library."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lib = ctypes.CDLL(str(path))
+        self.layout = next(layout for layout in LAYOUTS.values() if layout.id == self.lib.edgeq_layout())
+
+    @staticmethod
+    def _ptr(array: np.ndarray | None):
+        return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
+
+    def gemm_raw(self, a: np.ndarray, weights: PackedWeights) -> np.ndarray:
+        """Σ_k a[m, k]·w[n, k] (raw codes) through the microkernel; ``a`` (M, K) codes ≤ 15."""
+        m, k = a.shape
+        rows = np.zeros((m, weights.k_padded), np.uint8)
+        rows[:, :k] = a
+        out = np.zeros((m, weights.out_channels), np.int32)
+        status = self.lib.edgeq_gemm_raw(self._ptr(rows), m, weights.out_channels, weights.k_padded, self._ptr(weights.data), weights.bits, weights.low,
+                                         weights.absmax, int(a.max(initial=0)), self._ptr(out))
+        if status != 0:
+            raise ValueError(f"edgeq_gemm_raw rejected its arguments ({status})")
+        return out
+
+    def conv2d(self, params: _ConvParams, x: np.ndarray, weights: PackedWeights, wsum: np.ndarray, multiplier: np.ndarray, bias: np.ndarray,
+               residual: np.ndarray | None = None, want_float: bool = True, want_codes: bool = True, depthwise: bool = False):
+        m = params.out_h * params.out_w
+        out_float = np.zeros((m, params.out_c), np.float32) if want_float else None
+        out_codes = np.zeros((m, params.out_c), np.uint8) if want_codes else None
+        x = np.ascontiguousarray(x, np.uint8)
+        args = [ctypes.byref(params), self._ptr(x), self._ptr(weights.data)]
+        if not depthwise:
+            args.append(self._ptr(np.ascontiguousarray(wsum, np.int32)))
+        args += [self._ptr(np.ascontiguousarray(multiplier, np.float32)), self._ptr(np.ascontiguousarray(bias, np.float32)),
+                 self._ptr(None if residual is None else np.ascontiguousarray(residual, np.float32)), self._ptr(out_float), self._ptr(out_codes)]
+        status = (self.lib.edgeq_depthwise_conv2d if depthwise else self.lib.edgeq_conv2d)(*args)
+        if status != 0:
+            raise ValueError(f"the convolution kernel rejected its arguments ({status})")
+        return out_float, out_codes
