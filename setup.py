@@ -23,7 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=["edgeq", "edgeq.stages", "edgeq.zoo", "edgeq.runtime", "edgeq.cli", "edgeq.kernels", "edgeq.targets"],
     package_dir=PACKAGE_DIR,
-    package_data={"edgeq.targets": ["*.json"], "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/*.json", "fmnist-generator/*/*"]},
+    package_data={"edgeq.targets": ["*.json"], "edgeq.kernels": ["csrc/*.c", "csrc/*.h", "csrc/*.cc"], "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/*.json", "fmnist-generator/*/*"]},
     install_requires=[
         # Versions known to work together (see docs/architecture.md): torch and torchvision
         # are pinned as a pair because timm imports torchvision; apache-tvm-ffi 0.1.15

@@ -334,6 +334,9 @@ def export(quantized, out):
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
 @click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True, help="How weights round, as in 'edgeq quantize'.")
 @click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True, help="Reconstruction iterations per block or layer.")
+@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic code "
+                   "otherwise; on fails instead of falling back; off always uses the generic code.")
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
@@ -343,7 +346,7 @@ def export(quantized, out):
 @classes_option
 @allow_pickle_option
 @friendly_errors
-def compile_command(model, target, bits, out, run_dir, generator, strategy, num_images, method, iters, eval_data, eval_images, latency_runs, seed, force, as_json,
+def compile_command(model, target, bits, out, run_dir, generator, strategy, num_images, method, iters, kernels, eval_data, eval_images, latency_runs, seed, force, as_json,
                     classes_file, allow_pickle):
     """Compile MODEL for --target, running every missing stage (synth, quantize, export, compile, verify).
 
@@ -357,13 +360,13 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
 
         if out is None:
             _fail("compiling an export folder needs -o OUTPUT_FOLDER")
-        compile_stage.run(model, out, target=target)
+        compile_stage.run(model, out, target=target, kernels=kernels)
         click.echo(f"wrote {out / compile_stage.MODULE_FILE}")
         return
     from edgeq.pipeline import RunOptions, run
 
     options = RunOptions(target=target.name, bits=str(bits), run_dir=run_dir, generator=generator, strategy=strategy, num_images=num_images, seed=seed,
-                         method=method, iters=iters, eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
+                         method=method, iters=iters, kernels=kernels, eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
     summary = run(model, options)
     if as_json:
         click.echo(json.dumps(summary))

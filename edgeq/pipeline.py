@@ -39,6 +39,7 @@ class RunOptions:
     strategy: str | None = None
     method: str = "qdrop"  # how weights round (edgeq.reconstruction.Method)
     iters: int = 2000  # reconstruction iterations per block or layer
+    kernels: str = "auto"  # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
     num_images: int = 256
     seed: int = 0
     eval_data: str | None = None
@@ -89,7 +90,8 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
     stage("export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir))
 
     compile_dir = run_dir / f"compile-{spec}-{options.method}-{target.name}"
-    stage("compile", compile_dir, compile_stage.plan(export_dir, target).fingerprint, lambda: compile_stage.run(export_dir, compile_dir, target=target))
+    stage("compile", compile_dir, compile_stage.plan(export_dir, target, options.kernels).fingerprint,
+          lambda: compile_stage.run(export_dir, compile_dir, target=target, kernels=options.kernels))
 
     eval_data = options.eval_data or loaded.eval_data or str(synth_dir)
     if eval_data == str(synth_dir):

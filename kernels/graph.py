@@ -115,6 +115,8 @@ class _Planner:
             raise Unsupported(f"input {graph_input.name} has shape {dims}, not NCHW")
         self.values[graph_input.name] = Value(graph_input.name, "input", dims)
         for node in self.graph.node:
+            if self._fold(node):
+                continue
             handler = getattr(self, f"op_{node.op_type}", None)
             if handler is None or node.domain not in ("", "ai.onnx"):
                 raise Unsupported(f"operator {node.op_type} ({node.name}) has no kernel")
@@ -126,6 +128,25 @@ class _Planner:
         plan = Plan(graph_input.name, dims, output, self.steps, self.values, self.layout)
         _fuse(plan)
         return plan
+
+    def _fold(self, node) -> bool:
+        """Shape arithmetic on constants (exporters emit it for flatten/view): evaluate it now, at batch size 1."""
+        if node.op_type == "Shape" and node.input[0] in self.values:
+            value = self.values[node.input[0]]
+            dims = value.shape if value.kind == "input" else (1, value.shape[2], value.shape[0], value.shape[1])
+            attrs = _attributes(node)
+            start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+            self.initializers[node.output[0]] = np.array(dims[start:end], np.int64)
+            return True
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not all(not name or name in self.initializers for name in node.input):
+            return False
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(node)
+        results = evaluator.run(None, {name: self.initializers[name] for name in node.input if name})
+        for name, result in zip(node.output, results):
+            self.initializers[name] = np.asarray(result)
+        return True
 
     # -- quantization ------------------------------------------------------------------
     def op_QuantizeLinear(self, node, attrs):
@@ -183,7 +204,7 @@ class _Planner:
             wsum = np.zeros(1, np.int32)
         else:
             rows = values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values  # (N, kh·kw·C): im2col's order
-            packed = native.pack_weights(rows, self.layout)
+            packed = native.pack_weights(rows, native.conv_layout(self.layout, x.qmax))
             wsum = rows.sum(1).astype(np.int32)
         out_shape = (geometry["out_h"], geometry["out_w"], n)
         self.values[node.output[0]] = Value(node.output[0], "float", out_shape)
@@ -294,6 +315,19 @@ class _Planner:
         self._vector(node)
 
     def op_Flatten(self, node, attrs):
+        self._vector(node)
+
+    def op_Squeeze(self, node, attrs):
+        self._vector(node)
+
+    def op_Unsqueeze(self, node, attrs):
+        self._vector(node)
+
+    def op_Gather(self, node, attrs):
+        x = self._float(node.input[0], node)
+        indices = self.const(node.input[1]).reshape(-1)
+        if x.shape[:2] != (1, 1) or not np.array_equal(indices, np.arange(x.shape[2])):
+            raise Unsupported(f"Gather {node.name}: only the identity gather of a vector (as exporters write a flatten)")
         self._vector(node)
 
 
@@ -440,10 +474,16 @@ def to_relax(plan: Plan):
     return builder.get()
 
 
-def run_plan(plan: Plan, library: native.Library, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Execute a plan through ctypes (no TVM): every value by name, for tests and debugging."""
+def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list | None = None) -> dict[str, np.ndarray]:
+    """Execute a plan through ctypes (no TVM): every value by name, for tests and profiling.
+
+    ``timings``, when given, receives (step, seconds) per step.
+    """
+    import time
+
     env: dict[str, np.ndarray] = {plan.input_name: np.ascontiguousarray(x, np.float32)}
     for step in plan.steps:
+        started = time.perf_counter()
         args = [env[name] for name in step.inputs]
         value = plan.values[step.output]
         p = step.params
@@ -475,4 +515,6 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray) -> dict[str, np
         else:  # pragma: no cover
             raise Unsupported(step.kernel)
         env[step.output] = out
+        if timings is not None:
+            timings.append((step, time.perf_counter() - started))
     return env

@@ -40,7 +40,13 @@ LAYOUTS = {
     "neon": Layout("neon", 0, 16, 1),
     "avx2": Layout("avx2", 1, 32, 2),
     "sdot": Layout("sdot", 2, 16, 4),
+    "avx2-wide": Layout("avx2-wide", 3, 16, 2),
 }
+
+
+def conv_layout(layout: Layout, x_max: int) -> Layout:
+    """The layout of one layer: AVX2 builds run layers with 8-bit inputs on the wide (int16) kernel."""
+    return LAYOUTS["avx2-wide"] if layout.name == "avx2" and x_max > 15 else layout
 
 
 def layout_for(arch: str, cpu_features) -> Layout:
@@ -154,6 +160,14 @@ def _digest(*parts) -> str:
         hasher.update(source.read_bytes())
     for part in parts:
         hasher.update(repr(part).encode())
+    return hasher.hexdigest()[:16]
+
+
+def source_digest() -> str:
+    """A short hash of the C sources (the entry points included)."""
+    hasher = hashlib.sha256()
+    for source in sorted(SOURCE_DIR.iterdir()):
+        hasher.update(source.name.encode() + source.read_bytes())
     return hasher.hexdigest()[:16]
 
 

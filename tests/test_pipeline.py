@@ -105,12 +105,14 @@ def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
 
 @pytest.mark.qemu
 @requires_emulator
-def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir):
-    compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="rpi4")
+@pytest.mark.parametrize("target, qemu_cpu", [("rpi4", "cortex-a72"), ("jetson-orin", "cortex-a76")])
+def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir, target, qemu_cpu):
+    compiled = compile_stage.run(export_dir, tmp_path / "compiled", target=target)
+    assert Manifest.load(compiled, "compile").extra["build"]["path"] == "kernels"
     assert (compiled / compile_stage.MODULE_FILE).read_bytes()[:4] == b"\x7fELF"
     assert (compiled / compile_stage.MODULE_FILE).read_bytes()[18] == 183  # e_machine EM_AARCH64
     report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=100, latency_runs=5)
-    assert report["ran"] == "qemu-aarch64 -cpu cortex-a72"
+    assert report["ran"] == f"qemu-aarch64 -cpu {qemu_cpu}"
     assert report["agreement_with_onnxruntime"] >= 0.99
     assert report["max_abs_diff_vs_onnxruntime"] < 1e-3
     assert report["latency_ms"] is None and "not measured" in report["latency_note"]

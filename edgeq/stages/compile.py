@@ -120,16 +120,19 @@ def build_generic(onnx_model: onnx.ModelProto, target: Target, input_name: str, 
         executable.export_library(str(out_path))
 
 
-def plan(export_dir: str | Path, target: Target) -> Manifest:
+def plan(export_dir: str | Path, target: Target, kernels: str = "auto") -> Manifest:
+    from edgeq.kernels import native
+
     source = Manifest.load(export_dir, "export")
-    return Manifest(stage="compile", inputs=[input_entry("export", export_dir)], params={"batch_size": 1}, spec=source.spec,
-                    target=target.name, seed=source.seed)
+    # the kernel sources are part of the fingerprint: a changed kernel means a rebuild
+    params = {"batch_size": 1, "kernels": kernels, "kernel_sources": native.source_digest()}
+    return Manifest(stage="compile", inputs=[input_entry("export", export_dir)], params=params, spec=source.spec, target=target.name, seed=source.seed)
 
 
 def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "x86", kernels: str = "auto") -> Path:
     """Compile an export folder for ``target`` into ``out/module.so``."""
     target = get_target(target)
-    manifest = plan(export_dir, target)
+    manifest = plan(export_dir, target, kernels)
     source = Manifest.load(export_dir, "export")
     onnx_model = onnx.load(str(Path(export_dir) / MODEL_FILE))
     input_info = source.extra["input"]

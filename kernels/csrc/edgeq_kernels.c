@@ -45,6 +45,11 @@
 #endif
 
 #define K_ALIGN 16
+#if defined(__AVX2__)
+#define NB_WIDE_OR_NB 16
+#else
+#define NB_WIDE_OR_NB NB
+#endif
 #define NIBBLE_MAX 15
 
 int edgeq_layout(void) { return EDGEQ_THIS_LAYOUT; }
@@ -70,6 +75,23 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
   if (bits == 2) unpack_2(packed, groups, (int8_t)low, out);
   else if (bits == 4) unpack_4(packed, groups, (int8_t)low, out);
   else unpack_8(packed, groups, (int8_t)low, out);
+}
+
+/* Grow-only scratch memory per thread and purpose: a fresh malloc of a few MB per layer
+ * would be mapped anew and page-faulted in on every call. */
+enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_COUNT = 2 };
+static _Thread_local struct {
+  void* data;
+  size_t size;
+} scratch_slots[SCRATCH_COUNT];
+
+static void* scratch(int slot, size_t size) {
+  if (scratch_slots[slot].size < size) {
+    free(scratch_slots[slot].data);
+    scratch_slots[slot].data = malloc(size);
+    scratch_slots[slot].size = scratch_slots[slot].data ? size : 0;
+  }
+  return scratch_slots[slot].data;
 }
 
 /* Largest multiple of K_ALIGN such that chunk * NIBBLE_MAX * w_absmax fits int16. */
@@ -121,6 +143,73 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
         _mm256_storeu_si256((__m256i*)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), high));
       }
     }
+  }
+}
+/* Few rows (matrix-vector products, classifiers): unpacking a whole panel to memory would
+ * cost as much as the product, so 2-bit weights are unpacked in registers instead. One
+ * 32-byte group holds k-pairs kp and kp+1 of the block: field 0 = pair kp, channels 0-15;
+ * field 1 = pair kp, channels 16-31; fields 2, 3 = pair kp+1 (see edgeq_kernels.h). */
+#define EDGEQ_HAS_PACKED2 1
+static void micro_packed2(const uint8_t* const* a, const uint8_t* packed, int32_t k_padded, int32_t chunk, int8_t low, int32_t* c) {
+  memset(c, 0, sizeof(int32_t) * MR * NB);
+  const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  const __m256i mask = _mm256_set1_epi8(3), offset = _mm256_set1_epi8(low);
+  for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
+    const int32_t k1 = k0 + chunk < k_padded ? k0 + chunk : k_padded;
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    for (int32_t k = k0; k < k1; k += 4) {
+      const __m256i b = _mm256_loadu_si256((const __m256i*)(packed + (int64_t)k * NB / 4));
+      const __m256i w0 = _mm256_add_epi8(_mm256_and_si256(b, mask), offset);
+      const __m256i w1 = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 2), mask), offset);
+      const __m256i w2 = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 4), mask), offset);
+      const __m256i w3 = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(b, 6), mask), offset);
+      __m256i x, y;
+#define EDGEQ_ROW(r)                                                                                      \
+  x = _mm256_set1_epi16(*(const int16_t*)(a##r + k));                                                    \
+  y = _mm256_set1_epi16(*(const int16_t*)(a##r + k + 2));                                                \
+  c##r##0 = _mm256_add_epi16(c##r##0, _mm256_add_epi16(_mm256_maddubs_epi16(x, w0), _mm256_maddubs_epi16(y, w2))); \
+  c##r##1 = _mm256_add_epi16(c##r##1, _mm256_add_epi16(_mm256_maddubs_epi16(x, w1), _mm256_maddubs_epi16(y, w3)));
+      EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
+#undef EDGEQ_ROW
+    }
+    const __m256i rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int r = 0; r < MR; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        int32_t* out = c + r * NB + 16 * h;
+        const __m256i lo16 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
+        const __m256i hi16 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
+        _mm256_storeu_si256((__m256i*)out, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), lo16));
+        _mm256_storeu_si256((__m256i*)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), hi16));
+      }
+    }
+  }
+}
+
+/* 8-bit activations (first and last layers): u8 x s8 pairs could saturate vpmaddubsw, so
+ * both sides are widened to int16 and vpmaddwd sums each pair into int32 (4 rows x 16
+ * channels; activation rows widened to uint16 once; panel layout [k/2][16][2] of int8,
+ * sign-extended on load). */
+#define EDGEQ_HAS_WIDE 1
+#define NB_WIDE 16
+static void micro_wide(const uint16_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
+  const uint16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const int8_t* w = panel;
+  for (int32_t k = 0; k < k_padded; k += 2, w += 2 * NB_WIDE) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)w));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)(w + 16)));
+    __m256i x;
+#define EDGEQ_ROW(r)                                                                  \
+  x = _mm256_set1_epi32(*(const int32_t*)(a##r + k));                                \
+  c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(x, w0));                     \
+  c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(x, w1));
+    EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
+#undef EDGEQ_ROW
+  }
+  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE), rows[r][0]);
+    _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE + 8), rows[r][1]);
   }
 }
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
@@ -186,8 +275,8 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
 #endif
 
 /* Unpack one block's panel (NB * k_padded values) from the stored form. */
-static int8_t* block_panel(const uint8_t* packed, int32_t block, int32_t k_padded, int32_t bits, int32_t low) {
-  const int64_t values = (int64_t)NB * k_padded;
+static int8_t* block_panel(const uint8_t* packed, int32_t block, int32_t nb, int32_t k_padded, int32_t bits, int32_t low) {
+  const int64_t values = (int64_t)nb * k_padded;
   int8_t* panel = (int8_t*)aligned_alloc(64, (size_t)((values + 63) / 64 * 64));
   if (panel) edgeq_unpack(packed + block * values * bits / 8, values, bits, low, panel);
   return panel;
@@ -253,27 +342,37 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
 /* Rows of codes, k_padded wide: the receptive field of each output pixel (im2col), padded
  * spatially with the zero point and along k with zeros; one plane per nibble when split. */
 static void im2col(const edgeq_conv_params* p, const uint8_t* x, int split, uint8_t* rows) {
-  const int64_t m_count = (int64_t)p->out_h * p->out_w;
-  const int64_t plane = m_count * p->k_padded;
-  const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
+  const int32_t in_h = p->in_h, in_w = p->in_w, in_c = p->in_c, out_w = p->out_w, kernel_h = p->kernel_h, kernel_w = p->kernel_w;
+  const int32_t stride_h = p->stride_h, stride_w = p->stride_w, pad_top = p->pad_top, pad_left = p->pad_left, k_padded = p->k_padded;
+  const uint8_t x_zero = (uint8_t)p->x_zero;
+  const int64_t m_count = (int64_t)p->out_h * out_w;
+  const int64_t plane = m_count * k_padded;
+  const int32_t k = kernel_h * kernel_w * in_c, span = kernel_w * in_c;
   for (int64_t m = 0; m < m_count; ++m) {
-    const int32_t oh = (int32_t)(m / p->out_w), ow = (int32_t)(m % p->out_w);
-    uint8_t* row = rows + m * p->k_padded;
-    int32_t pos = 0;
-    for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
-      const int32_t ih = oh * p->stride_h - p->pad_top + kh;
-      for (int32_t kw = 0; kw < p->kernel_w; ++kw, pos += p->in_c) {
-        const int32_t iw = ow * p->stride_w - p->pad_left + kw;
-        if (ih < 0 || ih >= p->in_h || iw < 0 || iw >= p->in_w)
-          memset(row + pos, p->x_zero, (size_t)p->in_c);
-        else
-          memcpy(row + pos, x + ((int64_t)ih * p->in_w + iw) * p->in_c, (size_t)p->in_c);
+    const int32_t oh = (int32_t)(m / out_w), ow = (int32_t)(m % out_w);
+    const int32_t iw0 = ow * stride_w - pad_left;
+    uint8_t* row = rows + m * k_padded;
+    for (int32_t kh = 0; kh < kernel_h; ++kh) {
+      const int32_t ih = oh * stride_h - pad_top + kh;
+      uint8_t* dst = row + kh * span;
+      if (ih < 0 || ih >= in_h) {
+        memset(dst, x_zero, (size_t)span);
+      } else if (iw0 >= 0 && iw0 + kernel_w <= in_w) {
+        memcpy(dst, x + ((int64_t)ih * in_w + iw0) * in_c, (size_t)span);  // NHWC: a kernel row is contiguous
+      } else {
+        for (int32_t kw = 0; kw < kernel_w; ++kw) {
+          const int32_t iw = iw0 + kw;
+          if (iw < 0 || iw >= in_w)
+            memset(dst + kw * in_c, x_zero, (size_t)in_c);
+          else
+            memcpy(dst + kw * in_c, x + ((int64_t)ih * in_w + iw) * in_c, (size_t)in_c);
+        }
       }
     }
-    memset(row + k, 0, (size_t)(p->k_padded - k));
+    memset(row + k, 0, (size_t)(k_padded - k));
     if (split) {
-      uint8_t* high = rows + plane + m * p->k_padded;
-      for (int32_t i = 0; i < p->k_padded; ++i) {
+      uint8_t* high = rows + plane + m * k_padded;
+      for (int32_t i = 0; i < k_padded; ++i) {
         high[i] = row[i] >> 4;
         row[i] &= 15;
       }
@@ -294,12 +393,24 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
   if (k_padded % K_ALIGN || a_max > NIBBLE_MAX) return -1;
   const int32_t chunk = int16_chunk(w_absmax);
   const int32_t blocks = (n + NB - 1) / NB;
+#if defined(EDGEQ_HAS_PACKED2)
+  const int in_registers = w_bits == 2 && m <= 2 * MR;  // the same choice as edgeq_conv2d
+#else
+  const int in_registers = 0;
+#endif
   for (int32_t b = 0; b < blocks; ++b) {
-    int8_t* panel = block_panel(packed_weights, b, k_padded, w_bits, w_low);
-    if (!panel) return -2;
+    int8_t* panel = in_registers ? NULL : block_panel(packed_weights, b, NB, k_padded, w_bits, w_low);
+    if (!in_registers && !panel) return -2;
     for (int64_t i = 0; i < m; i += MR) {
       int32_t tile[MR * NB];
-      block_product(a, m, k_padded, panel, k_padded, chunk, i, tile);
+#if defined(EDGEQ_HAS_PACKED2)
+      if (in_registers) {
+        const uint8_t* rows[MR];
+        for (int r = 0; r < MR; ++r) rows[r] = a + (i + r < m ? i + r : m - 1) * k_padded;
+        micro_packed2(rows, packed_weights + (int64_t)b * NB * k_padded / 4, k_padded, chunk, (int8_t)w_low, tile);
+      } else
+#endif
+        block_product(a, m, k_padded, panel, k_padded, chunk, i, tile);
       for (int r = 0; r < MR && i + r < m; ++r)
         for (int j = 0; j < NB && b * NB + j < n; ++j) out[(i + r) * n + b * NB + j] = tile[r * NB + j];
     }
@@ -308,47 +419,83 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
   return 0;
 }
 
+int edgeq_wide_layout(int32_t x_max) {
+#if defined(EDGEQ_HAS_WIDE)
+  return x_max > NIBBLE_MAX;
+#else
+  (void)x_max;
+  return 0;
+#endif
+}
+
 int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
                  const float* bias, const float* residual, float* out_float, uint8_t* out_codes) {
   const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
   if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255) return -1;
-  const int split = p->x_max > NIBBLE_MAX;
+  const int wide = edgeq_wide_layout(p->x_max);
+  const int split = !wide && p->x_max > NIBBLE_MAX;
+  const int32_t nb = wide ? NB_WIDE_OR_NB : NB;
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
   const int direct = !split && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
                      p->in_c == p->k_padded && p->in_h == p->out_h && p->in_w == p->out_w;
   uint8_t* rows = NULL;
   if (!direct) {
-    rows = (uint8_t*)malloc((size_t)(m_count * p->k_padded * (split ? 2 : 1)));
+    rows = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(m_count * p->k_padded * (split ? 2 : 1)));
     if (!rows) return -2;
     im2col(p, x, split, rows);
   }
   const uint8_t* low_rows = direct ? x : rows;
+  uint16_t* wide_rows = NULL;
+  if (wide) {
+    wide_rows = (uint16_t*)scratch(SCRATCH_WIDE, (size_t)(m_count * p->k_padded) * sizeof(uint16_t));
+    if (!wide_rows) return -2;
+    for (int64_t i = 0; i < m_count * p->k_padded; ++i) wide_rows[i] = low_rows[i];
+  }
   const int32_t chunk = int16_chunk(p->w_absmax);
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax};
-  const int32_t blocks = (p->out_c + NB - 1) / NB;
+  const int32_t blocks = (p->out_c + nb - 1) / nb;
+  const int rows_per_tile = wide ? 4 : MR;
+#if defined(EDGEQ_HAS_PACKED2)
+  const int in_registers = !wide && !split && p->w_bits == 2 && m_count <= 2 * MR;
+#else
+  const int in_registers = 0;
+#endif
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
   for (int32_t b = 0; b < blocks; ++b) {
-    int8_t* panel = block_panel(packed_weights, b, p->k_padded, p->w_bits, p->w_low);
-    if (!panel) {
+    int8_t* panel = in_registers ? NULL : block_panel(packed_weights, b, nb, p->k_padded, p->w_bits, p->w_low);
+    if (!in_registers && !panel) {
       status = -2;
       continue;
     }
-    const int32_t n0 = b * NB, count = p->out_c - n0 < NB ? p->out_c - n0 : NB;
-    for (int64_t m = 0; m < m_count; m += MR) {
+    const int32_t n0 = b * nb, count = p->out_c - n0 < nb ? p->out_c - n0 : nb;
+    for (int64_t m = 0; m < m_count; m += rows_per_tile) {
       int32_t tile[MR * NB], high[MR * NB];
-      block_product(low_rows, m_count, p->k_padded, panel, p->k_padded, chunk, m, tile);
+      const uint8_t* a[MR];
+      for (int r = 0; r < MR; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+#if defined(EDGEQ_HAS_WIDE)
+      if (wide) {
+        const uint16_t* a16[4];
+        for (int r = 0; r < 4; ++r) a16[r] = wide_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+        micro_wide(a16, panel, p->k_padded, tile);
+      } else
+#endif
+#if defined(EDGEQ_HAS_PACKED2)
+      if (in_registers)
+        micro_packed2(a, packed_weights + (int64_t)b * NB * p->k_padded / 4, p->k_padded, chunk, (int8_t)p->w_low, tile);
+      else
+#endif
+        micro(a, panel, p->k_padded, chunk, tile);
       if (split) block_product(rows + m_count * p->k_padded, m_count, p->k_padded, panel, p->k_padded, chunk, m, high);
-      for (int r = 0; r < MR && m + r < m_count; ++r) {
+      for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) {
         int32_t acc[NB];
         for (int32_t j = 0; j < count; ++j)
-          acc[j] = tile[r * NB + j] + (split ? 16 * high[r * NB + j] : 0) - p->x_zero * wsum[n0 + j];
+          acc[j] = tile[r * nb + j] + (split ? 16 * high[r * nb + j] : 0) - p->x_zero * wsum[n0 + j];
         epilogue(&e, m + r, n0, count, acc);
       }
     }
     free(panel);
   }
-  free(rows);
   return status;
 }
 
@@ -427,4 +574,33 @@ void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, fl
     float y = a[i] + (b ? b[i] : 0.0f);
     out[i] = y < lo ? lo : (y > hi ? hi : y);
   }
+}
+
+/* The int8 peak of one core, for the benchmark's "share of peak": a register-only loop of
+ * the exact u8 x s8 dot-product sequence this build's CPU offers, on 8 independent
+ * accumulators. Returns the multiply-adds executed (0 where no such loop is written). */
+int64_t edgeq_int8_peak_loop(int64_t iterations) {
+#if defined(__AVX2__)
+  __m256i a0 = _mm256_set1_epi8(1), a1 = _mm256_set1_epi8(2), a2 = _mm256_set1_epi8(3), a3 = _mm256_set1_epi8(4);
+  const __m256i b = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  for (int64_t i = 0; i < iterations; ++i) {
+    __asm__ volatile("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(a3));  // keep the products inside the loop
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b), ones));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b), ones));
+    c2 = _mm256_add_epi32(c2, _mm256_madd_epi16(_mm256_maddubs_epi16(a2, b), ones));
+    c3 = _mm256_add_epi32(c3, _mm256_madd_epi16(_mm256_maddubs_epi16(a3, b), ones));
+    c4 = _mm256_add_epi32(c4, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b), ones));
+    c5 = _mm256_add_epi32(c5, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b), ones));
+    c6 = _mm256_add_epi32(c6, _mm256_madd_epi16(_mm256_maddubs_epi16(a2, b), ones));
+    c7 = _mm256_add_epi32(c7, _mm256_madd_epi16(_mm256_maddubs_epi16(a3, b), ones));
+  }
+  const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)),
+                                       _mm256_add_epi32(_mm256_add_epi32(c4, c5), _mm256_add_epi32(c6, c7)));
+  __asm__ volatile("" ::"x"(sum));
+  return iterations * 8 * 32;
+#else
+  (void)iterations;
+  return 0;
+#endif
 }

@@ -15,6 +15,7 @@
  *   LAYOUT_AVX2 32  2   x86-64 AVX2                    vpmaddubsw (u8 x s8 pairs -> s16)
  *   LAYOUT_SDOT 16  4   AArch64 with dot product       sdot (s8 quads -> s32)
  *   LAYOUT_NEON 16  1   AArch64 NEON, and portable C   smlal (s8 x s8 -> s16)
+ *   LAYOUT_AVX2_WIDE 16 2   x86-64 AVX2, 8-bit inputs   vpmaddwd (s16 pairs -> s32)
  *
  * Stored (packed) weights: the panel's int8 values v are offset to codes c = v - low
  * (0 <= c < 2^bits) and packed `bits` per field in groups of 32 bytes:
@@ -35,10 +36,13 @@
 extern "C" {
 #endif
 
-enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2 };
+enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3 };
 
 /* Which panel layout this build's microkernel reads. */
 int edgeq_layout(void);
+/* 1 when a layer with activation codes up to x_max uses the wide (int16) microkernel and its
+ * layout (LAYOUT_AVX2_WIDE: NB 16, G 2) instead of the build's own. */
+int edgeq_wide_layout(int32_t x_max);
 
 /* Quantized convolution (groups == 1; dense layers are 1x1 convolutions over rows):
  *   acc[m, n] = sum_k (x[m, k] - x_zero) * w[n, k]        (exact int32)
@@ -77,6 +81,9 @@ void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32
 void edgeq_global_average_pool(const float* x, int32_t pixels, int32_t c, float* out);
 /* out = clamp(a + b, lo, hi) elementwise (b may be NULL). */
 void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, float hi, float* out);
+
+/* Multiply-adds of a register-only int8 dot-product loop (0 where none is written), for peak figures. */
+int64_t edgeq_int8_peak_loop(int64_t iterations);
 
 /* Unpack `count` (a multiple of 32 * 8 / bits) stored codes into int8 values c + low. */
 void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t low, int8_t* out);

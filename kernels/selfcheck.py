@@ -1,0 +1,120 @@
+"""Randomized bit-exact check of a built kernel library against the NumPy references.
+
+Runs as a script as well as a module, with nothing but NumPy, so the same check runs
+natively and inside the arm64 emulator (``python selfcheck.py LIBRARY [--cases N] [--seed S]``).
+It prints one JSON line (cases run, layout, failures) and exits non-zero on any mismatch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(name: str):
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    spec = importlib.util.spec_from_file_location(f"edgeq_selfcheck_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+native = _load("native")
+reference = _load("reference")
+
+
+def check_gemm(lib, rng) -> str | None:
+    m, k, n = int(rng.integers(1, 40)), int(rng.integers(1, 700)), int(rng.integers(1, 80))
+    bits = int(rng.choice([2, 4, 8]))
+    a = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
+    got = lib.gemm_raw(a, native.pack_weights(w, lib.layout))
+    if not np.array_equal(got, reference.int_gemm(a, w)):
+        return f"gemm m={m} k={k} n={n} w{bits}: accumulators differ"
+    return None
+
+
+def check_conv(lib, rng) -> str | None:
+    depthwise = bool(rng.integers(0, 4) == 0)
+    kernel = int(rng.choice([1, 3, 5]))
+    stride = int(rng.integers(1, 3))
+    pad = int(rng.integers(0, kernel // 2 + 1))
+    h, w = int(rng.integers(kernel, 13)), int(rng.integers(kernel, 13))
+    cin = int(rng.integers(1, 40))
+    n = cin if depthwise else int(rng.integers(1, 70))
+    x_max = int(rng.choice([15, 255]))
+    bits = int(rng.choice([2, 4, 8]))
+    x = rng.integers(0, x_max + 1, (h, w, cin)).astype(np.uint8)
+    x_zero = int(rng.integers(0, x_max + 1))
+    weights = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, 1 if depthwise else cin, kernel, kernel))
+    acc = reference.conv2d(x, weights, x_zero, (stride, stride), (pad,) * 4, depthwise=depthwise)
+    out_h, out_w = acc.shape[:2]
+    multiplier = rng.uniform(0.001, 0.05, n).astype(np.float32)
+    bias = rng.normal(0, 1, n).astype(np.float32)
+    residual = rng.normal(0, 1, (out_h * out_w, n)).astype(np.float32) if rng.integers(0, 2) else None
+    clamp = (0.0, float("inf")) if rng.integers(0, 2) else (-float("inf"), float("inf"))
+    out_scale, out_zero, out_qmax = 0.07, int(rng.integers(0, 4)), int(rng.choice([15, 255]))
+    y_ref, codes_ref = reference.epilogue(acc.reshape(-1, n), multiplier, bias, residual, clamp, out_scale, out_zero, out_qmax)
+    if depthwise:
+        packed = native.pack_depthwise(weights[:, 0])
+    else:
+        packed = native.pack_weights(weights.transpose(0, 2, 3, 1).reshape(n, -1), native.conv_layout(lib.layout, x_max))
+    params = native.conv_params(in_h=h, in_w=w, in_c=cin, out_h=out_h, out_w=out_w, out_c=n, kernel_h=kernel, kernel_w=kernel, stride_h=stride,
+                                stride_w=stride, pad_top=pad, pad_left=pad, x_zero=x_zero, x_max=x_max, w_bits=packed.bits, w_low=packed.low,
+                                w_absmax=packed.absmax, k_padded=packed.k_padded, out_zero=out_zero, out_qmin=0, out_qmax=out_qmax,
+                                out_scale=out_scale, clamp_min=max(clamp[0], -3.0e38), clamp_max=min(clamp[1], 3.0e38))
+    wsum = weights.reshape(n, -1).sum(1).astype(np.int32)
+    y, codes = lib.conv2d(params, x, packed, wsum, multiplier, bias, residual, depthwise=depthwise)
+    what = f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits}"
+    # The integer part is exact, so float results agree up to float32 rounding of the same expression.
+    if not np.allclose(y, y_ref, rtol=1e-6, atol=1e-5):
+        return f"{what}: float outputs differ by {np.abs(y - y_ref).max():.3g}"
+    if np.abs(codes.astype(int) - codes_ref).max(initial=0) > 0:
+        return f"{what}: output codes differ"
+    return None
+
+
+def check_unpack(lib, rng) -> str | None:
+    bits = int(rng.choice([2, 4, 8]))
+    count = 32 * (8 // bits) * int(rng.integers(1, 9))
+    low = -(2 ** (bits - 1))
+    values = rng.integers(low, 2 ** (bits - 1), count).astype(np.int8)
+    packed = native.pack_fields(values, bits, low)
+    out = np.zeros(count, np.int8)
+    lib.lib.edgeq_unpack(lib._ptr(packed), native.ctypes.c_int64(count), bits, low, lib._ptr(out))
+    if not (np.array_equal(out, values) and np.array_equal(native.unpack_fields(packed, count, bits, low), values)):
+        return f"unpack w{bits}: values differ"
+    return None
+
+
+def run(library_path: str, cases: int, seed: int) -> dict:
+    lib = native.Library(library_path)
+    rng = np.random.default_rng(seed)
+    failures = []
+    for case in range(cases):
+        for check in (check_unpack, check_gemm, check_conv):
+            problem = check(lib, rng)
+            if problem:
+                failures.append(f"case {case}: {problem}")
+    return {"layout": lib.layout.name, "cases": cases, "failures": failures}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("library")
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    report = run(args.library, args.cases, args.seed)
+    print(json.dumps(report))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The C kernels: bit-exact against the NumPy references, natively (property-based) and under
+qemu for Cortex-A72 (NEON) and Cortex-A76 (dot product); kernel plans and compiled modules
+against onnxruntime's QDQ model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tvm
+from edgeq.kernels import graph, native, reference, selfcheck
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tvm import relax
+
+from edgeq import emulation
+from edgeq.errors import EdgeqError
+from edgeq.manifest import Manifest
+from edgeq.stages import compile as compile_stage
+from edgeq.stages import export as export_stage
+from edgeq.stages import quantize as quantize_stage
+from edgeq.targets import get_target
+
+from .conftest import requires_emulator
+
+PORTABLE_FLAGS = ["-O3", "-fPIC", "-fno-math-errno"]  # no SIMD flags: the portable C microkernel
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory):
+    """The host's best build and the portable C build (different microkernels and layouts)."""
+    cache = tmp_path_factory.mktemp("kernels")
+    compiler, flags = native.host_flags()
+    built = {"host": native.Library(native.build_shared(compiler, flags, cache)), "portable": native.Library(native.build_shared(compiler, PORTABLE_FLAGS, cache))}
+    return built
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), groups=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_packed_fields_unpack_to_the_same_values(bits, groups, seed):
+    rng = np.random.default_rng(seed)
+    low = -(2 ** (bits - 1))
+    values = rng.integers(low, 2 ** (bits - 1), 32 * (8 // bits) * groups).astype(np.int8)
+    packed = native.pack_fields(values, bits, low)
+    assert packed.size == values.size * bits // 8
+    assert np.array_equal(native.unpack_fields(packed, values.size, bits, low), values)
+
+
+def test_two_bit_fields_are_laid_out_as_documented():
+    values = np.zeros(128, np.int8)
+    values[[0, 32, 64, 96]] = [-2, -1, 0, 1]  # codes 0, 1, 2, 3 with low = -2
+    packed = native.pack_fields(values, 2, -2)
+    assert packed[0] == (0 | 1 << 2 | 2 << 4 | 3 << 6)
+    assert packed[1] == 0b10101010  # four zeros: code 2 in every field
+
+
+@pytest.mark.parametrize("layout", list(native.LAYOUTS.values()), ids=list(native.LAYOUTS))
+def test_panel_places_each_weight_where_the_microkernel_reads_it(layout):
+    rng = np.random.default_rng(0)
+    n, k = 37, 50
+    weights = rng.integers(-2, 2, (n, k)).astype(np.int8)
+    values = native.panel(weights, layout)
+    k_padded = native.round_up(k, native.K_ALIGN)
+    for row, col in [(0, 0), (5, 17), (n - 1, k - 1), (layout.block, 3)]:
+        block, within = divmod(row, layout.block)
+        index = block * layout.block * k_padded + (col // layout.group) * layout.block * layout.group + within * layout.group + col % layout.group
+        assert values[index] == weights[row, col]
+    assert values.size == native.round_up(n, layout.block) * k_padded
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 30), k=st.integers(1, 600), n=st.integers(1, 70), bits=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**31 - 1),
+       which=st.sampled_from(["host", "portable"]))
+def test_microkernel_accumulators_equal_the_integer_gemm(libraries, m, k, n, bits, seed, which):
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
+    lib = libraries[which]
+    assert np.array_equal(lib.gemm_raw(a, native.pack_weights(w, lib.layout)), reference.int_gemm(a, w))
+
+
+def test_int16_accumulation_survives_the_worst_case(libraries):
+    """All codes at their extremes for a long reduction: the chunked int16 sums must not overflow."""
+    k = 4096
+    for bits in (2, 4, 8):
+        a = np.full((7, k), 15, np.uint8)
+        w = np.full((33, k), -(2 ** (bits - 1)))
+        for lib in libraries.values():
+            got = lib.gemm_raw(a, native.pack_weights(w, lib.layout))
+            assert np.array_equal(got, reference.int_gemm(a, w)), (bits, lib.layout.name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["host", "portable"]))
+def test_convolutions_with_fused_epilogue_match_the_reference(libraries, seed, which):
+    """Random geometry (kernel 1/3/5, stride, padding, depthwise), 4- and 8-bit inputs, residual and ReLU."""
+    assert selfcheck.check_conv(libraries[which], np.random.default_rng(seed)) is None
+
+
+def test_selfcheck_script_passes_natively(libraries):
+    result = subprocess.run([sys.executable, str(Path(selfcheck.__file__)), str(libraries["host"].path), "--cases", "10"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["failures"] == []
+
+
+@pytest.mark.qemu
+@requires_emulator
+@pytest.mark.parametrize("target_name, qemu_cpu, layout", [("rpi4", "cortex-a72", "neon"), ("jetson-orin", "cortex-a76", "sdot")])
+def test_arm64_kernels_are_bit_exact_under_qemu(tmp_path, target_name, qemu_cpu, layout):
+    target = get_target(target_name)
+    c_compiler, _, flags = compile_stage.kernel_toolchain(target)
+    library = native.build_shared(c_compiler, flags, tmp_path)
+    command, env = emulation.python_command(qemu_cpu)
+    result = subprocess.run([*command, str(Path(selfcheck.__file__)), str(library), "--cases", "12", "--seed", "1"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"layout": layout, "cases": 12, "failures": []}
+
+
+@pytest.mark.qemu
+@requires_emulator
+def test_dot_product_build_does_not_run_on_cortex_a72(tmp_path):
+    """A real check that the A72 build avoids sdot: the A78AE build dies there with SIGILL."""
+    c_compiler, _, flags = compile_stage.kernel_toolchain(get_target("jetson-orin"))
+    library = native.build_shared(c_compiler, flags, tmp_path)
+    command, env = emulation.python_command("cortex-a72")
+    result = subprocess.run([*command, str(Path(selfcheck.__file__)), str(library), "--cases", "2"], env=env, capture_output=True, text=True)
+    assert result.returncode in (132, -4)
+
+
+# ---------------------------------------------------------------------------------------
+# Plans and compiled modules
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, quantized_dirs):
+    root = tmp_path_factory.mktemp("kernel-exports")
+    made = {"tiny": export_stage.run(quantized_dirs("w2a4"), root / "tiny")}
+    mobilenet = quantize_stage.run("zoo:fmnist-mobilenet", "fashion-mnist:A", root / "mobilenet-q", bits="w2a4", num_images=16)
+    made["mobilenet"] = export_stage.run(mobilenet, root / "mobilenet")
+    return made
+
+
+def _inputs(model: onnx.ModelProto, count: int):
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(0)
+    return [rng.normal(0, 1, dims).astype(np.float32) for _ in range(count)]
+
+
+@pytest.mark.parametrize("name", ["tiny", "mobilenet"])
+def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
+    model = onnx.load(str(exports[name] / export_stage.MODEL_FILE))
+    lib = libraries["host"]
+    plan = graph.build_plan(model, lib.layout)
+    kernels = plan.summary()["kernels"]
+    assert kernels["conv2d"] >= 3 and "quantize" in kernels
+    if name == "mobilenet":
+        assert any(step.params.get("depthwise") for step in plan.steps if step.kernel == "conv2d")
+    session = export_stage.onnxruntime_session(model)
+    input_name = model.graph.input[0].name
+    for x in _inputs(model, 5):
+        ours = graph.run_plan(plan, lib, x)[plan.output_name].reshape(1, -1)
+        theirs = session.run(None, {input_name: x})[0]
+        # Same integers; the float epilogue differs from onnxruntime's float conv only in rounding.
+        assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny", "mobilenet"])
+def test_compiled_module_runs_the_kernels_and_matches_onnxruntime(tmp_path, exports, name):
+    compiled = compile_stage.run(exports[name], tmp_path / "compiled", target="x86-avx2" if "avx2" in native.host_cpu_features() else "x86", kernels="on")
+    build = Manifest.load(compiled, "compile").extra["build"]
+    assert build["path"] == "kernels" and build["kernels"]["conv2d"] >= 3
+    model = onnx.load(str(exports[name] / export_stage.MODEL_FILE))
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / compile_stage.MODULE_FILE)), tvm.cpu())
+    session = export_stage.onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_unsupported_graph_falls_back_or_fails_clearly(tmp_path, tiny_zoo_vit_export):
+    compiled = compile_stage.run(tiny_zoo_vit_export, tmp_path / "auto", target="x86")
+    build = Manifest.load(compiled, "compile").extra["build"]
+    assert build["path"] == "generic" and build["reason"]  # the patch embedding reshape is outside the plan
+    with pytest.raises(EdgeqError, match="cannot run on edgeq's kernels"):
+        compile_stage.run(tiny_zoo_vit_export, tmp_path / "on", target="x86", kernels="on")
+    assert not (tmp_path / "on").exists()
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_vit_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vit-export")
+    quantized = quantize_stage.run("zoo:fmnist-vit", "fashion-mnist:A", root / "q", bits="w4a4", num_images=8)
+    return export_stage.run(quantized, root / "x")
+
