@@ -289,6 +289,36 @@ typedef struct {
   int32_t out_c, out_zero, out_qmin, out_qmax;
 } epilogue_args;
 
+/* codes[i] = clamp(rint(y[i] / scale) + zero, qmin, qmax), vectorized (QuantizeLinear's arithmetic). */
+static void quantize_run(const float* y, int64_t len, float scale, float zero, float qmin, float qmax, uint8_t* codes) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  const __m256 vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero), vmin = _mm256_set1_ps(qmin), vmax = _mm256_set1_ps(qmax);
+  for (; j + 8 <= len; j += 8) {
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzero), vmin), vmax);
+    const __m256i q32 = _mm256_cvtps_epi32(q);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+    _mm_storel_epi64((__m128i*)(codes + j), _mm_packus_epi16(q16, q16));
+  }
+#elif defined(__aarch64__)
+  const float32x4_t vscale = vdupq_n_f32(scale), vzero = vdupq_n_f32(zero), vmin = vdupq_n_f32(qmin), vmax = vdupq_n_f32(qmax);
+  for (; j + 8 <= len; j += 8) {
+    float32x4_t q0 = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(y + j), vscale)), vzero);
+    float32x4_t q1 = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(y + j + 4), vscale)), vzero);
+    q0 = vminq_f32(vmaxq_f32(q0, vmin), vmax);
+    q1 = vminq_f32(vmaxq_f32(q1, vmin), vmax);
+    const uint16x8_t q16 = vcombine_u16(vmovn_u32(vcvtq_u32_f32(q0)), vmovn_u32(vcvtq_u32_f32(q1)));
+    vst1_u8(codes + j, vmovn_u16(q16));
+  }
+#endif
+  for (; j < len; ++j) {
+    float q = rintf(y[j] / scale) + zero;
+    q = q < qmin ? qmin : (q > qmax ? qmax : q);
+    codes[j] = (uint8_t)(int32_t)q;
+  }
+}
+
 /* Written as separate branch-free passes over the channels so the compiler vectorizes
  * each (rintf becomes vroundps / frintx under -fno-math-errno). */
 static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* acc) {
@@ -306,36 +336,8 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
     const float lo = e->clamp_min, hi = e->clamp_max;
     for (int32_t j = 0; j < len; ++j) y[j] = y[j] < lo ? lo : (y[j] > hi ? hi : y[j]);
     if (e->out_float) memcpy(e->out_float + base + start, y, sizeof(float) * (size_t)len);
-    if (e->out_codes) {
-      uint8_t* codes = e->out_codes + base + start;
-      const float scale = e->out_scale, zero = (float)e->out_zero, qmin = (float)e->out_qmin, qmax = (float)e->out_qmax;
-      int32_t j = 0;
-#if defined(__AVX2__)
-      const __m256 vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero), vmin = _mm256_set1_ps(qmin), vmax = _mm256_set1_ps(qmax);
-      for (; j + 8 <= len; j += 8) {
-        __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzero), vmin), vmax);
-        const __m256i q32 = _mm256_cvtps_epi32(q);
-        const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
-        _mm_storel_epi64((__m128i*)(codes + j), _mm_packus_epi16(q16, q16));
-      }
-#elif defined(__aarch64__)
-      const float32x4_t vscale = vdupq_n_f32(scale), vzero = vdupq_n_f32(zero), vmin = vdupq_n_f32(qmin), vmax = vdupq_n_f32(qmax);
-      for (; j + 8 <= len; j += 8) {
-        float32x4_t q0 = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(y + j), vscale)), vzero);
-        float32x4_t q1 = vaddq_f32(vrndnq_f32(vdivq_f32(vld1q_f32(y + j + 4), vscale)), vzero);
-        q0 = vminq_f32(vmaxq_f32(q0, vmin), vmax);
-        q1 = vminq_f32(vmaxq_f32(q1, vmin), vmax);
-        const uint16x8_t q16 = vcombine_u16(vmovn_u32(vcvtq_u32_f32(q0)), vmovn_u32(vcvtq_u32_f32(q1)));
-        vst1_u8(codes + j, vmovn_u16(q16));
-      }
-#endif
-      for (; j < len; ++j) {
-        float q = rintf(y[j] / scale) + zero;
-        q = q < qmin ? qmin : (q > qmax ? qmax : q);
-        codes[j] = (uint8_t)(int32_t)q;
-      }
-    }
+    if (e->out_codes)
+      quantize_run(y, len, e->out_scale, (float)e->out_zero, (float)e->out_qmin, (float)e->out_qmax, e->out_codes + base + start);
   }
 }
 
@@ -348,6 +350,7 @@ static void im2col(const edgeq_conv_params* p, const uint8_t* x, int split, uint
   const int64_t m_count = (int64_t)p->out_h * out_w;
   const int64_t plane = m_count * k_padded;
   const int32_t k = kernel_h * kernel_w * in_c, span = kernel_w * in_c;
+#pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < m_count; ++m) {
     const int32_t oh = (int32_t)(m / out_w), ow = (int32_t)(m % out_w);
     const int32_t iw0 = ow * stride_w - pad_left;
@@ -532,18 +535,25 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
 }
 
 void edgeq_quantize(const float* x, int32_t channels, int32_t pixels, int32_t nchw_input, float scale, int32_t zero, int32_t qmin, int32_t qmax, uint8_t* out) {
-  for (int64_t m = 0; m < pixels; ++m) {
-    for (int32_t ch = 0; ch < channels; ++ch) {
-      const float v = nchw_input ? x[(int64_t)ch * pixels + m] : x[m * channels + ch];
-      float q = rintf(v / scale) + (float)zero;
-      q = q < (float)qmin ? (float)qmin : (q > (float)qmax ? (float)qmax : q);
-      out[m * channels + ch] = (uint8_t)q;
+  if (nchw_input && channels > 1) {
+    // quantize each channel plane contiguously, then interleave the bytes into NHWC
+    uint8_t* planes = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)pixels * (size_t)channels);
+    if (planes) {
+#pragma omp parallel for schedule(static)
+      for (int32_t ch = 0; ch < channels; ++ch)
+        quantize_run(x + (int64_t)ch * pixels, pixels, scale, (float)zero, (float)qmin, (float)qmax, planes + (int64_t)ch * pixels);
+#pragma omp parallel for schedule(static)
+      for (int64_t m = 0; m < pixels; ++m)
+        for (int32_t ch = 0; ch < channels; ++ch) out[m * channels + ch] = planes[(int64_t)ch * pixels + m];
+      return;
     }
   }
+  quantize_run(x, (int64_t)pixels * channels, scale, (float)zero, (float)qmin, (float)qmax, out);
 }
 
 void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
                     int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, float* out) {
+#pragma omp parallel for schedule(static)
   for (int32_t oh = 0; oh < out_h; ++oh) {
     for (int32_t ow = 0; ow < out_w; ++ow) {
       float* o = out + ((int64_t)oh * out_w + ow) * c;
@@ -570,9 +580,15 @@ void edgeq_global_average_pool(const float* x, int32_t pixels, int32_t c, float*
 }
 
 void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, float hi, float* out) {
-  for (int64_t i = 0; i < count; ++i) {
-    float y = a[i] + (b ? b[i] : 0.0f);
-    out[i] = y < lo ? lo : (y > hi ? hi : y);
+  if (b) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) {
+      const float y = a[i] + b[i];
+      out[i] = y < lo ? lo : (y > hi ? hi : y);
+    }
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) out[i] = a[i] < lo ? lo : (a[i] > hi ? hi : a[i]);
   }
 }
 
