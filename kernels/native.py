@@ -37,7 +37,8 @@ class Layout:
 
 
 LAYOUTS = {
-    "neon": Layout("neon", 0, 16, 1),
+    "neon": Layout("neon", 0, 8, 8),
+    "portable": Layout("portable", 4, 16, 1),
     "avx2": Layout("avx2", 1, 32, 2),
     "sdot": Layout("sdot", 2, 16, 4),
     "avx2-wide": Layout("avx2-wide", 3, 16, 2),
@@ -53,7 +54,7 @@ def layout_for(arch: str, cpu_features) -> Layout:
     """The layout the C file compiles to for a target (see :func:`compile_flags`)."""
     features = set(cpu_features)
     if arch == "x86_64":
-        return LAYOUTS["avx2" if "avx2" in features else "neon"]
+        return LAYOUTS["avx2" if "avx2" in features else "portable"]
     if arch == "aarch64":
         return LAYOUTS["sdot" if "asimddp" in features else "neon"]
     raise ValueError(f"no kernel layout for architecture {arch!r}")

@@ -33,11 +33,11 @@
 #elif defined(__aarch64__)
 #include <arm_neon.h>
 #define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_NEON
-#define NB 16
-#define KG 1
-#define MR 6
+#define NB 8
+#define KG 8
+#define MR 2
 #else
-#define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_NEON
+#define EDGEQ_THIS_LAYOUT EDGEQ_LAYOUT_PORTABLE
 #define NB 16
 #define KG 1
 #define MR 6
@@ -102,7 +102,7 @@ static int32_t int16_chunk(int32_t w_absmax) {
 }
 
 /* c[r][n] = sum_k a_r[k] * panel(k, n) for one block of NB channels, k in [0, k_padded). */
-static void micro_scalar(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
+__attribute__((unused)) static void micro_scalar(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
   for (int r = 0; r < MR; ++r) {
     for (int n = 0; n < NB; ++n) {
       int32_t sum = 0;
@@ -240,32 +240,47 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
     for (int j = 0; j < 4; ++j) vst1q_s32(c + r * NB + 4 * j, acc[r][j]);
 }
 #elif defined(__aarch64__)
+/* 2 rows x 8 channels without dot product. Each row's 8 codes at k..k+7 are loaded once
+ * (replicated into both halves) and multiplied lane by lane with a channel's 8 weights
+ * (smlal / smlal2, 8 multiply-adds per instruction, no broadcast from a general
+ * register): int16 lane j holds the partial sum over k = j mod 8, and the 8 lanes are
+ * reduced once per chunk. An int8 kernel needs smull + smlal2 + sadalp for 16. */
 static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
-  int32x4_t wide[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) wide[r][j] = vdupq_n_s32(0);
+  memset(c, 0, sizeof(int32_t) * MR * NB);
   for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
     const int32_t k1 = k0 + chunk < k_padded ? k0 + chunk : k_padded;
-    int16x8_t acc[MR][2];
-    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = vdupq_n_s16(0);
-    for (int32_t k = k0; k < k1; ++k) {
-      const int8x16_t w = vld1q_s8(panel + k * NB);
-      const int8x8_t w_low = vget_low_s8(w);
-      for (int r = 0; r < MR; ++r) {
-        const int8x8_t x = vdup_n_s8((int8_t)a[r][k]);
-        acc[r][0] = vmlal_s8(acc[r][0], x, w_low);
-        acc[r][1] = vmlal_high_s8(acc[r][1], vcombine_s8(x, x), w);
-      }
+    int16x8_t r0[8], r1[8];
+    for (int j = 0; j < 8; ++j) r0[j] = r1[j] = vdupq_n_s16(0);
+    for (int32_t k = k0; k < k1; k += 8) {
+      const int8_t* w = panel + (int64_t)k * NB;
+      const int8x16_t w01 = vld1q_s8(w), w23 = vld1q_s8(w + 16), w45 = vld1q_s8(w + 32), w67 = vld1q_s8(w + 48);
+      uint64_t bits0, bits1;
+      memcpy(&bits0, a[0] + k, 8);
+      memcpy(&bits1, a[1] + k, 8);
+      const int8x16_t x0 = vreinterpretq_s8_u64(vdupq_n_u64(bits0)), x1 = vreinterpretq_s8_u64(vdupq_n_u64(bits1));
+      const int8x8_t x0l = vget_low_s8(x0), x1l = vget_low_s8(x1);
+      r0[0] = vmlal_s8(r0[0], x0l, vget_low_s8(w01));
+      r0[1] = vmlal_high_s8(r0[1], x0, w01);
+      r0[2] = vmlal_s8(r0[2], x0l, vget_low_s8(w23));
+      r0[3] = vmlal_high_s8(r0[3], x0, w23);
+      r0[4] = vmlal_s8(r0[4], x0l, vget_low_s8(w45));
+      r0[5] = vmlal_high_s8(r0[5], x0, w45);
+      r0[6] = vmlal_s8(r0[6], x0l, vget_low_s8(w67));
+      r0[7] = vmlal_high_s8(r0[7], x0, w67);
+      r1[0] = vmlal_s8(r1[0], x1l, vget_low_s8(w01));
+      r1[1] = vmlal_high_s8(r1[1], x1, w01);
+      r1[2] = vmlal_s8(r1[2], x1l, vget_low_s8(w23));
+      r1[3] = vmlal_high_s8(r1[3], x1, w23);
+      r1[4] = vmlal_s8(r1[4], x1l, vget_low_s8(w45));
+      r1[5] = vmlal_high_s8(r1[5], x1, w45);
+      r1[6] = vmlal_s8(r1[6], x1l, vget_low_s8(w67));
+      r1[7] = vmlal_high_s8(r1[7], x1, w67);
     }
-    for (int r = 0; r < MR; ++r) {
-      wide[r][0] = vaddw_s16(wide[r][0], vget_low_s16(acc[r][0]));
-      wide[r][1] = vaddw_high_s16(wide[r][1], acc[r][0]);
-      wide[r][2] = vaddw_s16(wide[r][2], vget_low_s16(acc[r][1]));
-      wide[r][3] = vaddw_high_s16(wide[r][3], acc[r][1]);
+    for (int j = 0; j < 8; ++j) {
+      c[j] += vaddlvq_s16(r0[j]);
+      c[NB + j] += vaddlvq_s16(r1[j]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) vst1q_s32(c + r * NB + 4 * j, wide[r][j]);
 }
 #else
 static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
@@ -615,6 +630,36 @@ int64_t edgeq_int8_peak_loop(int64_t iterations) {
                                        _mm256_add_epi32(_mm256_add_epi32(c4, c5), _mm256_add_epi32(c6, c7)));
   __asm__ volatile("" ::"x"(sum));
   return iterations * 8 * 32;
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+  int8x16_t a0 = vdupq_n_s8(1), a1 = vdupq_n_s8(2), a2 = vdupq_n_s8(3), a3 = vdupq_n_s8(4);
+  const int8x16_t b = vdupq_n_s8(1);
+  int32x4_t c[8];
+  for (int j = 0; j < 8; ++j) c[j] = vdupq_n_s32(0);
+  for (int64_t i = 0; i < iterations; ++i) {
+    __asm__ volatile("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3));
+    c[0] = vdotq_s32(c[0], a0, b); c[1] = vdotq_s32(c[1], a1, b); c[2] = vdotq_s32(c[2], a2, b); c[3] = vdotq_s32(c[3], a3, b);
+    c[4] = vdotq_s32(c[4], a0, b); c[5] = vdotq_s32(c[5], a1, b); c[6] = vdotq_s32(c[6], a2, b); c[7] = vdotq_s32(c[7], a3, b);
+  }
+  int32x4_t sum = c[0];
+  for (int j = 1; j < 8; ++j) sum = vaddq_s32(sum, c[j]);
+  __asm__ volatile("" ::"w"(sum));
+  return iterations * 8 * 16;
+#elif defined(__aarch64__)
+  /* without dot product: smull + smlal2 (two int8 products summed in int16) + sadalp (into int32) */
+  int8x16_t a0 = vdupq_n_s8(1), a1 = vdupq_n_s8(2), a2 = vdupq_n_s8(3), a3 = vdupq_n_s8(4);
+  const int8x16_t b = vdupq_n_s8(1);
+  int32x4_t c[4];
+  for (int j = 0; j < 4; ++j) c[j] = vdupq_n_s32(0);
+  for (int64_t i = 0; i < iterations; ++i) {
+    __asm__ volatile("" : "+w"(a0), "+w"(a1), "+w"(a2), "+w"(a3));
+    c[0] = vpadalq_s16(c[0], vmlal_high_s8(vmull_s8(vget_low_s8(a0), vget_low_s8(b)), a0, b));
+    c[1] = vpadalq_s16(c[1], vmlal_high_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(b)), a1, b));
+    c[2] = vpadalq_s16(c[2], vmlal_high_s8(vmull_s8(vget_low_s8(a2), vget_low_s8(b)), a2, b));
+    c[3] = vpadalq_s16(c[3], vmlal_high_s8(vmull_s8(vget_low_s8(a3), vget_low_s8(b)), a3, b));
+  }
+  const int32x4_t sum = vaddq_s32(vaddq_s32(c[0], c[1]), vaddq_s32(c[2], c[3]));
+  __asm__ volatile("" ::"w"(sum));
+  return iterations * 4 * 16;
 #else
   (void)iterations;
   return 0;

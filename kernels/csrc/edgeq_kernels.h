@@ -14,7 +14,8 @@
  *   layout id   NB  G   target                         inner instruction
  *   LAYOUT_AVX2 32  2   x86-64 AVX2                    vpmaddubsw (u8 x s8 pairs -> s16)
  *   LAYOUT_SDOT 16  4   AArch64 with dot product       sdot (s8 quads -> s32)
- *   LAYOUT_NEON 16  1   AArch64 NEON, and portable C   smlal (s8 x s8 -> s16)
+ *   LAYOUT_NEON  8  8   AArch64 NEON (no dot product)  smlal (s8 x s8 -> s16 lanes over k)
+ *   LAYOUT_PORTABLE 16 1  any other CPU (plain C)      scalar
  *   LAYOUT_AVX2_WIDE 16 2   x86-64 AVX2, 8-bit inputs   vpmaddwd (s16 pairs -> s32)
  *
  * Stored (packed) weights: the panel's int8 values v are offset to codes c = v - low
@@ -36,7 +37,7 @@
 extern "C" {
 #endif
 
-enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3 };
+enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4 };
 
 /* Which panel layout this build's microkernel reads. */
 int edgeq_layout(void);
