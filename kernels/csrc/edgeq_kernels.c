@@ -116,7 +116,6 @@ __attribute__((unused)) static void micro_scalar(const uint8_t* const* a, const 
 /* Chunks of k: 4 rows x 32 channels of int16 sums in 8 registers (with the two weight
  * vectors and the broadcast, 11 of 16: a 6-row tile makes GCC spill), widened into c. */
 static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
-  memset(c, 0, sizeof(int32_t) * MR * NB);
   const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
   for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
     const int32_t k1 = k0 + chunk < k_padded ? k0 + chunk : k_padded;
@@ -137,10 +136,14 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
     for (int r = 0; r < MR; ++r) {
       for (int h = 0; h < 2; ++h) {
         int32_t* out = c + r * NB + 16 * h;
-        const __m256i low = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
-        const __m256i high = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
-        _mm256_storeu_si256((__m256i*)out, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), low));
-        _mm256_storeu_si256((__m256i*)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), high));
+        __m256i low = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
+        __m256i high = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
+        if (k0 > 0) {  // later chunks add to the first chunk's sums
+          low = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), low);
+          high = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), high);
+        }
+        _mm256_storeu_si256((__m256i*)out, low);
+        _mm256_storeu_si256((__m256i*)(out + 8), high);
       }
     }
   }
@@ -151,7 +154,6 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
  * field 1 = pair kp, channels 16-31; fields 2, 3 = pair kp+1 (see edgeq_kernels.h). */
 #define EDGEQ_HAS_PACKED2 1
 static void micro_packed2(const uint8_t* const* a, const uint8_t* packed, int32_t k_padded, int32_t chunk, int8_t low, int32_t* c) {
-  memset(c, 0, sizeof(int32_t) * MR * NB);
   const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
   const __m256i mask = _mm256_set1_epi8(3), offset = _mm256_set1_epi8(low);
   for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
@@ -176,10 +178,14 @@ static void micro_packed2(const uint8_t* const* a, const uint8_t* packed, int32_
     for (int r = 0; r < MR; ++r) {
       for (int h = 0; h < 2; ++h) {
         int32_t* out = c + r * NB + 16 * h;
-        const __m256i lo16 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
-        const __m256i hi16 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
-        _mm256_storeu_si256((__m256i*)out, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), lo16));
-        _mm256_storeu_si256((__m256i*)(out + 8), _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), hi16));
+        __m256i lo16 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
+        __m256i hi16 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
+        if (k0 > 0) {  // later chunks add to the first chunk's sums
+          lo16 = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), lo16);
+          hi16 = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), hi16);
+        }
+        _mm256_storeu_si256((__m256i*)out, lo16);
+        _mm256_storeu_si256((__m256i*)(out + 8), hi16);
       }
     }
   }
@@ -302,6 +308,7 @@ typedef struct {
   float *out_float, clamp_min, clamp_max, out_scale;
   uint8_t* out_codes;
   int32_t out_c, out_zero, out_qmin, out_qmax;
+  const int32_t* correction; /* acc -= correction[n] (x_zero * sum_k w[n, k]); NULL: none */
 } epilogue_args;
 
 /* codes[i] = clamp(rint(y[i] / scale) + zero, qmin, qmax), vectorized (QuantizeLinear's arithmetic). */
@@ -334,25 +341,53 @@ static void quantize_run(const float* y, int64_t len, float scale, float zero, f
   }
 }
 
-/* Written as separate branch-free passes over the channels so the compiler vectorizes
- * each (rintf becomes vroundps / frintx under -fno-math-errno). */
-static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* acc) {
+/* From raw products to outputs, for `count` channels from n0 of output pixel m:
+ * acc = raw + 16 * high (nibble planes) - x_zero * wsum[n] (precomputed), then the float epilogue of
+ * edgeq_kernels.h. On AVX2 eight channels go through it in registers; the scalar loop
+ * (also the tail) is the same arithmetic, multiply and add rounded separately as the QDQ
+ * graph does (no FMA contraction under -std=c11). */
+static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw, const int32_t* high) {
   const int64_t base = m * e->out_c + n0;
-  float y[NB > 64 ? NB : 64];
-  for (int32_t start = 0; start < count; start += 64) {
-    const int32_t len = count - start < 64 ? count - start : 64;
-    const float* mult = e->multiplier + n0 + start;
-    const float* bias = e->bias + n0 + start;
-    for (int32_t j = 0; j < len; ++j) y[j] = (float)acc[start + j] * mult[j] + bias[j];
-    if (e->residual) {
-      const float* res = e->residual + base + start;
-      for (int32_t j = 0; j < len; ++j) y[j] += res[j];
+  const float* mult = e->multiplier + n0;
+  const float* bias = e->bias + n0;
+  const float* res = e->residual ? e->residual + base : NULL;
+  float* out_float = e->out_float ? e->out_float + base : NULL;
+  uint8_t* codes = e->out_codes ? e->out_codes + base : NULL;
+  const int32_t* correction = e->correction ? e->correction + n0 : NULL;
+  const float lo = e->clamp_min, hi = e->clamp_max, scale = e->out_scale;
+  const float zero = (float)e->out_zero, qmin = (float)e->out_qmin, qmax = (float)e->out_qmax;
+  int32_t j = 0;
+#if defined(__AVX2__)
+  const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero);
+  const __m256 vqmin = _mm256_set1_ps(qmin), vqmax = _mm256_set1_ps(qmax);
+  for (; j + 8 <= count; j += 8) {
+    __m256i acc = _mm256_loadu_si256((const __m256i*)(raw + j));
+    if (high) acc = _mm256_add_epi32(acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(high + j)), 4));
+    if (correction) acc = _mm256_sub_epi32(acc, _mm256_loadu_si256((const __m256i*)(correction + j)));
+    __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + j)), _mm256_loadu_ps(bias + j));
+    if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + j));
+    y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi);
+    if (out_float) _mm256_storeu_ps(out_float + j, y);
+    if (codes) {
+      __m256 q = _mm256_round_ps(_mm256_div_ps(y, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzero), vqmin), vqmax);
+      const __m256i q32 = _mm256_cvtps_epi32(q);
+      const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
+      _mm_storel_epi64((__m128i*)(codes + j), _mm_packus_epi16(q16, q16));
     }
-    const float lo = e->clamp_min, hi = e->clamp_max;
-    for (int32_t j = 0; j < len; ++j) y[j] = y[j] < lo ? lo : (y[j] > hi ? hi : y[j]);
-    if (e->out_float) memcpy(e->out_float + base + start, y, sizeof(float) * (size_t)len);
-    if (e->out_codes)
-      quantize_run(y, len, e->out_scale, (float)e->out_zero, (float)e->out_qmin, (float)e->out_qmax, e->out_codes + base + start);
+  }
+#endif
+  for (; j < count; ++j) {
+    int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0);
+    float y = (float)acc * mult[j] + bias[j];
+    if (res) y += res[j];
+    y = y < lo ? lo : (y > hi ? hi : y);
+    if (out_float) out_float[j] = y;
+    if (codes) {
+      float q = rintf(y / scale) + zero;
+      q = q < qmin ? qmin : (q > qmax ? qmax : q);
+      codes[j] = (uint8_t)(int32_t)q;
+    }
   }
 }
 
@@ -470,7 +505,11 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
     for (int64_t i = 0; i < m_count * p->k_padded; ++i) wide_rows[i] = low_rows[i];
   }
   const int32_t chunk = int16_chunk(p->w_absmax);
-  const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax};
+  int32_t* correction = (int32_t*)malloc(sizeof(int32_t) * (size_t)p->out_c);
+  if (!correction) return -2;
+  for (int32_t n = 0; n < p->out_c; ++n) correction[n] = p->x_zero * wsum[n];
+  const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
+                           correction};
   const int32_t blocks = (p->out_c + nb - 1) / nb;
   const int rows_per_tile = wide ? 4 : MR;
 #if defined(EDGEQ_HAS_PACKED2)
@@ -505,15 +544,11 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #endif
         micro(a, panel, p->k_padded, chunk, tile);
       if (split) block_product(rows + m_count * p->k_padded, m_count, p->k_padded, panel, p->k_padded, chunk, m, high);
-      for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) {
-        int32_t acc[NB];
-        for (int32_t j = 0; j < count; ++j)
-          acc[j] = tile[r * nb + j] + (split ? 16 * high[r * nb + j] : 0) - p->x_zero * wsum[n0 + j];
-        epilogue(&e, m + r, n0, count, acc);
-      }
+      for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) epilogue(&e, m + r, n0, count, tile + r * nb, split ? high + r * nb : NULL);
     }
     free(panel);
   }
+  free(correction);
   return status;
 }
 
@@ -525,25 +560,43 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
   int8_t* w = (int8_t*)malloc((size_t)stored);
   if (!w) return -2;
   edgeq_unpack(packed_weights, stored, p->w_bits, p->w_low, w);
-  const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax};
+  const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
+                           NULL};
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
+  const int32_t x_zero = p->x_zero;
+  enum { CHUNK = 256 };  // channels per pass: the sums stay on the stack
+  // int16 sums (16 lanes, vpmullw) when no sum of taps can leave int16: always at 4 bits
+  const int32_t x_span = p->x_max > x_zero ? p->x_max : x_zero;
+  const int narrow = (int64_t)p->kernel_h * p->kernel_w * x_span * (p->w_absmax > 0 ? p->w_absmax : 1) <= 32767;
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < m_count; ++m) {
-    int32_t* acc = (int32_t*)calloc((size_t)c, sizeof(int32_t));
     const int32_t oh = (int32_t)(m / p->out_w), ow = (int32_t)(m % p->out_w);
-    for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
-      const int32_t ih = oh * p->stride_h - p->pad_top + kh;
-      if (ih < 0 || ih >= p->in_h) continue;
-      for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
-        const int32_t iw = ow * p->stride_w - p->pad_left + kw;
-        if (iw < 0 || iw >= p->in_w) continue;
-        const uint8_t* xs = x + ((int64_t)ih * p->in_w + iw) * c;
-        const int8_t* ws = w + (kh * p->kernel_w + kw) * c;
-        for (int32_t ch = 0; ch < c; ++ch) acc[ch] += ((int32_t)xs[ch] - p->x_zero) * ws[ch];
+    for (int32_t c0 = 0; c0 < c; c0 += CHUNK) {
+      const int32_t len = c - c0 < CHUNK ? c - c0 : CHUNK;
+      int32_t acc[CHUNK];
+      int16_t acc16[CHUNK];
+      if (narrow)
+        for (int32_t ch = 0; ch < len; ++ch) acc16[ch] = 0;
+      else
+        for (int32_t ch = 0; ch < len; ++ch) acc[ch] = 0;
+      for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+        const int32_t ih = oh * p->stride_h - p->pad_top + kh;
+        if (ih < 0 || ih >= p->in_h) continue;
+        for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
+          const int32_t iw = ow * p->stride_w - p->pad_left + kw;
+          if (iw < 0 || iw >= p->in_w) continue;
+          const uint8_t* xs = x + ((int64_t)ih * p->in_w + iw) * c + c0;
+          const int8_t* ws = w + (kh * p->kernel_w + kw) * c + c0;
+          if (narrow)
+            for (int32_t ch = 0; ch < len; ++ch) acc16[ch] = (int16_t)(acc16[ch] + ((int16_t)xs[ch] - (int16_t)x_zero) * (int16_t)ws[ch]);
+          else
+            for (int32_t ch = 0; ch < len; ++ch) acc[ch] += ((int32_t)xs[ch] - x_zero) * (int32_t)ws[ch];
+        }
       }
+      if (narrow)
+        for (int32_t ch = 0; ch < len; ++ch) acc[ch] = acc16[ch];
+      epilogue(&e, m, c0, len, acc, NULL);
     }
-    epilogue(&e, m, 0, c, acc);
-    free(acc);
   }
   free(w);
   return 0;
