@@ -181,9 +181,10 @@ def kernel_table(runs: int) -> list[dict]:
     for m, k, n in [(3136, 576, 64), (1, 4096, 4096)]:
         a = rng.integers(0, 16, (m, k)).astype(np.uint8)
         w = rng.integers(-2, 2, (n, k))
-        packed = native.pack_weights(w, native.conv_layout(library.layout, 15))
+        packed = native.pack_weights(w, native.conv_layout(library.layout, 15, w, m))
         params = native.conv_params(in_h=m, in_w=1, in_c=k, out_h=m, out_w=1, out_c=n, kernel_h=1, kernel_w=1, stride_h=1, stride_w=1, x_zero=0, x_max=15,
-                                    w_bits=packed.bits, w_low=packed.low, w_absmax=packed.absmax, k_padded=packed.k_padded, out_zero=0, out_qmin=0,
+                                    w_bits=packed.bits, w_low=packed.low, w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout,
+                                    out_zero=0, out_qmin=0,
                                     out_qmax=15, out_scale=1.0, clamp_min=0.0, clamp_max=3.0e38)
         wsum, multiplier, bias = w.sum(1).astype(np.int32), np.full(n, 0.01, np.float32), np.zeros(n, np.float32)
         out = np.zeros((m, n), np.uint8)

@@ -204,7 +204,7 @@ class _Planner:
             wsum = np.zeros(1, np.int32)
         else:
             rows = values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values  # (N, kh·kw·C): im2col's order
-            packed = native.pack_weights(rows, native.conv_layout(self.layout, x.qmax))
+            packed = native.pack_weights(rows, native.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"]))
             wsum = rows.sum(1).astype(np.int32)
         out_shape = (geometry["out_h"], geometry["out_w"], n)
         self.values[node.output[0]] = Value(node.output[0], "float", out_shape)
@@ -406,7 +406,7 @@ def conv_arguments(params: dict) -> tuple[np.ndarray, np.ndarray]:
     packed: native.PackedWeights = params["packed"]
     quant = params["quant"] or {"scale": 1.0, "zero": 0, "qmax": 255}
     ints = [params[k] for k in ("in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left")]
-    ints += [params["x_zero"], params["x_max"], packed.bits, packed.low, packed.absmax, packed.k_padded, quant["zero"], 0, quant["qmax"]]
+    ints += [params["x_zero"], params["x_max"], packed.bits, packed.low, packed.absmax, packed.k_padded, packed.layout, quant["zero"], 0, quant["qmax"]]
     ints += [int(params["residual"] is not None), int(params["depthwise"])]
     lo, hi = params["clamp"]
     floats = [quant["scale"], max(lo, -3.0e38), min(hi, 3.0e38)]
@@ -498,7 +498,7 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
                                        library._ptr(out))
         elif step.kernel == "conv2d":
             ints, floats = conv_arguments(p)
-            params = native.conv_params(**dict(zip([f[0] for f in native._ConvParams._fields_[:21]], ints[:21].tolist())),
+            params = native.conv_params(**dict(zip([f[0] for f in native._ConvParams._fields_[:22]], ints[:22].tolist())),
                                         out_scale=float(floats[0]), clamp_min=float(floats[1]), clamp_max=float(floats[2]))
             residual = env[p["residual"]] if p["residual"] else None
             out_float, out_codes = library.conv2d(params, args[0], p["packed"], p["wsum"], p["multiplier"], p["bias"], residual,

@@ -42,12 +42,41 @@ LAYOUTS = {
     "avx2": Layout("avx2", 1, 32, 2),
     "sdot": Layout("sdot", 2, 16, 4),
     "avx2-wide": Layout("avx2-wide", 3, 16, 2),
+    # table lookup: 16-channel blocks, groups of 4 k (see edgeq_kernels.h; not a panel)
+    "avx2-lut": Layout("avx2-lut", 5, 16, 4),
 }
+# When the table-lookup kernel is chosen: measured on Zen 3 against the vpmaddubsw kernel
+# (benchmarks/speed.py, docs/kernels.md), tables cost more than they save below ~512 output
+# channels (they are built per row and shared by the channels) and for few rows.
+LUT_MIN_ROWS = 9
+LUT_MIN_CHANNELS = 512
 
 
-def conv_layout(layout: Layout, x_max: int) -> Layout:
-    """The layout of one layer: AVX2 builds run layers with 8-bit inputs on the wide (int16) kernel."""
-    return LAYOUTS["avx2-wide"] if layout.name == "avx2" and x_max > 15 else layout
+def candidate_layouts(layout: Layout, x_max: int, weights: np.ndarray) -> list[Layout]:
+    """Every layout a build with its own ``layout`` can run one layer in (the tests try them all)."""
+    if layout.name != "avx2":
+        return [layout]
+    if x_max > 15:
+        return [LAYOUTS["avx2-wide"]]
+    if weights.size and weights.min() >= -2 and weights.max() <= 1:
+        return [layout, LAYOUTS["avx2-lut"]]
+    return [layout]
+
+
+def conv_layout(layout: Layout, x_max: int, weights: np.ndarray | None = None, rows: int | None = None) -> Layout:
+    """The layout one layer runs in on a build whose own layout is ``layout``.
+
+    AVX2 builds run layers with 8-bit inputs on the wide (int16) kernel, and layers with
+    4-bit inputs, 2-bit weights (values in [-2, 1]), many rows and many output channels
+    on the table-lookup kernel.
+    """
+    if weights is None:
+        return LAYOUTS["avx2-wide"] if layout.name == "avx2" and x_max > 15 else layout
+    candidates = candidate_layouts(layout, x_max, weights)
+    lut = LAYOUTS["avx2-lut"]
+    if lut in candidates and (rows is None or rows < LUT_MIN_ROWS or weights.shape[0] < LUT_MIN_CHANNELS):
+        candidates.remove(lut)
+    return candidates[-1]
 
 
 def layout_for(arch: str, cpu_features) -> Layout:
@@ -128,17 +157,38 @@ class PackedWeights:
     absmax: int
     k_padded: int
     out_channels: int
+    layout: int = -1  # EDGEQ_LAYOUT_* of the packing (-1: depthwise, which has one layout)
+
+
+def pack_lut(weights: np.ndarray) -> np.ndarray:
+    """2-bit weights (N, K) in [-2, 1] as table indices: per 16-channel block, group pair, half block, 16 bytes (edgeq_kernels.h)."""
+    n, k = weights.shape
+    padded = np.zeros((round_up(n, 16), round_up(k, K_ALIGN)), np.int16)
+    padded[:n, :k] = weights
+    bits = padded & 3  # two's complement fields: b0 = bit 0 (weight 1), b1 = bit 1 (weight -2)
+    planes = [((bits >> plane) & 1).reshape(padded.shape[0], -1, 4) for plane in (0, 1)]  # (N, groups, 4)
+    place = np.array([1, 2, 4, 8])
+    index = (planes[0] * place).sum(2) | ((planes[1] * place).sum(2) << 4)  # (N, groups): i0 | i1 << 4
+    blocks, groups = padded.shape[0] // 16, padded.shape[1] // 4
+    # (block, half, channel j, pair, parity) -> (block, pair, half, parity, j)
+    index = index.reshape(blocks, 2, 8, groups // 2, 2).transpose(0, 3, 1, 4, 2)
+    return np.ascontiguousarray(index).astype(np.uint8).ravel()
 
 
 def pack_weights(weights: np.ndarray, layout: Layout) -> PackedWeights:
     weights = np.asarray(weights)
     if weights.min(initial=0) < -128 or weights.max(initial=0) > 127:
         raise ValueError("weight codes must fit int8")
+    if layout.name == "avx2-lut":
+        if weights.min(initial=0) < -2 or weights.max(initial=0) > 1:
+            raise ValueError("the table-lookup layout takes 2-bit weights in [-2, 1]")
+        return PackedWeights(pack_lut(weights), 2, -2, int(np.abs(weights.astype(np.int16)).max(initial=0)), round_up(weights.shape[1], K_ALIGN),
+                             weights.shape[0], layout.id)
     weights = weights.astype(np.int8)
     bits, low = storage(weights)
     values = panel(weights, layout)
     return PackedWeights(pack_fields(values, bits, low), bits, low, int(np.abs(weights.astype(np.int16)).max(initial=0)),
-                         round_up(weights.shape[1], K_ALIGN), weights.shape[0])
+                         round_up(weights.shape[1], K_ALIGN), weights.shape[0], layout.id)
 
 
 def pack_depthwise(weights: np.ndarray) -> PackedWeights:
@@ -220,7 +270,7 @@ def host_cpu_features() -> set[str]:
 class _ConvParams(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in (
         "in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left",
-        "x_zero", "x_max", "w_bits", "w_low", "w_absmax", "k_padded", "out_zero", "out_qmin", "out_qmax")] + [
+        "x_zero", "x_max", "w_bits", "w_low", "w_absmax", "k_padded", "w_layout", "out_zero", "out_qmin", "out_qmax")] + [
         ("out_scale", ctypes.c_float), ("clamp_min", ctypes.c_float), ("clamp_max", ctypes.c_float)]
 
 
@@ -250,7 +300,7 @@ class Library:
         rows[:, :k] = a
         out = np.zeros((m, weights.out_channels), np.int32)
         status = self.lib.edgeq_gemm_raw(self._ptr(rows), m, weights.out_channels, weights.k_padded, self._ptr(weights.data), weights.bits, weights.low,
-                                         weights.absmax, int(a.max(initial=0)), self._ptr(out))
+                                         weights.absmax, int(a.max(initial=0)), weights.layout, self._ptr(out))
         if status != 0:
             raise ValueError(f"edgeq_gemm_raw rejected its arguments ({status})")
         return out

@@ -34,9 +34,11 @@ def check_gemm(lib, rng) -> str | None:
     bits = int(rng.choice([2, 4, 8]))
     a = rng.integers(0, 16, (m, k)).astype(np.uint8)
     w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
-    got = lib.gemm_raw(a, native.pack_weights(w, lib.layout))
+    candidates = native.candidate_layouts(lib.layout, 15, w)  # every kernel that could run these weights
+    layout = candidates[int(rng.integers(0, len(candidates)))]
+    got = lib.gemm_raw(a, native.pack_weights(w, layout))
     if not np.array_equal(got, reference.int_gemm(a, w)):
-        return f"gemm m={m} k={k} n={n} w{bits}: accumulators differ"
+        return f"gemm m={m} k={k} n={n} w{bits} ({layout.name}): accumulators differ"
     return None
 
 
@@ -64,14 +66,16 @@ def check_conv(lib, rng) -> str | None:
     if depthwise:
         packed = native.pack_depthwise(weights[:, 0])
     else:
-        packed = native.pack_weights(weights.transpose(0, 2, 3, 1).reshape(n, -1), native.conv_layout(lib.layout, x_max))
+        rows = weights.transpose(0, 2, 3, 1).reshape(n, -1)
+        candidates = native.candidate_layouts(lib.layout, x_max, rows)  # every kernel this layer could run on
+        packed = native.pack_weights(rows, candidates[int(rng.integers(0, len(candidates)))])
     params = native.conv_params(in_h=h, in_w=w, in_c=cin, out_h=out_h, out_w=out_w, out_c=n, kernel_h=kernel, kernel_w=kernel, stride_h=stride,
                                 stride_w=stride, pad_top=pad, pad_left=pad, x_zero=x_zero, x_max=x_max, w_bits=packed.bits, w_low=packed.low,
-                                w_absmax=packed.absmax, k_padded=packed.k_padded, out_zero=out_zero, out_qmin=0, out_qmax=out_qmax,
+                                w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout, out_zero=out_zero, out_qmin=0, out_qmax=out_qmax,
                                 out_scale=out_scale, clamp_min=max(clamp[0], -3.0e38), clamp_max=min(clamp[1], 3.0e38))
     wsum = weights.reshape(n, -1).sum(1).astype(np.int32)
     y, codes = lib.conv2d(params, x, packed, wsum, multiplier, bias, residual, depthwise=depthwise)
-    what = f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits}"
+    what = f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits} layout {packed.layout}"
     # The integer part is exact, so float results agree up to float32 rounding of the same expression.
     if not np.allclose(y, y_ref, rtol=1e-6, atol=1e-5):
         return f"{what}: float outputs differ by {np.abs(y - y_ref).max():.3g}"

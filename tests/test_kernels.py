@@ -80,7 +80,9 @@ def test_microkernel_accumulators_equal_the_integer_gemm(libraries, m, k, n, bit
     a = rng.integers(0, 16, (m, k)).astype(np.uint8)
     w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
     lib = libraries[which]
-    assert np.array_equal(lib.gemm_raw(a, native.pack_weights(w, lib.layout)), reference.int_gemm(a, w))
+    expected = reference.int_gemm(a, w)
+    for layout in native.candidate_layouts(lib.layout, 15, w):  # AVX2 2-bit: vpmaddubsw panel and table lookup
+        assert np.array_equal(lib.gemm_raw(a, native.pack_weights(w, layout)), expected), layout.name
 
 
 def test_int16_accumulation_survives_the_worst_case(libraries):
@@ -90,8 +92,23 @@ def test_int16_accumulation_survives_the_worst_case(libraries):
         a = np.full((7, k), 15, np.uint8)
         w = np.full((33, k), -(2 ** (bits - 1)))
         for lib in libraries.values():
-            got = lib.gemm_raw(a, native.pack_weights(w, lib.layout))
-            assert np.array_equal(got, reference.int_gemm(a, w)), (bits, lib.layout.name)
+            for layout in native.candidate_layouts(lib.layout, 15, w):
+                got = lib.gemm_raw(a, native.pack_weights(w, layout))
+                assert np.array_equal(got, reference.int_gemm(a, w)), (bits, layout.name)
+
+
+def test_table_lookup_layout_stores_two_bits_per_weight_and_is_chosen_for_wide_layers():
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-2, 2, (512, 576))
+    lut = native.LAYOUTS["avx2-lut"]
+    packed = native.pack_weights(weights, lut)
+    assert packed.data.size == 512 * 576 // 4 and packed.layout == lut.id
+    assert native.conv_layout(native.LAYOUTS["avx2"], 15, weights, rows=196) == lut
+    assert native.conv_layout(native.LAYOUTS["avx2"], 15, weights[:64], rows=196).name == "avx2"  # tables cost more than they save
+    assert native.conv_layout(native.LAYOUTS["avx2"], 255, weights, rows=196).name == "avx2-wide"
+    assert native.conv_layout(native.LAYOUTS["avx2"], 15, weights * 2, rows=196).name == "avx2"  # not 2-bit
+    with pytest.raises(ValueError, match="2-bit"):
+        native.pack_weights(weights * 2, lut)
 
 
 @settings(max_examples=40, deadline=None)

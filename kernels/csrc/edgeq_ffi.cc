@@ -21,7 +21,7 @@ T* data(const TensorView& t) {
 }
 
 enum ConvFlag { kHasResidual = 0, kDepthwise = 1 };
-constexpr int kConvInts = 21;  // integer fields of edgeq_conv_params
+constexpr int kConvInts = 22;  // integer fields of edgeq_conv_params
 
 edgeq_conv_params conv_params(const TensorView& ints, const TensorView& floats) {
   TVM_FFI_ICHECK_EQ(ints.numel(), kConvInts + 2) << "edgeq conv: wrong integer parameter count";

@@ -79,7 +79,7 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
 
 /* Grow-only scratch memory per thread and purpose: a fresh malloc of a few MB per layer
  * would be mapped anew and page-faulted in on every call. */
-enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_COUNT = 2 };
+enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_COUNT = 4 };
 static _Thread_local struct {
   void* data;
   size_t size;
@@ -88,7 +88,7 @@ static _Thread_local struct {
 static void* scratch(int slot, size_t size) {
   if (scratch_slots[slot].size < size) {
     free(scratch_slots[slot].data);
-    scratch_slots[slot].data = malloc(size);
+    scratch_slots[slot].data = aligned_alloc(64, (size + 63) / 64 * 64);  // aligned vector loads
     scratch_slots[slot].size = scratch_slots[slot].data ? size : 0;
   }
   return scratch_slots[slot].data;
@@ -186,6 +186,74 @@ static void micro_packed2(const uint8_t* const* a, const uint8_t* packed, int32_
         }
         _mm256_storeu_si256((__m256i*)out, lo16);
         _mm256_storeu_si256((__m256i*)(out + 8), hi16);
+      }
+    }
+  }
+}
+
+/* Table lookup (LAYOUT_AVX2_LUT, see edgeq_kernels.h): for 2-bit weights and 4-bit
+ * inputs, one vpshufb looks up 32 table entries, each the sum over 4 activations selected
+ * by one bit plane of a channel's weights; vpmaddubsw with (1, -2) combines the two
+ * planes (w = b0 - 2 * b1) into int16, vpaddw accumulates: 64 multiply-adds per three
+ * instructions, against 32 per two for vpmaddubsw on unpacked weights. The tables are
+ * built once per row and reused by every output channel. */
+#define EDGEQ_HAS_LUT 1
+#define NB_LUT 16
+#define MR_LUT 4
+#define LUT_CHUNK_PAIRS 256 /* 256 group pairs: each int16 lane adds at most 120 per pair */
+
+/* Stored [pair][half][16] (byte = i0 | i1 << 4) -> [pair][half][32] (i0, i1 byte pairs). */
+static void lut_expand(const uint8_t* stored, int32_t pairs, uint8_t* out) {
+  const __m256i low = _mm256_set1_epi16(0x000F), high = _mm256_set1_epi16(0x0F00);
+  for (int32_t i = 0; i < pairs * 2; ++i) {
+    const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(stored + 16 * i)));
+    _mm256_store_si256((__m256i*)(out + 32 * i), _mm256_or_si256(_mm256_and_si256(v, low), _mm256_and_si256(_mm256_slli_epi16(v, 4), high)));
+  }
+}
+
+/* Per group pair: lane 0 = the 16 subset sums of a[8gp..8gp+3], lane 1 of a[8gp+4..8gp+7].
+ * T[p] = L[p & 3] + H[p >> 2], L = (0, a0, a1, a0+a1), H = (0, a2, a3, a2+a3). */
+static void lut_tables(const uint8_t* row, int32_t pairs, uint8_t* out) {
+  const char z = (char)0x80;  // vpshufb writes 0
+  const __m256i s1 = _mm256_setr_epi8(z, 0, 1, 0, z, 2, 3, 2, z, z, z, z, z, z, z, z, z, 4, 5, 4, z, 6, 7, 6, z, z, z, z, z, z, z, z);
+  const __m256i s2 = _mm256_setr_epi8(z, z, z, 1, z, z, z, 3, z, z, z, z, z, z, z, z, z, z, z, 5, z, z, z, 7, z, z, z, z, z, z, z, z);
+  const __m256i ilo = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m256i ihi = _mm256_setr_epi8(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+  for (int32_t gp = 0; gp < pairs; ++gp) {
+    int64_t bytes;
+    memcpy(&bytes, row + 8 * gp, 8);
+    const __m256i v = _mm256_set1_epi64x(bytes);
+    const __m256i lh = _mm256_add_epi8(_mm256_shuffle_epi8(v, s1), _mm256_shuffle_epi8(v, s2));
+    _mm256_store_si256((__m256i*)(out + 32 * gp), _mm256_add_epi8(_mm256_shuffle_epi8(lh, ilo), _mm256_shuffle_epi8(lh, ihi)));
+  }
+}
+
+/* c[r][n] = sum_k a_r[k] * w[n][k] for 4 rows (their tables) and one 16-channel block. */
+static void micro_lut(const uint8_t* const* tables, const uint8_t* index, int32_t pairs, int32_t* c) {
+  const __m256i coeff = _mm256_set1_epi16((int16_t)0xFE01);  // bytes (1, -2): b0 - 2 * b1
+  const uint8_t *t0 = tables[0], *t1 = tables[1], *t2 = tables[2], *t3 = tables[3];
+  for (int32_t g0 = 0; g0 < pairs; g0 += LUT_CHUNK_PAIRS) {
+    const int32_t g1 = g0 + LUT_CHUNK_PAIRS < pairs ? g0 + LUT_CHUNK_PAIRS : pairs;
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+    for (int32_t gp = g0; gp < g1; ++gp) {
+      const __m256i x0 = _mm256_load_si256((const __m256i*)(index + 64 * gp));
+      const __m256i x1 = _mm256_load_si256((const __m256i*)(index + 64 * gp + 32));
+      __m256i t;
+#define EDGEQ_ROW(r)                                                                           \
+  t = _mm256_load_si256((const __m256i*)(t##r + 32 * gp));                                     \
+  c##r##0 = _mm256_add_epi16(c##r##0, _mm256_maddubs_epi16(_mm256_shuffle_epi8(t, x0), coeff)); \
+  c##r##1 = _mm256_add_epi16(c##r##1, _mm256_maddubs_epi16(_mm256_shuffle_epi8(t, x1), coeff));
+      EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
+#undef EDGEQ_ROW
+    }
+    // lanes 0-7: even groups of channels 0-7 (or 8-15); lanes 8-15: odd groups, same channels
+    const __m256i rows[MR_LUT][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+    for (int r = 0; r < MR_LUT; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        int32_t* out = c + r * NB_LUT + 8 * h;
+        __m256i sum = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h])), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1)));
+        if (g0 > 0) sum = _mm256_add_epi32(sum, _mm256_loadu_si256((const __m256i*)out));
+        _mm256_storeu_si256((__m256i*)out, sum);
       }
     }
   }
@@ -441,9 +509,66 @@ static void block_product(const uint8_t* rows, int64_t m_count, int32_t lda, con
   micro(a, panel, k_padded, chunk, tile);
 }
 
+#if defined(EDGEQ_HAS_LUT)
+/* Products through the table-lookup kernel for all rows and channels: to the epilogue
+ * when `e` is given, else raw sums into out (m x n). Rows are 4-bit codes, k_padded wide. */
+static int lut_products(const uint8_t* rows, int64_t m_count, int32_t k_padded, const uint8_t* packed, int32_t n, const epilogue_args* e, int32_t* out) {
+  const int32_t pairs = k_padded / 8, blocks = (n + NB_LUT - 1) / NB_LUT;
+  uint8_t* index = (uint8_t*)scratch(SCRATCH_LUT_INDEX, (size_t)blocks * (size_t)pairs * 64);
+  if (!index) return -2;
+  for (int32_t b = 0; b < blocks; ++b) lut_expand(packed + (int64_t)b * pairs * 32, pairs, index + (int64_t)b * pairs * 64);
+  // channel groups whose indices stay in L2 while every row tile runs over them (tables rebuilt per group)
+  int32_t group_blocks = (int32_t)((256 * 1024) / ((int64_t)pairs * 64));
+  group_blocks = group_blocks < 1 ? 1 : (group_blocks > blocks ? blocks : group_blocks);
+  int status = 0;
+  for (int32_t b0 = 0; b0 < blocks; b0 += group_blocks) {
+    const int32_t b1 = b0 + group_blocks < blocks ? b0 + group_blocks : blocks;
+#pragma omp parallel for schedule(dynamic, 4) reduction(min : status)
+    for (int64_t m = 0; m < m_count; m += MR_LUT) {
+      uint8_t* tables = (uint8_t*)scratch(SCRATCH_LUT_TABLES, (size_t)MR_LUT * (size_t)pairs * 32);
+      if (!tables) {
+        status = -2;
+        continue;
+      }
+      const uint8_t* t[MR_LUT];
+      for (int r = 0; r < MR_LUT; ++r) {
+        t[r] = tables + (int64_t)r * pairs * 32;
+        lut_tables(rows + (m + r < m_count ? m + r : m_count - 1) * k_padded, pairs, tables + (int64_t)r * pairs * 32);
+      }
+      for (int32_t b = b0; b < b1; ++b) {
+        int32_t tile[MR_LUT * NB_LUT];
+        micro_lut(t, index + (int64_t)b * pairs * 64, pairs, tile);
+        const int32_t n0 = b * NB_LUT, count = n - n0 < NB_LUT ? n - n0 : NB_LUT;
+        for (int r = 0; r < MR_LUT && m + r < m_count; ++r) {
+          if (e)
+            epilogue(e, m + r, n0, count, tile + r * NB_LUT, NULL);
+          else
+            memcpy(out + (m + r) * n + n0, tile + r * NB_LUT, sizeof(int32_t) * (size_t)count);
+        }
+      }
+    }
+  }
+  return status;
+}
+#endif
+
+int edgeq_supports_layout(int32_t layout) {
+  if (layout == EDGEQ_THIS_LAYOUT) return 1;
+#if defined(EDGEQ_HAS_WIDE)
+  if (layout == EDGEQ_LAYOUT_AVX2_WIDE) return 1;
+#endif
+#if defined(EDGEQ_HAS_LUT)
+  if (layout == EDGEQ_LAYOUT_AVX2_LUT) return 1;
+#endif
+  return 0;
+}
+
 int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, const uint8_t* packed_weights, int32_t w_bits, int32_t w_low, int32_t w_absmax,
-                   int32_t a_max, int32_t* out) {
-  if (k_padded % K_ALIGN || a_max > NIBBLE_MAX) return -1;
+                   int32_t a_max, int32_t w_layout, int32_t* out) {
+  if (k_padded % K_ALIGN || a_max > NIBBLE_MAX || !edgeq_supports_layout(w_layout) || w_layout == EDGEQ_LAYOUT_AVX2_WIDE) return -1;
+#if defined(EDGEQ_HAS_LUT)
+  if (w_layout == EDGEQ_LAYOUT_AVX2_LUT) return lut_products(a, m, k_padded, packed_weights, n, NULL, out);
+#endif
   const int32_t chunk = int16_chunk(w_absmax);
   const int32_t blocks = (n + NB - 1) / NB;
 #if defined(EDGEQ_HAS_PACKED2)
@@ -472,20 +597,13 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
   return 0;
 }
 
-int edgeq_wide_layout(int32_t x_max) {
-#if defined(EDGEQ_HAS_WIDE)
-  return x_max > NIBBLE_MAX;
-#else
-  (void)x_max;
-  return 0;
-#endif
-}
-
 int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
                  const float* bias, const float* residual, float* out_float, uint8_t* out_codes) {
   const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
-  if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255) return -1;
-  const int wide = edgeq_wide_layout(p->x_max);
+  if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255 || !edgeq_supports_layout(p->w_layout)) return -1;
+  const int wide = p->w_layout == EDGEQ_LAYOUT_AVX2_WIDE;
+  const int lut = p->w_layout == EDGEQ_LAYOUT_AVX2_LUT;
+  if ((wide && p->x_max <= NIBBLE_MAX) || (lut && (p->x_max > NIBBLE_MAX || p->w_bits != 2))) return -1;
   const int split = !wide && p->x_max > NIBBLE_MAX;
   const int32_t nb = wide ? NB_WIDE_OR_NB : NB;
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
@@ -510,6 +628,13 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   for (int32_t n = 0; n < p->out_c; ++n) correction[n] = p->x_zero * wsum[n];
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
                            correction};
+#if defined(EDGEQ_HAS_LUT)
+  if (lut) {
+    const int status = lut_products(low_rows, m_count, p->k_padded, packed_weights, p->out_c, &e, NULL);
+    free(correction);
+    return status;
+  }
+#endif
   const int32_t blocks = (p->out_c + nb - 1) / nb;
   const int rows_per_tile = wide ? 4 : MR;
 #if defined(EDGEQ_HAS_PACKED2)

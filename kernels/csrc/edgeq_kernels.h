@@ -17,6 +17,14 @@
  *   LAYOUT_NEON  8  8   AArch64 NEON (no dot product)  smlal (s8 x s8 -> s16 lanes over k)
  *   LAYOUT_PORTABLE 16 1  any other CPU (plain C)      scalar
  *   LAYOUT_AVX2_WIDE 16 2   x86-64 AVX2, 8-bit inputs   vpmaddwd (s16 pairs -> s32)
+ *   LAYOUT_AVX2_LUT  (see below) x86-64 AVX2, 2-bit weights  vpshufb table lookups
+ *
+ * LAYOUT_AVX2_LUT (T-MAC style, 2-bit weights in [-2, 1], 4-bit inputs): weights are
+ * bit planes, w = b0 - 2 * b1; for each output channel n and group g of 4 reduction
+ * indices, i0 = sum_i b0[n][4g+i] << i and i1 likewise index a 16-entry table of the
+ * subset sums of the group's 4 activations. Stored per block of 16 channels, per pair of
+ * groups (2gp, 2gp+1), per half-block of 8 channels: 16 bytes, byte j = i0 | i1 << 4 of
+ * channel j in group 2gp, byte 8 + j the same in group 2gp+1 (still 2 bits per weight).
  *
  * Stored (packed) weights: the panel's int8 values v are offset to codes c = v - low
  * (0 <= c < 2^bits) and packed `bits` per field in groups of 32 bytes:
@@ -37,13 +45,12 @@
 extern "C" {
 #endif
 
-enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4 };
+enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4, EDGEQ_LAYOUT_AVX2_LUT = 5 };
 
 /* Which panel layout this build's microkernel reads. */
 int edgeq_layout(void);
-/* 1 when a layer with activation codes up to x_max uses the wide (int16) microkernel and its
- * layout (LAYOUT_AVX2_WIDE: NB 16, G 2) instead of the build's own. */
-int edgeq_wide_layout(int32_t x_max);
+/* 1 when this build runs weights packed for `layout` (its own, or an AVX2 variant). */
+int edgeq_supports_layout(int32_t layout);
 
 /* Quantized convolution (groups == 1; dense layers are 1x1 convolutions over rows):
  *   acc[m, n] = sum_k (x[m, k] - x_zero) * w[n, k]        (exact int32)
@@ -56,6 +63,7 @@ typedef struct {
   int32_t x_zero, x_max;           /* activation zero point and largest code */
   int32_t w_bits, w_low, w_absmax; /* stored field width, code offset, max |w| */
   int32_t k_padded;                /* kernel_h * kernel_w * in_c rounded up to 16 */
+  int32_t w_layout;                /* EDGEQ_LAYOUT_* the weights were packed for (the build must run it) */
   int32_t out_zero, out_qmin, out_qmax;
   float out_scale, clamp_min, clamp_max;
 } edgeq_conv_params;
@@ -67,7 +75,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 /* The raw integer product sum_k a[m, k] * w[n, k] over rows of codes (a: m x k_padded,
  * padded with zeros), for the bit-exact tests of the microkernel. */
 int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, const uint8_t* packed_weights, int32_t w_bits, int32_t w_low, int32_t w_absmax,
-                   int32_t a_max, int32_t* out);
+                   int32_t a_max, int32_t w_layout, int32_t* out);
 
 /* Depthwise convolution: weights [kernel_h][kernel_w][channels] as int8 values (w_low/w_bits
  * describe their packed form, padded to a multiple of 128 values). Same epilogue as above. */
