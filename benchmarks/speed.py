@@ -167,7 +167,7 @@ def _qdq_reference(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
 # Kernels alone
 
 
-def kernel_table(runs: int) -> list[dict]:
+def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -248,6 +248,16 @@ def int8_peak(library) -> dict | None:
 # ---------------------------------------------------------------------------------------
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names")
@@ -257,12 +267,17 @@ def main(argv=None) -> int:
                         help="where the built models are kept between runs")
     parser.add_argument("--json", action="store_true", help="one JSON object per model instead of the tables")
     parser.add_argument("--skip-kernels", action="store_true", help="only the whole-model table")
+    parser.add_argument("--save", type=Path, help="also write every figure as JSON to this file")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-kernels", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     threads = [int(t) for t in args.threads.split(",")]
     if args.measure:
         print(json.dumps(measure(args.measure, threads[0], args.runs)))
+        return 0
+    if args.measure_kernels:
+        print(json.dumps(kernel_table(args.runs)))
         return 0
 
     results = []
@@ -290,8 +305,18 @@ def main(argv=None) -> int:
         for count, t in entry["threads"].items():
             print(f"{entry['model']:<24} {count:>3} {t['edgeq_w2a4_ms']:>11.2f} {t['ort_fp32_ms']:>9.2f} {t['ort_int8_ms']:>9.2f} "
                   f"{t['speedup_vs_ort_fp32']:>7.2f}x {t['speedup_vs_ort_int8']:>7.2f}x  {entry['build']['path']}")
+    rows, peak = [], None
+    if not args.skip_kernels:  # in a fresh one-thread process, like the model timings
+        environment = dict(os.environ, OMP_NUM_THREADS="1", TVM_NUM_THREADS="1")
+        output = subprocess.run([sys.executable, __file__, "--measure-kernels", "--runs", str(args.runs)], env=environment, capture_output=True, text=True,
+                                check=True).stdout
+        rows, peak = json.loads(output.strip().splitlines()[-1])
+    if args.save:
+        import platform
+
+        args.save.write_text(json.dumps({"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}, "runs": args.runs,
+                                         "models": results, "kernels": rows, "int8_peak": peak}, indent=1) + "\n")
     if not args.skip_kernels:
-        rows, peak = kernel_table(args.runs)
         peak_text = f"{peak['gops']:.0f} GOPS ({peak['loop']})" if peak else "unknown"
         print(f"\nKernels alone, one thread; int8 peak of this core: {peak_text}")
         print(f"{'shape':<16} {'kernel':<32} {'ms':>8} {'GOPS':>8} {'of peak':>8}")

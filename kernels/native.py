@@ -215,9 +215,10 @@ def _digest(*parts) -> str:
 
 
 def source_digest() -> str:
-    """A short hash of the C sources (the entry points included)."""
+    """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for them."""
     hasher = hashlib.sha256()
-    for source in sorted(SOURCE_DIR.iterdir()):
+    here = Path(__file__).resolve().parent
+    for source in [*sorted(SOURCE_DIR.iterdir()), here / "native.py", here / "graph.py"]:
         hasher.update(source.name.encode() + source.read_bytes())
     return hasher.hexdigest()[:16]
 

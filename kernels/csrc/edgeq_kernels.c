@@ -17,6 +17,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -328,10 +331,9 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
     for (int32_t k = k0; k < k1; k += 8) {
       const int8_t* w = panel + (int64_t)k * NB;
       const int8x16_t w01 = vld1q_s8(w), w23 = vld1q_s8(w + 16), w45 = vld1q_s8(w + 32), w67 = vld1q_s8(w + 48);
-      uint64_t bits0, bits1;
-      memcpy(&bits0, a[0] + k, 8);
-      memcpy(&bits1, a[1] + k, 8);
-      const int8x16_t x0 = vreinterpretq_s8_u64(vdupq_n_u64(bits0)), x1 = vreinterpretq_s8_u64(vdupq_n_u64(bits1));
+      // ld1r: load-and-replicate straight into a vector register (a general-register dup is slow on A72)
+      const int8x16_t x0 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[0] + k), vld1_u8(a[0] + k)));
+      const int8x16_t x1 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[1] + k), vld1_u8(a[1] + k)));
       const int8x8_t x0l = vget_low_s8(x0), x1l = vget_low_s8(x1);
       r0[0] = vmlal_s8(r0[0], x0l, vget_low_s8(w01));
       r0[1] = vmlal_high_s8(r0[1], x0, w01);
@@ -642,16 +644,30 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #else
   const int in_registers = 0;
 #endif
+  // Work items are (channel block, range of rows): with few blocks (64 channels are two)
+  // the rows are split too, so every core of a 4- or 6-core board has work.
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const int64_t tiles = (m_count + rows_per_tile - 1) / rows_per_tile;
+  int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
+  parts = parts > tiles ? tiles : parts;
+  const int64_t tiles_per_part = (tiles + parts - 1) / parts;
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
-  for (int32_t b = 0; b < blocks; ++b) {
+  for (int64_t item = 0; item < (int64_t)blocks * parts; ++item) {
+    const int32_t b = (int32_t)(item / parts);
+    const int64_t m_begin = (item % parts) * tiles_per_part * rows_per_tile;
+    const int64_t m_end = m_begin + tiles_per_part * rows_per_tile < m_count ? m_begin + tiles_per_part * rows_per_tile : m_count;
     int8_t* panel = in_registers ? NULL : block_panel(packed_weights, b, nb, p->k_padded, p->w_bits, p->w_low);
     if (!in_registers && !panel) {
       status = -2;
       continue;
     }
     const int32_t n0 = b * nb, count = p->out_c - n0 < nb ? p->out_c - n0 : nb;
-    for (int64_t m = 0; m < m_count; m += rows_per_tile) {
+    for (int64_t m = m_begin; m < m_end; m += rows_per_tile) {
       int32_t tile[MR * NB], high[MR * NB];
       const uint8_t* a[MR];
       for (int r = 0; r < MR; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
