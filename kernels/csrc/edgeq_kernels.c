@@ -82,7 +82,7 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
 
 /* Grow-only scratch memory per thread and purpose: a fresh malloc of a few MB per layer
  * would be mapped anew and page-faulted in on every call. */
-enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_COUNT = 4 };
+enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_PANEL = 4, SCRATCH_CORRECTION = 5, SCRATCH_COUNT = 6 };
 static _Thread_local struct {
   void* data;
   size_t size;
@@ -365,10 +365,11 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
 }
 #endif
 
-/* Unpack one block's panel (NB * k_padded values) from the stored form. */
+/* Unpack one block's panel (nb * k_padded values) from the stored form, into this
+ * thread's scratch memory (reused by the next block: no allocation per call). */
 static int8_t* block_panel(const uint8_t* packed, int32_t block, int32_t nb, int32_t k_padded, int32_t bits, int32_t low) {
   const int64_t values = (int64_t)nb * k_padded;
-  int8_t* panel = (int8_t*)aligned_alloc(64, (size_t)((values + 63) / 64 * 64));
+  int8_t* panel = (int8_t*)scratch(SCRATCH_PANEL, (size_t)values);
   if (panel) edgeq_unpack(packed + block * values * bits / 8, values, bits, low, panel);
   return panel;
 }
@@ -594,7 +595,6 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
       for (int r = 0; r < MR && i + r < m; ++r)
         for (int j = 0; j < NB && b * NB + j < n; ++j) out[(i + r) * n + b * NB + j] = tile[r * NB + j];
     }
-    free(panel);
   }
   return 0;
 }
@@ -625,16 +625,14 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
     for (int64_t i = 0; i < m_count * p->k_padded; ++i) wide_rows[i] = low_rows[i];
   }
   const int32_t chunk = int16_chunk(p->w_absmax);
-  int32_t* correction = (int32_t*)malloc(sizeof(int32_t) * (size_t)p->out_c);
+  int32_t* correction = (int32_t*)scratch(SCRATCH_CORRECTION, sizeof(int32_t) * (size_t)p->out_c);
   if (!correction) return -2;
   for (int32_t n = 0; n < p->out_c; ++n) correction[n] = p->x_zero * wsum[n];
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
                            correction};
 #if defined(EDGEQ_HAS_LUT)
   if (lut) {
-    const int status = lut_products(low_rows, m_count, p->k_padded, packed_weights, p->out_c, &e, NULL);
-    free(correction);
-    return status;
+    return lut_products(low_rows, m_count, p->k_padded, packed_weights, p->out_c, &e, NULL);
   }
 #endif
   const int32_t blocks = (p->out_c + nb - 1) / nb;
@@ -687,9 +685,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
       if (split) block_product(rows + m_count * p->k_padded, m_count, p->k_padded, panel, p->k_padded, chunk, m, high);
       for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) epilogue(&e, m + r, n0, count, tile + r * nb, split ? high + r * nb : NULL);
     }
-    free(panel);
   }
-  free(correction);
   return status;
 }
 
