@@ -116,6 +116,23 @@ __attribute__((unused)) static void micro_scalar(const uint8_t* const* a, const 
 }
 
 #if defined(__AVX2__)
+/* int16 sums of a 4-row x 32-channel tile into int32 c (added to it after the first chunk). */
+static inline void widen_tile(const __m256i rows[MR][2], int accumulate, int32_t* c) {
+  for (int r = 0; r < MR; ++r) {
+    for (int h = 0; h < 2; ++h) {
+      int32_t* out = c + r * NB + 16 * h;
+      __m256i low = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
+      __m256i high = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
+      if (accumulate) {
+        low = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), low);
+        high = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), high);
+      }
+      _mm256_storeu_si256((__m256i*)out, low);
+      _mm256_storeu_si256((__m256i*)(out + 8), high);
+    }
+  }
+}
+
 /* Chunks of k: 4 rows x 32 channels of int16 sums in 8 registers (with the two weight
  * vectors and the broadcast, 11 of 16: a 6-row tile makes GCC spill), widened into c. */
 static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
@@ -136,19 +153,7 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
 #undef EDGEQ_ROW
     }
     const __m256i rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-    for (int r = 0; r < MR; ++r) {
-      for (int h = 0; h < 2; ++h) {
-        int32_t* out = c + r * NB + 16 * h;
-        __m256i low = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
-        __m256i high = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
-        if (k0 > 0) {  // later chunks add to the first chunk's sums
-          low = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), low);
-          high = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), high);
-        }
-        _mm256_storeu_si256((__m256i*)out, low);
-        _mm256_storeu_si256((__m256i*)(out + 8), high);
-      }
-    }
+    widen_tile(rows, k0 > 0, c);
   }
 }
 /* Few rows (matrix-vector products, classifiers): unpacking a whole panel to memory would
@@ -178,19 +183,7 @@ static void micro_packed2(const uint8_t* const* a, const uint8_t* packed, int32_
 #undef EDGEQ_ROW
     }
     const __m256i rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-    for (int r = 0; r < MR; ++r) {
-      for (int h = 0; h < 2; ++h) {
-        int32_t* out = c + r * NB + 16 * h;
-        __m256i lo16 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h]));
-        __m256i hi16 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1));
-        if (k0 > 0) {  // later chunks add to the first chunk's sums
-          lo16 = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)out), lo16);
-          hi16 = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(out + 8)), hi16);
-        }
-        _mm256_storeu_si256((__m256i*)out, lo16);
-        _mm256_storeu_si256((__m256i*)(out + 8), hi16);
-      }
-    }
+    widen_tile(rows, k0 > 0, c);
   }
 }
 
