@@ -53,12 +53,11 @@ def build(name: str, folder: Path) -> dict:
     import onnx
     import timm
     import torch
+    from edgeq.kernels import native
 
     from edgeq.stages import compile as compile_stage
     from edgeq.stages import export as export_stage
     from edgeq.stages import quantize as quantize_stage
-
-    from edgeq.kernels import native
 
     folder.mkdir(parents=True, exist_ok=True)
     info_path = folder / "build.json"
@@ -169,9 +168,8 @@ def _qdq_reference(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
 
 def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     from edgeq.kernels import native
+    from onnx import TensorProto, helper, numpy_helper
 
     compiler, flags = native.host_flags()
     library = native.Library(native.build_shared(compiler, flags, Path(tempfile.gettempdir()) / "edgeq-bench-kernels"))
@@ -191,7 +189,7 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
         args = [native.ctypes.byref(params), library._ptr(a), library._ptr(packed.data), library._ptr(wsum), library._ptr(multiplier), library._ptr(bias),
                 None, None, library._ptr(out)]
 
-        def ours():
+        def ours(args=args):
             library.lib.edgeq_conv2d(*args)
 
         options = ort.SessionOptions()
@@ -212,8 +210,9 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
         nbits_session = ort.InferenceSession(helper.make_model(nbits, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
                                              .SerializeToString(), options, providers=["CPUExecutionProvider"])
         a_float = a.astype(np.float32)
-        engines = {"edgeq W2A4 (fused requant)": ours, "onnxruntime MatMulInteger u8s8": lambda: integer_session.run(None, {"a": a}),
-                   "onnxruntime MatMulNBits 2-bit": lambda: nbits_session.run(None, {"a": a_float})}
+        engines = {"edgeq W2A4 (fused requant)": ours,
+                   "onnxruntime MatMulInteger u8s8": lambda session=integer_session, a=a: session.run(None, {"a": a}),
+                   "onnxruntime MatMulNBits 2-bit": lambda session=nbits_session, a=a_float: session.run(None, {"a": a})}
         times = {name: [] for name in engines}
         for engine in engines.values():
             engine()

@@ -229,7 +229,8 @@ class _Planner:
         values = codes - w_zero.reshape(-1, 1, 1, 1)
         if values.min() < -128 or values.max() > 127:
             raise Unsupported(f"Conv {node.name}: weight codes minus zero point exceed int8")
-        geometry = dict(in_h=h, in_w=w, in_c=c, out_h=out_h, out_w=out_w, kernel_h=kh, kernel_w=kw, stride_h=sh, stride_w=sw, pad_top=pads[0], pad_left=pads[1])
+        geometry = {"in_h": h, "in_w": w, "in_c": c, "out_h": out_h, "out_w": out_w, "kernel_h": kh, "kernel_w": kw, "stride_h": sh, "stride_w": sw,
+                    "pad_top": pads[0], "pad_left": pads[1]}
         self._conv_step(node, x, values, w_scale, bias, geometry, depthwise)
 
     def op_Gemm(self, node, attrs):
@@ -243,7 +244,8 @@ class _Planner:
             raise Unsupported(f"Gemm {node.name}: weight codes minus zero point exceed int8")
         if x.shape[:2] != (1, 1):
             raise Unsupported(f"Gemm {node.name}: input is not a vector")
-        geometry = dict(in_h=1, in_w=1, in_c=x.shape[2], out_h=1, out_w=1, kernel_h=1, kernel_w=1, stride_h=1, stride_w=1, pad_top=0, pad_left=0)
+        geometry = {"in_h": 1, "in_w": 1, "in_c": x.shape[2], "out_h": 1, "out_w": 1, "kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1,
+                    "pad_top": 0, "pad_left": 0}
         self._conv_step(node, x, values, w_scale, bias, geometry, depthwise=False)
 
     # -- float glue ----------------------------------------------------------------------
@@ -415,7 +417,6 @@ def conv_arguments(params: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def to_relax(plan: Plan):
     """A Relax IRModule whose ``main`` runs the plan through the edgeq kernels."""
-    import tvm
     from tvm import relax
 
     def tensor_type(value: Value):
@@ -470,7 +471,6 @@ def to_relax(plan: Plan):
             result = builder.emit(relax.op.reshape(result, (1, output_value.shape[2])))
             output = builder.emit_output(result)
         builder.emit_func_output(output)
-    del tvm
     return builder.get()
 
 

@@ -205,15 +205,6 @@ def pack_depthwise(weights: np.ndarray) -> PackedWeights:
 # Building and loading (host or cross compiler)
 
 
-def _digest(*parts) -> str:
-    hasher = hashlib.sha256()
-    for source in (C_SOURCE, SOURCE_DIR / "edgeq_kernels.h"):
-        hasher.update(source.read_bytes())
-    for part in parts:
-        hasher.update(repr(part).encode())
-    return hasher.hexdigest()[:16]
-
-
 def source_digest() -> str:
     """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for them."""
     hasher = hashlib.sha256()
@@ -226,7 +217,7 @@ def source_digest() -> str:
 def build_object(compiler: str, flags: list[str], out: Path) -> Path:
     """Compile the C kernels into an object file (for linking into a TVM module)."""
     command = [compiler, *flags, "-std=c11", "-c", str(C_SOURCE), "-o", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
     return out
@@ -235,12 +226,12 @@ def build_object(compiler: str, flags: list[str], out: Path) -> Path:
 def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
     """A shared library of the C kernels (for ctypes), cached by source and flags."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"libedgeq_kernels-{_digest(compiler, flags)}.so"
+    path = cache / f"libedgeq_kernels-{hashlib.sha256(repr((source_digest(), compiler, flags)).encode()).hexdigest()[:16]}.so"
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             partial = Path(tmp) / path.name
             command = [compiler, *flags, "-std=c11", "-shared", str(C_SOURCE), "-o", str(partial), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
             os.replace(partial, path)

@@ -44,7 +44,6 @@
 #define NB 16
 #define KG 1
 #define MR 6
-#define EDGEQ_SCALAR_ONLY 1
 #endif
 
 #define K_ALIGN 16
