@@ -697,6 +697,55 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
   // int16 sums (16 lanes, vpmullw) when no sum of taps can leave int16: always at 4 bits
   const int32_t x_span = p->x_max > x_zero ? p->x_max : x_zero;
   const int narrow = (int64_t)p->kernel_h * p->kernel_w * x_span * (p->w_absmax > 0 ? p->w_absmax : 1) <= 32767;
+#if defined(__AVX2__)
+  if (narrow && c % 16 == 0) {
+    // 16 channels per register, the int16 sums kept in a register across the taps
+    int16_t* w16 = (int16_t*)malloc(sizeof(int16_t) * (size_t)taps * (size_t)c);
+    if (!w16) {
+      free(w);
+      return -2;
+    }
+    for (int64_t i = 0; i < (int64_t)taps * c; ++i) w16[i] = w[i];
+    const __m256i vzero = _mm256_set1_epi16((int16_t)x_zero);
+    enum { PIXELS = 4 };  // output pixels along a row share each weight load
+#pragma omp parallel for schedule(static)
+    for (int32_t oh = 0; oh < p->out_h; ++oh) {
+      for (int32_t ow0 = 0; ow0 < p->out_w; ow0 += PIXELS) {
+        const int32_t pixels = p->out_w - ow0 < PIXELS ? p->out_w - ow0 : PIXELS;
+        for (int32_t c0 = 0; c0 < c; c0 += CHUNK) {
+          const int32_t len = c - c0 < CHUNK ? c - c0 : CHUNK;
+          int32_t acc[PIXELS][CHUNK];
+          for (int32_t j = 0; j < len; j += 16) {
+            __m256i sum[PIXELS];
+            for (int q = 0; q < PIXELS; ++q) sum[q] = _mm256_setzero_si256();
+            for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+              const int32_t ih = oh * p->stride_h - p->pad_top + kh;
+              if (ih < 0 || ih >= p->in_h) continue;
+              const uint8_t* x_row = x + (int64_t)ih * p->in_w * c + c0 + j;
+              for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
+                const __m256i ws = _mm256_loadu_si256((const __m256i*)(w16 + (int64_t)(kh * p->kernel_w + kw) * c + c0 + j));
+                for (int q = 0; q < PIXELS; ++q) {
+                  const int32_t iw = (ow0 + q) * p->stride_w - p->pad_left + kw;
+                  if (q >= pixels || iw < 0 || iw >= p->in_w) continue;
+                  const __m256i xs = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x_row + (int64_t)iw * c)));
+                  sum[q] = _mm256_add_epi16(sum[q], _mm256_mullo_epi16(_mm256_sub_epi16(xs, vzero), ws));
+                }
+              }
+            }
+            for (int q = 0; q < PIXELS; ++q) {
+              _mm256_storeu_si256((__m256i*)(acc[q] + j), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum[q])));
+              _mm256_storeu_si256((__m256i*)(acc[q] + j + 8), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum[q], 1)));
+            }
+          }
+          for (int q = 0; q < pixels; ++q) epilogue(&e, (int64_t)oh * p->out_w + ow0 + q, c0, len, acc[q], NULL);
+        }
+      }
+    }
+    free(w16);
+    free(w);
+    return 0;
+  }
+#endif
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < m_count; ++m) {
     const int32_t oh = (int32_t)(m / p->out_w), ow = (int32_t)(m % p->out_w);
