@@ -323,26 +323,23 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
     for (int32_t k = k0; k < k1; k += 8) {
       const int8_t* w = panel + (int64_t)k * NB;
       const int8x16_t w01 = vld1q_s8(w), w23 = vld1q_s8(w + 16), w45 = vld1q_s8(w + 32), w67 = vld1q_s8(w + 48);
-      // ld1r: load-and-replicate straight into a vector register (a general-register dup is slow on A72)
-      const int8x16_t x0 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[0] + k), vld1_u8(a[0] + k)));
-      const int8x16_t x1 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[1] + k), vld1_u8(a[1] + k)));
-      const int8x8_t x0l = vget_low_s8(x0), x1l = vget_low_s8(x1);
-      r0[0] = vmlal_s8(r0[0], x0l, vget_low_s8(w01));
-      r0[1] = vmlal_high_s8(r0[1], x0, w01);
-      r0[2] = vmlal_s8(r0[2], x0l, vget_low_s8(w23));
-      r0[3] = vmlal_high_s8(r0[3], x0, w23);
-      r0[4] = vmlal_s8(r0[4], x0l, vget_low_s8(w45));
-      r0[5] = vmlal_high_s8(r0[5], x0, w45);
-      r0[6] = vmlal_s8(r0[6], x0l, vget_low_s8(w67));
-      r0[7] = vmlal_high_s8(r0[7], x0, w67);
-      r1[0] = vmlal_s8(r1[0], x1l, vget_low_s8(w01));
-      r1[1] = vmlal_high_s8(r1[1], x1, w01);
-      r1[2] = vmlal_s8(r1[2], x1l, vget_low_s8(w23));
-      r1[3] = vmlal_high_s8(r1[3], x1, w23);
-      r1[4] = vmlal_s8(r1[4], x1l, vget_low_s8(w45));
-      r1[5] = vmlal_high_s8(r1[5], x1, w45);
-      r1[6] = vmlal_s8(r1[6], x1l, vget_low_s8(w67));
-      r1[7] = vmlal_high_s8(r1[7], x1, w67);
+      // a row's 8 codes in both halves, loaded straight into vector registers (a dup from a
+      // general register is slow on A72)
+#define EDGEQ_ROW(sums, row)                                                                        \
+  {                                                                                                 \
+    const int8x16_t x = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[row] + k), vld1_u8(a[row] + k))); \
+    const int8x8_t xl = vget_low_s8(x);                                                             \
+    sums[0] = vmlal_s8(sums[0], xl, vget_low_s8(w01));                                              \
+    sums[1] = vmlal_high_s8(sums[1], x, w01);                                                       \
+    sums[2] = vmlal_s8(sums[2], xl, vget_low_s8(w23));                                              \
+    sums[3] = vmlal_high_s8(sums[3], x, w23);                                                       \
+    sums[4] = vmlal_s8(sums[4], xl, vget_low_s8(w45));                                              \
+    sums[5] = vmlal_high_s8(sums[5], x, w45);                                                       \
+    sums[6] = vmlal_s8(sums[6], xl, vget_low_s8(w67));                                              \
+    sums[7] = vmlal_high_s8(sums[7], x, w67);                                                       \
+  }
+      EDGEQ_ROW(r0, 0) EDGEQ_ROW(r1, 1)
+#undef EDGEQ_ROW
     }
     for (int j = 0; j < 8; ++j) {
       c[j] += vaddlvq_s16(r0[j]);
