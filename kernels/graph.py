@@ -41,11 +41,12 @@ class Value:
     """A tensor of the plan: float or codes, NHWC (or rows x channels for dense layers)."""
 
     name: str
-    kind: str  # "float" | "codes" | "input"
-    shape: tuple[int, ...]  # (h, w, c); the graph input keeps its NCHW (1, c, h, w)
+    kind: str  # "float" | "codes" | "input" | "constant"
+    shape: tuple[int, ...]  # nhwc: (h, w, c); plain: the ONNX shape, batch 1 (the graph input is plain NCHW)
     scale: float = 1.0
     zero: int = 0
     qmax: int = 255
+    layout: str = "nhwc"  # "nhwc" (feature maps of the convolution kernels) | "plain" (row-major in ONNX's order)
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ class Plan:
     input_name: str
     input_shape: tuple[int, ...]
     output_name: str
+    output_shape: tuple[int, ...]
     steps: list[Step]
     values: dict[str, Value]
     layout: native.Layout
@@ -98,6 +100,7 @@ class _Planner:
             self.initializers[tensor.name] = numpy_helper.to_array(widen(tensor) if tensor.data_type in LOW_BIT_TYPES else tensor)
         self.values: dict[str, Value] = {}
         self.weights: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (codes, scale, zero)
+        self.weight_axes: dict[str, int | None] = {}  # DQ output -> its per-channel axis (None: per tensor)
         self.dequantized: dict[str, str] = {}  # DQ output -> codes value
         self.steps: list[Step] = []
 
@@ -113,7 +116,7 @@ class _Planner:
         dims = tuple(d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim)
         if len(dims) != 4:
             raise Unsupported(f"input {graph_input.name} has shape {dims}, not NCHW")
-        self.values[graph_input.name] = Value(graph_input.name, "input", dims)
+        self.values[graph_input.name] = Value(graph_input.name, "input", dims, layout="plain")
         for node in self.graph.node:
             if self._fold(node):
                 continue
@@ -123,9 +126,12 @@ class _Planner:
             handler(node, _attributes(node))
         output = self.graph.output[0].name
         value = self.values.get(output)
-        if value is None or value.kind != "float" or len(value.shape) != 3 or value.shape[:2] != (1, 1):
-            raise Unsupported("the model output must be a vector (classifier logits)")
-        plan = Plan(graph_input.name, dims, output, self.steps, self.values, self.layout)
+        output_shape = tuple(d.dim_value or 1 for d in self.graph.output[0].type.tensor_type.shape.dim)
+        if value is None or value.kind != "float" or int(np.prod(value.shape)) != int(np.prod(output_shape)):
+            raise Unsupported("the model output must be a float tensor computed by the plan")
+        if value.layout == "nhwc" and value.shape[:2] != (1, 1):
+            raise Unsupported("the model output is a feature map (NHWC inside the plan, NCHW outside)")
+        plan = Plan(graph_input.name, dims, output, output_shape, self.steps, self.values, self.layout)
         _fuse(plan)
         return plan
 
@@ -133,7 +139,7 @@ class _Planner:
         """Shape arithmetic on constants (exporters emit it for flatten/view): evaluate it now, at batch size 1."""
         if node.op_type == "Shape" and node.input[0] in self.values:
             value = self.values[node.input[0]]
-            dims = value.shape if value.kind == "input" else (1, value.shape[2], value.shape[0], value.shape[1])
+            dims = value.shape if value.layout == "plain" else (1, value.shape[2], value.shape[0], value.shape[1])
             attrs = _attributes(node)
             start, end = attrs.get("start", 0), attrs.get("end", len(dims))
             self.initializers[node.output[0]] = np.array(dims[start:end], np.int64)
@@ -161,10 +167,10 @@ class _Planner:
         qmax = UNSIGNED_ACTIVATIONS[zero_type]
         if source.kind == "input":
             _, c, h, w = source.shape
-            shape, nchw = (h, w, c), 1
+            shape, nchw, layout = (h, w, c), 1, "nhwc"
         else:
-            shape, nchw = source.shape, 0
-        self.values[node.output[0]] = Value(node.output[0], "codes", shape, scale, zero, qmax)
+            shape, nchw, layout = source.shape, 0, source.layout
+        self.values[node.output[0]] = Value(node.output[0], "codes", shape, scale, zero, qmax, layout)
         self.steps.append(Step("quantize", [source.name], node.output[0], {"nchw": nchw, "scale": scale, "zero": zero, "qmax": qmax}, "codes"))
 
     def op_DequantizeLinear(self, node, attrs):
@@ -172,9 +178,11 @@ class _Planner:
             codes = self.const(node.input[0]).astype(np.int32)
             scale = self.const(node.input[1]).astype(np.float32)
             zero = self.const(node.input[2]).astype(np.int32) if len(node.input) > 2 else np.zeros_like(scale, np.int32)
-            if attrs.get("axis", 1) != 0 and scale.size > 1:
-                raise Unsupported(f"{node.name}: weights must be quantized per output channel (axis 0)")
+            axis = attrs.get("axis", 1) % codes.ndim if scale.size > 1 else None
+            if axis not in (None, 0) and not (axis == 1 and codes.ndim == 2):
+                raise Unsupported(f"{node.name}: weights must be quantized per output channel")
             self.weights[node.output[0]] = (codes, scale.reshape(-1), zero.reshape(-1))
+            self.weight_axes[node.output[0]] = axis
             return
         source = self.values.get(node.input[0])
         if source is None or source.kind != "codes":
@@ -194,7 +202,11 @@ class _Planner:
         bias = self.const(node.input[2]).astype(np.float32) if len(node.input) > 2 and node.input[2] else None
         return x, codes, w_scale, w_zero, bias
 
-    def _conv_step(self, node, x, values, w_scale, bias, geometry, depthwise):
+    def _output_channel_axis(self, node, axis):
+        if self.weight_axes[node.input[1]] not in (None, axis):
+            raise Unsupported(f"{node.op_type} {node.name}: weights quantized along axis {self.weight_axes[node.input[1]]}, not per output channel")
+
+    def _conv_step(self, node, x, values, w_scale, bias, geometry, depthwise, out_shape=None):
         n = values.shape[0]
         w_scale = np.broadcast_to(w_scale, (n,)).astype(np.float32)
         multiplier = (np.float32(x.scale) * w_scale).astype(np.float32)
@@ -206,14 +218,19 @@ class _Planner:
             rows = values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values  # (N, kh·kw·C): im2col's order
             packed = native.pack_weights(rows, native.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"]))
             wsum = rows.sum(1).astype(np.int32)
-        out_shape = (geometry["out_h"], geometry["out_w"], n)
-        self.values[node.output[0]] = Value(node.output[0], "float", out_shape)
+        if out_shape is None:
+            self.values[node.output[0]] = Value(node.output[0], "float", (geometry["out_h"], geometry["out_w"], n))
+        else:  # dense layers: rows x channels is the plain tensor (..., rows, n) in memory
+            self.values[node.output[0]] = Value(node.output[0], "float", tuple(out_shape), layout="plain")
         params = dict(geometry, x_zero=x.zero, x_max=x.qmax, out_c=n, packed=packed, wsum=wsum, multiplier=multiplier, bias=bias.astype(np.float32),
                       depthwise=depthwise, clamp=(-INF, INF), residual=None, quant=None)
         self.steps.append(Step("conv2d", [x.name], node.output[0], params))
 
     def op_Conv(self, node, attrs):
         x, codes, w_scale, w_zero, bias = self._layer_inputs(node)
+        self._output_channel_axis(node, 0)
+        if x.layout != "nhwc":
+            raise Unsupported(f"Conv {node.name}: its input is not a feature map of the plan")
         if any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             raise Unsupported(f"Conv {node.name}: dilation and auto_pad are not supported")
         n, cin_per_group, kh, kw = codes.shape
@@ -233,37 +250,113 @@ class _Planner:
                     "pad_top": pads[0], "pad_left": pads[1]}
         self._conv_step(node, x, values, w_scale, bias, geometry, depthwise)
 
+    def _dense_step(self, node, x, weight, w_zero, w_scale, bias):
+        """y = x·weightᵀ over the rows of ``x`` (weight: out x in codes) as a 1x1 convolution."""
+        zero = w_zero if w_zero.size == weight.shape[0] else np.broadcast_to(w_zero, (weight.shape[0],))
+        values = weight - zero.reshape(-1, 1)
+        if values.min() < -128 or values.max() > 127:
+            raise Unsupported(f"{node.op_type} {node.name}: weight codes minus zero point exceed int8")
+        if weight.shape[1] != x.shape[-1]:
+            raise Unsupported(f"{node.op_type} {node.name}: weight has {weight.shape[1]} inputs, activation {x.shape[-1]}")
+        rows = int(np.prod(x.shape[:-1]))
+        geometry = {"in_h": rows, "in_w": 1, "in_c": x.shape[-1], "out_h": rows, "out_w": 1, "kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1,
+                    "pad_top": 0, "pad_left": 0}
+        batch = x.shape[:-1] if x.layout == "plain" else (rows,)
+        self._conv_step(node, x, values, w_scale, bias, geometry, depthwise=False, out_shape=(*batch, weight.shape[0]))
+
     def op_Gemm(self, node, attrs):
         x, codes, w_scale, w_zero, bias = self._layer_inputs(node)
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             raise Unsupported(f"Gemm {node.name}: only y = x·Wᵀ + b")
-        weight = codes if attrs.get("transB", 0) else codes.T
-        zero = w_zero if w_zero.size == weight.shape[0] else np.broadcast_to(w_zero, (weight.shape[0],))
-        values = weight - zero.reshape(-1, 1)
-        if values.min() < -128 or values.max() > 127:
-            raise Unsupported(f"Gemm {node.name}: weight codes minus zero point exceed int8")
-        if x.shape[:2] != (1, 1):
+        if int(np.prod(x.shape[:-1])) != 1:
             raise Unsupported(f"Gemm {node.name}: input is not a vector")
-        geometry = {"in_h": 1, "in_w": 1, "in_c": x.shape[2], "out_h": 1, "out_w": 1, "kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1,
-                    "pad_top": 0, "pad_left": 0}
-        self._conv_step(node, x, values, w_scale, bias, geometry, depthwise=False)
+        self._output_channel_axis(node, 0 if attrs.get("transB", 0) else 1)
+        if bias is not None and bias.size != codes.shape[0 if attrs.get("transB", 0) else 1]:
+            raise Unsupported(f"Gemm {node.name}: bias is not one value per output")
+        x = dataclasses.replace(x, shape=(1, x.shape[-1]), layout="plain")
+        self._dense_step(node, x, codes if attrs.get("transB", 0) else codes.T, w_zero, w_scale, bias)
 
-    # -- float glue ----------------------------------------------------------------------
+    def op_MatMul(self, node, attrs):
+        if node.input[0] in self.dequantized and node.input[1] in self.weights:
+            x = self.values[self.dequantized[node.input[0]]]
+            codes, w_scale, w_zero = self.weights[node.input[1]]
+            if codes.ndim != 2:
+                raise Unsupported(f"MatMul {node.name}: weights must be a matrix")
+            self._output_channel_axis(node, 1)
+            self._dense_step(node, x, codes.T, w_zero, w_scale, None)
+            return
+        a, b = self._plain(node.input[0], node), self._plain(node.input[1], node)
+        if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
+            raise Unsupported(f"MatMul {node.name}: float operands {a.shape} and {b.shape} (needs equal batch dimensions)")
+        batch, m, k, n = int(np.prod(a.shape[:-2])), a.shape[-2], a.shape[-1], b.shape[-1]
+        self._float_op("matmul", node, [a, b], (*a.shape[:-1], n), [batch, m, k, n], [1.0])
+
+    # -- float operators -------------------------------------------------------------------
     def _float(self, name, node) -> Value:
         value = self.values.get(name)
         if value is None or value.kind != "float":
             raise Unsupported(f"{node.op_type} {node.name} takes a tensor that is not a planned float tensor")
         return value
 
+    def _operand(self, name, node) -> Value:
+        """A float value, or a constant made a value of the plan (operands of Concat, MatMul, Add)."""
+        if name in self.values and self.values[name].kind == "constant":
+            return self.values[name]
+        if name in self.dequantized and name not in self.values:  # codes a float operator takes (attention matmuls)
+            codes = self.values[self.dequantized[name]]
+            self.values[name] = Value(name, "float", codes.shape, layout=codes.layout)
+            params = {"ints": np.array([int(np.prod(codes.shape)), codes.zero], np.int32), "floats": np.array([codes.scale], np.float32), "constant": None}
+            self.steps.append(Step("dequantize", [codes.name], name, params))
+            return self.values[name]
+        if name in self.initializers and name not in self.values:
+            array = np.ascontiguousarray(self.initializers[name], np.float32)
+            self.values[name] = Value(name, "constant", tuple(array.shape), layout="plain")
+            self.steps.append(Step("constant", [], name, {"array": array}))
+            return self.values[name]
+        return self._float(name, node)
+
+    def _plain(self, name, node) -> Value:
+        """The value in ONNX's order: a feature map is copied from NHWC to NCHW (once)."""
+        value = self._operand(name, node)
+        if value.layout == "plain":
+            return value
+        h, w, c = value.shape
+        converted = f"{name}/nchw"
+        if converted not in self.values:
+            if (h, w) == (1, 1):
+                self.values[converted] = Value(converted, "float", (1, c, 1, 1), layout="plain")
+                self.steps.append(Step("alias", [name], converted, {"shape": (1, c, 1, 1)}))
+            else:
+                self._copy(converted, value, (1, c, h, w), (0, 1, w * c, c), 0)
+        return self.values[converted]
+
+    def _float_op(self, kernel, node, operands, shape, ints, floats, constant=None):
+        self.values[node.output[0]] = Value(node.output[0], "float", tuple(int(d) for d in shape), layout="plain")
+        params = {"ints": np.array(ints, np.int32), "floats": np.array(floats or [0.0], np.float32), "constant": constant}
+        self.steps.append(Step(kernel, [v.name for v in operands], node.output[0], params))
+
+    def _copy(self, output, source, shape, strides, offset):
+        """``output`` = source elements at ``offset + Σ index·stride`` (a view of ``source`` made contiguous)."""
+        shape, strides = [int(d) for d in shape], [int(s) for s in strides]
+        if len(shape) > 6:
+            raise Unsupported(f"{output}: tensors of rank {len(shape)} (the copy kernel takes up to 6)")
+        self.values[output] = Value(output, "float", tuple(shape), layout="plain")
+        if offset == 0 and tuple(strides) == _contiguous(shape) and int(np.prod(shape)) == int(np.prod(source.shape)):
+            self.steps.append(Step("alias", [source.name], output, {"shape": tuple(shape)}))
+            return
+        pad = 6 - len(shape)
+        ints = [1] * pad + shape + [0] * pad + strides + [int(offset)]
+        self.steps.append(Step("copy", [source.name], output, {"ints": np.array(ints, np.int32), "floats": np.zeros(1, np.float32), "constant": None}))
+
     def _clamp(self, node, lo, hi, other=None):
         a = self._float(node.input[0], node)
         inputs = [a.name]
         if other is not None:
             b = self._float(other, node)
-            if b.shape != a.shape:
+            if b.shape != a.shape or b.layout != a.layout:
                 raise Unsupported(f"{node.op_type} {node.name}: broadcasting is not supported")
             inputs.append(b.name)
-        self.values[node.output[0]] = Value(node.output[0], "float", a.shape)
+        self.values[node.output[0]] = dataclasses.replace(a, name=node.output[0])
         self.steps.append(Step("add_clamp", inputs, node.output[0], {"clamp": (lo, hi)}))
 
     def op_Relu(self, node, attrs):
@@ -274,11 +367,48 @@ class _Planner:
         hi = float(self.const(node.input[2])) if len(node.input) > 2 and node.input[2] else INF
         self._clamp(node, lo, hi)
 
+    def _binary(self, node, multiply: bool):
+        first, second = node.input[0], node.input[1]
+        if first in self.initializers and first not in self.values:  # both operators commute
+            first, second = second, first
+        a = self._plain(first, node)
+        if second in self.initializers and second not in self.values:
+            b_array = np.asarray(self.initializers[second], np.float32)
+            b_shape = b_array.shape
+        else:
+            b_array, b_shape = None, self._plain(second, node).shape
+        if tuple(np.broadcast_shapes(a.shape, b_shape)) != a.shape:
+            raise Unsupported(f"{node.op_type} {node.name}: the second operand {b_shape} is larger than the first {a.shape}")
+        padded = (1,) * (len(a.shape) - len(b_shape)) + tuple(b_shape)
+        lead = next((i for i, d in enumerate(padded) if d != 1), len(padded))
+        count = int(np.prod(a.shape))
+        if tuple(padded[lead:]) == tuple(a.shape[lead:]):
+            period = int(np.prod(a.shape[lead:]))  # b repeats over a's leading dimensions
+        elif b_array is not None:
+            b_array, period = np.broadcast_to(b_array.reshape(padded), a.shape), count
+        else:
+            raise Unsupported(f"{node.op_type} {node.name}: broadcasting {b_shape} to {a.shape} inside a row")
+        if b_array is not None:
+            period = max(period, a.shape[-1] if a.shape else 1)  # a scalar repeats over one row
+            constant = np.ascontiguousarray(np.broadcast_to(b_array.reshape(padded), a.shape).reshape(-1)[:period], np.float32)
+            self._float_op("binary", node, [a], a.shape, [count, period, int(multiply)], [-3.0e38, 3.0e38], constant=constant)
+        else:
+            self._float_op("binary", node, [a, self._plain(second, node)], a.shape, [count, period, int(multiply)], [-3.0e38, 3.0e38])
+
     def op_Add(self, node, attrs):
-        self._clamp(node, -INF, INF, other=node.input[1])
+        a, b = self.values.get(node.input[0]), self.values.get(node.input[1])
+        if a is not None and b is not None and a.kind == b.kind == "float" and a.shape == b.shape and a.layout == b.layout:
+            self._clamp(node, -INF, INF, other=node.input[1])  # a residual add, fused into the layer that computes one side
+        else:
+            self._binary(node, multiply=False)
+
+    def op_Mul(self, node, attrs):
+        self._binary(node, multiply=True)
 
     def op_MaxPool(self, node, attrs):
         x = self._float(node.input[0], node)
+        if x.layout != "nhwc":
+            raise Unsupported(f"MaxPool {node.name}: its input is not a feature map of the plan")
         if attrs.get("ceil_mode", 0) or any(d != 1 for d in attrs.get("dilations", [1, 1])) or len(node.output) > 1:
             raise Unsupported(f"MaxPool {node.name}: ceil_mode, dilation and indices are not supported")
         kh, kw = attrs["kernel_shape"]
@@ -291,6 +421,8 @@ class _Planner:
 
     def _global_average(self, node):
         x = self._float(node.input[0], node)
+        if x.layout != "nhwc":
+            raise Unsupported(f"{node.op_type} {node.name}: its input is not a feature map of the plan")
         h, w, c = x.shape
         self.values[node.output[0]] = Value(node.output[0], "float", (1, 1, c))
         self.steps.append(Step("global_average_pool", [x.name], node.output[0], {"ints": [h * w, c]}))
@@ -302,35 +434,165 @@ class _Planner:
         axes = attrs.get("axes")
         if axes is None and len(node.input) > 1:
             axes = self.const(node.input[1]).tolist()
-        if sorted(int(a) % 4 for a in (axes or [])) != [2, 3]:
-            raise Unsupported(f"ReduceMean {node.name}: only the spatial mean")
+        if sorted(int(a) % 4 for a in (axes or [])) != [2, 3] or not attrs.get("keepdims", 1):
+            raise Unsupported(f"ReduceMean {node.name}: only the spatial mean (keepdims)")
         self._global_average(node)
 
-    def _vector(self, node):
-        x = self._float(node.input[0], node)
-        if x.shape[:2] != (1, 1):
-            raise Unsupported(f"{node.op_type} {node.name} of a feature map: NHWC and NCHW orders differ")
-        self.values[node.output[0]] = dataclasses.replace(x, name=node.output[0])
-        self.steps.append(Step("alias", [x.name], node.output[0], {}))
+    def op_LayerNormalization(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        if attrs.get("axis", -1) % len(x.shape) != len(x.shape) - 1 or len(node.output) > 1 and any(node.output[1:]):
+            raise Unsupported(f"LayerNormalization {node.name}: only over the last axis, without mean/variance outputs")
+        cols = x.shape[-1]
+        gamma = np.broadcast_to(self.const(node.input[1]).astype(np.float32), (cols,))
+        beta = np.broadcast_to(self.const(node.input[2]).astype(np.float32), (cols,)) if len(node.input) > 2 and node.input[2] else np.zeros(cols, np.float32)
+        self._float_op("layer_norm", node, [x], x.shape, [int(np.prod(x.shape[:-1])), cols], [attrs.get("epsilon", 1e-5)],
+                       constant=np.concatenate([gamma, beta]))
+
+    def op_Softmax(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        if attrs.get("axis", -1) % len(x.shape) != len(x.shape) - 1:
+            raise Unsupported(f"Softmax {node.name}: only over the last axis")
+        self._float_op("softmax", node, [x], x.shape, [int(np.prod(x.shape[:-1])), x.shape[-1]], [])
+
+    def op_Gelu(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        if attrs.get("approximate", b"none") not in (b"none", "none"):
+            raise Unsupported(f"Gelu {node.name}: only the exact (erf) form")
+        self._float_op("gelu", node, [x], x.shape, [int(np.prod(x.shape))], [])
+
+    # -- tensor moves ----------------------------------------------------------------------
+    def _reshaped(self, node, shape):
+        x = self._plain(node.input[0], node)
+        shape = tuple(int(d) for d in shape)
+        if int(np.prod(shape)) != int(np.prod(x.shape)):
+            raise Unsupported(f"{node.op_type} {node.name}: {x.shape} cannot become {shape}")
+        self.values[node.output[0]] = Value(node.output[0], "float", shape, layout="plain")
+        self.steps.append(Step("alias", [x.name], node.output[0], {"shape": shape}))
 
     def op_Reshape(self, node, attrs):
-        self._vector(node)
+        x = self._plain(node.input[0], node)
+        target = [int(d) for d in self.const(node.input[1]).reshape(-1)]
+        if not attrs.get("allowzero", 0):
+            target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
+        if -1 in target:
+            known = int(np.prod([d for d in target if d != -1]))
+            target[target.index(-1)] = int(np.prod(x.shape)) // max(known, 1)
+        self._reshaped(node, target)
 
     def op_Flatten(self, node, attrs):
-        self._vector(node)
+        x = self._plain(node.input[0], node)
+        axis = attrs.get("axis", 1) % (len(x.shape) + 1) if x.shape else 0
+        self._reshaped(node, (int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:]))))
+
+    def _axes(self, node, attrs, rank):
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.const(node.input[1]).reshape(-1).tolist()
+        return None if axes is None else sorted(int(a) % rank for a in axes)
 
     def op_Squeeze(self, node, attrs):
-        self._vector(node)
+        x = self._plain(node.input[0], node)
+        axes = self._axes(node, attrs, len(x.shape))
+        self._reshaped(node, [d for i, d in enumerate(x.shape) if not (d == 1 and (axes is None or i in axes))])
 
     def op_Unsqueeze(self, node, attrs):
-        self._vector(node)
+        x = self._plain(node.input[0], node)
+        axes = attrs.get("axes")
+        if axes is None:
+            axes = self.const(node.input[1]).reshape(-1).tolist()
+        rank = len(x.shape) + len(axes)
+        shape = list(x.shape)
+        for axis in sorted(int(a) % rank for a in axes):
+            shape.insert(axis, 1)
+        self._reshaped(node, shape)
+
+    def op_Identity(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        self._reshaped(node, x.shape)
+
+    def op_Transpose(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        perm = attrs.get("perm", list(range(len(x.shape)))[::-1])
+        strides = _contiguous(x.shape)
+        self._copy(node.output[0], x, [x.shape[p] for p in perm], [strides[p] for p in perm], 0)
+
+    def op_Slice(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        rank = len(x.shape)
+        starts, ends = self.const(node.input[1]).reshape(-1), self.const(node.input[2]).reshape(-1)
+        axes = self.const(node.input[3]).reshape(-1) if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+        steps = self.const(node.input[4]).reshape(-1) if len(node.input) > 4 and node.input[4] else np.ones(len(starts), np.int64)
+        shape, strides, offset = list(x.shape), list(_contiguous(x.shape)), 0
+        for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
+            axis = int(axis) % rank
+            indices = range(*slice(int(start), int(end), int(step)).indices(x.shape[axis]))
+            if len(indices) == 0:
+                raise Unsupported(f"Slice {node.name}: empty result")
+            offset += indices.start * strides[axis]
+            shape[axis], strides[axis] = len(indices), strides[axis] * indices.step
+        self._copy(node.output[0], x, shape, strides, offset)
 
     def op_Gather(self, node, attrs):
-        x = self._float(node.input[0], node)
-        indices = self.const(node.input[1]).reshape(-1)
-        if x.shape[:2] != (1, 1) or not np.array_equal(indices, np.arange(x.shape[2])):
-            raise Unsupported(f"Gather {node.name}: only the identity gather of a vector (as exporters write a flatten)")
-        self._vector(node)
+        x = self._plain(node.input[0], node)
+        indices = self.const(node.input[1])
+        axis = attrs.get("axis", 0) % len(x.shape)
+        shape, strides = list(x.shape), list(_contiguous(x.shape))
+        flat = indices.reshape(-1) % x.shape[axis]
+        if np.array_equal(flat, np.arange(x.shape[axis])):  # every index in order: exporters write flattens so
+            self._reshaped(node, (*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
+        elif flat.size == 1:
+            offset = int(flat[0]) * strides[axis]
+            if indices.ndim == 0:
+                del shape[axis], strides[axis]
+            else:
+                shape[axis] = 1
+            self._copy(node.output[0], x, shape, strides, offset)
+        else:
+            raise Unsupported(f"Gather {node.name}: only one index, or all of them in order")
+
+    def op_Expand(self, node, attrs):
+        x = self._plain(node.input[0], node)
+        target = tuple(int(d) for d in self.const(node.input[1]).reshape(-1))
+        shape = tuple(np.broadcast_shapes(x.shape, target))
+        padded = (1,) * (len(shape) - len(x.shape)) + x.shape
+        strides = (0,) * (len(shape) - len(x.shape)) + _contiguous(x.shape)
+        self._copy(node.output[0], x, shape, [0 if d == 1 and s != 1 else st for d, s, st in zip(padded, shape, strides)], 0)
+
+    def op_Concat(self, node, attrs):
+        parts = [self._plain(name, node) for name in node.input]
+        axis = attrs["axis"] % len(parts[0].shape)
+        current = parts[0]
+        for index, part in enumerate(parts[1:], start=1):
+            if len(part.shape) != len(current.shape) or any(a != b for i, (a, b) in enumerate(zip(part.shape, current.shape)) if i != axis):
+                raise Unsupported(f"Concat {node.name}: shapes {current.shape} and {part.shape}")
+            shape = list(current.shape)
+            shape[axis] += part.shape[axis]
+            name = node.output[0] if index == len(parts) - 1 else f"{node.output[0]}/{index}"
+            outer = int(np.prod(shape[:axis]))
+            inner = int(np.prod(shape[axis + 1:]))
+            self._float_op("concat", _Named(name), [current, part], shape, [outer, current.shape[axis] * inner, part.shape[axis] * inner], [])
+            current = self.values[name]
+        if len(parts) == 1:
+            self._reshaped(node, current.shape)
+
+
+@dataclasses.dataclass
+class _Named:
+    """Stands in for a node where a step writes an intermediate value of its own name."""
+
+    name: str
+
+    @property
+    def output(self):
+        return [self.name]
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(tuple(shape)):
+        strides.append(step)
+        step *= int(d)
+    return tuple(reversed(strides))
 
 
 def _consumers(plan: Plan) -> dict[str, list[Step]]:
@@ -356,7 +618,12 @@ def _fuse(plan: Plan) -> None:
             user = users[0]
             params = step.params
             identity_clamp = params["clamp"] == (-INF, INF)
-            if user.kernel == "add_clamp" and len(user.inputs) == 2 and identity_clamp and params["residual"] is None:
+            if (user.kernel == "binary" and user.params["constant"] is not None and user.params["ints"][2] == 0 and identity_clamp
+                    and params["residual"] is None and params["quant"] is None and user.params["constant"].size == params["out_c"]):
+                params["bias"] = (params["bias"] + user.params["constant"]).astype(np.float32)  # a dense layer's bias, exported as an Add
+                _replace(plan, user, step)
+                changed = True
+            elif user.kernel == "add_clamp" and len(user.inputs) == 2 and identity_clamp and params["residual"] is None:
                 other = user.inputs[1] if user.inputs[0] == step.output else user.inputs[0]
                 if _defined_before(plan, other, step):
                     params["residual"], params["clamp"] = other, user.params["clamp"]
@@ -415,15 +682,24 @@ def conv_arguments(params: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.array(ints, np.int32), np.array(floats, np.float32)
 
 
+FLOAT_OPS = {"copy": "edgeq_strided_copy", "concat": "edgeq_concat", "dequantize": "edgeq_dequantize", "binary": "edgeq_binary", "layer_norm": "edgeq_layer_norm",
+             "softmax": "edgeq_softmax", "gelu": "edgeq_gelu", "matmul": "edgeq_matmul"}
+
+
+def _quantize_arguments(plan: Plan, step: Step) -> tuple[list[int], float]:
+    p = step.params
+    source = plan.values[step.inputs[0]]
+    channels = source.shape[1] if p["nchw"] else source.shape[-1]
+    pixels = int(np.prod(source.shape[2:] if p["nchw"] else source.shape[:-1]))
+    return [channels, pixels, p["nchw"], p["zero"], 0, p["qmax"]], p["scale"]
+
+
 def to_relax(plan: Plan):
     """A Relax IRModule whose ``main`` runs the plan through the edgeq kernels."""
     from tvm import relax
 
-    def tensor_type(value: Value):
-        if value.kind == "input":
-            return relax.TensorType(value.shape, "float32")
-        shape = value.shape if value.shape[:2] != (1, 1) or value.name != plan.output_name else (1, value.shape[2])
-        return relax.TensorType(shape, "uint8" if value.kind == "codes" else "float32")
+    def tensor_type(value: Value, kind: str):
+        return relax.TensorType(value.shape, "uint8" if kind == "codes" else "float32")
 
     def const(array):
         return relax.const(np.ascontiguousarray(array))
@@ -436,10 +712,13 @@ def to_relax(plan: Plan):
             env = {plan.input_name: graph_input}
             for step in plan.steps:
                 value = plan.values[step.output]
-                out_value = dataclasses.replace(value, kind=step.out_kind)
                 args = [env[name] for name in step.inputs]
+                if step.kernel == "constant":
+                    env[step.output] = const(step.params["array"])
+                    continue
                 if step.kernel == "alias":
-                    env[step.output] = args[0]
+                    same = tuple(plan.values[step.inputs[0]].shape) == tuple(step.params.get("shape", value.shape))
+                    env[step.output] = args[0] if same else builder.emit(relax.op.reshape(args[0], step.params["shape"]))
                     continue
                 if step.kernel == "conv2d":
                     ints, floats = conv_arguments(step.params)
@@ -449,11 +728,8 @@ def to_relax(plan: Plan):
                                  const(ints), const(floats), residual]
                     name = "edgeq_conv2d_codes" if step.out_kind == "codes" else "edgeq_conv2d_float"
                 elif step.kernel == "quantize":
-                    p = step.params
-                    source = plan.values[step.inputs[0]]
-                    channels = source.shape[1] if p["nchw"] else source.shape[2]
-                    pixels = int(np.prod(source.shape[2:] if p["nchw"] else source.shape[:2]))
-                    call_args = [args[0], const(np.array([channels, pixels, p["nchw"], p["zero"], 0, p["qmax"]], np.int32)), const(np.array([p["scale"]], np.float32))]
+                    ints, scale = _quantize_arguments(plan, step)
+                    call_args = [args[0], const(np.array(ints, np.int32)), const(np.array([scale], np.float32))]
                     name = "edgeq_quantize"
                 elif step.kernel == "add_clamp":
                     lo, hi = step.params["clamp"]
@@ -463,12 +739,17 @@ def to_relax(plan: Plan):
                 elif step.kernel in ("max_pool", "global_average_pool"):
                     call_args = [args[0], const(np.array(step.params["ints"], np.int32))]
                     name = f"edgeq_{step.kernel}"
+                elif step.kernel in FLOAT_OPS:
+                    p = step.params
+                    second = args[1] if len(args) > 1 else (const(p["constant"]) if p["constant"] is not None else dummy)
+                    call_args = [args[0], second, const(p["ints"]), const(p["floats"])]
+                    name = FLOAT_OPS[step.kernel]
                 else:  # pragma: no cover - the planner emits only the kernels above
                     raise Unsupported(step.kernel)
-                env[step.output] = builder.emit(relax.call_dps_packed(name, call_args, out_ty=tensor_type(out_value)))
+                env[step.output] = builder.emit(relax.call_dps_packed(name, call_args, out_ty=tensor_type(value, step.out_kind)))
             result = env[plan.output_name]
-            output_value = plan.values[plan.output_name]
-            result = builder.emit(relax.op.reshape(result, (1, output_value.shape[2])))
+            if tuple(plan.values[plan.output_name].shape) != tuple(plan.output_shape):
+                result = builder.emit(relax.op.reshape(result, plan.output_shape))
             output = builder.emit_output(result)
         builder.emit_func_output(output)
     return builder.get()
@@ -481,21 +762,21 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
     """
     import time
 
+    ptr = library._ptr
     env: dict[str, np.ndarray] = {plan.input_name: np.ascontiguousarray(x, np.float32)}
     for step in plan.steps:
         started = time.perf_counter()
         args = [env[name] for name in step.inputs]
         value = plan.values[step.output]
         p = step.params
-        if step.kernel == "alias":
-            out = args[0]
+        if step.kernel == "constant":
+            out = p["array"]
+        elif step.kernel == "alias":
+            out = args[0].reshape(p.get("shape", value.shape))
         elif step.kernel == "quantize":
-            source = plan.values[step.inputs[0]]
-            channels = source.shape[1] if p["nchw"] else source.shape[2]
-            pixels = int(np.prod(source.shape[2:] if p["nchw"] else source.shape[:2]))
+            ints, scale = _quantize_arguments(plan, step)
             out = np.zeros(value.shape, np.uint8)
-            library.lib.edgeq_quantize(library._ptr(args[0]), channels, pixels, p["nchw"], native.ctypes.c_float(p["scale"]), p["zero"], 0, p["qmax"],
-                                       library._ptr(out))
+            library.lib.edgeq_quantize(ptr(args[0]), *ints[:3], native.ctypes.c_float(scale), *ints[3:], ptr(out))
         elif step.kernel == "conv2d":
             ints, floats = conv_arguments(p)
             params = native.conv_params(**dict(zip([f[0] for f in native._ConvParams._fields_[:22]], ints[:22].tolist())),
@@ -509,9 +790,16 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
             out = np.clip(args[0] + (args[1] if len(args) > 1 else 0), lo, hi).astype(np.float32)
         elif step.kernel == "max_pool":
             out = np.zeros(value.shape, np.float32)
-            library.lib.edgeq_max_pool(library._ptr(np.ascontiguousarray(args[0])), *p["ints"], library._ptr(out))
+            library.lib.edgeq_max_pool(ptr(np.ascontiguousarray(args[0])), *p["ints"], ptr(out))
         elif step.kernel == "global_average_pool":
             out = args[0].reshape(-1, args[0].shape[-1]).mean(0, dtype=np.float32).reshape(value.shape)
+        elif step.kernel in FLOAT_OPS:
+            second = args[1] if len(args) > 1 else p["constant"]
+            out = np.zeros(value.shape, np.float32)
+            first = np.ascontiguousarray(args[0], np.uint8 if step.kernel == "dequantize" else np.float32)
+            getattr(library.lib, FLOAT_OPS[step.kernel])(ptr(first),
+                                                         ptr(None if second is None else np.ascontiguousarray(second, np.float32)), ptr(p["ints"]),
+                                                         ptr(p["floats"]), ptr(out))
         else:  # pragma: no cover
             raise Unsupported(step.kernel)
         env[step.output] = out

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-C_SOURCE = SOURCE_DIR / "edgeq_kernels.c"
+C_SOURCE = SOURCE_DIR / "edgeq_kernels.c"  # the integer kernels
+C_SOURCES = (C_SOURCE, SOURCE_DIR / "edgeq_float.c")  # and the float operators around them
 FFI_SOURCE = SOURCE_DIR / "edgeq_ffi.cc"
 K_ALIGN = 16  # reduction length is padded to this (one 16-byte activation load on NEON)
 GROUP_BYTES = 32  # packed fields come in groups of 32 bytes (one AVX2 register)
@@ -214,13 +215,17 @@ def source_digest() -> str:
     return hasher.hexdigest()[:16]
 
 
-def build_object(compiler: str, flags: list[str], out: Path) -> Path:
-    """Compile the C kernels into an object file (for linking into a TVM module)."""
-    command = [compiler, *flags, "-std=c11", "-c", str(C_SOURCE), "-o", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
-    return out
+def build_object(compiler: str, flags: list[str], out_dir: Path) -> list[Path]:
+    """Compile the C kernels into object files in ``out_dir`` (for linking into a TVM module)."""
+    objects = []
+    for source in C_SOURCES:
+        out = Path(out_dir) / f"{source.stem}.o"
+        command = [compiler, *flags, "-std=c11", "-c", str(source), "-o", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
+        objects.append(out)
+    return objects
 
 
 def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
@@ -230,7 +235,7 @@ def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             partial = Path(tmp) / path.name
-            command = [compiler, *flags, "-std=c11", "-shared", str(C_SOURCE), "-o", str(partial), "-lm"]
+            command = [compiler, *flags, "-std=c11", "-shared", *map(str, C_SOURCES), "-o", str(partial), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")

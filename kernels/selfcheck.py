@@ -98,12 +98,46 @@ def check_unpack(lib, rng) -> str | None:
     return None
 
 
+def _float_op(lib, name, a, b, ints, floats, shape):
+    out = np.zeros(shape, np.float32)
+    ptr = lib._ptr
+    getattr(lib.lib, name)(ptr(np.ascontiguousarray(a)), ptr(None if b is None else np.ascontiguousarray(b, np.float32)), ptr(np.array(ints, np.int32)),
+                           ptr(np.array(floats or [0.0], np.float32)), ptr(out))
+    return out
+
+
+def check_float_ops(lib, rng) -> str | None:
+    """The float operators of transformer plans against float64 NumPy (to float32 rounding)."""
+    import math
+
+    rows, cols = int(rng.integers(1, 9)), int(rng.integers(1, 260))
+    x = (rng.normal(0, 1, (rows, cols)) * rng.choice([0.1, 4.0, 30.0])).astype(np.float32)
+    e = np.exp(x.astype(np.float64) - x.max(1, keepdims=True))
+    if np.abs(_float_op(lib, "edgeq_softmax", x, None, [rows, cols], [], x.shape) - e / e.sum(1, keepdims=True)).max() > 2e-6:
+        return f"softmax {rows}x{cols}: differs from NumPy"
+    gelu = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.reshape(-1).astype(np.float64)]).reshape(x.shape)
+    if np.any(np.abs(_float_op(lib, "edgeq_gelu", x, None, [x.size], [], x.shape) - gelu) > 2e-6 * np.maximum(1.0, np.abs(gelu))):
+        return f"gelu {x.size}: differs from the erf form"
+    gamma_beta = rng.normal(0, 1, 2 * cols).astype(np.float32)
+    x64 = x.astype(np.float64)
+    norm = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5) * gamma_beta[:cols] + gamma_beta[cols:]
+    if np.abs(_float_op(lib, "edgeq_layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape) - norm).max() > 1e-4:
+        return f"layer_norm {rows}x{cols}: differs from NumPy"
+    k, n = int(rng.integers(1, 80)), int(rng.integers(1, 40))
+    b = rng.normal(0, 1, (k, n)).astype(np.float32)
+    a = rng.normal(0, 1, (rows, k)).astype(np.float32)
+    bound = 4 * k * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b)) + 1e-30
+    if np.any(np.abs(_float_op(lib, "edgeq_matmul", a, b, [1, rows, k, n], [1.0], (rows, n)) - a.astype(np.float64) @ b) > bound):
+        return f"matmul {rows}x{k}x{n}: differs from NumPy"
+    return None
+
+
 def run(library_path: str, cases: int, seed: int) -> dict:
     lib = native.Library(library_path)
     rng = np.random.default_rng(seed)
     failures = []
     for case in range(cases):
-        for check in (check_unpack, check_gemm, check_conv):
+        for check in (check_unpack, check_gemm, check_conv, check_float_ops):
             problem = check(lib, rng)
             if problem:
                 failures.append(f"case {case}: {problem}")

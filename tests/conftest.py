@@ -6,6 +6,7 @@ import pytest
 from edgeq import emulation
 
 TINY = "builtin:tiny-fmnist"  # the fast model for tests; the zoo teachers are bigger
+PORTABLE_FLAGS = ["-O3", "-fPIC", "-fno-math-errno"]  # no SIMD flags: the portable C kernels
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +49,14 @@ def quantized_dirs(tmp_path_factory):
 requires_emulator = pytest.mark.skipif(
     not emulation.is_ready(), reason="arm64 emulation environment not built (scripts/setup.sh builds it; needs root and network)"
 )
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory):
+    """The host's best build and the portable C build (different microkernels and layouts)."""
+    from edgeq.kernels import native
+
+    cache = tmp_path_factory.mktemp("kernels")
+    compiler, flags = native.host_flags()
+    built = {"host": native.Library(native.build_shared(compiler, flags, cache)), "portable": native.Library(native.build_shared(compiler, PORTABLE_FLAGS, cache))}
+    return built

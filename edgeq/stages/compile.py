@@ -63,7 +63,7 @@ def build_with_kernels(plan, target: Target, out_path: Path) -> None:
     c_compiler, cxx_compiler, flags = kernel_toolchain(target)
     executable = tvm.compile(graph.to_relax(plan), target=target.tvm())
     with tempfile.TemporaryDirectory() as tmp:
-        kernels_obj = native.build_object(c_compiler, flags, Path(tmp) / "edgeq_kernels.o")
+        kernel_objects = native.build_object(c_compiler, flags, Path(tmp))
         ffi_obj = Path(tmp) / "edgeq_ffi.o"
         command = [cxx_compiler, *flags, "-std=c++17", "-I", tvm_ffi.libinfo.find_include_path(),
                    "-I", str(native.SOURCE_DIR), "-c", str(native.FFI_SOURCE), "-o", str(ffi_obj)]
@@ -74,7 +74,7 @@ def build_with_kernels(plan, target: Target, out_path: Path) -> None:
 
         # linked by the C++ driver: the entry points need libstdc++, the kernels libgomp
         fcompile = cross_compiler(cxx_compiler, options=["-fopenmp"])
-        executable.export_library(str(out_path), fcompile=fcompile, addons=[str(kernels_obj), str(ffi_obj)])
+        executable.export_library(str(out_path), fcompile=fcompile, addons=[*map(str, kernel_objects), str(ffi_obj)])
 
 
 def build(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path, *, kernels: str = "auto") -> dict:

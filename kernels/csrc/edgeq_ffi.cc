@@ -82,6 +82,21 @@ void add_clamp(TensorView a, TensorView b, TensorView floats, TensorView out) {
   edgeq_add_clamp(data<float>(a), b.numel() == a.numel() ? data<float>(b) : nullptr, a.numel(), f[0], f[1], data<float>(out));
 }
 
+// The float operators share one signature (see edgeq_kernels.h); b is a one-element
+// placeholder where the operator takes one operand.
+#define EDGEQ_FLOAT_OP_ENTRY(op)                                                                                   \
+  void op##_entry(TensorView a, TensorView b, TensorView ints, TensorView floats, TensorView out) {                \
+    op(static_cast<const float*>(a.data_ptr()), data<float>(b), data<int32_t>(ints), data<float>(floats), data<float>(out));               \
+  }
+EDGEQ_FLOAT_OP_ENTRY(edgeq_strided_copy)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_concat)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_dequantize)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_binary)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_layer_norm)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_softmax)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_gelu)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_matmul)
+
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_conv2d_float, conv2d_float);
@@ -90,3 +105,11 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_quantize, quantize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_max_pool, max_pool);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_global_average_pool, global_average_pool);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_add_clamp, add_clamp);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_strided_copy, edgeq_strided_copy_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_concat, edgeq_concat_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_dequantize, edgeq_dequantize_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_binary, edgeq_binary_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_layer_norm, edgeq_layer_norm_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_softmax, edgeq_softmax_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_gelu, edgeq_gelu_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_matmul, edgeq_matmul_entry);

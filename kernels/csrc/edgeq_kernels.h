@@ -97,6 +97,18 @@ int64_t edgeq_int8_peak_loop(int64_t iterations);
 /* Unpack `count` (a multiple of 32 * 8 / bits) stored codes into int8 values c + low. */
 void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t low, int8_t* out);
 
+/* Float operators (edgeq_float.c), one signature: a, b (second operand or NULL), integer
+ * and float constants, out. What each reads from ints/floats is written above it there. */
+#define EDGEQ_FLOAT_OP(name) void name(const float* a, const float* b, const int32_t* ints, const float* floats, float* out)
+EDGEQ_FLOAT_OP(edgeq_strided_copy);
+EDGEQ_FLOAT_OP(edgeq_concat);
+EDGEQ_FLOAT_OP(edgeq_dequantize);
+EDGEQ_FLOAT_OP(edgeq_binary);
+EDGEQ_FLOAT_OP(edgeq_layer_norm);
+EDGEQ_FLOAT_OP(edgeq_softmax);
+EDGEQ_FLOAT_OP(edgeq_gelu);
+EDGEQ_FLOAT_OP(edgeq_matmul);
+
 #ifdef __cplusplus
 }
 #endif
