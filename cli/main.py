@@ -20,6 +20,9 @@ Examples:
   edgeq export quantized/ -o exported/
   edgeq compile exported/ --target x86 -o compiled/
   edgeq verify compiled/ --data fashion-mnist:test -o verified/
+  edgeq verify compiled-rpi4/ --rpc 127.0.0.1:9090 -o verified-rpi4/   # a board, over an SSH tunnel
+  edgeq regress --baseline main.json --current verified/report.json --max-acc-drop 0.5
+  edgeq bundle compiled-rpi4/ -o rpi4-bundle/ --tar
 """
 
 
@@ -406,18 +409,23 @@ def _print_summary(summary: dict) -> None:
 @click.argument("compiled", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Evaluation data: fashion-mnist:test, or an 'edgeq synth' folder (default: the calibration images).")
 @click.option("--num-images", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True, help="Timed runs (native targets only).")
+@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True, help="Timed runs (natively or on the board; not under qemu).")
+@click.option("--rpc", metavar="HOST:PORT", help="Run on a board over TVM RPC (its 'python -m tvm.exec.rpc_server'; tunnel the port over SSH).")
+@click.option("--tracker", metavar="HOST:PORT", help="Run on a board from a TVM RPC tracker (with --key).")
+@click.option("--key", help="The device key the board registered with the tracker.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_output_option("Output folder for report.json.")
 @friendly_errors
-def verify(compiled, data, num_images, latency_runs, as_json, out):
+def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json, out):
     """Run COMPILED (an 'edgeq compile' folder) on data: top-1, agreement with onnxruntime, latency.
 
-    arm64 modules run under qemu-aarch64 here (correctness only; latency is not measured).
+    Where it runs: on a board with --rpc (or --tracker and --key), figures measured there;
+    else on this machine when it runs the target's code; else (arm64 modules on x86) under
+    qemu-aarch64 with the target's CPU, for correctness only (latency is not measured).
     """
     from edgeq.stages import verify as verify_stage
 
-    report = verify_stage.run(compiled, out, data=data, num_images=num_images, latency_runs=latency_runs)
+    report = verify_stage.run(compiled, out, data=data, num_images=num_images, latency_runs=latency_runs, rpc=rpc, tracker=tracker, key=key)
     click.echo(json.dumps(report, indent=None if as_json else 2))
 
 

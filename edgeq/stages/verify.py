@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from tqdm.auto import tqdm
 
-from .. import emulation
+from .. import devices
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..evaluate import agreement, predict
 from ..manifest import Manifest, input_entry, staged_folder
 from ..models import load_model
-from ..runtime import runner
 from ..targets import get_target
 from . import quantize as quantize_stage
 from .compile import MODULE_FILE
@@ -32,7 +29,6 @@ from .export import INPUT_NAME, MODEL_FILE, onnxruntime_session
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
-RUNNER_SCRIPT = Path(runner.__file__)
 
 
 def _upstream(compiled_dir: Path) -> tuple[Manifest, Path, Path]:
@@ -47,25 +43,11 @@ def _top1(logits: np.ndarray, targets: np.ndarray | None) -> float | None:
     return None if targets is None else float((logits.argmax(1) == targets).mean())
 
 
-def run_compiled(module_path: Path, target_name: str, inputs: np.ndarray, latency_runs: int) -> tuple[np.ndarray, list[float] | None, str]:
-    """Outputs of the module, per-run milliseconds (None when emulated), and how it ran."""
-    target = get_target(target_name)
-    if target.is_native_arch:
-        missing = target.missing_host_features()
-        if missing:
-            raise EdgeqError(f"this CPU lacks {', '.join(missing)}, which target {target.name} needs", "verify on a machine that has them, or compile for target x86")
-        machine = runner.load(str(module_path))
-        outputs = runner.predict(machine, inputs)
-        return outputs, (runner.time_runs(machine, inputs[:1], latency_runs) if latency_runs else None), "native"
-    if target.arch != "aarch64" or not target.qemu_cpu:
-        raise EdgeqError(f"cannot run {target.arch} code on this machine", "verify on the device")
-    with tempfile.TemporaryDirectory(prefix="edgeq-verify-") as scratch:
-        scratch = Path(scratch)
-        np.save(scratch / "inputs.npy", inputs)
-        with tqdm(total=len(inputs), desc=f"qemu-aarch64 {target.qemu_cpu}", unit="img", leave=False) as bar:
-            emulation.run_python(RUNNER_SCRIPT, [str(module_path), str(scratch / "inputs.npy"), str(scratch / "outputs.npy")], target.qemu_cpu,
-                                 on_progress=lambda done: bar.update(done - bar.n))
-        return np.load(scratch / "outputs.npy"), None, f"qemu-aarch64 -cpu {target.qemu_cpu}"
+def run_compiled(module_path: Path, target_name: str, inputs: np.ndarray, latency_runs: int, *, rpc: str | None = None, tracker: str | None = None,
+                 key: str | None = None) -> tuple[np.ndarray, list[float] | None, str]:
+    """Outputs of the module, per-run milliseconds (None when emulated), and where it ran."""
+    result = devices.runner_for(get_target(target_name), rpc=rpc, tracker=tracker, key=key).run(module_path, inputs, latency_runs)
+    return result.outputs, result.timings_ms, result.ran
 
 
 def plan(compiled_dir: str | Path, *, data: str, num_images: int, latency_runs: int) -> Manifest:
@@ -80,8 +62,12 @@ def _data_digest(data: str) -> str:
     return input_entry("data", data)["sha256"]
 
 
-def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_images: int = 1000, latency_runs: int = 100) -> dict:
-    """Verify a compile folder on ``data`` (default: the calibration folder); returns the report."""
+def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_images: int = 1000, latency_runs: int = 100, rpc: str | None = None,
+        tracker: str | None = None, key: str | None = None) -> dict:
+    """Verify a compile folder on ``data`` (default: the calibration folder); returns the report.
+
+    ``rpc`` (HOST:PORT), or ``tracker`` and ``key``, run the module on a board over TVM RPC.
+    """
     compiled_dir = Path(compiled_dir)
     compiled, export_dir, quantized_dir = _upstream(compiled_dir)
     quantized_model, loaded, spec, quant_manifest = quantize_stage.load(quantized_dir)
@@ -97,7 +83,7 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
     float_logits, quant_logits = predict(float_model, inputs), predict(quantized_model, inputs)
     onnx_model = onnx.load(str(export_dir / MODEL_FILE))
     ort_logits = onnxruntime_session(onnx_model).run(None, {INPUT_NAME: inputs})[0]
-    compiled_logits, timings, how = run_compiled(compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs)
+    compiled_logits, timings, how = run_compiled(compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs, rpc=rpc, tracker=tracker, key=key)
 
     report = {
         "schema": "edgeq.verify/1",
