@@ -429,6 +429,35 @@ def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json,
     click.echo(json.dumps(report, indent=None if as_json else 2))
 
 
+@cli.command(epilog="\b\nExample:\n  edgeq regress --baseline main/report.json --current verified/report.json --max-acc-drop 0.5 --max-latency-increase 10%")
+@click.option("--baseline", required=True, type=click.Path(), help="Report of the reference run (verify or sweep report.json, or its folder).")
+@click.option("--current", required=True, type=click.Path(), help="Report of the run to check.")
+@click.option("--max-acc-drop", type=click.FloatRange(min=0), help="Largest allowed drop of compiled top-1, in percentage points.")
+@click.option("--max-latency-increase", metavar="PERCENT", help="Largest allowed rise of median latency, e.g. 10%.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@friendly_errors
+def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
+    """Gate CI on accuracy and latency: compare two reports entry by entry.
+
+    Prints what moved; exits 0 within the thresholds, 1 when an entry regressed (or
+    disappeared), 2 on bad input. Latency is compared only where both reports measured it.
+    """
+    import dataclasses
+
+    from edgeq import regress as gate
+
+    thresholds = gate.Thresholds(max_acc_drop, gate.parse_percent(max_latency_increase) if max_latency_increase is not None else None)
+    rows = gate.compare(gate.load_entries(baseline), gate.load_entries(current), thresholds)
+    failed = [row for row in rows if not row.ok]
+    if as_json:
+        click.echo(json.dumps({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]}))
+    else:
+        click.echo(gate.table(rows))
+        click.echo(f"\n{len(failed)} of {len(rows)} entries regressed" if failed else f"\nall {len(rows)} entries within bounds")
+    if failed:
+        sys.exit(1)
+
+
 @cli.command(name="eval", epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
              "  edgeq eval quantized-effnet/ --data photos          # agreement with full precision, no labels")
 @click.argument("model", required=False)
