@@ -458,6 +458,25 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
         sys.exit(1)
 
 
+@cli.command(epilog="\b\nExamples:\n  edgeq bundle compiled-rpi4/ -o rpi4-bundle/ --tar\n  scp rpi4-bundle.tar.gz pi@board: && ssh pi@board 'tar xzf rpi4-bundle.tar.gz && cd rpi4-bundle && python3 selftest.py'")
+@click.argument("compiled", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", help="Where the self-test inputs come from (default: the calibration images).")
+@click.option("--num-samples", type=click.IntRange(min=1), default=8, show_default=True, help="Self-test inputs with expected outputs.")
+@click.option("--tar", "make_tar", is_flag=True, help="Also write OUT.tar.gz beside the folder.")
+@_output_option("Output folder for the bundle.")
+@friendly_errors
+def bundle(compiled, data, num_samples, make_tar, out):
+    """Make a deploy bundle of COMPILED for its board: module, runner, self-test, RPC server.
+
+    The scripts in it need only NumPy and the TVM runtime (no torch, no edgeq); its
+    README says how to install, self-test and serve RPC on the board.
+    """
+    from edgeq.stages import bundle as bundle_stage
+
+    folder = bundle_stage.run(compiled, out, data=data, num_samples=num_samples, tar=make_tar)
+    click.echo(f"bundle written to {folder}" + (f" and {folder.parent / (folder.name + '.tar.gz')}" if make_tar else ""))
+
+
 @cli.command(name="eval", epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
              "  edgeq eval quantized-effnet/ --data photos          # agreement with full precision, no labels")
 @click.argument("model", required=False)

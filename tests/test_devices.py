@@ -2,9 +2,12 @@
 board), gives the same outputs as the local and emulated runs."""
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 from edgeq import devices, emulation
 from edgeq.errors import EdgeqError
 from edgeq.runtime import rpc_server as rpc_server_script
+from edgeq.stages import bundle as bundle_stage
 from edgeq.stages import compile as compile_stage
 from edgeq.stages import export as export_stage
 from edgeq.stages import verify as verify_stage
@@ -92,3 +96,40 @@ def test_rpc_errors_are_one_line_with_a_fix(tmp_path, tiny_export):
     with pytest.raises(EdgeqError, match="cannot reach the RPC server") as caught:
         runner.run(tmp_path / "module.so", np.zeros((1, 1, 28, 28), np.float32), 0)
     assert "\n" not in caught.value.message
+
+
+def _selftest(bundle: Path, python: list[str], env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*python, str(bundle / "selftest.py")], env=env, capture_output=True, text=True, check=False, cwd=str(bundle))
+
+
+def test_bundle_selftest_passes_and_catches_a_wrong_result(tmp_path, tiny_export):
+    compiled = compile_stage.run(tiny_export, tmp_path / "compiled", target="x86")
+    made = bundle_stage.run(compiled, tmp_path / "bundle", num_samples=6, tar=True)
+    names = {p.name for p in made.iterdir()}
+    assert {"module.so", "runner.py", "selftest.py", "rpc_server.py", "preprocess.json", "selftest.json", "README.md", "manifest.json"} <= names
+    with tarfile.open(tmp_path / "bundle.tar.gz") as archive:
+        assert "bundle/module.so" in archive.getnames()
+    preprocess = json.loads((made / "preprocess.json").read_text())
+    assert preprocess["input_shape"] == [1, 1, 28, 28] and len(preprocess["classes"]) == 10
+    # the bundle's scripts must not need torch, onnxruntime or edgeq: run them with those imports failing
+    blocked = tmp_path / "blocked"
+    for package in ("torch", "onnxruntime", "edgeq"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('{package} is not on the board')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocked)}
+    result = _selftest(made, [sys.executable], env)
+    assert result.returncode == 0 and result.stdout.startswith("PASS"), result.stdout + result.stderr
+    expected = np.load(made / "selftest" / "expected.npy")
+    np.save(made / "selftest" / "expected.npy", expected[::-1])  # another image's logits
+    result = _selftest(made, [sys.executable], env)
+    assert result.returncode == 1 and result.stdout.startswith("FAIL")
+
+
+@pytest.mark.qemu
+@requires_emulator
+def test_rpi4_bundle_selftest_under_qemu(tmp_path, tiny_export):
+    compiled = compile_stage.run(tiny_export, tmp_path / "compiled", target="rpi4")
+    made = bundle_stage.run(compiled, tmp_path / "bundle", num_samples=4)
+    command, env = emulation.python_command("cortex-a72")
+    result = _selftest(made, command, env)
+    assert result.returncode == 0 and result.stdout.startswith("PASS"), result.stdout + result.stderr
