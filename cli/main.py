@@ -377,6 +377,47 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
         _print_summary(summary)
 
 
+def _list(_ctx, param, value):
+    items = [item.strip() for item in (value or "").split(",") if item.strip()]
+    if not items:
+        raise click.BadParameter(f"give at least one value, comma-separated (for example {param.default})")
+    return items
+
+
+@cli.command(epilog="\b\nExamples:\n  edgeq sweep                                           # zoo ResNet teacher, five bit widths, x86\n"
+             "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
+             "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5")
+@click.argument("model", required=False)
+@click.option("--bits", "bits_list", callback=_list, default="w8a8,w4a8,w4a4,w3a3,w2a4", show_default=True, help="Bit widths, comma-separated.")
+@click.option("--targets", "target_list", callback=_list, default="x86", show_default=True, help="Targets, comma-separated (see 'edgeq targets').")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder shared by every configuration (default: runs/<model>).")
+@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
+@click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True, help="How weights round, as in 'edgeq quantize'.")
+@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True, help="Reconstruction iterations per block or layer.")
+@click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
+@click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@_output_option("Output folder for report.json, summary.md and the plots.")
+@allow_pickle_option
+@friendly_errors
+def sweep(model, bits_list, target_list, run_dir, num_images, method, iters, eval_data, eval_images, latency_runs, seed, out, allow_pickle):
+    """Run MODEL through the pipeline at several bit widths and targets; write one report.
+
+    Stages shared between configurations, or left from earlier runs, are reused. The
+    report folder holds report.json (schema edgeq.sweep/1, docs/reports.md), summary.md,
+    accuracy_latency.png (Pareto front marked) and layer_error.png.
+    """
+    from edgeq.pipeline import RunOptions
+    from edgeq.stages import sweep as sweep_stage
+
+    options = RunOptions(run_dir=run_dir, num_images=num_images, seed=seed, method=method, iters=iters, eval_data=eval_data, eval_images=eval_images,
+                         latency_runs=latency_runs, allow_pickle=allow_pickle)
+    report = sweep_stage.run(model, out, bits=bits_list, targets=target_list, options=options)
+    click.echo((Path(out) / "summary.md").read_text())
+    click.echo(f"report written to {out} ({len(report['entries'])} configurations)")
+
+
 def _percent(value):
     return "n/a" if value is None else f"{100 * value:.2f}%"
 

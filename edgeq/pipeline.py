@@ -126,6 +126,7 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         "eval_images": report["images"],
         "artifact": str(Path(report["artifact"]).resolve()),
         "run_dir": str(run_dir.resolve()),
+        "stage_dirs": {"synth": str(synth_dir), "quantize": str(quant_dir), "export": str(export_dir), "compile": str(compile_dir), "verify": str(verify_dir)},
         "stages": stages,
         "notes": notes,
     }

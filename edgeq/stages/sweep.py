@@ -1,0 +1,54 @@
+"""Sweeps: one model through the pipeline at several bit widths and targets, into one report.
+
+Each configuration is an ordinary pipeline run (``edgeq compile``'s stages, in the same
+run folder), so stages a configuration shares with an earlier run (the calibration
+images; the quantized model for a second target) are reused, and a repeated sweep only
+rebuilds what changed. The report (``edgeq.sweep/1``) gathers the verify reports with
+the per-layer quantization error of each quantized model; see :mod:`edgeq.reports`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from .. import pipeline, reports
+from ..data import resolve_dataset
+from ..errors import EdgeqError
+from ..manifest import staged_folder
+from ..models import load_model
+from ..spec import QuantSpec
+from ..targets import get_target
+from . import verify as verify_stage
+from .compile import MODULE_FILE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
+LAYER_ERROR_IMAGES = 64
+
+
+def run(model: str | None, out: str | Path, *, bits=DEFAULT_BITS, targets=("x86",), options: pipeline.RunOptions = pipeline.RunOptions(),
+        layer_error_images: int = LAYER_ERROR_IMAGES) -> dict:
+    """Run every (bits, target) configuration and write the report folder ``out``; returns the report."""
+    bits = [str(QuantSpec.load(b)) for b in bits]
+    targets = [get_target(t).name for t in targets]
+    if not bits or not targets:
+        raise EdgeqError("a sweep needs at least one bit width and one target", "for example --bits w4a4,w2a4 --targets x86")
+    loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
+    entries, layer_errors = [], {}
+    for spec in bits:
+        for target in targets:
+            log.info("sweep: %s for %s", spec, target)
+            summary = pipeline.run(model, dataclasses.replace(options, bits=spec, target=target))
+            dirs = summary["stage_dirs"]
+            report = verify_stage.load_report(dirs["verify"])
+            if dirs["quantize"] not in layer_errors:
+                images = resolve_dataset(report["data"], layer_error_images)
+                layer_errors[dirs["quantize"]] = reports.layer_sqnr(dirs["quantize"], loaded.preprocess(images.images))
+            entries.append({**report, "method": summary["method"], "module_bytes": (Path(dirs["compile"]) / MODULE_FILE).stat().st_size,
+                            "layer_sqnr_db": layer_errors[dirs["quantize"]], "stages": summary["stages"]})
+    title = f"{entries[0]['model']}: {', '.join(bits)} on {', '.join(targets)}"
+    with staged_folder(out) as tmp:
+        report = reports.write(entries, tmp, title=title)
+    return report
