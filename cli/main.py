@@ -377,6 +377,45 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
         _print_summary(summary)
 
 
+@cli.command(epilog="\b\nExamples:\n  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --high w4a4 --low w2a4 --budget-mb 0.25 -o mixed.json\n"
+             "  edgeq compile zoo:fmnist-resnet --bits mixed.json\n  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4,mixed.json")
+@click.argument("model", required=False)
+@click.option("--calib", required=True, help="Calibration images: an 'edgeq synth' folder (data-free), or fashion-mnist:A.")
+@click.option("--high", callback=_bits, default="w4a4", show_default=True, help="Bit widths every layer starts at.")
+@click.option("--low", callback=_bits, default="w2a4", show_default=True, help="Bit widths a layer may be lowered to.")
+@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), required=True, help="Largest packed weight size, in MB.")
+@click.option("--num-images", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images used to measure sensitivity.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Spec file to write (JSON; pass it to --bits).")
+@allow_pickle_option
+@friendly_errors
+def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickle):
+    """Choose per-layer bit widths for MODEL that fit --budget-mb at the least accuracy cost.
+
+    Measures each layer's sensitivity (growth of the KL divergence from the float model's
+    predictions with that layer alone at --low), then lowers the layers that cost least per
+    byte saved until the weights fit. Writes a spec file for --bits.
+    """
+    from edgeq import mixed as mixed_precision
+    from edgeq.data import resolve_dataset
+    from edgeq.models import load_model
+
+    loaded = load_model(model, allow_pickle=allow_pickle)
+    images = resolve_dataset(calib, num_images)
+    if len(images) == 0:
+        _fail(f"no images in {calib}", "pass an 'edgeq synth' folder or fashion-mnist:A")
+    layers = mixed_precision.sensitivities(loaded.module, loaded.preprocess(images.images), high, low, seed=seed)
+    spec, lowered = mixed_precision.allocate(layers, high, budget_mb * 1e6)
+    mixed_precision.write_spec(spec, layers, lowered, out, budget_bytes=budget_mb * 1e6)
+    width = max(len(layer.name) for layer in layers)
+    click.echo(f"{'layer':<{width}}  weights  sensitivity  bits")
+    for layer in layers:
+        bits = spec.layer_bits(edge=layer.edge, name=layer.name)
+        click.echo(f"{layer.name:<{width}}  {layer.weights:>7}  {layer.sensitivity:>11.5f}  w{bits[0]}a{bits[1]}{'  (edge)' if layer.edge else ''}")
+    click.echo(f"\n{len(lowered)} of {len(layers)} layers at {low}; weights {mixed_precision.weight_bytes(layers, spec) / 1e6:.4f} MB "
+               f"(budget {budget_mb:g} MB); spec {spec} written to {out}")
+
+
 def _list(_ctx, param, value):
     items = [item.strip() for item in (value or "").split(",") if item.strip()]
     if not items:

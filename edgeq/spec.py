@@ -65,6 +65,9 @@ class QuantSpec:
     # output and the attention scores are the activations a ViT is most sensitive to, so
     # they keep 8 bits by default. None: act_bits.
     attention_bits: int | None = 8
+    # Mixed precision: (layer name, weight bits, activation bits) for layers that differ from
+    # the rule above (see edgeq.mixed, which chooses them). Empty: uniform.
+    layers: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self):
         checks = [("weight", self.weight_bits), ("activation", self.act_bits)]
@@ -72,6 +75,13 @@ class QuantSpec:
             checks.append(("first/last layer", self.first_last_bits))
         if self.attention_bits is not None:
             checks.append(("attention", self.attention_bits))
+        layers = []
+        for entry in self.layers:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)):
+                raise EdgeqError(f"invalid layer entry {entry!r}", "expected [layer name, weight bits, activation bits]")
+            layers.append((entry[0], entry[1], entry[2]))
+            checks += [(f"layer {entry[0]} weight", entry[1]), (f"layer {entry[0]} activation", entry[2])]
+        object.__setattr__(self, "layers", tuple(sorted(layers)))
         for what, bits in checks:
             if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
                 raise EdgeqError(f"invalid {what} bit width {bits!r}", f"expected {SPEC_FORM}")
@@ -90,6 +100,11 @@ class QuantSpec:
         return cls(weight_bits, act_bits)
 
     def __str__(self) -> str:
+        if self.layers:  # mixed: the default bit widths and a digest of the per-layer choices
+            import hashlib
+
+            digest = hashlib.sha256(json.dumps(self.layers).encode()).hexdigest()[:6]
+            return f"w{self.weight_bits}a{self.act_bits}-mixed-{digest}"
         return f"w{self.weight_bits}a{self.act_bits}"
 
     # Integer ranges. Weights are signed symmetric, activations unsigned.
@@ -111,7 +126,7 @@ class QuantSpec:
             "first_last_bits": self.first_last_bits,
             "weight_symmetric": self.weight_symmetric,
             "attention_bits": self.attention_bits,
-        }
+        } | ({"layers": [list(entry) for entry in self.layers]} if self.layers else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantSpec:
@@ -124,12 +139,16 @@ class QuantSpec:
                 first_last_bits=data.get("first_last_bits", 8),
                 weight_symmetric=bool(data.get("weight_symmetric", True)),
                 attention_bits=data.get("attention_bits", 8),
+                layers=tuple(tuple(entry) for entry in data.get("layers", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgeqError(f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()") from None
 
-    def layer_bits(self, edge: bool) -> tuple[int, int]:
-        """(weight bits, activation bits) of a layer; ``edge``: the model's first or last layer."""
+    def layer_bits(self, edge: bool, name: str | None = None) -> tuple[int, int]:
+        """(weight bits, activation bits) of layer ``name``; ``edge``: the model's first or last layer."""
+        for layer, weight_bits, act_bits in self.layers:
+            if layer == name:
+                return weight_bits, act_bits
         if edge and self.first_last_bits is not None:
             return max(self.weight_bits, self.first_last_bits), max(self.act_bits, self.first_last_bits)
         return self.weight_bits, self.act_bits

@@ -16,7 +16,7 @@ def run_cli(monkeypatch, capsys, *args):
     return info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["synth", "inspect"], ["quantize"], ["export"], ["compile"], ["verify"], ["regress"], ["bundle"], ["sweep"]])
+@pytest.mark.parametrize("command", [[], ["synth"], ["synth", "inspect"], ["quantize"], ["export"], ["compile"], ["verify"], ["regress"], ["bundle"], ["sweep"], ["mixed"]])
 def test_help_explains_with_an_example(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Example" in out

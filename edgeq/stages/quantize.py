@@ -137,11 +137,14 @@ def quantizable_layers(model: nn.Module) -> list[str]:
 
 def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, QuantizedLayer]:
     """Wrap ``names`` (in execution order): the first and last take the spec's edge bit widths."""
+    unknown = sorted({layer for layer, _, _ in spec.layers} - set(names))
+    if unknown:
+        raise EdgeqError(f"the spec names layers the model lacks: {', '.join(unknown[:3])}", f"quantizable layers: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
     wrapped = {}
     for index, name in enumerate(names):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped[name] = QuantizedLayer(getattr(parent, leaf), *spec.layer_bits(edge=index in (0, len(names) - 1)))
+        wrapped[name] = QuantizedLayer(getattr(parent, leaf), *spec.layer_bits(edge=index in (0, len(names) - 1), name=name))
         setattr(parent, leaf, wrapped[name])
     return wrapped
 

@@ -31,9 +31,9 @@ LAYER_ERROR_IMAGES = 64
 def run(model: str | None, out: str | Path, *, bits=DEFAULT_BITS, targets=("x86",), options: pipeline.RunOptions = pipeline.RunOptions(),
         layer_error_images: int = LAYER_ERROR_IMAGES) -> dict:
     """Run every (bits, target) configuration and write the report folder ``out``; returns the report."""
-    bits = [str(QuantSpec.load(b)) for b in bits]
+    names = {b: str(QuantSpec.load(b)) for b in bits}  # a spec file (mixed precision) keeps its path for the pipeline
     targets = [get_target(t).name for t in targets]
-    if not bits or not targets:
+    if not names or not targets:
         raise EdgeqError("a sweep needs at least one bit width and one target", "for example --bits w4a4,w2a4 --targets x86")
     loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
     entries, layer_errors = [], {}
@@ -48,7 +48,7 @@ def run(model: str | None, out: str | Path, *, bits=DEFAULT_BITS, targets=("x86"
                 layer_errors[dirs["quantize"]] = reports.layer_sqnr(dirs["quantize"], loaded.preprocess(images.images))
             entries.append({**report, "method": summary["method"], "module_bytes": (Path(dirs["compile"]) / MODULE_FILE).stat().st_size,
                             "layer_sqnr_db": layer_errors[dirs["quantize"]], "stages": summary["stages"]})
-    title = f"{entries[0]['model']}: {', '.join(bits)} on {', '.join(targets)}"
+    title = f"{entries[0]['model']}: {', '.join(names.values())} on {', '.join(targets)}"
     with staged_folder(out) as tmp:
         report = reports.write(entries, tmp, title=title)
     return report

@@ -1,0 +1,86 @@
+"""Mixed precision on the tiny model: sensitivities, the allocation under a size budget,
+and a mixed spec through quantize, export and compile."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from edgeq import mixed
+from edgeq.data import resolve_dataset
+from edgeq.errors import EdgeqError
+from edgeq.evaluate import predict
+from edgeq.models import load_model
+from edgeq.pipeline import RunOptions, run
+from edgeq.spec import QuantSpec
+
+from .conftest import TINY
+from .test_cli import _assert_one_line_error, run_cli
+
+HIGH, LOW = QuantSpec.load("w4a4"), QuantSpec.load("w2a4")
+
+
+@pytest.fixture(scope="module")
+def tiny_sensitivity():
+    loaded = load_model(TINY)
+    inputs = loaded.preprocess(resolve_dataset("fashion-mnist:A", 48).images)
+    return loaded, inputs, mixed.sensitivities(loaded.module, inputs, HIGH, LOW)
+
+
+def test_sensitivity_is_measured_per_middle_layer(tiny_sensitivity):
+    _, _, layers = tiny_sensitivity
+    assert layers[0].edge and layers[-1].edge and not any(layer.edge for layer in layers[1:-1])
+    assert all(layer.sensitivity == 0.0 for layer in layers if layer.edge)
+    middle = [layer.sensitivity for layer in layers[1:-1]]
+    assert max(middle) > 0  # 2-bit weights cost something somewhere
+    assert all(layer.high == (4, 4) and layer.low == (2, 4) for layer in layers[1:-1])
+
+
+def test_allocation_fits_the_budget_and_lowers_the_cheap_layers_first(tiny_sensitivity):
+    loaded, inputs, layers = tiny_sensitivity
+    all_high, all_low = mixed.weight_bytes(layers, HIGH), mixed.weight_bytes(layers, LOW)
+    budget = (all_high + all_low) / 2
+    spec, lowered = mixed.allocate(layers, HIGH, budget)
+    assert mixed.weight_bytes(layers, spec) <= budget and 0 < len(lowered) < len(layers) - 2
+    assert {name for name, _, _ in spec.layers} == set(lowered) and str(spec).startswith("w4a4-mixed-")
+    # the same number of layers lowered, chosen as the most sensitive per byte instead: worse
+    middle = sorted(layers[1:-1], key=lambda layer: layer.sensitivity / layer.weights, reverse=True)
+    worst = dataclasses.replace(HIGH, layers=tuple((layer.name, 2, 4) for layer in middle[: len(lowered)]))
+    fp = predict(loaded.module.eval(), inputs)
+    chosen_kl = mixed._mean_kl(fp, mixed._quantized_logits(loaded.module, inputs, spec, 0)[0])
+    worst_kl = mixed._mean_kl(fp, mixed._quantized_logits(loaded.module, inputs, worst, 0)[0])
+    if set(lowered) != {layer.name for layer in middle[: len(lowered)]}:
+        assert chosen_kl < worst_kl
+    with pytest.raises(EdgeqError, match="below the smallest allocation"):
+        mixed.allocate(layers, HIGH, all_low * 0.9)
+    unchanged, none = mixed.allocate(layers, HIGH, all_high)
+    assert none == [] and unchanged == HIGH
+
+
+def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, tiny_generator):
+    _, _, layers = tiny_sensitivity
+    spec, lowered = mixed.allocate(layers, HIGH, (mixed.weight_bytes(layers, HIGH) + mixed.weight_bytes(layers, LOW)) / 2)
+    path = mixed.write_spec(spec, layers, lowered, tmp_path / "mixed.json", budget_bytes=1.0)
+    assert QuantSpec.load(str(path)) == spec
+    assert json.loads(path.read_text())["allocation"]["lowered"] == lowered
+    summary = run(TINY, RunOptions(target="x86", bits=str(path), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn",
+                                   eval_images=50, latency_runs=2))
+    assert summary["bits"] == str(spec) and summary["agreement_with_onnxruntime"] >= 0.98
+    from edgeq.stages import quantize as quantize_stage
+
+    model, _, loaded_spec, _ = quantize_stage.load(summary["stage_dirs"]["quantize"])
+    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
+    assert loaded_spec == spec and all(bits[name] == (2, 4) for name in lowered)
+    assert all(bits[layer.name] == (4, 4) for layer in layers[1:-1] if layer.name not in lowered)
+
+
+def test_bad_mixed_specs_are_one_line_errors(monkeypatch, capsys, tmp_path):
+    spec = tmp_path / "bad.json"
+    spec.write_text(json.dumps(HIGH.to_dict() | {"layers": [["no.such.layer", 2, 4]]}))
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", TINY, "--calib", "fashion-mnist:A", "--bits", str(spec), "--num-images", "8", "-o", str(tmp_path / "q"))
+    errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "no.such.layer" in errors[0] and "stem.0" in errors[0] and "Traceback" not in err
+    assert not (tmp_path / "q").exists()
+    spec.write_text(json.dumps(HIGH.to_dict() | {"layers": [["stem.0", 9, 4]]}))
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "mixed", TINY, "--calib", "fashion-mnist:A", "--high", str(spec), "--budget-mb", "1", "-o",
+                                   str(tmp_path / "m.json")), "bit width 9")
