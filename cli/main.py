@@ -427,7 +427,7 @@ def _list(_ctx, param, value):
              "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
              "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5")
 @click.argument("model", required=False)
-@click.option("--bits", "bits_list", callback=_list, default="w8a8,w4a8,w4a4,w3a3,w2a4", show_default=True, help="Bit widths, comma-separated.")
+@click.option("--bits", "bits_list", callback=_list, default="w8a8,w4a8,w4a4,w3a3,w2a4", show_default=True, help="Bit widths, comma-separated: wWaA, or a spec file from 'edgeq mixed'.")
 @click.option("--targets", "target_list", callback=_list, default="x86", show_default=True, help="Targets, comma-separated (see 'edgeq targets').")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder shared by every configuration (default: runs/<model>).")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
