@@ -88,8 +88,8 @@ def write(entries: list[dict], out: Path, *, title: str) -> dict:
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     points = [(_cost(e, use_latency), e["compiled_top1"] or 0.0) for e in entries]
     front = set(pareto_front(points))
-    _plot_pareto(entries, points, front, use_latency, out / PARETO_PNG, title)
-    _plot_layers(entries, out / LAYERS_PNG, title)
+    _plot_pareto(entries, points, front, use_latency, out / PARETO_PNG, f"{entries[0]['model']} on {', '.join(sorted({e['target'] for e in entries}))}")
+    _plot_layers(entries, out / LAYERS_PNG, entries[0]["model"])
     (out / SUMMARY_FILE).write_text(summary_markdown(report, front))
     return report
 
