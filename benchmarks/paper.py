@@ -29,8 +29,12 @@ for bn-inversion): a few minutes, for CI; its figures say little beyond "it runs
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import logging
 import math
+import multiprocessing
+import os
 import platform
 import sys
 import time
@@ -48,11 +52,13 @@ from edgeq.reconstruction import ReconstructionConfig
 from edgeq.spec import QuantSpec
 from edgeq.stages import quantize, synth
 
+log = logging.getLogger("paper")
 BEGIN, END = "<!-- paper:begin -->", "<!-- paper:end -->"
 GENERATOR = "zoo:fmnist-generator"
 SOURCES = ("real", "single", "mixup-text", "mixup-embedding", "noise", "bn-inversion")
 ABLATIONS = ("mixup-text-k3", "mixup-embedding-k3", "mixup-embedding-a0.4", "mixup-embedding-a4")
 CNN_ONLY = {"bn-inversion"}
+BITS_ORDER = ("w2a4", "w2a2", "w3a3", "w4a4", "w8a8")
 PROMPTS = {
     "single": ("single", PromptOptions()),
     "mixup-text": ("mixup", PromptOptions(fusion="text")),
@@ -70,79 +76,205 @@ def calibration_images(source: str, teacher, seed: int, count: int, work: Path, 
         real = resolve_dataset("fashion-mnist:A")
         picked = np.random.default_rng(seed).choice(len(real), size=count, replace=False)
         return real.images[np.sort(picked)]
+    folder = calibration_folder(source, teacher.name, teacher.preprocess.height, seed, count, work, inversion_iters)
     if source in PROMPTS:
         strategy, options = PROMPTS[source]
-        folder = work / f"{source}-n{count}-s{seed}"  # the generator's images serve every Fashion-MNIST teacher
         synth.run(GENERATOR, teacher.classes, folder, strategy=strategy, prompts=options, num_images=count, seed=seed)
     elif source == "noise":
-        folder = work / f"noise-{teacher.preprocess.height}-n{count}-s{seed}"
         synth.run(None, teacher.classes, folder, strategy="noise", num_images=count, seed=seed, size=teacher.preprocess.height)
-    elif source == "bn-inversion":
-        folder = work / f"bn-inversion-{teacher.name}-i{inversion_iters}-n{count}-s{seed}"
+    else:
         synth.run(None, teacher.classes, folder, strategy="bn-inversion", num_images=count, seed=seed, model=teacher,
                   inversion=InversionSettings(iterations=inversion_iters))
-    else:
-        raise SystemExit(f"unknown source {source!r}; choose from {', '.join(SOURCES + ABLATIONS)}")
     return synth.load_images(folder).images
 
 
-def measure(args, out: Path) -> dict:
-    path = out / "results-paper.json"
-    results = json.loads(path.read_text()) if path.exists() else {"entries": {}}
-    results["settings"] = {"method": args.method, "iters": args.iters, "num_images": args.num_images, "generator": GENERATOR,
-                           "evaluation": "fashion-mnist:test, 10000 images", "threads": torch.get_num_threads(), "cpu": platform.machine()}
-    test = resolve_dataset("fashion-mnist:test")
-    sources = list(args.sources) + (list(ABLATIONS) if args.ablations else [])
-    for name in args.teachers:
+def calibration_folder(source: str, teacher_name: str, height: int, seed: int, count: int, work: Path, inversion_iters: int) -> Path | None:
+    """Where ``calibration_images`` caches a source's images (None for ``real``, which needs no making)."""
+    if source == "real":
+        return None
+    if source in PROMPTS:
+        return work / f"{source}-n{count}-s{seed}"  # the generator's images serve every Fashion-MNIST teacher
+    if source == "noise":
+        return work / f"noise-{height}-n{count}-s{seed}"
+    if source != "bn-inversion":
+        raise SystemExit(f"unknown source {source!r}; choose from {', '.join(SOURCES + ABLATIONS)}")
+    return work / f"bn-inversion-{teacher_name}-i{inversion_iters}-n{count}-s{seed}"
+
+
+_TEACHERS: dict = {}  # per process: the zoo teachers and their preprocessed test set, loaded once
+
+
+def _teacher(name: str):
+    if name not in _TEACHERS:
         teacher = load_model(f"zoo:{name}")
-        test_inputs = teacher.preprocess(test.images)
+        _TEACHERS[name] = (teacher, teacher.preprocess(resolve_dataset("fashion-mnist:test").images))
+    return _TEACHERS[name]
 
-        def top1(module) -> float:
-            with torch.no_grad():
-                return float((predict(module, test_inputs).argmax(1) == test.labels).mean())
 
+def _top1(module, inputs: torch.Tensor) -> float:
+    labels = resolve_dataset("fashion-mnist:test").labels
+    with torch.no_grad():
+        return float((predict(module, inputs).argmax(1) == labels).mean())
+
+
+def make_calibration_set(source: str, teacher_name: str, seed: int, count: int, work: Path, inversion_iters: int) -> str:
+    teacher, _ = _teacher(teacher_name)
+    calibration_images(source, teacher, seed, count, work, inversion_iters)
+    return source
+
+
+def quantize_and_score(teacher_name: str, bits: str, source: str, seed: int, count: int, work: Path, inversion_iters: int,
+                       method: str, iters: int, lr_rounding: float) -> dict:
+    """One cell of the table: quantize the teacher on one source's images, top-1 on the test set."""
+    began = time.perf_counter()
+    teacher, test_inputs = _teacher(teacher_name)
+    images = calibration_images(source, teacher, seed, count, work, inversion_iters)
+    config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters, lr_rounding=lr_rounding)
+    module = quantize.quantize_module(teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config)
+    return {"teacher": teacher_name, "bits": bits, "source": source, "seed": seed, "top1": _top1(module, test_inputs),
+            "seconds": round(time.perf_counter() - began, 1)}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+class _InProcess:
+    """The executor's interface, run at submission: one worker needs no processes."""
+
+    def submit(self, function, *args):
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # noqa: BLE001 - handed to the caller through the future, as a pool would
+            future.set_exception(error)
+        return future
+
+    def shutdown(self, **_):
+        pass
+
+
+def measure(args, out: Path) -> dict:
+    """Every missing cell, ``args.workers`` at a time; each finished cell is saved at once.
+
+    Cells run in table order (W2A4 first: the widths where sources differ most), a
+    calibration set being made when the first cell needing it is reached; a cell waits
+    only for its own set.
+    """
+    path = out / "results-paper.json"
+    work = out / "paper-work"
+    results = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+    results["settings"] = {"method": args.method, "iters": args.iters, "lr_rounding": args.lr_rounding, "num_images": args.num_images, "inversion_iters": args.inversion_iters,
+                           "generator": GENERATOR, "evaluation": "fashion-mnist:test, 10000 images", "workers": args.workers,
+                           "threads_per_worker": args.threads_per_worker, "cpu": platform.machine()}
+
+    def save() -> None:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(path)
+
+    sources = list(args.sources)
+    cells_to_run = []
+    for name in args.teachers:
+        teacher, test_inputs = _teacher(name)
         if f"{name}/fp" not in results["entries"]:
-            results["entries"][f"{name}/fp"] = {"teacher": name, "bits": "fp", "source": "fp", "seed": 0, "top1": top1(teacher.module.eval())}
+            results["entries"][f"{name}/fp"] = {"teacher": name, "bits": "fp", "source": "fp", "seed": 0, "top1": _top1(teacher.module.eval(), test_inputs)}
         has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.module.modules())
-        for bits in args.bits:
+        for bits in sorted(args.bits, key=lambda b: BITS_ORDER.index(b) if b in BITS_ORDER else len(BITS_ORDER)):
             for source in sources:
-                if source in CNN_ONLY and not has_batchnorm:
+                if not (source in CNN_ONLY and not has_batchnorm):
+                    cells_to_run += [(name, bits, source, seed) for seed in args.seeds]
+    if args.ablations:  # on the first teacher at the lowest width: where the choice of mix can matter
+        bits = min(args.bits, key=lambda b: BITS_ORDER.index(b) if b in BITS_ORDER else -1)
+        cells_to_run += [(args.teachers[0], bits, source, seed) for source in ABLATIONS for seed in args.seeds]
+    pending = [cell for cell in cells_to_run if "/".join(map(str, cell)) not in results["entries"]]
+    save()
+    log.info("%d cells to measure (%d already in %s)", len(pending), len(cells_to_run) - len(pending), path)
+    if args.workers > 1:
+        os.environ["TQDM_DISABLE"] = "1"  # the workers' progress bars would interleave; each finished cell is printed instead
+    executor = (concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                                                       initargs=(args.threads_per_worker,))
+                if args.workers > 1 else _InProcess())
+    ready: set[Path | None] = {None}
+    making: dict = {}  # future -> calibration folder being made
+    measuring: dict = {}  # future -> cell
+    heights = {name: _teacher(name)[0].preprocess.height for name in args.teachers}
+
+    def folder_of(cell) -> Path | None:
+        name, _, source, seed = cell
+        return calibration_folder(source, name, heights[name], seed, args.num_images, work, args.inversion_iters)
+
+    try:
+        while pending or making or measuring:
+            while len(making) + len(measuring) < args.workers:
+                chosen = None
+                for cell in pending:
+                    folder = folder_of(cell)
+                    if folder in ready or (folder is not None and folder.exists()):
+                        ready.add(folder)
+                        chosen = ("measure", cell)
+                        break
+                    if folder not in making.values():
+                        chosen = ("make", cell)
+                        break
+                if chosen is None:
+                    break
+                kind, cell = chosen
+                name, bits, source, seed = cell
+                if kind == "measure":
+                    pending.remove(cell)
+                    measuring[executor.submit(quantize_and_score, name, bits, source, seed, args.num_images, work, args.inversion_iters,
+                                              args.method, args.iters, args.lr_rounding)] = cell
+                else:
+                    making[executor.submit(make_calibration_set, source, name, seed, args.num_images, work, args.inversion_iters)] = folder_of(cell)
+            done, _ = concurrent.futures.wait([*making, *measuring], return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                if future in making:
+                    ready.add(making.pop(future))
+                    future.result()
                     continue
-                for seed in args.seeds:
-                    key = f"{name}/{bits}/{source}/{seed}"
-                    if key in results["entries"]:
-                        continue
-                    began = time.perf_counter()
-                    images = calibration_images(source, teacher, seed, args.num_images, out / "paper-work", args.inversion_iters)
-                    config = None if args.method == "rtn" else ReconstructionConfig(method=args.method, iters=args.iters)
-                    module = quantize.quantize_module(teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config)
-                    entry = {"teacher": name, "bits": bits, "source": source, "seed": seed, "top1": top1(module), "seconds": round(time.perf_counter() - began, 1)}
-                    results["entries"][key] = entry
-                    print(f"{key}: top-1 {entry['top1']:.2%} ({entry['seconds']:.0f} s)", flush=True)
-                    partial = path.with_name(path.name + ".partial")
-                    partial.write_text(json.dumps(results, indent=2) + "\n")
-                    partial.replace(path)
+                cell = measuring.pop(future)
+                entry = future.result()
+                key = "/".join(map(str, cell))
+                results["entries"][key] = entry
+                save()
+                print(f"{key}: top-1 {entry['top1']:.2%} ({entry['seconds']:.0f} s)", flush=True)
+    finally:
+        executor.shutdown(cancel_futures=True)
     if args.efficientnet:
-        results["efficientnet"] = efficientnet(args, out)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        efficientnet(args, out, results.setdefault("efficientnet", {}), save)
     return results
 
 
-def efficientnet(args, out: Path) -> dict:
-    """EfficientNet-Lite0 at W4A4 and W2A4 (first/last at 8 bits), calibrated by bn-inversion: agreement with fp on the photos."""
+def efficientnet(args, out: Path, figures: dict, save) -> dict:
+    """EfficientNet-Lite0 at W4A4 and W2A4 (first/last at 8 bits), calibrated by bn-inversion: agreement with fp on the photos.
+
+    Round-to-nearest beside the learned rounding, on the same images, shows what
+    reconstruction adds. ``figures``: what an earlier run measured (kept), filled in and
+    ``save``d one measurement at a time.
+    """
     from edgeq.evaluate import evaluate
 
     teacher = load_model("zoo:efficientnet-lite0")
-    folder = out / "paper-work" / f"bn-inversion-efficientnet-n{args.num_images}"
-    synth.run(None, teacher.classes, folder, strategy="bn-inversion", num_images=args.num_images, seed=0, model=teacher,
+    count = args.efficientnet_images
+    folder = out / "paper-work" / f"bn-inversion-efficientnet-i{args.inversion_iters}-n{count}"
+    synth.run(None, teacher.classes, folder, strategy="bn-inversion", num_images=count, seed=0, model=teacher,
               inversion=InversionSettings(iterations=args.inversion_iters))
-    figures = {}
     for bits in ("w4a4", "w2a4"):
-        quantized = quantize.run("zoo:efficientnet-lite0", str(folder), out / "paper-work" / f"efficientnet-{bits}", bits=bits, num_images=args.num_images,
-                                 reconstruction=ReconstructionConfig(method=args.method, iters=args.iters) if args.method != "rtn" else None)
-        result = evaluate(str(quantized), "photos")
-        figures[bits] = {"top1_agreement": result["agreement_with_fp"]["top1"], "top5_agreement": result["agreement_with_fp"]["top5"]}
-        print(f"efficientnet-lite0 {bits}: {figures[bits]}", flush=True)
+        for method in ("rtn", args.method):
+            key = f"{bits}/{method}"
+            if key in figures:
+                continue
+            began = time.perf_counter()
+            config = None if method == "rtn" else ReconstructionConfig(method=method, iters=args.iters, lr_rounding=args.lr_rounding)
+            quantized = quantize.run(teacher, str(folder), out / "paper-work" / f"efficientnet-{bits}-{method}", bits=bits, num_images=count,
+                                     reconstruction=config)
+            result = evaluate(str(quantized), "photos")
+            figures[key] = {"bits": bits, "method": method, "images": count, "top1_agreement": result["agreement_with_fp"]["top1"],
+                            "top5_agreement": result["agreement_with_fp"]["top5"], "seconds": round(time.perf_counter() - began, 1)}
+            save()
+            print(f"efficientnet-lite0 {key}: {figures[key]}", flush=True)
     return figures
 
 
@@ -181,36 +313,74 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _difference(values: list[float], baseline: list[float]) -> tuple[float, float | None]:
+    """Mean difference in points and its standard error (None with fewer than two seeds on a side)."""
+    delta = (np.mean(values) - np.mean(baseline)) * 100
+    if len(values) < 2 or len(baseline) < 2:
+        return float(delta), None
+    return float(delta), float(math.sqrt(np.var(values, ddof=1) / len(values) + np.var(baseline, ddof=1) / len(baseline)) * 100)
+
+
+def _short(teacher: str, bits: str) -> str:
+    return f"{teacher.removeprefix('fmnist-')} {bits.upper()}"
+
+
 def conclusions(results: dict) -> list[str]:
-    """Statements computed from the table (no judgement beyond the numbers)."""
+    """Statements computed from the table (no judgement beyond the numbers).
+
+    A difference counts as "beyond noise" when it exceeds two standard errors of the
+    difference of the means over seeds; with three seeds that is a rough screen, not a test.
+    """
     grouped = cells(results["entries"])
     lines = []
     for mixup in ("mixup-text", "mixup-embedding"):
-        wins, total, deltas, lower_spread, spread_total = 0, 0, [], 0, 0
-        for (teacher, bits, source), values in grouped.items():
-            if source != mixup or (teacher, bits, "single") not in grouped:
-                continue
-            single = grouped[(teacher, bits, "single")]
-            delta = (np.mean(values) - np.mean(single)) * 100
-            deltas.append((teacher, bits, delta))
-            total += 1
-            wins += delta > 0
-            if len(values) > 1 and len(single) > 1:
-                spread_total += 1
-                lower_spread += np.std(values, ddof=1) < np.std(single, ddof=1)
-        if not total:
+        compared = []
+        for (teacher, bits, source), values in sorted(grouped.items(), key=lambda item: (item[0][0], BITS_ORDER.index(item[0][1]))):
+            if source == mixup and (teacher, bits, "single") in grouped:
+                single = grouped[(teacher, bits, "single")]
+                delta, error = _difference(values, single)
+                lower = np.std(values, ddof=1) < np.std(single, ddof=1) if len(values) > 1 and len(single) > 1 else None
+                compared.append((teacher, bits, delta, error, lower))
+        if not compared:
             continue
-        detail = ", ".join(f"{t.removeprefix('fmnist-')} {b.upper()} {d:+.2f}" for t, b, d in deltas)
-        lines.append(f"**{mixup} against single-class prompts:** higher mean top-1 in {wins} of {total} cells ({detail} points)."
-                     + (f" Its spread over seeds is lower in {lower_spread} of {spread_total}." if spread_total else " (One seed: no spread to compare.)"))
-        w2 = [d for t, b, d in deltas if b == "w2a4"]
-        if w2:
-            lines.append(f"At W2A4 the mean difference is {np.mean(w2):+.2f} points over {len(w2)} teacher(s); at W4A4 "
-                         f"{np.mean([d for t, b, d in deltas if b == 'w4a4'] or [math.nan]):+.2f}.")
-    for (teacher, bits, source), values in sorted(grouped.items()):
-        if source == "real" and (teacher, bits, "mixup-embedding") in grouped:
-            gap = (np.mean(values) - np.mean(grouped[(teacher, bits, "mixup-embedding")])) * 100
-            lines.append(f"{teacher.removeprefix('fmnist-')} {bits.upper()}: real images against mixup (embedding): {gap:+.2f} points.")
+        wins = sum(delta > 0 for _, _, delta, _, _ in compared)
+        beyond = [(t, b, d) for t, b, d, e, _ in compared if e is not None and abs(d) > 2 * e]
+        detail = ", ".join(f"{_short(t, b)} {d:+.2f}" + (f" ± {e:.2f}" if e is not None else "") for t, b, d, e, _ in compared)
+        spreads = [lower for *_, lower in compared if lower is not None]
+        lines.append(f"**{mixup} against single-class prompts:** higher mean top-1 in {wins} of {len(compared)} cells "
+                     f"(difference ± its standard error, in points: {detail}). "
+                     + (f"Beyond two standard errors: {', '.join(f'{_short(t, b)} ({d:+.2f})' for t, b, d in beyond)}. " if beyond
+                        else "None of the differences exceeds two standard errors. " if any(e is not None for *_, e, _ in compared)
+                        else "")
+                     + (f"Its spread over seeds is lower in {sum(spreads)} of {len(spreads)} cells." if spreads else "(One seed: no spread to compare.)"))
+        by_bits = {}
+        for _, bits, delta, _, _ in compared:
+            by_bits.setdefault(bits, []).append(delta)
+        lines.append(f"{mixup}, mean difference over teachers by width: "
+                     + ", ".join(f"{b.upper()} {np.mean(by_bits[b]):+.2f}" for b in BITS_ORDER if b in by_bits) + " points.")
+    ablation_cells = sorted({(t, b) for t, b, s in grouped if s in ABLATIONS})
+    for teacher, bits in ablation_cells:
+        row = {s: grouped[(teacher, bits, s)] for s in ("mixup-text", "mixup-text-k3", "mixup-embedding", "mixup-embedding-k3",
+                                                       "mixup-embedding-a0.4", "mixup-embedding-a4", "single") if (teacher, bits, s) in grouped}
+        text = ", ".join(f"{s} {np.mean(v) * 100:.2f}" + (f" ± {np.std(v, ddof=1) * 100:.2f}" if len(v) > 1 else "") for s, v in row.items())
+        lines.append(f"**Ablations** ({_short(teacher, bits)}; two classes and Beta(1) unless named): {text}.")
+        pairs = [("mixup-text-k3", "mixup-text"), ("mixup-embedding-k3", "mixup-embedding"), ("mixup-embedding-a0.4", "mixup-embedding"),
+                 ("mixup-embedding-a4", "mixup-embedding")]
+        moved = []
+        for variant, base in pairs:
+            if variant in row and base in row:
+                delta, error = _difference(row[variant], row[base])
+                moved.append(f"{variant} vs {base} {delta:+.2f}" + (f" ± {error:.2f}" if error is not None else ""))
+        if moved:
+            lines.append("Against the two-class, Beta(1) mix: " + "; ".join(moved) + " points.")
+    for teacher, bits in sorted({(t, b) for t, b, _ in grouped}, key=lambda tb: (tb[0], BITS_ORDER.index(tb[1]))):
+        here = {s: np.mean(v) * 100 for (t, b, s), v in grouped.items() if (t, b) == (teacher, bits) and s in SOURCES}
+        if "real" in here and len(here) > 1:
+            synthetic = {s: m for s, m in here.items() if s != "real"}
+            best = max(synthetic, key=synthetic.get)
+            lines.append(f"{_short(teacher, bits)}: real images {here['real']:.2f}; best other source {best} {synthetic[best]:.2f} "
+                         f"({synthetic[best] - here['real']:+.2f}); noise {here.get('noise', math.nan):.2f}"
+                         + (f"; bn-inversion {here['bn-inversion']:.2f}" if "bn-inversion" in here else "") + ".")
     return lines
 
 
@@ -248,12 +418,16 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
     settings = results["settings"]
     section = [BEGIN, "## Calibration sources: mixup-class against single-class prompts", "",
                f"Made by `{command}`. Every source gives the same number of images ({settings['num_images']}) to the same quantizer "
-               f"({settings['method']}, {settings['iters']} iterations, first and last layer at 8 bits); top-1 on the 10000 Fashion-MNIST test "
+               f"({settings['method']}, {settings['iters']} iterations per unit at batch 32 with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, "
+               "first and last layer at 8 bits); top-1 on the 10000 Fashion-MNIST test "
                "images, mean ± standard deviation over seeds (the seed changes the calibration images and the quantizer's). Raw figures: "
                "`results-paper.json`.", "", table(results), "", f"![top-1 by calibration source]({plot_path.name})", ""]
     if results.get("efficientnet"):
-        section += ["EfficientNet-Lite0 (ImageNet weights), bn-inversion calibration, agreement with full precision on the real photos: "
-                    + "; ".join(f"{b.upper()} top-1 {v['top1_agreement']:.2%}, top-5 {v['top5_agreement']:.2%}" for b, v in results["efficientnet"].items()), ""]
+        rows = list(results["efficientnet"].values())
+        section += [f"EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), calibrated on {rows[0]['images']} bn-inversion "
+                    "images (no ImageNet data here): agreement of its predictions with full precision on the real photos "
+                    "(`edgeq eval --data photos`).", "", "| bits | method | top-1 agreement | top-5 agreement |", "|---|---|---|---|"]
+        section += [f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} |" for r in rows] + [""]
     section += ["### What the numbers say", ""] + [f"- {line}" for line in conclusions(results)] + [
         "",
         "What limits the comparison: the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, "
@@ -281,18 +455,25 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--num-images", type=int, default=1024)
     parser.add_argument("--method", default="qdrop")
-    parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--iters", type=int, default=100, help="reconstruction iterations per unit")
+    parser.add_argument("--lr-rounding", type=float, default=3e-2,
+                        help="Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; short schedules need more)")
     parser.add_argument("--inversion-iters", type=int, default=200, help="Adam steps per bn-inversion batch")
     parser.add_argument("--ablations", action="store_true")
     parser.add_argument("--efficientnet", action="store_true")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--efficientnet-images", type=int, default=64, help="bn-inversion images for EfficientNet-Lite0 (224 px: slow on a CPU)")
+    parser.add_argument("--workers", type=int, default=1, help="cells measured at once, each in its own process (1: in this process)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: the cores divided among the workers)")
     args = parser.parse_args(argv)
     if args.quick:
         args.teachers, args.bits, args.seeds, args.num_images, args.iters, args.inversion_iters = "fmnist-resnet", "w4a4", "0", 128, 50, 50
     args.teachers, args.bits, args.sources = args.teachers.split(","), args.bits.split(","), args.sources.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    args.threads_per_worker = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    torch.set_num_threads(args.threads_per_worker)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     results = measure(args, args.out)
     command = "python benchmarks/paper.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -282,6 +282,9 @@ Examples:
               help="Output error to match: plain MSE, or weighted by squared task-loss gradients (BRECQ's Fisher).")
 @click.option("--drop-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="qdrop: probability an activation skips quantization.")
 @click.option("--round-weight", type=click.FloatRange(min=0), help="Weight of the rounding regularizer [default: 0.1 with depthwise convs, else 0.01].")
+@click.option("--lr-rounding", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="Adam learning rate of the rounding variables. The papers' 1e-3 suits long schedules; with a few hundred "
+                   "--iters it leaves 2-bit weights near round-to-nearest: use about 1e-2 for 200 and 3e-2 for 100 (docs/results.md).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=1024, show_default=True, help="Calibration images to use.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -289,8 +292,8 @@ Examples:
 @allow_pickle_option
 @_output_option("Output folder for the quantized model.")
 @friendly_errors
-def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget, loss, drop_prob, round_weight, device, num_images, seed, classes_file,
-             allow_pickle, out):
+def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget, loss, drop_prob, round_weight, lr_rounding, device, num_images, seed,
+             classes_file, allow_pickle, out):
     """Quantize MODEL (default: the zoo ResNet) at --bits, calibrated on --calib.
 
     Per-channel symmetric weights with MSE-searched steps, per-tensor activations; the first
@@ -305,7 +308,8 @@ def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget,
 
     if asymmetric_weights:
         bits = dataclasses.replace(bits, weight_symmetric=False)
-    config = ReconstructionConfig(method=method, iters=iters, time_budget=time_budget, loss=loss, drop_prob=drop_prob, round_weight=round_weight)
+    config = ReconstructionConfig(method=method, iters=iters, time_budget=time_budget, loss=loss, drop_prob=drop_prob, round_weight=round_weight,
+                                  lr_rounding=lr_rounding)
     quantize_stage.run(model, calib, out, bits=bits, num_images=num_images, seed=seed, allow_pickle=allow_pickle, classes_file=classes_file,
                        reconstruction=config, device=device)
     click.echo(f"wrote {bits} model ({method}) to {out}")

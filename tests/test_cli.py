@@ -62,8 +62,9 @@ def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(TinyResNet(), path)
     code, _out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8",
-                             "--method", "qdrop", "--iters", "5", "-o", str(tmp_path / "q"))
+                             "--method", "qdrop", "--iters", "5", "--lr-rounding", "0.03", "-o", str(tmp_path / "q"))
     assert code == 0 and (tmp_path / "q" / "manifest.json").is_file()
+    assert '"lr_rounding": 0.03' in (tmp_path / "q" / "manifest.json").read_text()
 
 
 def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):

@@ -2,6 +2,8 @@
 table, plot and conclusions written into results.md between its markers, and resumable."""
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,3 +38,16 @@ def test_quick_mode_writes_the_table_and_resumes(tmp_path):
     assert paper.main(["--quick", "--out", str(tmp_path)]) == 0  # everything measured: only the document is rewritten
     assert time.perf_counter() - began < 60
     assert (tmp_path / "results.md").read_text().count(paper.BEGIN) == 1
+
+
+def test_workers_fill_the_same_table_in_parallel(tmp_path):
+    """--workers 2: cells run in worker processes, each calibration set made once, every cell saved."""
+    command = [sys.executable, str(SCRIPT), "--workers", "2", "--teachers", "fmnist-resnet", "--bits", "w4a4", "--sources", "real,noise",
+               "--seeds", "0,1", "--num-images", "16", "--iters", "2", "--out", str(tmp_path)]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads((tmp_path / "results-paper.json").read_text())
+    assert set(results["entries"]) == {"fmnist-resnet/fp", *(f"fmnist-resnet/w4a4/{s}/{seed}" for s in ("real", "noise") for seed in (0, 1))}
+    assert results["settings"]["workers"] == 2 and results["settings"]["threads_per_worker"] >= 1
+    assert sorted(p.name for p in (tmp_path / "paper-work").iterdir()) == ["noise-28-n16-s0", "noise-28-n16-s1"]
+    assert results["entries"]["fmnist-resnet/w4a4/real/0"]["top1"] > 0.85  # W4A4 barely moves a teacher on real images
