@@ -188,8 +188,11 @@ def measure(args, out: Path) -> dict:
     if args.ablations:  # on the first teacher at the lowest width: where the choice of mix can matter
         bits = min(args.bits, key=lambda b: BITS_ORDER.index(b) if b in BITS_ORDER else -1)
         cells_to_run += [(args.teachers[0], bits, source, seed) for source in ABLATIONS for seed in args.seeds]
+    results["planned"] = ["/".join(map(str, cell)) for cell in cells_to_run]
     pending = [cell for cell in cells_to_run if "/".join(map(str, cell)) not in results["entries"]]
     save()
+    if args.report_only:
+        return results
     log.info("%d cells to measure (%d already in %s)", len(pending), len(cells_to_run) - len(pending), path)
     if args.workers > 1:
         os.environ["TQDM_DISABLE"] = "1"  # the workers' progress bars would interleave; each finished cell is printed instead
@@ -242,7 +245,7 @@ def measure(args, out: Path) -> dict:
                 print(f"{key}: top-1 {entry['top1']:.2%} ({entry['seconds']:.0f} s)", flush=True)
     finally:
         executor.shutdown(cancel_futures=True)
-    if args.efficientnet:
+    if args.efficientnet and not args.report_only:
         efficientnet(args, out, results.setdefault("efficientnet", {}), save)
     return results
 
@@ -412,6 +415,20 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _missing(results: dict) -> list[str]:
+    """A paragraph naming the planned cells a stopped run has not measured yet (none when complete)."""
+    missing = [key for key in results.get("planned", []) if key not in results["entries"]]
+    if not missing:
+        return []
+    groups: dict[str, list[str]] = {}
+    for key in missing:
+        cell, _, seed = key.rpartition("/")
+        groups.setdefault(cell, []).append(seed)
+    listed = "; ".join(f"{cell} (seed {', '.join(seeds)})" for cell, seeds in groups.items())
+    return [f"**Incomplete:** {len(results['planned']) - len(missing)} of {len(results['planned'])} planned cells are measured; "
+            f"the same command measures the rest (it resumes from the JSON). Missing: {listed}.", ""]
+
+
 def write_markdown(results: dict, out: Path, command: str) -> Path:
     plot_path = out / "results-paper.png"
     plot(results, plot_path)
@@ -421,7 +438,7 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
                f"({settings['method']}, {settings['iters']} iterations per unit at batch 32 with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, "
                "first and last layer at 8 bits); top-1 on the 10000 Fashion-MNIST test "
                "images, mean ± standard deviation over seeds (the seed changes the calibration images and the quantizer's). Raw figures: "
-               "`results-paper.json`.", "", table(results), "", f"![top-1 by calibration source]({plot_path.name})", ""]
+               "`results-paper.json`.", "", *_missing(results), table(results), "", f"![top-1 by calibration source]({plot_path.name})", ""]
     if results.get("efficientnet"):
         rows = list(results["efficientnet"].values())
         section += [f"EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), calibrated on {rows[0]['images']} bn-inversion "
@@ -433,7 +450,9 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
         "What limits the comparison: the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, "
         "not Stable Diffusion; it learned from captions of the ten class names only, so polysemy (a class word meaning something "
         "else, the failure mixup prompts address) barely arises, and mixed prompts can only blend those ten classes. Teachers, "
-        "images and test set are small, so differences under about one standard deviation are noise.",
+        f"images and test set are small; {settings['num_images']} calibration images and {settings['iters']} iterations per unit are "
+        "far from the papers' settings (thousands of images, 20000 iterations), and three seeds give only a rough standard error, "
+        "so differences under about two standard errors are noise.",
         END]
     target = out / "results.md"
     text = target.read_text() if target.exists() else "# Results\n"
@@ -459,7 +478,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-rounding", type=float, default=3e-2,
                         help="Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; short schedules need more)")
     parser.add_argument("--inversion-iters", type=int, default=200, help="Adam steps per bn-inversion batch")
-    parser.add_argument("--ablations", action="store_true")
+    parser.add_argument("--ablations", action="store_true", help="mixup of three classes and Beta(0.4) / Beta(4) embedding mixes, on the first teacher at the lowest width")
+    parser.add_argument("--report-only", action="store_true", help="write the document from the JSON as it is, measuring nothing")
     parser.add_argument("--efficientnet", action="store_true")
     parser.add_argument("--efficientnet-images", type=int, default=64, help="bn-inversion images for EfficientNet-Lite0 (224 px: slow on a CPU)")
     parser.add_argument("--workers", type=int, default=1, help="cells measured at once, each in its own process (1: in this process)")
@@ -476,7 +496,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     results = measure(args, args.out)
-    command = "python benchmarks/paper.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/paper.py " + " ".join(a for a in given if a != "--report-only")  # the command that measures it all
     print(table(results))
     print(f"written to {write_markdown(results, args.out, command.strip())}")
     return 0

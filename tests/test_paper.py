@@ -38,6 +38,13 @@ def test_quick_mode_writes_the_table_and_resumes(tmp_path):
     assert paper.main(["--quick", "--out", str(tmp_path)]) == 0  # everything measured: only the document is rewritten
     assert time.perf_counter() - began < 60
     assert (tmp_path / "results.md").read_text().count(paper.BEGIN) == 1
+    assert "Incomplete" not in (tmp_path / "results.md").read_text()
+    # A stopped run's document says which cells are missing; --report-only measures nothing.
+    assert paper.main(["--teachers", "fmnist-resnet", "--bits", "w4a4", "--seeds", "0,1", "--num-images", "128", "--iters", "50",
+                       "--inversion-iters", "50", "--out", str(tmp_path), "--report-only"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert "**Incomplete:** 6 of 12 planned cells" in text and "fmnist-resnet/w4a4/real (seed 1)" in text
+    assert "--report-only" not in text
 
 
 def test_workers_fill_the_same_table_in_parallel(tmp_path):
