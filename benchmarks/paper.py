@@ -395,6 +395,8 @@ def plot(results: dict, path: Path) -> None:
 
     grouped = cells(results["entries"])
     teachers = list(dict.fromkeys(key[0] for key in grouped))
+    every_source = [s for s in SOURCES + ABLATIONS if any(k[2] == s for k in grouped)]
+    colors = {source: plt.get_cmap("tab10")(i % 10) for i, source in enumerate(every_source)}
     fig, axes = plt.subplots(1, len(teachers), figsize=(5.5 * len(teachers), 4.2), dpi=110, squeeze=False)
     for ax, teacher in zip(axes[0], teachers):
         bits_list = [b for b in ("w8a8", "w4a4", "w3a3", "w2a4") if any(k[0] == teacher and k[1] == b for k in grouped)]
@@ -402,15 +404,17 @@ def plot(results: dict, path: Path) -> None:
         width = 0.8 / max(len(sources), 1)
         for i, source in enumerate(sources):
             stats = [mean_std(grouped.get((teacher, b, source), [math.nan])) for b in bits_list]
-            ax.bar(np.arange(len(bits_list)) + i * width, [m * 100 for m, _ in stats], width, yerr=[s * 100 for _, s in stats], capsize=2, label=source)
+            ax.bar(np.arange(len(bits_list)) + i * width, [m * 100 for m, _ in stats], width, yerr=[s * 100 for _, s in stats], capsize=2,
+                   label=source, color=colors[source])
         ax.set_xticks(np.arange(len(bits_list)) + width * (len(sources) - 1) / 2, [b.upper() for b in bits_list])
         ax.set_title(teacher)
         ax.set_ylabel("top-1 on Fashion-MNIST test (%)")
         low = min((m for k, v in grouped.items() if k[0] == teacher for m in v), default=0.0) * 100
         ax.set_ylim(max(0, low - 5), 100)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}  # every source once, same colour everywhere
+    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
