@@ -2,7 +2,7 @@
 
     python benchmarks/paper.py [--quick] [--out DIR] [--teachers fmnist-resnet,fmnist-mobilenet,fmnist-vit]
         [--bits w4a4,w3a3,w2a4] [--sources real,single,mixup-text,mixup-embedding,noise,bn-inversion]
-        [--seeds 0,1,2] [--num-images 1024] [--method qdrop] [--iters 500] [--ablations] [--efficientnet]
+        [--seeds 0,1,2] [--num-images 1024] [--method qdrop] [--iters 100] [--ablations] [--efficientnet] [--workers N]
 
 For each zoo Fashion-MNIST teacher x bit width x calibration source x seed: the teacher is
 quantized (same method, iterations and spec for every source) on the same number of
@@ -384,6 +384,15 @@ def conclusions(results: dict) -> list[str]:
             lines.append(f"{_short(teacher, bits)}: real images {here['real']:.2f}; best other source {best} {synthetic[best]:.2f} "
                          f"({synthetic[best] - here['real']:+.2f}); noise {here.get('noise', math.nan):.2f}"
                          + (f"; bn-inversion {here['bn-inversion']:.2f}" if "bn-inversion" in here else "") + ".")
+    efficientnet = results.get("efficientnet", {})
+    for bits in dict.fromkeys(row["bits"] for row in efficientnet.values()):
+        rows = {row["method"]: row for row in efficientnet.values() if row["bits"] == bits}
+        learned = [m for m in rows if m != "rtn"]
+        if "rtn" in rows and learned:
+            rtn, other = rows["rtn"], rows[learned[0]]
+            lines.append(f"EfficientNet-Lite0 {bits.upper()}: {other['method']} agrees with full precision on {other['top1_agreement']:.1%} "
+                         f"of the photos (top-5 {other['top5_agreement']:.1%}), round-to-nearest on {rtn['top1_agreement']:.1%} "
+                         f"(top-5 {rtn['top5_agreement']:.1%}), from the same {other['images']} bn-inversion images.")
     return lines
 
 
@@ -447,8 +456,9 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
         rows = list(results["efficientnet"].values())
         section += [f"EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), calibrated on {rows[0]['images']} bn-inversion "
                     "images (no ImageNet data here): agreement of its predictions with full precision on the real photos "
-                    "(`edgeq eval --data photos`).", "", "| bits | method | top-1 agreement | top-5 agreement |", "|---|---|---|---|"]
-        section += [f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} |" for r in rows] + [""]
+                    "(`edgeq eval --data photos`).", "", "| bits | method | top-1 agreement | top-5 agreement | seconds |", "|---|---|---|---|---|"]
+        section += [f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} | {r.get('seconds', '-')} |"
+                    for r in rows] + [""]
     section += ["### What the numbers say", ""] + [f"- {line}" for line in conclusions(results)] + [
         "",
         "What limits the comparison: the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, "

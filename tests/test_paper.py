@@ -58,3 +58,29 @@ def test_workers_fill_the_same_table_in_parallel(tmp_path):
     assert results["settings"]["workers"] == 2 and results["settings"]["threads_per_worker"] >= 1
     assert sorted(p.name for p in (tmp_path / "paper-work").iterdir()) == ["noise-28-n16-s0", "noise-28-n16-s1"]
     assert results["entries"]["fmnist-resnet/w4a4/real/0"]["top1"] > 0.85  # W4A4 barely moves a teacher on real images
+
+
+def test_conclusions_are_computed_from_the_figures():
+    """Mean differences, standard errors and the two-standard-error screen, on figures chosen by hand."""
+    paper = _paper()
+
+    def entry(source, seed, top1):
+        return {"teacher": "fmnist-resnet", "bits": "w2a4", "source": source, "seed": seed, "top1": top1}
+
+    entries = {}
+    for seed, (single, text, embedding) in enumerate([(0.80, 0.70, 0.81), (0.82, 0.72, 0.79), (0.84, 0.74, 0.80)]):
+        for source, top1 in (("single", single), ("mixup-text", text), ("mixup-embedding", embedding)):
+            entries[f"fmnist-resnet/w2a4/{source}/{seed}"] = entry(source, seed, top1)
+    efficientnet = {"w4a4/rtn": {"bits": "w4a4", "method": "rtn", "images": 32, "top1_agreement": 0.025, "top5_agreement": 0.1},
+                    "w4a4/qdrop": {"bits": "w4a4", "method": "qdrop", "images": 32, "top1_agreement": 0.4, "top5_agreement": 0.65}}
+    lines = paper.conclusions({"entries": entries, "efficientnet": efficientnet})
+    text_line = next(line for line in lines if line.startswith("**mixup-text"))
+    # text: -10 points, standard error sqrt(2 * 0.02**2 / 3) * 100 = 1.63 -> beyond two standard errors
+    assert "higher mean top-1 in 0 of 1 cells" in text_line and "resnet W2A4 -10.00 ± 1.63" in text_line
+    assert "Beyond two standard errors: resnet W2A4 (-10.00)" in text_line
+    embedding_line = next(line for line in lines if line.startswith("**mixup-embedding"))
+    # embedding: -2 points, standard error sqrt((0.02**2 + 0.01**2) / 3) * 100 = 1.29 -> noise; its spread is lower
+    assert "resnet W2A4 -2.00 ± 1.29" in embedding_line and "None of the differences exceeds" in embedding_line
+    assert "spread over seeds is lower in 1 of 1 cells" in embedding_line
+    assert any(line.startswith("EfficientNet-Lite0 W4A4: qdrop agrees with full precision on 40.0%") and "round-to-nearest on 2.5%" in line
+               for line in lines)
