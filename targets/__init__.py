@@ -4,6 +4,10 @@ A target names the TVM target (a dict: TVM 0.27 rejects the old "llvm -mcpu=..."
 strings), the C compiler that links the module for it (None: the host's), and the
 qemu CPU model used to run it on an x86 machine (None: it runs natively). Adding a
 board is adding a JSON file; no code changes.
+
+``host`` is not a file but a name for the best target the CPU running edgeq executes
+(:func:`host_target_name`, from the architecture and the /proc/cpuinfo flags). It is
+resolved when parsed, so manifests, reports and stage folders name the concrete target.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import json
 import platform
 from importlib import resources
 
-from edgeq.errors import one_of
+from edgeq.errors import EdgeqError, one_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +66,42 @@ def list_targets() -> list[Target]:
     return [t for _, t in sorted(_load_all().items())]
 
 
+HOST = "host"
+# Per architecture, the targets a host may resolve to, best first: the first whose cpu_features the
+# CPU has wins. x86-avx512 runs the AVX2 kernels (edgeq has no AVX-512 kernel yet) but lets TVM use
+# AVX-512 for the float layers. On Arm, dot product picks jetson-orin: ARMv8.2-A code with sdot/udot
+# (tuned for the Cortex-A78AE), which every ARMv8.2-A core with dot product runs (Raspberry Pi 5's
+# Cortex-A76, Neoverse N1/Graviton 2 and later); without it, the generic NEON arm64.
+HOST_PREFERENCE = {"x86_64": ("x86-avx512", "x86-avx2", "x86"), "aarch64": ("jetson-orin", "arm64")}
+_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def host_target_name(arch: str, cpu_flags) -> str:
+    """The best target for a CPU of ``arch`` (as ``uname -m`` prints it) with /proc/cpuinfo flags ``cpu_flags``."""
+    arch = _ARCH_ALIASES.get(arch.lower(), arch.lower())
+    flags = set(cpu_flags)
+    targets = _load_all()
+    for name in HOST_PREFERENCE.get(arch, ()):
+        if set(targets[name].cpu_features) <= flags:
+            return name
+    raise EdgeqError(f"no edgeq target runs on this CPU ({arch or 'unknown architecture'})",
+                     f"pass --target with one of: {', '.join(sorted(targets))} (cross-compiles)")
+
+
+def host_target() -> Target:
+    """The best target for the CPU running edgeq."""
+    return get_target(host_target_name(platform.machine(), _host_cpu_flags()))
+
+
 def get_target(name: str) -> Target:
-    """Look a target up by name; an unknown name lists the valid ones."""
+    """Look a target up by name (``host``: :func:`host_target`); an unknown name lists the valid ones."""
     if isinstance(name, Target):
         return name
+    if name == HOST:
+        return host_target()
     targets = _load_all()
     if name not in targets:
-        raise one_of("target", name, targets)
+        raise one_of("target", name, [HOST, *sorted(targets)])
     return targets[name]
 
 
