@@ -17,6 +17,10 @@ MIN_BITS = 2
 MAX_BITS = 8
 _SHORT_FORM = re.compile(r"^w(\d+)a(\d+)$")
 SPEC_FORM = f"wWaA with W and A between {MIN_BITS} and {MAX_BITS}, e.g. w2a4, w4a4, w8a8"
+# A spec file (what --bits reads besides wWaA) states these fields of QuantSpec.to_dict(); "layers" is optional.
+SPEC_FILE_FIELDS = ("weight_bits", "act_bits", "weight_observer", "act_observer", "first_last_bits", "weight_symmetric", "attention_bits")
+SPEC_FILE_EXAMPLE = ('{"weight_bits": 2, "act_bits": 4, "weight_observer": "mse", "act_observer": "mse", "first_last_bits": 8, '
+                     '"weight_symmetric": true, "attention_bits": 8}')
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -168,10 +172,47 @@ class QuantSpec:
             if not path.is_file():
                 raise EdgeqError(f"spec file not found: {text}", "pass wWaA (e.g. w2a4) or a JSON file with the fields of a spec")
             try:
-                return cls.from_dict(json.loads(path.read_text()))
+                data = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
-                raise EdgeqError(f"spec file {text} is not valid JSON ({exc})", "fix the file, e.g. {\"weight_bits\": 2, \"act_bits\": 4}") from None
+                raise EdgeqError(f"spec file {text} is not valid JSON ({exc})", f"fix the file: {SPEC_FILE_EXAMPLE}") from None
+            return cls.from_file_dict(data, text)
         return cls.parse(text)
+
+    @classmethod
+    def from_file_dict(cls, data, source: str = "spec file") -> QuantSpec:
+        """A spec a user wrote: every field of :meth:`to_dict` stated, none null.
+
+        Stricter than :meth:`from_dict` (which fills fields older manifests lack): a field left
+        out or null in a file the user wrote is more likely a slip than a wish for the default,
+        and a wrong guess quantizes the model at widths nobody asked for.
+        """
+        if not isinstance(data, dict):
+            raise EdgeqError(f"{source} holds {type(data).__name__}, not a spec object", f"write {SPEC_FILE_EXAMPLE}")
+        for field in SPEC_FILE_FIELDS:
+            if field not in data:
+                raise EdgeqError(f"{source} lacks the field '{field}'", f"a spec file states every field, e.g. {SPEC_FILE_EXAMPLE}")
+            if data[field] is None:
+                hint = (f"write a number: {field} is the least bits those layers keep, so {MIN_BITS} keeps them at the "
+                        "spec's own widths" if field in ("first_last_bits", "attention_bits") else f"write its value, e.g. {SPEC_FILE_EXAMPLE}")
+                raise EdgeqError(f"{source}: field '{field}' is null", hint)
+        if not isinstance(data["weight_symmetric"], bool):
+            raise EdgeqError(f"{source}: field 'weight_symmetric' is {data['weight_symmetric']!r}", "write true or false")
+        for field in ("weight_bits", "act_bits", "first_last_bits", "attention_bits"):
+            if not isinstance(data[field], int) or isinstance(data[field], bool):
+                raise EdgeqError(f"{source}: field '{field}' is {data[field]!r}", f"write a whole number of bits, {MIN_BITS} to {MAX_BITS}")
+        layers = data.get("layers", [])
+        if not isinstance(layers, list):
+            raise EdgeqError(f"{source}: field 'layers' is {layers!r}", "write a list of [layer name, weight bits, activation bits], or leave it out")
+        return cls(
+            weight_bits=data["weight_bits"],
+            act_bits=data["act_bits"],
+            weight_observer=data["weight_observer"],
+            act_observer=data["act_observer"],
+            first_last_bits=data["first_last_bits"],
+            weight_symmetric=data["weight_symmetric"],
+            attention_bits=data["attention_bits"],
+            layers=tuple(layers),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
