@@ -5,13 +5,35 @@ install inside the ``edgeq`` namespace (``edgeq.cli``, ``edgeq.kernels``,
 ``edgeq.targets``) through ``package_dir``, so no generic top-level module named
 ``cli``, ``kernels`` or ``targets`` lands in site-packages.
 """
-from setuptools import setup
+from pathlib import Path
 
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).resolve().parent
 PACKAGE_DIR = {
     "edgeq": "edgeq",
     "edgeq.cli": "cli",
     "edgeq.kernels": "kernels",
     "edgeq.targets": "targets",
+}
+
+
+def discover(name: str, folder: str) -> list[str]:
+    """``name`` and every package below ``folder`` (a folder with an ``__init__.py``), so a new one cannot be left out.
+
+    setuptools finds a sub-package's folder through its parent's ``package_dir`` entry
+    (``edgeq.kernels.x`` lives in ``kernels/x``), so only the four roots are mapped.
+    """
+    return [name, *(f"{name}.{sub}" for sub in find_packages(str(HERE / folder)))]
+
+
+PACKAGES = [package for name, folder in PACKAGE_DIR.items() for package in discover(name, folder)]
+# Files read at run time beside the code (importlib.resources or Path(__file__)); tests/test_wheel.py checks that
+# every non-Python file in the package folders is in the wheel.
+PACKAGE_DATA = {
+    "edgeq.targets": ["*.json"],
+    "edgeq.kernels": ["csrc/*"],  # every file: kernels.native hashes the whole folder into its build key
+    "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/**/*"],
 }
 
 setup(
@@ -21,9 +43,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["edgeq", "edgeq.stages", "edgeq.zoo", "edgeq.runtime", "edgeq.cli", "edgeq.kernels", "edgeq.targets"],
+    packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"edgeq.targets": ["*.json"], "edgeq.kernels": ["csrc/*.c", "csrc/*.h", "csrc/*.cc"], "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/*.json", "fmnist-generator/*/*"]},
+    package_data=PACKAGE_DATA,
     install_requires=[
         # Versions known to work together (see docs/architecture.md): torch and torchvision
         # are pinned as a pair because timm imports torchvision; apache-tvm-ffi 0.1.15
