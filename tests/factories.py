@@ -20,3 +20,13 @@ def tiny_zoo_vit():
 
     torch.manual_seed(0)
     return FmnistViT(dim=16, depth=1, heads=2, mlp_ratio=2), FMNIST_META
+
+
+def chatty_tiny():
+    """The built-in tiny model's architecture (random weights) that prints to stdout while it is built, as some model
+    packages do when they load weights."""
+    from edgeq.zoo import TinyResNet
+
+    torch.manual_seed(0)
+    print("Loaded pretrained weights for chatty_tiny")
+    return TinyResNet(), FMNIST_META

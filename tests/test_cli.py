@@ -72,8 +72,15 @@ def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
 
 
 def test_targets_lists_boards(monkeypatch, capsys):
+    from edgeq.targets import host_target
+
     code, out, _ = run_cli(monkeypatch, capsys, "targets")
     assert code == 0 and "rpi4" in out and "jetson-orin" in out
+    assert out.splitlines()[0].split()[:3] == ["host", "->", host_target().name]
+
+
+def test_unknown_sweep_target_lists_choices_with_host(monkeypatch, capsys, tmp_path):
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "sweep", "--targets", "x86,pi4", "-o", str(tmp_path / "s")), "pi4", "rpi4", "host")
 
 
 def test_synth_inspect_reports_json_and_draws_a_chart(monkeypatch, capsys, tmp_path, synth_dir):
@@ -98,3 +105,16 @@ def test_synth_without_a_generator_for_the_model(monkeypatch, capsys, tmp_path):
     # Class names alone say nothing of which generator knows them: no default model or generator is assumed.
     _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "--classes", str(classes), "-o", str(tmp_path / "o")), "needs a text-to-image generator")
     assert not (tmp_path / "o").exists()
+
+
+def test_json_stdout_holds_only_the_object(monkeypatch, capsys):
+    import json
+
+    # The factory prints while it loads; under --json that line must reach stderr, and stdout must parse as JSON.
+    code, out, err = run_cli(monkeypatch, capsys, "eval", "tests.factories:chatty_tiny", "--data", "fashion-mnist:A", "--num-images", "16", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["images"] == 16 and 0 <= result["top1"] <= 1
+    assert "Loaded pretrained weights for chatty_tiny" in err and "Loaded" not in out
+    # Without --json the printed line stays where the model put it.
+    code, out, _ = run_cli(monkeypatch, capsys, "eval", "tests.factories:chatty_tiny", "--data", "fashion-mnist:A", "--num-images", "16")
+    assert code == 0 and out.startswith("Loaded pretrained weights for chatty_tiny")
