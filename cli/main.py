@@ -13,7 +13,7 @@ import click
 EXAMPLES = """
 \b
 Examples:
-  edgeq compile                                   # zoo ResNet teacher, x86, w2a4, every stage
+  edgeq compile                                   # zoo ResNet teacher, this CPU (host), w2a4, every stage
   edgeq compile model.pt --target rpi4 --bits w2a4 --json
   edgeq synth --generator ./sd-folder --classes classes.txt -o calib/
   edgeq synth inspect calib/ --model model.pt
@@ -351,8 +351,10 @@ def export(quantized, out):
 @cli.command(name="compile", epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
              "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n  edgeq compile exported/ --target x86 -o compiled/   # compile stage only")
 @click.argument("model", required=False)
-@click.option("--target", callback=_target, default="x86", show_default=True, help="Target name (see 'edgeq targets'); arm64 = any 64-bit Arm board.")
-@click.option("--bits", callback=_bits, default="w2a4", show_default=True, help="Bit widths as wWaA (one-shot only).")
+@click.option("--target", callback=_target, default="host", show_default=True,
+              help="Target name (see 'edgeq targets'); host = the best target this CPU runs; arm64 = any 64-bit Arm board.")
+@click.option("--bits", callback=_bits, default="w2a4", show_default=True,
+              help="Bit widths as wWaA, or a JSON spec file such as 'edgeq mixed' writes (one-shot only).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (compile-stage only, when MODEL is an export folder).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder for the one-shot (default: runs/<model>).")
 @click.option("--generator", help="Text-to-image pipeline for calibration images: zoo:NAME, a diffusers folder, or a hub id "
@@ -393,7 +395,7 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
         return
     from edgeq.pipeline import RunOptions, run
 
-    options = RunOptions(target=target.name, bits=str(bits), run_dir=run_dir, generator=generator, strategy=strategy, num_images=num_images, seed=seed,
+    options = RunOptions(target=target, spec=bits, run_dir=run_dir, generator=generator, strategy=strategy, num_images=num_images, seed=seed,
                          method=method, iters=iters, kernels=kernels, eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
     summary = run(model, options)
     if as_json:
@@ -448,12 +450,21 @@ def _list(_ctx, param, value):
     return items
 
 
-@cli.command(epilog="\b\nExamples:\n  edgeq sweep                                           # zoo ResNet teacher, five bit widths, x86\n"
+def _bits_list(ctx, param, value):
+    return [_bits(ctx, param, item) for item in _list(ctx, param, value)]
+
+
+def _target_list(ctx, param, value):
+    return [_target(ctx, param, item) for item in _list(ctx, param, value)]
+
+
+@cli.command(epilog="\b\nExamples:\n  edgeq sweep                                           # zoo ResNet teacher, five bit widths, this CPU\n"
              "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
              "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5")
 @click.argument("model", required=False)
-@click.option("--bits", "bits_list", callback=_list, default="w8a8,w4a8,w4a4,w3a3,w2a4", show_default=True, help="Bit widths, comma-separated: wWaA, or a spec file from 'edgeq mixed'.")
-@click.option("--targets", "target_list", callback=_list, default="x86", show_default=True, help="Targets, comma-separated (see 'edgeq targets').")
+@click.option("--bits", "bits_list", callback=_bits_list, default="w8a8,w4a8,w4a4,w3a3,w2a4", show_default=True, help="Bit widths, comma-separated: wWaA, or a spec file from 'edgeq mixed'.")
+@click.option("--targets", "target_list", callback=_target_list, default="host", show_default=True,
+              help="Targets, comma-separated (see 'edgeq targets'; host: the best this CPU runs).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder shared by every configuration (default: runs/<model>).")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
 @click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True, help="How weights round, as in 'edgeq quantize'.")
@@ -477,7 +488,7 @@ def sweep(model, bits_list, target_list, run_dir, num_images, method, iters, eva
 
     options = RunOptions(run_dir=run_dir, num_images=num_images, seed=seed, method=method, iters=iters, eval_data=eval_data, eval_images=eval_images,
                          latency_runs=latency_runs, allow_pickle=allow_pickle)
-    report = sweep_stage.run(model, out, bits=bits_list, targets=target_list, options=options)
+    report = sweep_stage.run(model, out, specs=bits_list, targets=target_list, options=options)
     click.echo((Path(out) / "summary.md").read_text())
     click.echo(f"report written to {out} ({len(report['entries'])} configurations)")
 
@@ -633,13 +644,19 @@ def zoo_list(as_json):
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json):
-    """List the compilation targets."""
-    from edgeq.targets import list_targets
+    """List the compilation targets, and the one 'host' (the default) resolves to on this CPU."""
+    from edgeq.errors import EdgeqError
+    from edgeq.targets import HOST, host_target, list_targets
 
     found = list_targets()
     if as_json:
         click.echo(json.dumps([t.to_dict() for t in found], indent=2))
         return
+    try:
+        resolved = host_target().name
+    except EdgeqError as exc:
+        resolved = f"none ({exc.message})"
+    click.echo(f"{HOST:<12} -> {resolved} (the best target this CPU runs; the default)")
     for t in found:
         click.echo(f"{t.name:<12} {t.description}")
 

@@ -13,6 +13,7 @@ only compile and verify.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
@@ -26,14 +27,17 @@ from .stages import export as export_stage
 from .stages import quantize as quantize_stage
 from .stages import synth as synth_stage
 from .stages import verify as verify_stage
-from .targets import get_target
+from .targets import Target, host_target
 
 log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
-    target: str = "x86"
-    bits: str = "w2a4"
+    """The settings of a one-shot run, already parsed: user text becomes a QuantSpec and a Target once, at the edge
+    (the CLI's option callbacks, ``QuantSpec.load``, ``edgeq.targets.get_target``)."""
+
+    target: Target = dataclasses.field(default_factory=host_target)  # the best target this CPU runs
+    spec: QuantSpec = QuantSpec(2, 4)  # w2a4
     run_dir: str | None = None
     generator: str | None = None  # None: the model's own generator, else bn-inversion (see synth.choose_source)
     strategy: str | None = None
@@ -49,11 +53,27 @@ class RunOptions:
     classes_file: str | None = None
     force: bool = False
 
+    def __post_init__(self):
+        if not isinstance(self.spec, QuantSpec):
+            raise TypeError(f"RunOptions.spec must be a QuantSpec, not {self.spec!r} (QuantSpec.load parses wWaA or a spec file)")
+        if not isinstance(self.target, Target):
+            raise TypeError(f"RunOptions.target must be a Target, not {self.target!r} (edgeq.targets.get_target looks one up)")
 
-def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
+
+def spec_folder_name(spec: QuantSpec) -> str:
+    """The spec's part of a stage folder name: ``str(spec)`` (``w2a4``, or mixed with a digest), plus a digest of the
+    whole spec when it differs from the defaults of its widths (observers, first/last bits...), so that two specs
+    with the same widths never take turns overwriting one folder."""
+    if spec == dataclasses.replace(QuantSpec(spec.weight_bits, spec.act_bits), layers=spec.layers):
+        return str(spec)
+    return f"{spec}-{hashlib.sha256(spec.to_json().encode()).hexdigest()[:6]}"
+
+
+def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     """Run the pipeline for ``model`` (None: the built-in default) and return the summary."""
-    spec = QuantSpec.load(options.bits)
-    target = get_target(options.target)
+    options = options or RunOptions()
+    spec, target = options.spec, options.target
+    spec_name = spec_folder_name(spec)
     loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
     run_dir = Path(options.run_dir or Path("runs") / loaded.name)
     notes = [loaded.note] if loaded.note else []
@@ -80,16 +100,16 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
                       synth_stage.plan(generator, loaded.classes, **synth_params).fingerprint,
                       lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, force=True))
 
-    quant_dir = run_dir / f"quantize-{spec}-{options.method}"
+    quant_dir = run_dir / f"quantize-{spec_name}-{options.method}"
     reconstruction = ReconstructionConfig(method=options.method, iters=options.iters)
     quant_params = {"num_images": options.num_images, "seed": options.seed, "allow_pickle": options.allow_pickle, "reconstruction": reconstruction}
     stage("quantize", quant_dir, quantize_stage.plan(loaded, synth_dir, spec, **quant_params).fingerprint,
           lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, **quant_params))
 
-    export_dir = run_dir / f"export-{spec}-{options.method}"
+    export_dir = run_dir / f"export-{spec_name}-{options.method}"
     stage("export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir))
 
-    compile_dir = run_dir / f"compile-{spec}-{options.method}-{target.name}"
+    compile_dir = run_dir / f"compile-{spec_name}-{options.method}-{target.name}"
     stage("compile", compile_dir, compile_stage.plan(export_dir, target, options.kernels).fingerprint,
           lambda: compile_stage.run(export_dir, compile_dir, target=target, kernels=options.kernels))
 
@@ -100,7 +120,7 @@ def run(model: str | None = None, options: RunOptions = RunOptions()) -> dict:
         notes.append("top-1 figures are agreement with the full-precision model on real photos (no labels)")
     if not target.is_native_arch:
         emulation.setup()
-    verify_dir = run_dir / f"verify-{spec}-{options.method}-{target.name}"
+    verify_dir = run_dir / f"verify-{spec_name}-{options.method}-{target.name}"
     latency_runs = options.latency_runs if target.is_native_arch else 0
     verify_params = {"data": eval_data, "num_images": options.eval_images, "latency_runs": latency_runs}
     stage("verify", verify_dir, verify_stage.plan(compile_dir, **verify_params).fingerprint,

@@ -13,6 +13,7 @@ from edgeq.evaluate import predict
 from edgeq.models import load_model
 from edgeq.pipeline import RunOptions, run
 from edgeq.spec import QuantSpec
+from edgeq.targets import get_target
 
 from .conftest import TINY
 from .test_cli import _assert_one_line_error, run_cli
@@ -63,7 +64,7 @@ def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, t
     path = mixed.write_spec(spec, layers, lowered, tmp_path / "mixed.json", budget_bytes=1.0)
     assert QuantSpec.load(str(path)) == spec
     assert json.loads(path.read_text())["allocation"]["lowered"] == lowered
-    summary = run(TINY, RunOptions(target="x86", bits=str(path), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn",
+    summary = run(TINY, RunOptions(target=get_target("x86"), spec=QuantSpec.load(str(path)), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn",
                                    eval_images=50, latency_runs=2))
     assert summary["bits"] == str(spec) and summary["agreement_with_onnxruntime"] >= 0.98
     from edgeq.stages import quantize as quantize_stage

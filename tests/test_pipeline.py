@@ -1,4 +1,5 @@
 """End to end on the tiny built-in model: stages, manifests, reuse, x86 natively and arm64 under qemu."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,12 +9,14 @@ import torch
 
 from edgeq import EdgeqError
 from edgeq.manifest import MANIFEST_NAME, Manifest, staged_folder
-from edgeq.pipeline import RunOptions, run
+from edgeq.pipeline import RunOptions, run, spec_folder_name
+from edgeq.spec import QuantSpec
 from edgeq.stages import compile as compile_stage
 from edgeq.stages import export as export_stage
 from edgeq.stages import quantize as quantize_stage
 from edgeq.stages import synth as synth_stage
 from edgeq.stages import verify as verify_stage
+from edgeq.targets import get_target
 
 from .conftest import TINY, requires_emulator
 
@@ -91,6 +94,34 @@ def test_manifests_record_inputs_and_versions(export_dir):
     assert manifest["outputs"][0]["path"] == "model.onnx"
 
 
+@pytest.mark.skipif(bool(get_target("x86-avx512").missing_host_features()), reason="this CPU lacks AVX-512 with VNNI")
+def test_x86_avx512_module_runs_the_avx2_kernels_and_matches_onnxruntime(tmp_path, export_dir):
+    # what 'host' resolves to on an AVX-512 VNNI machine, so what the default one-shot builds there
+    compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86-avx512")
+    manifest = Manifest.load(compiled, "compile")
+    assert manifest.target == "x86-avx512" and manifest.extra["build"]["path"] == "kernels" and manifest.extra["build"]["layout"] == "avx2"
+    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5)
+    assert report["target"] == "x86-avx512" and report["ran"] == "native"
+    assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
+    assert report["latency_ms"] > 0
+
+
+def test_stage_folders_tell_apart_specs_with_the_same_widths():
+    assert spec_folder_name(QuantSpec.parse("w2a4")) == "w2a4"
+    mixed = QuantSpec(4, 4, layers=(("layer1", 2, 4),))
+    assert spec_folder_name(mixed) == str(mixed)
+    uniform_edges = QuantSpec(2, 4, first_last_bits=2)
+    assert spec_folder_name(uniform_edges).startswith("w2a4-") and spec_folder_name(uniform_edges) != spec_folder_name(QuantSpec(2, 4, act_observer="minmax"))
+
+
+def test_run_options_take_parsed_settings():
+    with pytest.raises(TypeError, match="QuantSpec"):
+        RunOptions(spec="w2a4")
+    with pytest.raises(TypeError, match="Target"):
+        RunOptions(target="x86")
+    assert RunOptions().target.name == get_target("host").name != "host"
+
+
 def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86")
     assert (compiled / compile_stage.MODULE_FILE).is_file()
@@ -119,7 +150,7 @@ def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir, targe
 
 
 def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
-    options = RunOptions(target="x86", bits="w4a4", run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, eval_images=50, latency_runs=3,
+    options = RunOptions(target=get_target("x86"), spec=QuantSpec.parse("w4a4"), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, eval_images=50, latency_runs=3,
                          iters=20)
     first = run(TINY, options)
     assert set(first["stages"].values()) == {"ran"}
@@ -130,7 +161,7 @@ def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
     second = run(TINY, options)
     assert set(second["stages"].values()) == {"reused"}
     assert second["compiled_top1"] == first["compiled_top1"]
-    third = run(TINY, RunOptions(**{**options.__dict__, "target": "x86-avx2"}))
+    third = run(TINY, dataclasses.replace(options, target=get_target("x86-avx2")))
     assert third["stages"] == {"synth": "reused", "quantize": "reused", "export": "reused", "compile": "ran", "verify": "ran"}
 
 

@@ -6,7 +6,9 @@ from PIL import Image
 
 from edgeq import reports
 from edgeq.pipeline import RunOptions
+from edgeq.spec import QuantSpec
 from edgeq.stages import sweep as sweep_stage
+from edgeq.targets import get_target
 
 from .conftest import TINY
 
@@ -21,7 +23,8 @@ def test_sweep_writes_a_report_and_reuses_stages(tmp_path, tiny_generator):
     # images even w8a8 saturates; in distribution, the error reflects the bit widths alone
     options = RunOptions(run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn", eval_data=str(tmp_path / "run" / "synth"),
                          eval_images=60, latency_runs=3)
-    report = sweep_stage.run(TINY, tmp_path / "sweep", bits=["w8a8", "w2a4"], targets=["x86"], options=options, layer_error_images=8)
+    specs = [QuantSpec.parse("w8a8"), QuantSpec.parse("w2a4")]
+    report = sweep_stage.run(TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")] * 2, options=options, layer_error_images=8)
     assert report["schema"] == "edgeq.sweep/1" and report["cost_axis"] == "latency_ms"
     entries = report["entries"]
     assert [e["bits"] for e in entries] == ["w8a8", "w2a4"]
@@ -40,5 +43,5 @@ def test_sweep_writes_a_report_and_reuses_stages(tmp_path, tiny_generator):
     for png in (reports.PARETO_PNG, reports.LAYERS_PNG):
         with Image.open(tmp_path / "sweep" / png) as image:
             assert image.size[0] > 500 and image.size[1] > 300
-    again = sweep_stage.run(TINY, tmp_path / "sweep", bits=["w8a8", "w2a4"], targets=["x86"], options=options, layer_error_images=8)
+    again = sweep_stage.run(TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")], options=options, layer_error_images=8)
     assert all(set(e["stages"].values()) == {"reused"} for e in again["entries"])

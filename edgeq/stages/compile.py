@@ -130,8 +130,8 @@ def plan(export_dir: str | Path, target: Target, kernels: str = "auto") -> Manif
     return Manifest(stage="compile", inputs=[input_entry("export", export_dir)], params=params, spec=source.spec, target=target.name, seed=source.seed)
 
 
-def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "x86", kernels: str = "auto") -> Path:
-    """Compile an export folder for ``target`` into ``out/module.so``."""
+def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "host", kernels: str = "auto") -> Path:
+    """Compile an export folder for ``target`` (default: the best this CPU runs) into ``out/module.so``."""
     target = get_target(target)
     manifest = plan(export_dir, target, kernels)
     source = Manifest.load(export_dir, "export")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from .. import pipeline, reports
@@ -18,7 +19,7 @@ from ..errors import EdgeqError
 from ..manifest import staged_folder
 from ..models import load_model
 from ..spec import QuantSpec
-from ..targets import get_target
+from ..targets import Target, host_target
 from . import verify as verify_stage
 from .compile import MODULE_FILE
 
@@ -28,19 +29,23 @@ DEFAULT_BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 LAYER_ERROR_IMAGES = 64
 
 
-def run(model: str | None, out: str | Path, *, bits=DEFAULT_BITS, targets=("x86",), options: pipeline.RunOptions = pipeline.RunOptions(),
-        layer_error_images: int = LAYER_ERROR_IMAGES) -> dict:
-    """Run every (bits, target) configuration and write the report folder ``out``; returns the report."""
-    names = {b: str(QuantSpec.load(b)) for b in bits}  # a spec file (mixed precision) keeps its path for the pipeline
-    targets = [get_target(t).name for t in targets]
-    if not names or not targets:
+def run(model: str | None, out: str | Path, *, specs: Sequence[QuantSpec] | None = None, targets: Sequence[Target] | None = None,
+        options: pipeline.RunOptions | None = None, layer_error_images: int = LAYER_ERROR_IMAGES) -> dict:
+    """Run every (spec, target) configuration and write the report folder ``out``; returns the report.
+
+    ``specs`` default to :data:`DEFAULT_BITS`, ``targets`` to the host's; a configuration named twice runs once.
+    """
+    options = options or pipeline.RunOptions()
+    specs = list(dict.fromkeys(specs if specs is not None else [QuantSpec.parse(b) for b in DEFAULT_BITS]))
+    targets = list({t.name: t for t in (targets if targets is not None else [host_target()])}.values())
+    if not specs or not targets:
         raise EdgeqError("a sweep needs at least one bit width and one target", "for example --bits w4a4,w2a4 --targets x86")
     loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
     entries, layer_errors = [], {}
-    for spec in bits:
+    for spec in specs:
         for target in targets:
-            log.info("sweep: %s for %s", spec, target)
-            summary = pipeline.run(model, dataclasses.replace(options, bits=spec, target=target))
+            log.info("sweep: %s for %s", spec, target.name)
+            summary = pipeline.run(model, dataclasses.replace(options, spec=spec, target=target))
             dirs = summary["stage_dirs"]
             report = verify_stage.load_report(dirs["verify"])
             if dirs["quantize"] not in layer_errors:
@@ -48,7 +53,7 @@ def run(model: str | None, out: str | Path, *, bits=DEFAULT_BITS, targets=("x86"
                 layer_errors[dirs["quantize"]] = reports.layer_sqnr(dirs["quantize"], loaded.preprocess(images.images))
             entries.append({**report, "method": summary["method"], "module_bytes": (Path(dirs["compile"]) / MODULE_FILE).stat().st_size,
                             "layer_sqnr_db": layer_errors[dirs["quantize"]], "stages": summary["stages"]})
-    title = f"{entries[0]['model']}: {', '.join(names.values())} on {', '.join(targets)}"
+    title = f"{entries[0]['model']}: {', '.join(map(str, specs))} on {', '.join(t.name for t in targets)}"
     with staged_folder(out) as tmp:
         report = reports.write(entries, tmp, title=title)
     return report
