@@ -75,6 +75,47 @@ def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, t
     assert all(bits[layer.name] == (4, 4) for layer in layers[1:-1] if layer.name not in lowered)
 
 
+def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_target(monkeypatch, capsys, tmp_path, tiny_sensitivity, tiny_generator):
+    from edgeq.manifest import Manifest
+    from edgeq.stages import quantize as quantize_stage
+    from edgeq.targets import host_target
+
+    _, _, layers = tiny_sensitivity
+    # first_last_bits 2: the first and last layer at the spec's own widths (what null used to mean); one layer raised
+    spec = dataclasses.replace(LOW, first_last_bits=2, weight_observer="minmax", layers=((layers[1].name, 4, 4),))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    code, out, err = run_cli(monkeypatch, capsys, "compile", TINY, "--bits", str(path), "--method", "rtn", "--generator", tiny_generator,
+                             "--num-images", "16", "--eval-images", "50", "--latency-runs", "2", "--run-dir", str(tmp_path / "run"), "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    host = host_target().name
+    assert summary["bits"] == str(spec) and summary["target"] == host != "host"
+    assert summary["agreement_with_onnxruntime"] >= 0.98 and summary["latency_ms"] > 0
+    dirs = summary["stage_dirs"]
+    assert dirs["compile"].endswith(f"-rtn-{host}") and dirs["verify"].endswith(f"-rtn-{host}")
+    assert Manifest.load(dirs["compile"], "compile").target == host and Manifest.load(dirs["verify"], "verify").target == host
+    model, _, loaded_spec, _ = quantize_stage.load(dirs["quantize"])
+    assert loaded_spec == spec
+    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
+    assert bits[layers[0].name] == bits[layers[-1].name] == (2, 4)  # not the 8 bits a plain w2a4 gives them
+    assert bits[layers[1].name] == (4, 4) and all(bits[layer.name] == (2, 4) for layer in layers[2:-1])
+
+
+@pytest.mark.parametrize("field", ["first_last_bits", "act_bits"])
+@pytest.mark.parametrize("command", ["compile", "quantize"])
+def test_a_spec_file_with_a_null_or_missing_field_is_a_one_line_error(monkeypatch, capsys, tmp_path, field, command):
+    data = LOW.to_dict()
+    path = tmp_path / "null.json"
+    path.write_text(json.dumps(data | {field: None}))
+    extra = ["--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")] if command == "quantize" else ["--run-dir", str(tmp_path / "run")]
+    _assert_one_line_error(run_cli(monkeypatch, capsys, command, TINY, "--bits", str(path), *extra), f"'{field}'", "null")
+    del data[field]
+    path.write_text(json.dumps(data))
+    _assert_one_line_error(run_cli(monkeypatch, capsys, command, TINY, "--bits", str(path), *extra), f"'{field}'", "lacks")
+    assert not (tmp_path / "q").exists() and not (tmp_path / "run").exists()
+
+
 def test_bad_mixed_specs_are_one_line_errors(monkeypatch, capsys, tmp_path):
     spec = tmp_path / "bad.json"
     spec.write_text(json.dumps(HIGH.to_dict() | {"layers": [["no.such.layer", 2, 4]]}))
