@@ -62,7 +62,8 @@ def statistics_loss(module, x, layers):
 def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSettings(), progress=None) -> np.ndarray:
     """uint8 RGB images (len(seeds), H, W, 3) at the model's input size; one batch per ``batch_size`` seeds.
 
-    ``progress(count)`` is called after each batch; without it a progress bar of its own is shown.
+    ``progress(count)`` is called after each batch; without it a progress bar of its own is shown. A batch takes
+    ``iterations`` forward and backward passes (minutes on a large input), so a bar of its own counts them.
     """
     import contextlib
 
@@ -81,18 +82,22 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
         p.requires_grad_(False)
     try:
         with contextlib.nullcontext() if progress else tqdm(total=len(seeds), desc="synth (bn-inversion)", unit="img") as bar:
-            for start in range(0, len(seeds), settings.batch_size):
+            batches = range(0, len(seeds), settings.batch_size)
+            for number, start in enumerate(batches, 1):
                 count = len(seeds[start : start + settings.batch_size])
                 generator = torch.Generator().manual_seed(seeds[start])
                 pixels = (0.5 + 0.25 * torch.randn((count, pre.channels, pre.height, pre.width), generator=generator)).clamp(0, 1).requires_grad_(True)
                 optimizer = torch.optim.Adam([pixels], lr=settings.lr)
-                for _ in range(settings.iterations):
+                steps = tqdm(range(settings.iterations), desc=f"bn-inversion batch {number}/{len(batches)}", unit="step", leave=False)
+                for step in steps:
                     loss = statistics_loss(module, (pixels - mean) / std, layers)
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
                     with torch.no_grad():
                         pixels.clamp_(0, 1)
+                    if step % 20 == 0:
+                        steps.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
                 log.debug("bn-inversion batch at %d: statistics loss %.4f", start, loss.item())
                 rgb = pixels.detach().expand(-1, 3, -1, -1) if pre.channels == 1 else pixels.detach()
                 images[start : start + count] = (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .data import resolve_dataset
 from .manifest import MANIFEST_NAME, Manifest
@@ -14,8 +15,15 @@ BATCH = 256
 
 
 @torch.no_grad()
-def predict(module: torch.nn.Module, inputs: np.ndarray) -> np.ndarray:
-    return torch.cat([module(torch.from_numpy(inputs[i : i + BATCH])) for i in range(0, len(inputs), BATCH)]).numpy()
+def predict(module: torch.nn.Module, inputs: np.ndarray, desc: str | None = None) -> np.ndarray:
+    """Logits for every input, BATCH at a time; with ``desc``, a progress bar over the images (a fake-quant
+    EfficientNet takes minutes for a thousand)."""
+    outputs = []
+    with tqdm(total=len(inputs), desc=desc, unit="img", leave=False, disable=desc is None) as bar:
+        for start in range(0, len(inputs), BATCH):
+            outputs.append(module(torch.from_numpy(inputs[start : start + BATCH])))
+            bar.update(len(outputs[-1]))
+    return torch.cat(outputs).numpy()
 
 
 def topk_accuracy(logits: np.ndarray, targets: np.ndarray, k: int) -> float:
@@ -40,12 +48,12 @@ def evaluate(model: str | None, data: str, *, num_images: int | None = None, all
         loaded = load_model(model, allow_pickle=allow_pickle)
         module, spec = loaded.module, None
     images = resolve_dataset(data, num_images)
-    logits = predict(module, loaded.preprocess(images.images))
+    logits = predict(module, loaded.preprocess(images.images), desc="evaluating")
     result = {"model": loaded.source if not is_quantized else str(model), "bits": str(spec) if spec else "fp32", "data": data, "images": len(images)}
     targets = images.targets
     result["top1"] = topk_accuracy(logits, targets, 1) if targets is not None else None
     result["top5"] = topk_accuracy(logits, targets, min(5, logits.shape[1])) if targets is not None else None
     if is_quantized:
-        float_logits = predict(load_model(loaded.source, allow_pickle=allow_pickle).module, loaded.preprocess(images.images))
+        float_logits = predict(load_model(loaded.source, allow_pickle=allow_pickle).module, loaded.preprocess(images.images), desc="full precision")
         result["agreement_with_fp"] = agreement(logits, float_logits)
     return result

@@ -43,3 +43,21 @@ def test_a_model_without_batchnorm_is_refused(tmp_path):
     with pytest.raises(EdgeqError, match="no BatchNorm"):
         synth.run("unused", vit.classes, tmp_path / "v", strategy="bn-inversion", num_images=4, model=vit)
     assert not (tmp_path / "v").exists()
+
+
+def test_inversion_shows_progress_per_optimization_step(builtin_model, monkeypatch):
+    from edgeq import bn_inversion
+
+    bars = []
+
+    class Recording(bn_inversion.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(bn_inversion, "tqdm", Recording)
+    invert(builtin_model, list(range(10)), InversionSettings(iterations=7, batch_size=4), progress=lambda count: None)
+    # One bar per batch (4 + 4 + 2 images), each advanced once per Adam step; the caller's progress keeps the per-image count.
+    steps = [bar for bar in bars if bar.unit == "step"]
+    assert [(bar.total, bar.n) for bar in steps] == [(7, 7)] * 3
+    assert [bar.desc for bar in steps] == [f"bn-inversion batch {i}/3" for i in (1, 2, 3)]

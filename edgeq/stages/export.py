@@ -260,6 +260,7 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
         torch_logits = model(torch.from_numpy(inputs)).numpy()
     finally:
         for hook in hooks:
+    log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images", loaded.source, spec, len(inputs))
             hook.remove()
 
     quantizer_lsb, layer_error, worst_lsb, differing, total = 0.0, 0.0, 0.0, 0, 0
