@@ -260,7 +260,6 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
         torch_logits = model(torch.from_numpy(inputs)).numpy()
     finally:
         for hook in hooks:
-    log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images", loaded.source, spec, len(inputs))
             hook.remove()
 
     quantizer_lsb, layer_error, worst_lsb, differing, total = 0.0, 0.0, 0.0, 0, 0
@@ -303,6 +302,7 @@ def run(quantized_dir: str | Path, out: str | Path) -> Path:
     model, loaded, spec, source = quantize_stage.load(quantized_dir)
     images = resolve_dataset(source.input("calibration")["path"]).subset(CHECK_IMAGES)
     inputs = loaded.preprocess(images.images)
+    log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images", loaded.source, spec, len(inputs))
     example = torch.from_numpy(inputs[:2])
     onnx_model, records = build_qdq_model(model, example)
     check = compare_with_onnxruntime(model, onnx_model, records, inputs)
