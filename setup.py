@@ -40,7 +40,7 @@ setup(
     name="edgeq",
     version="0.1.0",
     description="Data-free W2A4 quantization and TVM compilation of vision models for x86-64 and ARM64 edge CPUs",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=PACKAGES,

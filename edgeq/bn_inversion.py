@@ -88,7 +88,8 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                 generator = torch.Generator().manual_seed(seeds[start])
                 pixels = (0.5 + 0.25 * torch.randn((count, pre.channels, pre.height, pre.width), generator=generator)).clamp(0, 1).requires_grad_(True)
                 optimizer = torch.optim.Adam([pixels], lr=settings.lr)
-                steps = tqdm(range(settings.iterations), desc=f"bn-inversion batch {number}/{len(batches)}", unit="step", leave=False)
+                desc = f"bn-inversion batch {number}/{len(batches)}"
+                steps = tqdm(range(settings.iterations), desc=desc, unit="step", leave=False)
                 for step in steps:
                     loss = statistics_loss(module, (pixels - mean) / std, layers)
                     optimizer.zero_grad()

@@ -64,8 +64,9 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT, source, ignore=_ignore)
     out = tmp_path_factory.mktemp("wheel")
     # No build isolation: the build uses this environment's setuptools, so it needs no network.
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(source)],
-                            capture_output=True, text=True, check=False)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+               "-w", out, source]
+    result = subprocess.run([str(c) for c in command], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     (built,) = out.glob("edgeq-*.whl")
     return built
@@ -97,21 +98,26 @@ def test_installed_wheel_runs_the_stages_without_the_checkout(wheel, tmp_path):
     # installs into it (--python) before the .pth exists, then runs inside it through the .pth for 'pip check'.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
     python, edgeq = venv / "bin" / "python", venv / "bin" / "edgeq"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")} | {"PYTHONNOUSERSITE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env["PYTHONNOUSERSITE"] = "1"
     work = tmp_path / "work"  # the current folder: not the checkout, so nothing of it is on sys.path
     work.mkdir()
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel], work, env)
-    fresh_site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], work, env).strip())
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
+         work, env)
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    fresh_site = Path(_run([python, "-c", purelib], work, env).strip())
     (fresh_site / "test_environment_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
-    where = _run([python, "-c", "import edgeq, edgeq.reconstruction, edgeq.kernels, edgeq.cli.main as m; print(edgeq.__file__); print(m.__file__)"],
-                 work, env).split()
+    imports = "import edgeq, edgeq.reconstruction, edgeq.cli.main as cli\nprint(edgeq.__file__, cli.__file__)"
+    where = _run([python, "-c", imports], work, env).split()
     for path in map(Path, where):
         assert path.is_relative_to(fresh_site) and not path.is_relative_to(ROOT), where
     _run([python, "-m", "pip", "check"], work, env)
 
-    _run([edgeq, "synth", "builtin:tiny-fmnist", "--strategy", "noise", "--num-images", "8", "-o", "calib"], work, env)
-    _run([edgeq, "quantize", "builtin:tiny-fmnist", "--calib", "calib", "--method", "rtn", "--bits", "w2a4", "-o", "quantized"], work, env)
+    model = "builtin:tiny-fmnist"
+    _run([edgeq, "synth", model, "--strategy", "noise", "--num-images", "8", "-o", "calib"], work, env)
+    _run([edgeq, "quantize", model, "--calib", "calib", "--method", "rtn", "--bits", "w2a4", "-o", "quantized"],
+         work, env)
     _run([edgeq, "export", "quantized", "-o", "exported"], work, env)
     _run([edgeq, "compile", "exported", "--target", "x86-avx2", "-o", "compiled"], work, env)
     module = work / "compiled" / "module.so"
