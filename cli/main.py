@@ -255,7 +255,8 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
     if png:
         diagnostics_png(report, png, title=f"{folder} ({manifest.params.get('strategy')}) seen by {loaded.source}")
     if as_json:
-        _echo_json({"folder": str(folder), "strategy": manifest.params.get("strategy"), "model": loaded.source, **report.to_json()})
+        _echo_json({"folder": str(folder), "strategy": manifest.params.get("strategy"), "model": loaded.source,
+                    **report.to_json()})
         return
     rows = [
         ("images", f"{report.images} ({manifest.params.get('strategy')})"),
@@ -566,7 +567,8 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
     rows = gate.compare(gate.load_entries(baseline), gate.load_entries(current), thresholds)
     failed = [row for row in rows if not row.ok]
     if as_json:
-        _echo_json({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]})
+        rows_json = [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]
+        _echo_json({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": rows_json})
     else:
         click.echo(gate.table(rows))
         click.echo(f"\n{len(failed)} of {len(rows)} entries regressed" if failed else f"\nall {len(rows)} entries within bounds")

@@ -54,6 +54,7 @@ def evaluate(model: str | None, data: str, *, num_images: int | None = None, all
     result["top1"] = topk_accuracy(logits, targets, 1) if targets is not None else None
     result["top5"] = topk_accuracy(logits, targets, min(5, logits.shape[1])) if targets is not None else None
     if is_quantized:
-        float_logits = predict(load_model(loaded.source, allow_pickle=allow_pickle).module, loaded.preprocess(images.images), desc="full precision")
+        float_module = load_model(loaded.source, allow_pickle=allow_pickle).module
+        float_logits = predict(float_module, loaded.preprocess(images.images), desc="full precision")
         result["agreement_with_fp"] = agreement(logits, float_logits)
     return result

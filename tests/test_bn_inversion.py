@@ -57,7 +57,7 @@ def test_inversion_shows_progress_per_optimization_step(builtin_model, monkeypat
 
     monkeypatch.setattr(bn_inversion, "tqdm", Recording)
     invert(builtin_model, list(range(10)), InversionSettings(iterations=7, batch_size=4), progress=lambda count: None)
-    # One bar per batch (4 + 4 + 2 images), each advanced once per Adam step; the caller's progress keeps the per-image count.
+    # One bar per batch (4 + 4 + 2 images), each advanced once per Adam step; the caller's progress counts images.
     steps = [bar for bar in bars if bar.unit == "step"]
     assert [(bar.total, bar.n) for bar in steps] == [(7, 7)] * 3
     assert [bar.desc for bar in steps] == [f"bn-inversion batch {i}/3" for i in (1, 2, 3)]

@@ -111,11 +111,12 @@ def test_json_stdout_holds_only_the_object(monkeypatch, capsys):
     import json
 
     # The factory prints while it loads; under --json that line must reach stderr, and stdout must parse as JSON.
-    code, out, err = run_cli(monkeypatch, capsys, "eval", "tests.factories:chatty_tiny", "--data", "fashion-mnist:A", "--num-images", "16", "--json")
+    command = ["eval", "tests.factories:chatty_tiny", "--data", "fashion-mnist:A", "--num-images", "16"]
+    code, out, err = run_cli(monkeypatch, capsys, *command, "--json")
     result = json.loads(out)
     assert code == 0 and result["images"] == 16 and 0 <= result["top1"] <= 1
     assert "Loaded pretrained weights for chatty_tiny" in err and "Loaded" not in out
     assert "evaluating" in err and "16/16" in err  # the progress bar counts images on stderr
     # Without --json the printed line stays where the model put it.
-    code, out, _ = run_cli(monkeypatch, capsys, "eval", "tests.factories:chatty_tiny", "--data", "fashion-mnist:A", "--num-images", "16")
+    code, out, _ = run_cli(monkeypatch, capsys, *command)
     assert code == 0 and out.startswith("Loaded pretrained weights for chatty_tiny")

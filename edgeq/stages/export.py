@@ -302,7 +302,8 @@ def run(quantized_dir: str | Path, out: str | Path) -> Path:
     model, loaded, spec, source = quantize_stage.load(quantized_dir)
     images = resolve_dataset(source.input("calibration")["path"]).subset(CHECK_IMAGES)
     inputs = loaded.preprocess(images.images)
-    log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images", loaded.source, spec, len(inputs))
+    log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images",
+             loaded.source, spec, len(inputs))
     example = torch.from_numpy(inputs[:2])
     onnx_model, records = build_qdq_model(model, example)
     check = compare_with_onnxruntime(model, onnx_model, records, inputs)

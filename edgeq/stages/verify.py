@@ -80,7 +80,8 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
     targets = images.targets
 
     float_model = load_model(quant_manifest.input("model")["path"], allow_pickle=bool(quant_manifest.params.get("allow_pickle"))).module
-    float_logits, quant_logits = predict(float_model, inputs, desc="full precision"), predict(quantized_model, inputs, desc="fake-quant")
+    float_logits = predict(float_model, inputs, desc="full precision")
+    quant_logits = predict(quantized_model, inputs, desc="fake-quant")
     onnx_model = onnx.load(str(export_dir / MODEL_FILE))
     ort_logits = onnxruntime_session(onnx_model).run(None, {INPUT_NAME: inputs})[0]
     compiled_logits, timings, how = run_compiled(compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs, rpc=rpc, tracker=tracker, key=key)
