@@ -79,12 +79,15 @@ def calibration_images(source: str, teacher, seed: int, count: int, work: Path, 
     folder = calibration_folder(source, teacher.name, teacher.preprocess.height, seed, count, work, inversion_iters)
     if source in PROMPTS:
         strategy, options = PROMPTS[source]
-        synth.run(GENERATOR, teacher.classes, folder, strategy=strategy, prompts=options, num_images=count, seed=seed)
+        synth.run(GENERATOR, teacher.classes, folder,
+                  synth.SynthOptions(strategy=strategy, prompts=options, num_images=count, seed=seed))
     elif source == "noise":
-        synth.run(None, teacher.classes, folder, strategy="noise", num_images=count, seed=seed, size=teacher.preprocess.height)
+        synth.run(None, teacher.classes, folder,
+                  synth.SynthOptions(strategy="noise", num_images=count, seed=seed, size=teacher.preprocess.height))
     else:
-        synth.run(None, teacher.classes, folder, strategy="bn-inversion", num_images=count, seed=seed, model=teacher,
-                  inversion=InversionSettings(iterations=inversion_iters))
+        synth.run(None, teacher.classes, folder,
+                  synth.SynthOptions(strategy="bn-inversion", num_images=count, seed=seed,
+                                     inversion=InversionSettings(iterations=inversion_iters)), model=teacher)
     return synth.load_images(folder).images
 
 
@@ -262,8 +265,9 @@ def efficientnet(args, out: Path, figures: dict, save) -> dict:
     teacher = load_model("zoo:efficientnet-lite0")
     count = args.efficientnet_images
     folder = out / "paper-work" / f"bn-inversion-efficientnet-i{args.inversion_iters}-n{count}"
-    synth.run(None, teacher.classes, folder, strategy="bn-inversion", num_images=count, seed=0, model=teacher,
-              inversion=InversionSettings(iterations=args.inversion_iters))
+    synth.run(None, teacher.classes, folder,
+              synth.SynthOptions(strategy="bn-inversion", num_images=count, seed=0,
+                                 inversion=InversionSettings(iterations=args.inversion_iters)), model=teacher)
     for bits in ("w4a4", "w2a4"):
         for method in ("rtn", args.method):
             key = f"{bits}/{method}"

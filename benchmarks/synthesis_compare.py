@@ -35,7 +35,9 @@ def measure(num_images: int, work: Path, seed: int = 0) -> dict:
     rows = {}
     for name, (strategy, options) in SETS.items():
         folder = work / name.replace(" (", "-").rstrip(")")
-        synth.run("zoo:fmnist-generator", teacher.classes, folder, strategy=strategy, prompts=options, num_images=num_images, seed=seed, batch_size=16)
+        synth.run("zoo:fmnist-generator", teacher.classes, folder,
+                  synth.SynthOptions(strategy=strategy, prompts=options, num_images=num_images, seed=seed,
+                                     batch_size=16))
         manifest = Manifest.load(folder, "synth")
         rows[name] = inspect_images(teacher, synth.load_images(folder)).to_json() | {"seconds": manifest.extra.get("seconds"), "folder": str(folder)}
     real = resolve_dataset("fashion-mnist:A", num_images)

@@ -213,10 +213,10 @@ def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha,
     loaded = load_model(model, allow_pickle=allow_pickle) if needs_model else None
     classes = read_classes(classes_file) if classes_file else loaded.classes
     generator, strategy = synth_stage.choose_source(loaded, generator, strategy)
-    synth_stage.run(generator, classes, out, strategy=strategy, num_images=num_images, seed=seed, steps=steps,
-                    guidance_scale=guidance_scale, size=size, batch_size=batch_size, device=device, prompts=options,
-                    model=loaded, inversion=InversionSettings(iterations=inversion_iters), negative_prompt=negative_prompt,
-                    dtype=dtype, filtering=filtering, shard_size=shard_size, force=force)
+    settings = synth_stage.SynthOptions(strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
+                                        batch_size=batch_size, device=device, prompts=options, inversion=InversionSettings(iterations=inversion_iters),
+                                        negative_prompt=negative_prompt, dtype=dtype, filtering=filtering, shard_size=shard_size)
+    synth_stage.run(generator, classes, out, settings, model=loaded, force=force)
     click.echo(f"{num_images} images ({strategy}) in {out}")
 
 

@@ -94,11 +94,9 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
     if generator is None:
         notes.append(f"calibration images by {strategy} (no text-to-image generator for this model; pass --generator for mixup prompting)")
-    synth_params = {"strategy": strategy, "num_images": options.num_images, "seed": options.seed, "model": loaded,
-                        "size": loaded.preprocess.height if strategy == "noise" else None}
-    synth_dir = stage("synth", run_dir / "synth",
-                      synth_stage.plan(generator, loaded.classes, **synth_params).fingerprint,
-                      lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", **synth_params, force=True))
+    synth_options = synth_stage.SynthOptions(strategy=strategy, num_images=options.num_images, seed=options.seed)
+    synth_dir = stage("synth", run_dir / "synth", synth_stage.plan(generator, loaded.classes, synth_options, model=loaded).fingerprint,
+                      lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", synth_options, model=loaded, force=True))
 
     quant_dir = run_dir / f"quantize-{spec_name}-{options.method}"
     reconstruction = ReconstructionConfig(method=options.method, iters=options.iters)

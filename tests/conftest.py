@@ -27,7 +27,8 @@ def builtin_model():
 def synth_dir(tmp_path_factory, tiny_generator, builtin_model):
     from edgeq.stages import synth
 
-    return synth.run(tiny_generator, builtin_model.classes, tmp_path_factory.mktemp("synth") / "calib", num_images=16, seed=3, steps=4)
+    return synth.run(tiny_generator, builtin_model.classes, tmp_path_factory.mktemp("synth") / "calib",
+                     synth.SynthOptions(num_images=16, seed=3, steps=4))
 
 
 @pytest.fixture(scope="session")

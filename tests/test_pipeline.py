@@ -29,8 +29,10 @@ def export_dir(tmp_path_factory, synth_dir):
 
 
 def test_synth_is_deterministic_and_records_every_image(tmp_path, tiny_generator, builtin_model, synth_dir):
-    again = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "again", num_images=16, seed=3, steps=4)
-    other = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "other", num_images=16, seed=4, steps=4)
+    again = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "again",
+                            synth_stage.SynthOptions(num_images=16, seed=3, steps=4))
+    other = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "other",
+                            synth_stage.SynthOptions(num_images=16, seed=4, steps=4))
     shard = synth_stage.SHARD_PATTERN.format(0)
     assert (synth_dir / shard).read_bytes() == (again / shard).read_bytes()
     assert (synth_dir / shard).read_bytes() != (other / shard).read_bytes()
@@ -52,7 +54,8 @@ def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_ge
     from edgeq.prompts import PromptOptions, PromptPlan
 
     options = PromptOptions(fusion="embedding", mix_k=3)
-    out = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "embedding", num_images=4, seed=1, steps=2, prompts=options)
+    out = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "embedding",
+                          synth_stage.SynthOptions(num_images=4, seed=1, steps=2, prompts=options))
     manifest = Manifest.load(out, "synth")
     assert manifest.params["prompts"]["fusion"] == "embedding"
     record = manifest.extra["images"][0]
@@ -69,8 +72,10 @@ def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_ge
 
 
 def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builtin_model):
-    first = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "a", strategy="noise", num_images=300, seed=5, size=28)
-    again = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "b", strategy="noise", num_images=300, seed=5, size=28)
+    first = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "a",
+                            synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28))
+    again = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "b",
+                            synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28))
     shard = synth_stage.SHARD_PATTERN.format(1)
     assert (first / shard).read_bytes() == (again / shard).read_bytes()
     images = synth_stage.load_images(first)
@@ -80,9 +85,11 @@ def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builti
     assert pixels.mean() == pytest.approx(synth_stage.NOISE_MEAN, abs=0.5) and 58 < pixels.std() < 64
     assert Manifest.load(first, "synth").inputs == [] and Manifest.load(first, "synth").params["size"] == 28
     with pytest.raises(EdgeqError, match="image size"):
-        synth_stage.run("x", builtin_model.classes, tmp_path / "c", strategy="noise", num_images=4)
+        synth_stage.run("x", builtin_model.classes, tmp_path / "c",
+                        synth_stage.SynthOptions(strategy="noise", num_images=4))
     with pytest.raises(EdgeqError, match="synthesis strategy"):
-        synth_stage.run("x", builtin_model.classes, tmp_path / "d", strategy="uniform", num_images=4)
+        synth_stage.run("x", builtin_model.classes, tmp_path / "d",
+                        synth_stage.SynthOptions(strategy="uniform", num_images=4))
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 

@@ -1,4 +1,5 @@
 """Synthesis as a long job: resuming after a kill, GenQ-style filtering, the source defaults, and diagnostics."""
+import dataclasses
 import json
 import os
 import signal
@@ -27,8 +28,9 @@ def _shard_hashes(folder):
 
 @pytest.mark.parametrize("strategy, fusion", [("single", "text"), ("mixup", "text"), ("mixup", "embedding")])
 def test_every_prompt_strategy_runs_on_a_tiny_pipeline(tmp_path, tiny_generator, builtin_model, strategy, fusion):
-    out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "s", strategy=strategy, num_images=6, seed=1, steps=2,
-                    prompts=PromptOptions(fusion=fusion), shard_size=4)
+    out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "s",
+                    synth.SynthOptions(strategy=strategy, num_images=6, seed=1, steps=2,
+                                       prompts=PromptOptions(fusion=fusion), shard_size=4))
     images = synth.load_images(out)
     assert images.images.shape == (6, 64, 64, 3) and sorted(_shard_hashes(out)) == ["images-00000.safetensors", "images-00001.safetensors"]
     per_image = 1 if strategy == "single" else 2
@@ -37,7 +39,7 @@ def test_every_prompt_strategy_runs_on_a_tiny_pipeline(tmp_path, tiny_generator,
 
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path, tiny_generator, builtin_model, monkeypatch):
     settings = {"num_images": 10, "seed": 7, "steps": 2, "shard_size": 4, "batch_size": 2}
-    whole = synth.run(tiny_generator, builtin_model.classes, tmp_path / "whole", **settings)
+    whole = synth.run(tiny_generator, builtin_model.classes, tmp_path / "whole", synth.SynthOptions(**settings))
 
     saved = []
     real_save = synth._save_shard
@@ -50,7 +52,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, tiny_generator,
 
     monkeypatch.setattr(synth, "_save_shard", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        synth.run(tiny_generator, builtin_model.classes, tmp_path / "resumed", **settings)
+        synth.run(tiny_generator, builtin_model.classes, tmp_path / "resumed", synth.SynthOptions(**settings))
     work = synth.work_folder(tmp_path / "resumed")
     assert not (tmp_path / "resumed").exists() and sorted(p.name for p in work.iterdir()) == ["images-00000.safetensors", synth.STATE_NAME]
 
@@ -63,10 +65,23 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, tiny_generator,
         return lambda plans, progress=None: made.append(len(plans)) or make(plans, progress)
 
     monkeypatch.setattr(synth, "_diffusion_maker", counting_maker)
-    resumed = synth.run(tiny_generator, builtin_model.classes, tmp_path / "resumed", **settings)
+    resumed = synth.run(tiny_generator, builtin_model.classes, tmp_path / "resumed", synth.SynthOptions(**settings))
     assert made == [4, 2]  # only the two missing shards were made
     assert _shard_hashes(resumed) == _shard_hashes(whole) and not work.exists()
     assert Manifest.load(resumed, "synth").extra["images"] == Manifest.load(whole, "synth").extra["images"]
+
+
+@pytest.mark.parametrize("strategy", ["noise", "bn-inversion"])
+def test_the_planned_fingerprint_is_the_one_a_run_writes(tmp_path, builtin_model, strategy):
+    # the one-shot plans a stage to decide whether to reuse it: a plan that differs from the run never reuses
+    from edgeq.bn_inversion import InversionSettings
+
+    options = synth.SynthOptions(strategy=strategy, num_images=2, seed=1, inversion=InversionSettings(iterations=1))  # size: the model's
+    out = synth.run(None, builtin_model.classes, tmp_path / strategy, options, model=builtin_model)
+    written = Manifest.load(out, "synth")
+    assert written.params["size"] == builtin_model.preprocess.height
+    assert synth.plan(None, builtin_model.classes, options, model=builtin_model).fingerprint == written.fingerprint
+    assert synth.plan(None, builtin_model.classes, dataclasses.replace(options, seed=2), model=builtin_model).fingerprint != written.fingerprint
 
 
 def test_an_unfinished_run_with_other_settings_is_discarded(tmp_path, builtin_model):
@@ -75,7 +90,8 @@ def test_an_unfinished_run_with_other_settings_is_discarded(tmp_path, builtin_mo
     (work / synth.STATE_NAME).write_text(json.dumps({"fingerprint": "other", "candidates": 4}))
     (work / synth.SHARD_PATTERN.format(0)).write_bytes(b"not a shard")
     (work / ".images-00001.safetensors.partial-1234").write_bytes(b"half")
-    out = synth.run(None, builtin_model.classes, tmp_path / "out", strategy="noise", num_images=4, seed=0, size=8)
+    out = synth.run(None, builtin_model.classes, tmp_path / "out",
+                    synth.SynthOptions(strategy="noise", num_images=4, seed=0, size=8))
     assert len(synth.load_images(out)) == 4 and not work.exists()
 
 
@@ -102,8 +118,9 @@ def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, ti
 
 def test_energy_filter_keeps_the_lowest_energy_candidates(tmp_path, tiny_generator, builtin_model):
     filtering = FilterOptions(method="energy", keep=0.5)
-    out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "f", strategy="single", num_images=6, seed=2, steps=2, model=builtin_model,
-                    filtering=filtering, shard_size=4)
+    out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "f",
+                    synth.SynthOptions(strategy="single", num_images=6, seed=2, steps=2, filtering=filtering,
+                                       shard_size=4), model=builtin_model)
     manifest = Manifest.load(out, "synth")
     kept = manifest.extra["images"]
     assert len(kept) == 6 and manifest.extra["filter"]["candidates"] == 12
@@ -113,8 +130,9 @@ def test_energy_filter_keeps_the_lowest_energy_candidates(tmp_path, tiny_generat
     recomputed = energy_scores(builtin_model, images.images)
     assert np.allclose(recomputed, [r["score"] for r in kept], atol=1e-5)
     assert manifest.inputs[-1]["role"] == "model" and not (out / synth.CANDIDATES_DIR).exists()
-    unfiltered = synth.load_images(synth.run(tiny_generator, builtin_model.classes, tmp_path / "u", strategy="single", num_images=12, seed=2, steps=2,
-                                              shard_size=4))
+    unfiltered = synth.load_images(synth.run(tiny_generator, builtin_model.classes, tmp_path / "u",
+                                             synth.SynthOptions(strategy="single", num_images=12, seed=2, steps=2,
+                                                                shard_size=4)))
     assert np.array_equal(unfiltered.images[[r["candidate"] for r in kept]], images.images)  # candidates are the unfiltered images
 
 
@@ -138,7 +156,8 @@ def test_filter_options_are_checked(builtin_model):
     with pytest.raises(EdgeqError, match="filter-keep"):
         FilterOptions(method="energy", keep=1.5)
     with pytest.raises(EdgeqError, match="needs the model"):
-        synth.run(None, builtin_model.classes, "unused", strategy="noise", size=8, num_images=2, filtering=FilterOptions(method="energy"))
+        synth.run(None, builtin_model.classes, "unused",
+                  synth.SynthOptions(strategy="noise", size=8, num_images=2, filtering=FilterOptions(method="energy")))
 
 
 def test_source_defaults_follow_the_model(builtin_model):
@@ -157,12 +176,15 @@ def test_source_defaults_follow_the_model(builtin_model):
 def test_negative_prompt_reaches_the_pipeline(tmp_path, tiny_generator, builtin_model):
     plans = synth.plan_prompts(builtin_model.classes, 2, "single", 0)
     assert synth._conditioning(None, plans, 3.0, "blurry")["negative_prompt"] == ["blurry", "blurry"]
-    plain = synth.run(tiny_generator, builtin_model.classes, tmp_path / "a", strategy="single", num_images=2, steps=2)
-    steered = synth.run(tiny_generator, builtin_model.classes, tmp_path / "b", strategy="single", num_images=2, steps=2, negative_prompt="blurry")
+    plain = synth.run(tiny_generator, builtin_model.classes, tmp_path / "a",
+                      synth.SynthOptions(strategy="single", num_images=2, steps=2))
+    steered = synth.run(tiny_generator, builtin_model.classes, tmp_path / "b",
+                        synth.SynthOptions(strategy="single", num_images=2, steps=2, negative_prompt="blurry"))
     assert _shard_hashes(plain) != _shard_hashes(steered)
     assert Manifest.load(steered, "synth").params["negative_prompt"] == "blurry"
     with pytest.raises(EdgeqError, match="half precision needs a GPU"):
-        synth.run(tiny_generator, builtin_model.classes, tmp_path / "c", num_images=2, dtype="float16")
+        synth.run(tiny_generator, builtin_model.classes, tmp_path / "c",
+                  synth.SynthOptions(num_images=2, dtype="float16"))
 
 
 def test_pairwise_distance_matches_a_double_loop():

@@ -29,6 +29,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,6 +39,9 @@ from ..diagnostics import FilterOptions, scorer, select_lowest
 from ..errors import EdgeqError, one_of
 from ..manifest import Manifest, atomic_write_bytes, input_entry, publish_folder, reusable
 from ..prompts import SINGLE_TEMPLATE, STRATEGIES, PromptOptions, PromptPlan, image_seeds, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
+
+if TYPE_CHECKING:
+    from ..bn_inversion import InversionSettings
 
 log = logging.getLogger(__name__)
 
@@ -178,81 +182,110 @@ class GenerationOptions:
         return self.dtype
 
 
-def plan(generator: str, class_names, *, strategy: str, num_images: int, seed: int, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-         size: int | None = None, prompts: PromptOptions | None = None, model=None, inversion=None, negative_prompt: str | None = None,
-         dtype: str = "float32", filtering: FilterOptions | None = None, shard_size: int = SHARD_SIZE) -> Manifest:
-    filtering = filtering or FilterOptions()
-    common = {"strategy": strategy, "num_images": num_images, "size": size, "classes": list(class_names), "shard_size": shard_size}
+@dataclasses.dataclass(frozen=True)
+class SynthOptions:
+    """A synth run's settings besides its generator, classes, model and output folder: which images to make
+    (these make the fingerprint) and how to run the generator (batch size and device: recorded, not fingerprinted)."""
+
+    strategy: str = "mixup"  # one of STRATEGY_NAMES
+    num_images: int = 256
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    size: int | None = None  # None: the generator's own; generator-free strategies: the model's input size
+    batch_size: int = 16
+    device: str = "cpu"
+    prompts: PromptOptions = PromptOptions()
+    inversion: InversionSettings | None = None  # bn-inversion's settings (None: its defaults)
+    negative_prompt: str | None = None
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    filtering: FilterOptions = FilterOptions()
+    shard_size: int = SHARD_SIZE
+
+    def generation(self) -> GenerationOptions:
+        return GenerationOptions(self.steps, self.guidance_scale, self.negative_prompt, self.dtype)
+
+
+def _resolved(generator: str | None, options: SynthOptions, model) -> SynthOptions:
+    """``options`` with the image size and dtype a run uses, or the error of settings that cannot run.
+
+    Both :func:`plan` and :func:`run` resolve the same way, so a planned fingerprint is the one a run writes.
+    """
+    if options.num_images < 1:
+        raise EdgeqError(f"--num-images must be at least 1, not {options.num_images}", "pass a positive count")
+    if options.shard_size < 1:
+        raise EdgeqError(f"--shard-size must be at least 1, not {options.shard_size}", "pass a positive count")
+    if options.strategy not in STRATEGY_NAMES:
+        raise one_of("synthesis strategy", options.strategy, STRATEGY_NAMES)
+    if options.strategy in GENERATOR_FREE:
+        size = options.size
+        if model is not None and (options.strategy == "bn-inversion" or size is None):
+            size = model.preprocess.height  # inversion optimizes the model's own input
+        if options.strategy == "bn-inversion" and model is None:
+            raise EdgeqError("--strategy bn-inversion needs the model being quantized", "pass MODEL to edgeq synth")
+        if size is None:
+            raise EdgeqError(f"--strategy {options.strategy} needs an image size", "pass --size, or a MODEL whose input size edgeq reads")
+        return dataclasses.replace(options, size=size, dtype="float32")
+    if generator is None:
+        raise EdgeqError(f"--strategy {options.strategy} needs a text-to-image generator",
+                         "pass --generator (zoo:fmnist-generator, a diffusers folder or a hub id)")
+    return dataclasses.replace(options, dtype=options.generation().resolved_dtype(options.device))
+
+
+def plan(generator: str | None, class_names, options: SynthOptions = SynthOptions(), *, model=None) -> Manifest:
+    """The manifest (so the fingerprint) that :func:`run` writes with these arguments, without making any image."""
+    options = _resolved(generator, options, model)
+    filtering = options.filtering or FilterOptions()
+    common = {"strategy": options.strategy, "num_images": options.num_images, "size": options.size, "classes": list(class_names),
+              "shard_size": options.shard_size}
     if filtering.enabled:
         common["filter"] = filtering.to_json()
     inputs = []
-    if model is not None and (filtering.enabled or strategy == "bn-inversion"):
+    if model is not None and (filtering.enabled or options.strategy == "bn-inversion"):
         inputs.append(input_entry("model", model.source, model.digest()))
-    if strategy in GENERATOR_FREE:
-        if strategy == "bn-inversion":
+    if options.strategy in GENERATOR_FREE:
+        if options.strategy == "bn-inversion":
             from ..bn_inversion import InversionSettings
 
-            common["inversion"] = dataclasses.asdict(inversion or InversionSettings())
-        return Manifest(stage="synth", inputs=inputs, params=common, seed=seed)
-    params = common | {"steps": steps, "guidance_scale": guidance_scale, "negative_prompt": negative_prompt, "dtype": dtype,
-                       "prompts": (prompts or PromptOptions()).to_json()}
-    return Manifest(stage="synth", inputs=[input_entry("generator", generator, _generator_digest(generator)), *inputs], params=params, seed=seed)
+            common["inversion"] = dataclasses.asdict(options.inversion or InversionSettings())
+        return Manifest(stage="synth", inputs=inputs, params=common, seed=options.seed)
+    params = common | {"steps": options.steps, "guidance_scale": options.guidance_scale, "negative_prompt": options.negative_prompt,
+                       "dtype": options.dtype, "prompts": (options.prompts or PromptOptions()).to_json()}
+    return Manifest(stage="synth", inputs=[input_entry("generator", generator, _generator_digest(generator)), *inputs], params=params,
+                    seed=options.seed)
 
 
-def run(generator: str | None, class_names, out: str | Path, *, strategy: str = "mixup", num_images: int = 256, seed: int = 0, steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE, size: int | None = None, batch_size: int = 16, device: str = "cpu",
-        prompts: PromptOptions | None = None, model=None, inversion=None, negative_prompt: str | None = None, dtype: str = "auto",
-        filtering: FilterOptions | None = None, shard_size: int = SHARD_SIZE, force: bool = False) -> Path:
-    """Generate ``num_images`` calibration images into folder ``out`` (``size`` None: the generator's own).
+def run(generator: str | None, class_names, out: str | Path, options: SynthOptions = SynthOptions(), *, model=None, force: bool = False) -> Path:
+    """Generate ``options.num_images`` calibration images into folder ``out``.
 
     ``model`` (a LoadedModel) is what bn-inversion optimizes against and what filtering scores
-    with; ``inversion`` the inversion settings. Shards are written as they complete, so a run
-    that is killed continues where it stopped when run again with the same settings; a
-    complete folder with the same settings is left as it is unless ``force``.
+    with. Shards are written as they complete, so a run that is killed continues where it
+    stopped when run again with the same settings; a complete folder with the same settings
+    is left as it is unless ``force``.
     """
     class_names = tuple(class_names)
     if not class_names:
         raise EdgeqError("no class names to prompt with", "pass --classes file.txt with one class per line")
-    if num_images < 1:
-        raise EdgeqError(f"--num-images must be at least 1, not {num_images}", "pass a positive count")
-    if shard_size < 1:
-        raise EdgeqError(f"--shard-size must be at least 1, not {shard_size}", "pass a positive count")
-    if strategy not in STRATEGY_NAMES:
-        raise one_of("synthesis strategy", strategy, STRATEGY_NAMES)
-    options = prompts or PromptOptions()
-    filtering = filtering or FilterOptions()
+    options = _resolved(generator, options, model)
+    filtering = options.filtering or FilterOptions()
     score = scorer(model, filtering)
-    generation = GenerationOptions(steps, guidance_scale, negative_prompt, dtype)
-    if strategy in GENERATOR_FREE:
-        if model is not None and (strategy == "bn-inversion" or size is None):
-            size = model.preprocess.height  # inversion optimizes the model's own input
-        if strategy == "bn-inversion" and model is None:
-            raise EdgeqError("--strategy bn-inversion needs the model being quantized", "pass MODEL to edgeq synth")
-        if size is None:
-            raise EdgeqError(f"--strategy {strategy} needs an image size", "pass --size, or a MODEL whose input size edgeq reads")
-        resolved_dtype = "float32"
-    else:
-        if generator is None:
-            raise EdgeqError(f"--strategy {strategy} needs a text-to-image generator", "pass --generator (zoo:fmnist-generator, a diffusers folder or a hub id)")
-        resolved_dtype = generation.resolved_dtype(device)
-    manifest = plan(generator, class_names, strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
-                    prompts=options, model=model, inversion=inversion, negative_prompt=negative_prompt, dtype=resolved_dtype, filtering=filtering,
-                    shard_size=shard_size)
+    manifest = plan(generator, class_names, options, model=model)
     if not force and reusable(out, manifest.fingerprint):
-        log.info("%s already holds these %d images; nothing to do (pass --force to make them again)", out, num_images)
+        log.info("%s already holds these %d images; nothing to do (pass --force to make them again)", out, options.num_images)
         return Path(out)
-    candidates = filtering.candidates(num_images)
-    if strategy in GENERATOR_FREE:
-        plans = [PromptPlan("", (), (), s) for s in image_seeds(seed, candidates)]
-        make = functools.partial(GENERATOR_FREE[strategy], size=size, model=model, inversion=inversion)
+    candidates = filtering.candidates(options.num_images)
+    if options.strategy in GENERATOR_FREE:
+        plans = [PromptPlan("", (), (), s) for s in image_seeds(options.seed, candidates)]
+        make = functools.partial(GENERATOR_FREE[options.strategy], size=options.size, model=model, inversion=options.inversion)
     else:
-        plans = plan_prompts(class_names, candidates, strategy, seed, options)
+        plans = plan_prompts(class_names, candidates, options.strategy, options.seed, options.prompts or PromptOptions())
         # Batched denoising rounds differently from one image at a time, so the pixels depend on
         # how images were batched; these do not change what the images show, so they are not
         # part of the fingerprint, but are recorded to reproduce the bytes.
-        manifest.extra["batching"] = {"batch_size": batch_size, "device": device}
-        make = _diffusion_maker(generator, device, resolved_dtype, size, batch_size, generation)
-    return _write_resumable(out, manifest, plans, make, len(class_names), shard_size=shard_size, score=score, keep=num_images, label=strategy)
+        manifest.extra["batching"] = {"batch_size": options.batch_size, "device": options.device}
+        make = _diffusion_maker(generator, options.device, options.dtype, options.size, options.batch_size, options.generation())
+    return _write_resumable(out, manifest, plans, make, len(class_names), shard_size=options.shard_size, score=score, keep=options.num_images,
+                            label=options.strategy)
 
 
 def _diffusion_maker(generator: str, device: str, dtype: str, size: int | None, batch_size: int, generation: GenerationOptions):
