@@ -647,8 +647,9 @@ def zoo_list(as_json):
 @click.option("--json", "as_json", is_flag=True)
 def targets(as_json):
     """List the compilation targets, and the one 'host' (the default) resolves to on this CPU."""
-    from edgeq.errors import EdgeqError
     from edgeq.targets import HOST, host_target, list_targets
+
+    from edgeq.errors import EdgeqError
 
     found = list_targets()
     if as_json:

@@ -37,7 +37,7 @@ class RunOptions:
     (the CLI's option callbacks, ``QuantSpec.load``, ``edgeq.targets.get_target``)."""
 
     target: Target = dataclasses.field(default_factory=host_target)  # the best target this CPU runs
-    spec: QuantSpec = QuantSpec(2, 4)  # w2a4
+    spec: QuantSpec = dataclasses.field(default_factory=lambda: QuantSpec(2, 4))  # w2a4
     run_dir: str | None = None
     generator: str | None = None  # None: the model's own generator, else bn-inversion (see synth.choose_source)
     strategy: str | None = None

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from edgeq.targets import get_target
 
 from edgeq import mixed
 from edgeq.data import resolve_dataset
@@ -13,7 +14,6 @@ from edgeq.evaluate import predict
 from edgeq.models import load_model
 from edgeq.pipeline import RunOptions, run
 from edgeq.spec import QuantSpec
-from edgeq.targets import get_target
 
 from .conftest import TINY
 from .test_cli import _assert_one_line_error, run_cli
@@ -76,9 +76,10 @@ def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, t
 
 
 def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_target(monkeypatch, capsys, tmp_path, tiny_sensitivity, tiny_generator):
+    from edgeq.targets import host_target
+
     from edgeq.manifest import Manifest
     from edgeq.stages import quantize as quantize_stage
-    from edgeq.targets import host_target
 
     _, _, layers = tiny_sensitivity
     # first_last_bits 2: the first and last layer at the spec's own widths (what null used to mean); one layer raised

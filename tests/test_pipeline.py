@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from edgeq.targets import get_target
 
 from edgeq import EdgeqError
 from edgeq.manifest import MANIFEST_NAME, Manifest, staged_folder
@@ -16,7 +17,6 @@ from edgeq.stages import export as export_stage
 from edgeq.stages import quantize as quantize_stage
 from edgeq.stages import synth as synth_stage
 from edgeq.stages import verify as verify_stage
-from edgeq.targets import get_target
 
 from .conftest import TINY, requires_emulator
 

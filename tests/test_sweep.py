@@ -2,13 +2,13 @@
 import json
 
 import numpy as np
+from edgeq.targets import get_target
 from PIL import Image
 
 from edgeq import reports
 from edgeq.pipeline import RunOptions
 from edgeq.spec import QuantSpec
 from edgeq.stages import sweep as sweep_stage
-from edgeq.targets import get_target
 
 from .conftest import TINY
 

@@ -1,3 +1,4 @@
+import itertools
 import platform
 
 import pytest
@@ -43,11 +44,11 @@ def test_unknown_target_lists_choices():
 
 
 # /proc/cpuinfo flag lines, cut down: a Haswell, an Ice Lake server, an early AVX-512 part without VNNI, a Pi 4, a Pi 5
-HASWELL = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx fma avx2 bmi2".split()
+HASWELL = ["fpu", "sse", "sse2", "ssse3", "sse4_1", "sse4_2", "avx", "fma", "avx2", "bmi2"]
 ICE_LAKE = [*HASWELL, "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vnni"]
 SKYLAKE_X = [*HASWELL, "avx512f", "avx512dq", "avx512bw", "avx512vl"]
-PI4 = "fp asimd evtstrm crc32 cpuid".split()
-PI5 = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp".split()
+PI4 = ["fp", "asimd", "evtstrm", "crc32", "cpuid"]
+PI5 = [*PI4, "aes", "pmull", "sha1", "sha2", "atomics", "fphp", "asimdhp", "asimdrdm", "lrcpc", "dcpop", "asimddp"]
 
 
 @pytest.mark.parametrize("arch, flags, expected", [
@@ -73,7 +74,7 @@ def test_host_preference_names_real_targets_best_first():
     for arch, order in HOST_PREFERENCE.items():
         assert all(names[name].arch == arch for name in order)
         # each later choice needs a subset of the features of the one before: the order is best first
-        assert all(set(names[b].cpu_features) <= set(names[a].cpu_features) for a, b in zip(order, order[1:]))
+        assert all(set(names[b].cpu_features) <= set(names[a].cpu_features) for a, b in itertools.pairwise(order))
         assert names[order[-1]].cpu_features in ((), ("asimd",))  # a last resort every CPU of that arch has
 
 

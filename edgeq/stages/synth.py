@@ -195,11 +195,11 @@ class SynthOptions:
     size: int | None = None  # None: the generator's own; generator-free strategies: the model's input size
     batch_size: int = 16
     device: str = "cpu"
-    prompts: PromptOptions = PromptOptions()
+    prompts: PromptOptions = dataclasses.field(default_factory=PromptOptions)
     inversion: InversionSettings | None = None  # bn-inversion's settings (None: its defaults)
     negative_prompt: str | None = None
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
-    filtering: FilterOptions = FilterOptions()
+    filtering: FilterOptions = dataclasses.field(default_factory=FilterOptions)
     shard_size: int = SHARD_SIZE
 
     def generation(self) -> GenerationOptions:
