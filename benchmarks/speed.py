@@ -42,10 +42,10 @@ log = logging.getLogger("speed")
 
 
 def host_target():
-    from edgeq.kernels import native
-    from edgeq.targets import get_target
+    """The best target this CPU runs: what 'edgeq compile' uses by default (--target host)."""
+    from edgeq.targets import host_target as best_for_this_cpu
 
-    return get_target("x86-avx2" if "avx2" in native.host_cpu_features() else "x86")
+    return best_for_this_cpu()
 
 
 def build(name: str, folder: Path) -> dict:

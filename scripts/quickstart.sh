@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up edgeq, then run the main job: the zoo ResNet teacher, mixup-class synthesis, W2A4, for x86.
+# Set up edgeq, then run the main job: the zoo ResNet teacher, mixup-class synthesis, W2A4, for the host target
+# (the best target this CPU runs; the summary names it and its latency).
 # Extra arguments go to 'edgeq compile' (e.g. --target x86 --bits w4a4 --json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
