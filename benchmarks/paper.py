@@ -44,10 +44,11 @@ import numpy as np
 import torch
 
 from edgeq.bn_inversion import InversionSettings
-from edgeq.data import resolve_dataset
+from edgeq.data import load_synth_images, resolve_dataset
 from edgeq.evaluate import predict
 from edgeq.models import load_model
 from edgeq.prompts import PromptOptions
+from edgeq.quantized import quantize_module
 from edgeq.reconstruction import ReconstructionConfig
 from edgeq.spec import QuantSpec
 from edgeq.stages import quantize, synth
@@ -88,7 +89,7 @@ def calibration_images(source: str, teacher, seed: int, count: int, work: Path, 
         synth.run(None, teacher.classes, folder,
                   synth.SynthOptions(strategy="bn-inversion", num_images=count, seed=seed,
                                      inversion=InversionSettings(iterations=inversion_iters)), model=teacher)
-    return synth.load_images(folder).images
+    return load_synth_images(folder).images
 
 
 def calibration_folder(source: str, teacher_name: str, height: int, seed: int, count: int, work: Path, inversion_iters: int) -> Path | None:
@@ -133,7 +134,7 @@ def quantize_and_score(teacher_name: str, bits: str, source: str, seed: int, cou
     teacher, test_inputs = _teacher(teacher_name)
     images = calibration_images(source, teacher, seed, count, work, inversion_iters)
     config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters, lr_rounding=lr_rounding)
-    module = quantize.quantize_module(teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config)
+    module = quantize_module(teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config)
     return {"teacher": teacher_name, "bits": bits, "source": source, "seed": seed, "top1": _top1(module, test_inputs),
             "seconds": round(time.perf_counter() - began, 1)}
 

@@ -26,9 +26,9 @@ import torch
 from edgeq.data import resolve_dataset
 from edgeq.evaluate import predict
 from edgeq.models import load_model
+from edgeq.quantized import quantize_module
 from edgeq.reconstruction import ReconstructionConfig
 from edgeq.spec import QuantSpec
-from edgeq.stages import quantize
 
 METHOD_NAMES = {"fp": "full precision", "rtn": "round-to-nearest", "adaround": "AdaRound (layer by layer)", "brecq": "BRECQ (blocks, LSQ steps)",
                 "qdrop": "QDrop (BRECQ + drop 0.5)"}
@@ -62,7 +62,7 @@ def measure(models, bits_list, methods, iters: int, calib_images: int, path: Pat
                 began = time.perf_counter()
                 config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters)
                 spec = spec_for(bits, attention_at_act_bits)
-                module = quantize.quantize_module(loaded.module, calib_inputs, spec, seed=0, reconstruction=config)
+                module = quantize_module(loaded.module, calib_inputs, spec, seed=0, reconstruction=config)
                 entry = {"model": name, "bits": bits, "method": method, "top1": top1(module), "seconds": round(time.perf_counter() - began, 1),
                          "iters": 0 if method == "rtn" else iters, "spec": spec.to_dict()}
                 results["entries"][_key(name, bits, method)] = entry

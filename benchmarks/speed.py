@@ -55,9 +55,9 @@ def build(name: str, folder: Path) -> dict:
     import torch
     from edgeq.kernels import native
 
+    from edgeq.quantized import quantize_module
     from edgeq.stages import compile as compile_stage
     from edgeq.stages import export as export_stage
-    from edgeq.stages import quantize as quantize_stage
 
     folder.mkdir(parents=True, exist_ok=True)
     info_path = folder / "build.json"
@@ -74,7 +74,7 @@ def build(name: str, folder: Path) -> dict:
             torch.onnx.export(model, (example,), str(fp32), input_names=[INPUT], output_names=["logits"], opset_version=17, dynamo=False)
         _quantize_int8(fp32, folder / "int8.onnx")
         calibration = np.random.default_rng(0).normal(0, 1, (8, 3, 224, 224)).astype(np.float32)
-        quantized = quantize_stage.quantize_module(model, calibration, "w2a4")
+        quantized = quantize_module(model, calibration, "w2a4")
         qdq, _ = export_stage.build_qdq_model(quantized, torch.from_numpy(calibration[:1]))
         onnx.save(qdq, str(folder / "w2a4.onnx"))
     qdq = onnx.load(str(folder / "w2a4.onnx"))
@@ -157,7 +157,7 @@ def measure(folder: Path, threads: int, runs: int) -> dict:
 
 
 def _qdq_reference(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
-    from edgeq.stages.export import onnxruntime_session
+    from edgeq.qdq import onnxruntime_session
 
     return onnxruntime_session(path).run(None, {input_name: x})[0]
 

@@ -16,7 +16,7 @@ import platform
 import sys
 from pathlib import Path
 
-from edgeq.data import resolve_dataset
+from edgeq.data import load_synth_images, resolve_dataset
 from edgeq.diagnostics import inspect_images
 from edgeq.manifest import Manifest
 from edgeq.models import load_model
@@ -39,7 +39,7 @@ def measure(num_images: int, work: Path, seed: int = 0) -> dict:
                   synth.SynthOptions(strategy=strategy, prompts=options, num_images=num_images, seed=seed,
                                      batch_size=16))
         manifest = Manifest.load(folder, "synth")
-        rows[name] = inspect_images(teacher, synth.load_images(folder)).to_json() | {"seconds": manifest.extra.get("seconds"), "folder": str(folder)}
+        rows[name] = inspect_images(teacher, load_synth_images(folder)).to_json() | {"seconds": manifest.extra.get("seconds"), "folder": str(folder)}
     real = resolve_dataset("fashion-mnist:A", num_images)
     rows["real (Fashion-MNIST split A)"] = inspect_images(teacher, real).to_json() | {"seconds": None, "folder": None}
     return {"generator": "zoo:fmnist-generator", "judge": "zoo:fmnist-resnet", "num_images": num_images, "seed": seed,

@@ -237,11 +237,11 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
     sets should be higher than single-class sets). Diversity: mean pairwise L2 and cosine
     distance of the penultimate features (the input of the last Linear layer).
     """
+    from edgeq.data import load_synth_images
     from edgeq.diagnostics import diagnostics_png, inspect_images
     from edgeq.errors import EdgeqError
     from edgeq.manifest import Manifest
     from edgeq.models import load_model
-    from edgeq.stages import synth as synth_stage
 
     manifest = Manifest.load(folder, "synth")
     if model is None:
@@ -250,7 +250,7 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
             raise EdgeqError(f"{folder} records no model", "pass --model, e.g. --model zoo:fmnist-resnet")
         model = recorded[0]["path"]
     loaded = load_model(model, allow_pickle=allow_pickle)
-    images = synth_stage.load_images(folder).subset(num_images)
+    images = load_synth_images(folder).subset(num_images)
     report = inspect_images(loaded, images)
     if png:
         diagnostics_png(report, png, title=f"{folder} ({manifest.params.get('strategy')}) seen by {loaded.source}")
@@ -343,10 +343,11 @@ def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget,
 @friendly_errors
 def export(quantized, out):
     """Write QUANTIZED (an 'edgeq quantize' folder) as QDQ ONNX in true low-bit types, checked against onnxruntime."""
+    from edgeq.folders import MODEL_FILE
     from edgeq.stages import export as export_stage
 
     export_stage.run(quantized, out)
-    click.echo(f"wrote {out / export_stage.MODEL_FILE}")
+    click.echo(f"wrote {out / MODEL_FILE}")
 
 
 @cli.command(name="compile", epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
@@ -387,12 +388,13 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
     from edgeq.manifest import MANIFEST_NAME
 
     if model and (Path(model) / MANIFEST_NAME).is_file():
+        from edgeq.folders import MODULE_FILE
         from edgeq.stages import compile as compile_stage
 
         if out is None:
             _fail("compiling an export folder needs -o OUTPUT_FOLDER")
         compile_stage.run(model, out, target=target, kernels=kernels)
-        click.echo(f"wrote {out / compile_stage.MODULE_FILE}")
+        click.echo(f"wrote {out / MODULE_FILE}")
         return
     from edgeq.pipeline import RunOptions, run
 

@@ -1,4 +1,4 @@
-"""Images in and out: the Fashion-MNIST files, preprocessing to a model's input, and image sets.
+"""Images in and out: the Fashion-MNIST files, synth folders, preprocessing to a model's input, and image sets.
 
 Images travel between stages as uint8 arrays (N, H, W, C), the way a generator or a
 camera makes them; each model's :class:`Preprocess` turns them into its float input.
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeqError
+from .manifest import Manifest
 
 FASHION_MNIST_DIR = Path(os.environ.get("EDGEQ_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_INSTALL = "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu), or set EDGEQ_FASHION_MNIST_DIR to a folder with the four IDX .gz files"
@@ -206,6 +207,23 @@ def resolve_dataset(source: str, count: int | None = None) -> ImageSet:
         return load_fashion_mnist(split).subset(count)
     if source == "photos":
         return load_photos().subset(count)
-    from .stages.synth import load_images
+    return load_synth_images(source).subset(count)
 
-    return load_images(source).subset(count)
+
+def load_synth_images(folder: str | Path) -> ImageSet:
+    """The images and soft labels of a synth folder."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise EdgeqError(f"data folder not found: {folder}",
+                         "pass an output folder of 'edgeq synth', or fashion-mnist:test")
+    manifest = Manifest.load(folder, "synth")
+    shards = [load_file(str(folder / o["path"])) for o in manifest.outputs if o["path"].endswith(".safetensors")]
+    if not shards:
+        raise EdgeqError(f"{folder} holds no image shards", "re-run 'edgeq synth'")
+    return ImageSet(
+        np.concatenate([s["images"] for s in shards]),
+        tuple(manifest.params["classes"]),
+        soft_labels=np.concatenate([s["soft_labels"] for s in shards]),
+    )

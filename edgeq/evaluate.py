@@ -41,9 +41,9 @@ def evaluate(model: str | None, data: str, *, num_images: int | None = None, all
     """``{"top1", "top5"}`` on labelled data; for a quantize folder also agreement with its float model."""
     is_quantized = model is not None and (Path(model) / MANIFEST_NAME).is_file() and Manifest.load(model).stage == "quantize"
     if is_quantized:
-        from .stages import quantize as quantize_stage
+        from .quantized import load as load_quantized
 
-        module, loaded, spec, _ = quantize_stage.load(model)
+        module, loaded, spec, _ = load_quantized(model)
     else:
         loaded = load_model(model, allow_pickle=allow_pickle)
         module, spec = loaded.module, None

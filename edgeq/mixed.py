@@ -55,7 +55,7 @@ def _mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
 
 def _quantized_logits(module: torch.nn.Module, inputs: np.ndarray, spec: QuantSpec, seed: int):
     from .evaluate import predict
-    from .stages.quantize import QuantizedLayer, quantize_module
+    from .quantized import QuantizedLayer, quantize_module
 
     quantized = quantize_module(copy.deepcopy(module), inputs, spec, seed=seed)
     layers = {name: m for name, m in quantized.named_modules() if isinstance(m, QuantizedLayer)}

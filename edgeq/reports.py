@@ -31,10 +31,10 @@ def layer_sqnr(quantized_dir: str | Path, inputs: np.ndarray) -> list[dict]:
     layer's figure includes what the layers before it did to its input."""
     import torch
 
-    from .stages import quantize as quantize_stage
+    from .quantized import QuantizedLayer, load
 
-    model, _, _, _ = quantize_stage.load(quantized_dir)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
+    model, _, _, _ = load(quantized_dir)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     captured: dict[str, list[torch.Tensor]] = {}
 
     def hook(name):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from edgeq import qdq, quantized
 from edgeq.data import load_fashion_mnist
 from edgeq.lowering import lower_low_bit_qdq
 from edgeq.stages import export, quantize
@@ -22,7 +23,7 @@ def test_inputs(builtin_model):
     ("w8a8", 21, TensorProto.INT8, TensorProto.UINT8),
 ])
 def test_qdq_types_and_agreement_in_steps(quantized_dirs, test_inputs, bits, opset, weight_type, act_type):
-    model, *_ = quantize.load(quantized_dirs(bits))
+    model, *_ = quantized.load(quantized_dirs(bits))
     onnx_model, records = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
     onnx.checker.check_model(onnx_model, full_check=True)
     assert onnx_model.opset_import[0].version == opset
@@ -47,10 +48,10 @@ def test_qdq_types_and_agreement_in_steps(quantized_dirs, test_inputs, bits, ops
 
 
 def test_three_bit_activations_are_clipped_to_their_range(quantized_dirs, test_inputs):
-    model, *_ = quantize.load(quantized_dirs("w3a3"))
+    model, *_ = quantized.load(quantized_dirs("w3a3"))
     onnx_model, records = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
-    session = export.onnxruntime_session(onnx_model, intermediate=[f"edgeq.{r['layer']}.act_dq" for r in records])
-    outputs = session.run(None, {export.INPUT_NAME: test_inputs})[1:]
+    session = qdq.onnxruntime_session(onnx_model, intermediate=[f"edgeq.{r['layer']}.act_dq" for r in records])
+    outputs = session.run(None, {qdq.INPUT_NAME: test_inputs})[1:]
     for index, (record, values) in enumerate(zip(records, outputs)):
         codes = np.round(values / record["act_scale"]) + record["act_zero_point"]
         assert record["act_bits"] == (8 if index in (0, len(records) - 1) else 3)  # the edges keep 8 bits
@@ -60,7 +61,7 @@ def test_three_bit_activations_are_clipped_to_their_range(quantized_dirs, test_i
 def test_weights_are_the_quantized_codes(quantized_dirs):
     from onnx import numpy_helper
 
-    model, *_ = quantize.load(quantized_dirs("w2a4"))
+    model, *_ = quantized.load(quantized_dirs("w2a4"))
     onnx_model, _ = export.build_qdq_model(model, torch.zeros(2, 1, 28, 28))
     codes = numpy_helper.to_array(next(t for t in onnx_model.graph.initializer if t.name == "edgeq.block_conv1.0.weight_q"))
     assert np.array_equal(codes.astype(np.int8), model.get_submodule("block_conv1.0").weight_int.numpy())
@@ -68,12 +69,12 @@ def test_weights_are_the_quantized_codes(quantized_dirs):
 
 
 def _ort(model, inputs):
-    return export.onnxruntime_session(model).run(None, {export.INPUT_NAME: inputs})[0]
+    return qdq.onnxruntime_session(model).run(None, {qdq.INPUT_NAME: inputs})[0]
 
 
 @pytest.mark.parametrize("bits", ["w2a4", "w4a4"])
 def test_lowering_keeps_the_numbers(quantized_dirs, test_inputs, bits):
-    model, *_ = quantize.load(quantized_dirs(bits))
+    model, *_ = quantized.load(quantized_dirs(bits))
     onnx_model, _ = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
     lowered = lower_low_bit_qdq(onnx_model)
     assert all(t.data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT64) for t in lowered.graph.initializer)
@@ -84,31 +85,29 @@ def test_lowering_needs_the_clip():
     """Widening a 4-bit QuantizeLinear without the Clip lets codes past 15 through."""
     from onnx import helper, numpy_helper
 
-    from edgeq.stages.export import integer_tensor
-
     graph = helper.make_graph(
         [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [numpy_helper.from_array(np.array(0.5, np.float32), "s"), integer_tensor("z", np.array(2), 4, signed=False)],
+        [numpy_helper.from_array(np.array(0.5, np.float32), "s"), qdq.integer_tensor("z", np.array(2), 4, signed=False)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.array([-3.0, 0.0, 6.5, 40.0], np.float32)
     expected = (np.clip(np.round(x / 0.5) + 2, 0, 15) - 2) * 0.5
-    assert np.array_equal(export.onnxruntime_session(model).run(None, {"x": x})[0], expected)
+    assert np.array_equal(qdq.onnxruntime_session(model).run(None, {"x": x})[0], expected)
     lowered = lower_low_bit_qdq(model)
-    assert np.array_equal(export.onnxruntime_session(lowered).run(None, {"x": x})[0], expected)
+    assert np.array_equal(qdq.onnxruntime_session(lowered).run(None, {"x": x})[0], expected)
     unclipped = onnx.ModelProto()
     unclipped.CopyFrom(lowered)
     clip = next(n for n in unclipped.graph.node if n.op_type == "Clip")
     unclipped.graph.node.remove(clip)
     next(n for n in unclipped.graph.node if n.op_type == "QuantizeLinear").output[0] = clip.output[0]
-    assert not np.array_equal(export.onnxruntime_session(unclipped).run(None, {"x": x})[0], expected)
+    assert not np.array_equal(qdq.onnxruntime_session(unclipped).run(None, {"x": x})[0], expected)
 
 
 def test_vit_linears_export_within_one_step(tmp_path):
     """ViT linears on 3-D tensors export as MatMul with transposed weights (axis 1 dequantization)."""
     folder = quantize.run("tests.factories:tiny_vit", "fashion-mnist:A", tmp_path / "q", bits="w4a4", num_images=16)
-    model, loaded, _, _ = quantize.load(folder)
+    model, loaded, _, _ = quantized.load(folder)
     inputs = loaded.preprocess(load_fashion_mnist("test").images[:16])
     onnx_model, records = export.build_qdq_model(model, torch.from_numpy(inputs[:2]))
     assert {r["op"] for r in records} >= {"Conv", "MatMul"}

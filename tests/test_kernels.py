@@ -21,7 +21,10 @@ from tvm import relax
 
 from edgeq import emulation
 from edgeq.errors import EdgeqError
+from edgeq.folders import MODEL_FILE, MODULE_FILE
 from edgeq.manifest import Manifest
+from edgeq.qdq import onnxruntime_session
+from edgeq.quantized import quantize_module
 from edgeq.stages import compile as compile_stage
 from edgeq.stages import export as export_stage
 from edgeq.stages import quantize as quantize_stage
@@ -161,7 +164,7 @@ def timm_vit_model(tmp_path_factory) -> onnx.ModelProto:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10).eval()
     calibration = np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32)
-    quantized = quantize_stage.quantize_module(model, calibration, "w2a4")
+    quantized = quantize_module(model, calibration, "w2a4")
     qdq, _ = export_stage.build_qdq_model(quantized, torch.from_numpy(calibration[:1]))
     return qdq
 
@@ -184,7 +187,7 @@ def _code_disagreement(model: onnx.ModelProto, plan: graph.Plan, env: dict, x: n
     probe.CopyFrom(model)
     del probe.graph.output[:]
     probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(dequantized[name]) for name in quantized])
-    theirs = export_stage.onnxruntime_session(probe).run(None, {model.graph.input[0].name: x})
+    theirs = onnxruntime_session(probe).run(None, {model.graph.input[0].name: x})
     worst, differing, total = 0, 0, 0
     for name, values in zip(quantized, theirs):
         value = plan.values[name]
@@ -200,7 +203,7 @@ def _code_disagreement(model: onnx.ModelProto, plan: graph.Plan, env: dict, x: n
 
 @pytest.mark.parametrize("name", ["tiny", "mobilenet", "vit"])
 def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
-    model = onnx.load(str(exports[name] / export_stage.MODEL_FILE))
+    model = onnx.load(str(exports[name] / MODEL_FILE))
     lib = libraries["host"]
     plan = graph.build_plan(model, lib.layout)
     kernels = plan.summary()["kernels"]
@@ -209,7 +212,7 @@ def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
         assert any(step.params.get("depthwise") for step in plan.steps if step.kernel == "conv2d")
     if name == "vit":
         assert {"layer_norm", "softmax", "gelu", "matmul", "dequantize"} <= set(kernels)
-    session = export_stage.onnxruntime_session(model)
+    session = onnxruntime_session(model)
     input_name = model.graph.input[0].name
     for x in _inputs(model, 5):
         env = graph.run_plan(plan, lib, x)
@@ -232,7 +235,7 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
     plan = graph.build_plan(timm_vit_model, lib.layout)
     kernels = plan.summary()["kernels"]
     assert kernels["conv2d"] == 1 + 2 * 4 + 1 and {"layer_norm", "softmax", "gelu", "matmul", "copy"} <= set(kernels)
-    session = export_stage.onnxruntime_session(timm_vit_model)
+    session = onnxruntime_session(timm_vit_model)
     for x in _inputs(timm_vit_model, 3):
         env = graph.run_plan(plan, lib, x)
         worst, share = _code_disagreement(timm_vit_model, plan, env, x)
@@ -247,9 +250,9 @@ def test_compiled_module_runs_the_kernels_and_matches_onnxruntime(tmp_path, expo
     compiled = compile_stage.run(exports[name], tmp_path / "compiled", target="x86-avx2" if "avx2" in native.host_cpu_features() else "x86", kernels="on")
     build = Manifest.load(compiled, "compile").extra["build"]
     assert build["path"] == "kernels" and build["kernels"]["conv2d"] >= 3
-    model = onnx.load(str(exports[name] / export_stage.MODEL_FILE))
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / compile_stage.MODULE_FILE)), tvm.cpu())
-    session = export_stage.onnxruntime_session(model)
+    model = onnx.load(str(exports[name] / MODEL_FILE))
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / MODULE_FILE)), tvm.cpu())
+    session = onnxruntime_session(model)
     for x in _inputs(model, 3):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
         theirs = session.run(None, {model.graph.input[0].name: x})[0]
@@ -260,13 +263,13 @@ def test_unsupported_graph_falls_back_or_fails_clearly(tmp_path, exports):
     # the tiny model with its logits negated twice: Neg has no kernel, TVM's importer takes it
     export = tmp_path / "export"
     shutil.copytree(exports["tiny"], export)
-    model = onnx.load(str(export / export_stage.MODEL_FILE))
+    model = onnx.load(str(export / MODEL_FILE))
     logits = model.graph.output[0].name
     for node in model.graph.node:
         node.output[:] = [f"{name}/before" if name == logits else name for name in node.output]
     model.graph.node.extend([onnx.helper.make_node("Neg", [f"{logits}/before"], [f"{logits}/negated"], name="negate"),
                              onnx.helper.make_node("Neg", [f"{logits}/negated"], [logits], name="negate_back")])
-    onnx.save(model, str(export / export_stage.MODEL_FILE))
+    onnx.save(model, str(export / MODEL_FILE))
     compiled = compile_stage.run(export, tmp_path / "auto", target="x86")
     build = Manifest.load(compiled, "compile").extra["build"]
     assert build["path"] == "generic" and "Neg" in build["reason"]

@@ -67,10 +67,10 @@ def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, t
     summary = run(TINY, RunOptions(target=get_target("x86"), spec=QuantSpec.load(str(path)), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn",
                                    eval_images=50, latency_runs=2))
     assert summary["bits"] == str(spec) and summary["agreement_with_onnxruntime"] >= 0.98
-    from edgeq.stages import quantize as quantize_stage
+    from edgeq.quantized import QuantizedLayer, load
 
-    model, _, loaded_spec, _ = quantize_stage.load(summary["stage_dirs"]["quantize"])
-    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
+    model, _, loaded_spec, _ = load(summary["stage_dirs"]["quantize"])
+    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     assert loaded_spec == spec and all(bits[name] == (2, 4) for name in lowered)
     assert all(bits[layer.name] == (4, 4) for layer in layers[1:-1] if layer.name not in lowered)
 
@@ -79,7 +79,7 @@ def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_t
     from edgeq.targets import host_target
 
     from edgeq.manifest import Manifest
-    from edgeq.stages import quantize as quantize_stage
+    from edgeq.quantized import QuantizedLayer, load
 
     _, _, layers = tiny_sensitivity
     # first_last_bits 2: the first and last layer at the spec's own widths (what null used to mean); one layer raised
@@ -96,9 +96,9 @@ def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_t
     dirs = summary["stage_dirs"]
     assert dirs["compile"].endswith(f"-rtn-{host}") and dirs["verify"].endswith(f"-rtn-{host}")
     assert Manifest.load(dirs["compile"], "compile").target == host and Manifest.load(dirs["verify"], "verify").target == host
-    model, _, loaded_spec, _ = quantize_stage.load(dirs["quantize"])
+    model, _, loaded_spec, _ = load(dirs["quantize"])
     assert loaded_spec == spec
-    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
+    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     assert bits[layers[0].name] == bits[layers[-1].name] == (2, 4)  # not the 8 bits a plain w2a4 gives them
     assert bits[layers[1].name] == (4, 4) and all(bits[layer.name] == (2, 4) for layer in layers[2:-1])
 

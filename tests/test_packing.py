@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from edgeq.stages.export import integer_tensor
+from edgeq.qdq import integer_tensor
 
 
 def _values(bits, signed):

@@ -9,6 +9,8 @@ import torch
 from edgeq.targets import get_target
 
 from edgeq import EdgeqError
+from edgeq.data import load_synth_images
+from edgeq.folders import MODULE_FILE
 from edgeq.manifest import MANIFEST_NAME, Manifest, staged_folder
 from edgeq.pipeline import RunOptions, run, spec_folder_name
 from edgeq.spec import QuantSpec
@@ -40,7 +42,7 @@ def test_synth_is_deterministic_and_records_every_image(tmp_path, tiny_generator
     assert len(manifest.extra["images"]) == 16
     first = manifest.extra["images"][0]
     assert first["prompt"].startswith("a photo of a ") and len(first["classes"]) == 2 and first["weights"] == [0.5, 0.5]
-    images = synth_stage.load_images(synth_dir)
+    images = load_synth_images(synth_dir)
     assert images.images.shape == (16, 64, 64, 3) and images.images.dtype == np.uint8
     from PIL import Image
 
@@ -60,7 +62,7 @@ def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_ge
     assert manifest.params["prompts"]["fusion"] == "embedding"
     record = manifest.extra["images"][0]
     assert len(record["components"]) == 3 and len(set(record["classes"])) == 3
-    soft = synth_stage.load_images(out).soft_labels[0]
+    soft = load_synth_images(out).soft_labels[0]
     assert np.allclose(soft[record["classes"]], record["weights"])
 
     # A mix that puts all weight on one class conditions exactly as that class's own prompt does.
@@ -78,7 +80,7 @@ def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builti
                             synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28))
     shard = synth_stage.SHARD_PATTERN.format(1)
     assert (first / shard).read_bytes() == (again / shard).read_bytes()
-    images = synth_stage.load_images(first)
+    images = load_synth_images(first)
     assert images.images.shape == (300, 28, 28, 3) and not images.soft_labels.any()
     pixels = images.images.astype(np.float64)
     # Clipping at 0 and 255 (about 2.3% of draws each side at 2 sigma) pulls the std a little under 64.
@@ -131,7 +133,7 @@ def test_run_options_take_parsed_settings():
 
 def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86")
-    assert (compiled / compile_stage.MODULE_FILE).is_file()
+    assert (compiled / MODULE_FILE).is_file()
     report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5)
     assert report["agreement_with_onnxruntime"] >= 0.99
     assert report["max_abs_diff_vs_onnxruntime"] < 1e-3
@@ -147,8 +149,8 @@ def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
 def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir, target, qemu_cpu):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target=target)
     assert Manifest.load(compiled, "compile").extra["build"]["path"] == "kernels"
-    assert (compiled / compile_stage.MODULE_FILE).read_bytes()[:4] == b"\x7fELF"
-    assert (compiled / compile_stage.MODULE_FILE).read_bytes()[18] == 183  # e_machine EM_AARCH64
+    assert (compiled / MODULE_FILE).read_bytes()[:4] == b"\x7fELF"
+    assert (compiled / MODULE_FILE).read_bytes()[18] == 183  # e_machine EM_AARCH64
     report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=100, latency_runs=5)
     assert report["ran"] == f"qemu-aarch64 -cpu {qemu_cpu}"
     assert report["agreement_with_onnxruntime"] >= 0.99

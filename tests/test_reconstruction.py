@@ -3,11 +3,12 @@ import pytest
 import torch
 from torch import nn
 
-from edgeq import EdgeqError, quant
+from edgeq import EdgeqError, quant, quantized
 from edgeq.reconstruction import Method, ReconstructionConfig, default_round_weight, reconstruct
 from edgeq.reconstruction.activation import LearnedActivation, drop_quantization
 from edgeq.reconstruction.blocks import find_units, register_block
 from edgeq.reconstruction.rounding import AdaRound, beta_schedule
+from edgeq.spec import QuantSpec
 from edgeq.stages import export, quantize
 from edgeq.zoo.teachers import FmnistMobileNetV2, FmnistResNet, FmnistViT
 
@@ -42,8 +43,8 @@ def test_adaround_lowers_a_layers_output_error_against_round_to_nearest():
     x = torch.from_numpy(inputs)
     with torch.no_grad():
         reference = model(x)
-    rtn = quantize.quantize_module(model, inputs, "w2a8")
-    learned = quantize.quantize_module(model, inputs, "w2a8", reconstruction=ReconstructionConfig(method="adaround", iters=400))
+    rtn = quantized.quantize_module(model, inputs, "w2a8")
+    learned = quantized.quantize_module(model, inputs, "w2a8", reconstruction=ReconstructionConfig(method="adaround", iters=400))
     with torch.no_grad():
         error_rtn = (rtn(x) - reference).pow(2).mean().item()
         error_learned = (learned(x) - reference).pow(2).mean().item()
@@ -83,7 +84,7 @@ def test_beta_schedule_warms_up_then_decays():
 
 
 def _units(model, blocks=True):
-    prepared, layers = quantize.prepare(model, quantize.QuantSpec.parse("w4a4"), torch.zeros(1, 1, 28, 28))
+    prepared, layers = quantized.prepare(model, QuantSpec.parse("w4a4"), torch.zeros(1, 1, 28, 28))
     return {u.name: u for u in find_units(prepared, list(layers), blocks=blocks)}
 
 
@@ -129,8 +130,8 @@ def test_reconstruction_is_deterministic_and_round_weight_follows_the_architectu
     model = _two_layer_model()
     inputs = _inputs(64)
     config = ReconstructionConfig(method="qdrop", iters=30, batch_size=8)
-    first = quantize.quantize_module(model, inputs, "w2a4", reconstruction=config, seed=3)
-    again = quantize.quantize_module(model, inputs, "w2a4", reconstruction=config, seed=3)
+    first = quantized.quantize_module(model, inputs, "w2a4", reconstruction=config, seed=3)
+    again = quantized.quantize_module(model, inputs, "w2a4", reconstruction=config, seed=3)
     for key, value in first.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
     assert default_round_weight(FmnistMobileNetV2()) == 0.1 and default_round_weight(FmnistResNet()) == 0.01
@@ -156,12 +157,12 @@ def test_a_learned_model_saves_loads_and_exports_with_the_same_numbers(tmp_path)
 
     config = ReconstructionConfig(method="qdrop", iters=20, batch_size=8)
     folder = quantize.run(TINY, "fashion-mnist:A", tmp_path / "q", bits="w2a4", num_images=32, reconstruction=config, seed=4)
-    model, _loaded, _spec, manifest = quantize.load(folder)
+    model, _loaded, _spec, manifest = quantized.load(folder)
     assert manifest.params["method"] == "qdrop" and manifest.params["reconstruction"]["iters"] == 20
     assert [r["unit"] for r in manifest.extra["reconstruction"]] == ["stem.0", "block_conv1.0", "block_conv2.0", "down1.0", "down2.0", "classifier"]
     tiny = load_model(TINY)
     calibration = tiny.preprocess(resolve_dataset("fashion-mnist:A").subset(32).images)
-    in_memory = quantize.quantize_module(tiny.module, calibration, "w2a4", reconstruction=config, seed=4)
+    in_memory = quantized.quantize_module(tiny.module, calibration, "w2a4", reconstruction=config, seed=4)
     test_inputs = tiny.preprocess(resolve_dataset("fashion-mnist:test").subset(64).images)
     with torch.no_grad():
         assert torch.equal(model(torch.from_numpy(test_inputs)), in_memory(torch.from_numpy(test_inputs)))
@@ -181,7 +182,7 @@ def test_a_time_budget_caps_the_iterations_and_fisher_weights_are_squared_gradie
     inputs = _inputs(32)
     report: list = []
     config = ReconstructionConfig(method="adaround", iters=100000, batch_size=4, time_budget=2.0, loss="fisher")
-    quantize.quantize_module(model, inputs, "w2a4", reconstruction=config, report=report)
+    quantized.quantize_module(model, inputs, "w2a4", reconstruction=config, report=report)
     assert len(report) == 3 and all(20 <= r["iterations"] < 100000 for r in report)
     assert sum(r["seconds"] for r in report) < 10
 
@@ -202,7 +203,7 @@ def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp
 
     config = ReconstructionConfig(method="qdrop", iters=10, batch_size=8)
     folder = quantize.run("tests.factories:tiny_zoo_vit", "fashion-mnist:A", tmp_path / "q", bits="w4a4", num_images=32, reconstruction=config)
-    model, _loaded, _, manifest = quantize.load(folder)
+    model, _loaded, _, manifest = quantized.load(folder)
     assert manifest.extra["matmuls"] == ["blocks.0.attn.scores", "blocks.0.attn.context"]
     scores = model.get_submodule("blocks.0.attn.scores")
     assert scores.act_bits == 8 and torch.all(scores.act_scale > 0) and not torch.equal(scores.act_scale, torch.ones(2))  # attention_bits
@@ -222,13 +223,12 @@ def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp
 def test_asymmetric_weights_learn_export_and_compile(tmp_path):
     import dataclasses
 
-    from edgeq.spec import QuantSpec
     from edgeq.stages import compile as compile_stage
     from edgeq.stages import verify as verify_stage
 
     spec = dataclasses.replace(QuantSpec.parse("w2a4"), weight_symmetric=False)
     folder = quantize.run(TINY, "fashion-mnist:A", tmp_path / "q", bits=spec, num_images=32, reconstruction=ReconstructionConfig(method="brecq", iters=20))
-    model, _, loaded_spec, _ = quantize.load(folder)
+    model, _, loaded_spec, _ = quantized.load(folder)
     assert loaded_spec.weight_symmetric is False
     zero_points = model.get_submodule("down1.0").weight_zero_point
     assert zero_points.abs().sum() > 0 and zero_points.min() >= -2 and zero_points.max() <= 1

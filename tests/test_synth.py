@@ -13,6 +13,7 @@ import torch
 
 from edgeq import EdgeqError
 from edgeq.bn_inversion import batchnorm_layers, statistics_loss
+from edgeq.data import load_synth_images
 from edgeq.diagnostics import FilterOptions, bn_sensitivity_scores, energy_scores, inspect_images, mean_pairwise_distance, select_lowest
 from edgeq.manifest import Manifest
 from edgeq.models import LoadedModel
@@ -31,7 +32,7 @@ def test_every_prompt_strategy_runs_on_a_tiny_pipeline(tmp_path, tiny_generator,
     out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "s",
                     synth.SynthOptions(strategy=strategy, num_images=6, seed=1, steps=2,
                                        prompts=PromptOptions(fusion=fusion), shard_size=4))
-    images = synth.load_images(out)
+    images = load_synth_images(out)
     assert images.images.shape == (6, 64, 64, 3) and sorted(_shard_hashes(out)) == ["images-00000.safetensors", "images-00001.safetensors"]
     per_image = 1 if strategy == "single" else 2
     assert ((images.soft_labels > 0).sum(1) == per_image).all() and np.allclose(images.soft_labels.sum(1), 1.0)
@@ -92,7 +93,7 @@ def test_an_unfinished_run_with_other_settings_is_discarded(tmp_path, builtin_mo
     (work / ".images-00001.safetensors.partial-1234").write_bytes(b"half")
     out = synth.run(None, builtin_model.classes, tmp_path / "out",
                     synth.SynthOptions(strategy="noise", num_images=4, seed=0, size=8))
-    assert len(synth.load_images(out)) == 4 and not work.exists()
+    assert len(load_synth_images(out)) == 4 and not work.exists()
 
 
 def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, tiny_generator):
@@ -113,7 +114,7 @@ def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, ti
     assert not killed.exists() and 1 <= finished_before_kill < 12
     done = subprocess.run([*command, "-o", str(killed)], check=True, capture_output=True, text=True, env=env)
     assert "continuing an unfinished run" in done.stderr
-    assert _shard_hashes(killed) == _shard_hashes(whole) and len(synth.load_images(killed)) == 48
+    assert _shard_hashes(killed) == _shard_hashes(whole) and len(load_synth_images(killed)) == 48
 
 
 def test_energy_filter_keeps_the_lowest_energy_candidates(tmp_path, tiny_generator, builtin_model):
@@ -126,11 +127,11 @@ def test_energy_filter_keeps_the_lowest_energy_candidates(tmp_path, tiny_generat
     assert len(kept) == 6 and manifest.extra["filter"]["candidates"] == 12
     assert manifest.extra["filter"]["kept_score_max"] <= manifest.extra["filter"]["dropped_score_min"]
     assert [r["candidate"] for r in kept] == sorted(r["candidate"] for r in kept)
-    images = synth.load_images(out)
+    images = load_synth_images(out)
     recomputed = energy_scores(builtin_model, images.images)
     assert np.allclose(recomputed, [r["score"] for r in kept], atol=1e-5)
     assert manifest.inputs[-1]["role"] == "model" and not (out / synth.CANDIDATES_DIR).exists()
-    unfiltered = synth.load_images(synth.run(tiny_generator, builtin_model.classes, tmp_path / "u",
+    unfiltered = load_synth_images(synth.run(tiny_generator, builtin_model.classes, tmp_path / "u",
                                              synth.SynthOptions(strategy="single", num_images=12, seed=2, steps=2,
                                                                 shard_size=4)))
     assert np.array_equal(unfiltered.images[[r["candidate"] for r in kept]], images.images)  # candidates are the unfiltered images

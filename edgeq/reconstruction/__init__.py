@@ -144,7 +144,7 @@ def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: Re
                 matmuls: dict | None = None) -> list[dict]:
     """Learn the rounding (and activation steps) of ``layers`` unit by unit; returns a report per unit.
 
-    ``model`` is a prepared, calibrated model (``quantize.prepare`` then ``calibrate``) whose
+    ``model`` is a prepared, calibrated model (``edgeq.quantized.prepare`` then ``calibrate``) whose
     QuantizedLayers are ``layers``; ``inputs`` the preprocessed calibration images. The
     learned codes and steps are written into the layers' buffers, so the model saves,
     loads and exports as any quantized model.

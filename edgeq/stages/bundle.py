@@ -21,13 +21,12 @@ import onnx
 
 from ..data import resolve_dataset
 from ..errors import EdgeqError
+from ..folders import MODEL_FILE, MODULE_FILE, upstream
 from ..manifest import Manifest, input_entry, staged_folder
+from ..qdq import INPUT_NAME, onnxruntime_session
+from ..quantized import load as load_quantized
 from ..runtime import runner
 from ..targets import get_target
-from . import quantize as quantize_stage
-from .compile import MODULE_FILE
-from .export import INPUT_NAME, MODEL_FILE, onnxruntime_session
-from .verify import _upstream
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +76,8 @@ The RPC protocol has no authentication: keep the server on localhost and use the
 def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_samples: int = 8, tar: bool = False) -> Path:
     """Write a bundle folder for ``compiled_dir`` (and ``<out>.tar.gz`` when ``tar``)."""
     compiled_dir, out = Path(compiled_dir), Path(out)
-    compiled, export_dir, quantized_dir = _upstream(compiled_dir)
-    _, loaded, spec, quant_manifest = quantize_stage.load(quantized_dir)
+    compiled, export_dir, quantized_dir = upstream(compiled_dir)
+    _, loaded, spec, quant_manifest = load_quantized(quantized_dir)
     data = data or quant_manifest.input("calibration")["path"]
     images = resolve_dataset(data, num_samples)
     if len(images) == 0:

@@ -21,15 +21,12 @@ from pathlib import Path
 import onnx
 
 from ..errors import EdgeqError
+from ..folders import MODEL_FILE, MODULE_FILE
 from ..lowering import lower_low_bit_qdq
 from ..manifest import Manifest, input_entry, staged_folder
 from ..targets import Target, get_target
-from .export import MODEL_FILE
 
 log = logging.getLogger(__name__)
-
-MODULE_FILE = "module.so"
-
 
 KERNEL_MODES = ("auto", "on", "off")
 

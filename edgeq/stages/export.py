@@ -23,40 +23,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from edgeq.kernels.packing import pack
-
-from .. import quant
+from .. import quant, quantized
 from ..data import resolve_dataset
 from ..errors import EdgeqError
+from ..folders import MODEL_FILE
 from ..graph import eval_mode, execution_order
 from ..manifest import Manifest, input_entry, staged_folder
-from . import quantize as quantize_stage
+from ..qdq import INPUT_NAME, OUTPUT_NAME, integer_tensor, onnxruntime_session
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 CHECK_IMAGES = 16
 LAYER_TOLERANCE = 1e-4  # float32 rounding of one layer, relative to its output range
-_SIGNED = {2: TensorProto.INT2, 4: TensorProto.INT4, 8: TensorProto.INT8}
-_UNSIGNED = {2: TensorProto.UINT2, 4: TensorProto.UINT4, 8: TensorProto.UINT8}
-
-
-def container_bits(bits: int) -> int:
-    """The smallest ONNX integer width holding ``bits``-bit values."""
-    return 2 if bits <= 2 else 4 if bits <= 4 else 8
-
-
-def integer_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:
-    """An initializer of ONNX type (U)INT{2,4,8} holding ``values``, packed as ONNX stores them."""
-    width = container_bits(bits)
-    elem_type = (_SIGNED if signed else _UNSIGNED)[width]
-    tensor = TensorProto(name=name, data_type=elem_type, dims=list(values.shape))
-    tensor.raw_data = pack(values, width) if width < 8 else np.asarray(values, dtype=np.int8 if signed else np.uint8).tobytes()
-    return tensor
 
 
 def _digest(array: np.ndarray) -> str:
@@ -68,10 +48,10 @@ def _float_twin(model: torch.nn.Module) -> torch.nn.Module:
     and each QuantizedMatMul its plain MatMul."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
-        if isinstance(module, quantize_stage.QuantizedLayer):
+        if isinstance(module, quantized.QuantizedLayer):
             inner = module.layer
             inner.weight = torch.nn.Parameter(module.dequantized_weight())
-        elif isinstance(module, quantize_stage.QuantizedMatMul):
+        elif isinstance(module, quantized.QuantizedMatMul):
             inner = module.matmul
         else:
             continue
@@ -106,8 +86,8 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
     (QuantizedMatMul) have no weights: they are the MatMul nodes with no initializer input,
     which the exporter writes in execution order, so they are matched in that order.
     """
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, quantize_stage.QuantizedLayer)}
-    matmuls = quantize_stage.quantized_matmuls(model)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, quantized.QuantizedLayer)}
+    matmuls = quantized.quantized_matmuls(model)
     matmul_order = execution_order(model, list(matmuls), example) if matmuls else []
     needs_2bit = any(min(m.weight_bits, m.act_bits) <= 2 for m in layers.values()) or any(m.act_bits <= 2 for m in matmuls.values())
     opset = 25 if needs_2bit else 21
@@ -200,28 +180,6 @@ def _activation_qdq(node, input_index: int, scale: float, zero_point: int, bits:
     return nodes
 
 
-def onnxruntime_session(path_or_model, *, intermediate: list[str] | None = None, threads: int = 1):
-    """An onnxruntime CPU session computing the QDQ graph exactly as ONNX specifies it.
-
-    ``intermediate`` adds those float tensors as extra outputs. Graph optimizations are
-    off: onnxruntime 1.32's QDQ fusions build QLinearConv nodes on UINT4 inputs, an invalid
-    graph it then refuses to run (any 2-bit-weight model), and on W4A4 they requantize in
-    fused integer kernels that round differently (0.28 logit units on the built-in model).
-    Unfused, onnxruntime matches torch fake-quant to ~1e-6.
-    """
-    import onnxruntime as ort
-
-    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
-    if intermediate:
-        model = copy.deepcopy(model)
-        model.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in intermediate)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 @torch.no_grad()
 def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto, records: list[dict], inputs: np.ndarray) -> dict:
     """How onnxruntime running the QDQ graph compares with torch fake-quant.
@@ -299,7 +257,7 @@ def plan(quantized_dir: str | Path) -> Manifest:
 def run(quantized_dir: str | Path, out: str | Path) -> Path:
     """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime."""
     manifest = plan(quantized_dir)
-    model, loaded, spec, source = quantize_stage.load(quantized_dir)
+    model, loaded, spec, source = quantized.load(quantized_dir)
     images = resolve_dataset(source.input("calibration")["path"]).subset(CHECK_IMAGES)
     inputs = loaded.preprocess(images.images)
     log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images",

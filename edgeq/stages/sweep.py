@@ -16,12 +16,12 @@ from pathlib import Path
 from .. import pipeline, reports
 from ..data import resolve_dataset
 from ..errors import EdgeqError
+from ..folders import MODULE_FILE
 from ..manifest import staged_folder
 from ..models import load_model
 from ..spec import QuantSpec
 from ..targets import Target, host_target
 from . import verify as verify_stage
-from .compile import MODULE_FILE
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data import ImageSet
 from ..diagnostics import FilterOptions, scorer, select_lowest
 from ..errors import EdgeqError, one_of
 from ..manifest import Manifest, atomic_write_bytes, input_entry, publish_folder, reusable
@@ -457,20 +456,3 @@ def _conditioning(pipeline, batch: list[PromptPlan], guidance_scale: float, nega
         keywords["negative_prompt_embeds"] = encode([negative_prompt or ""]).expand_as(embeds)
     return keywords
 
-
-def load_images(folder: str | Path) -> ImageSet:
-    """The images and soft labels of a synth folder."""
-    from safetensors.numpy import load_file
-
-    folder = Path(folder)
-    if not folder.exists():
-        raise EdgeqError(f"data folder not found: {folder}", "pass an output folder of 'edgeq synth', or fashion-mnist:test")
-    manifest = Manifest.load(folder, "synth")
-    shards = [load_file(str(folder / o["path"])) for o in manifest.outputs if o["path"].endswith(".safetensors")]
-    if not shards:
-        raise EdgeqError(f"{folder} holds no image shards", "re-run 'edgeq synth'")
-    return ImageSet(
-        np.concatenate([s["images"] for s in shards]),
-        tuple(manifest.params["classes"]),
-        soft_labels=np.concatenate([s["soft_labels"] for s in shards]),
-    )

@@ -19,24 +19,16 @@ from .. import devices
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..evaluate import agreement, predict
+from ..folders import MODEL_FILE, MODULE_FILE, upstream
 from ..manifest import Manifest, input_entry, staged_folder
 from ..models import load_model
+from ..qdq import INPUT_NAME, onnxruntime_session
+from ..quantized import load as load_quantized
 from ..targets import get_target
-from . import quantize as quantize_stage
-from .compile import MODULE_FILE
-from .export import INPUT_NAME, MODEL_FILE, onnxruntime_session
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
-
-
-def _upstream(compiled_dir: Path) -> tuple[Manifest, Path, Path]:
-    """The compile manifest, and the export and quantize folders it was made from."""
-    compiled = Manifest.load(compiled_dir, "compile")
-    export_dir = Path(compiled.input("export")["path"])
-    quantized_dir = Path(Manifest.load(export_dir, "export").input("quantized")["path"])
-    return compiled, export_dir, quantized_dir
 
 
 def _top1(logits: np.ndarray, targets: np.ndarray | None) -> float | None:
@@ -69,8 +61,8 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
     ``rpc`` (HOST:PORT), or ``tracker`` and ``key``, run the module on a board over TVM RPC.
     """
     compiled_dir = Path(compiled_dir)
-    compiled, export_dir, quantized_dir = _upstream(compiled_dir)
-    quantized_model, loaded, spec, quant_manifest = quantize_stage.load(quantized_dir)
+    compiled, export_dir, quantized_dir = upstream(compiled_dir)
+    quantized_model, loaded, spec, quant_manifest = load_quantized(quantized_dir)
     data = data or quant_manifest.input("calibration")["path"]
     manifest = plan(compiled_dir, data=data, num_images=num_images, latency_runs=latency_runs)
     images = resolve_dataset(data, num_images)

@@ -1,0 +1,21 @@
+"""What stage folders hold, by name, and how a folder leads back to the folders it was made from.
+
+Every stage writes a folder with a ``manifest.json`` (:mod:`edgeq.manifest`); the names
+here are the files that later stages, the bundle and the CLI read from those folders.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .manifest import Manifest
+
+MODEL_FILE = "model.onnx"  # an export folder's QDQ ONNX model
+MODULE_FILE = "module.so"  # a compile folder's TVM module
+
+
+def upstream(compiled_dir: str | Path) -> tuple[Manifest, Path, Path]:
+    """The compile manifest, and the export and quantize folders it was made from."""
+    compiled = Manifest.load(compiled_dir, "compile")
+    export_dir = Path(compiled.input("export")["path"])
+    quantized_dir = Path(Manifest.load(export_dir, "export").input("quantized")["path"])
+    return compiled, export_dir, quantized_dir

@@ -1,0 +1,295 @@
+"""The quantized model: fake-quantized layers, how a float model becomes one, and its folder on disk.
+
+Every ``nn.Conv2d`` and ``nn.Linear`` (after BatchNorm folding) is wrapped by a
+:class:`QuantizedLayer` that quantizes its input (per tensor, unsigned) and uses
+integer weights times per-channel scales; the first and last layer (in execution order)
+keep the spec's ``first_last_bits``. A :class:`edgeq.layers.MatMul` of two activations
+becomes a :class:`QuantizedMatMul`. Ranges come from MSE searches on calibration images
+(:func:`calibrate`); :func:`quantize_module` adds ``edgeq.reconstruction``'s learned
+rounding. A quantize folder holds ``quantized.safetensors`` (the wrapped model's state
+and the spec); :func:`load` rebuilds the model from the float model its manifest names.
+
+The quantize stage makes these folders; export, verify, bundle, mixed precision, the
+evaluation and the reports read them through this module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import quant
+from .errors import EdgeqError
+from .graph import eval_mode, execution_order, fold_batchnorm
+from .layers import MatMul
+from .manifest import Manifest, staged_folder
+from .models import LoadedModel, load_model
+from .reconstruction import ReconstructionConfig, reconstruct
+from .spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "quantized.safetensors"
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+_SAMPLES_PER_BATCH = 1 << 15  # activation values kept per batch for the MSE range search
+
+
+class QuantizedLayer(nn.Module):
+    """A Conv2d or Linear with fake-quantized input and weights.
+
+    Buffers: ``weight_int`` (int8 container for any bit width), ``weight_scale`` (one per
+    output channel), ``act_scale`` and ``act_zero_point`` (per tensor). The float weight
+    stays in ``layer`` so later rounding methods can start from it.
+    """
+
+    def __init__(self, layer: nn.Module, weight_bits: int, act_bits: int):
+        super().__init__()
+        self.layer = layer
+        self.weight_bits, self.act_bits = weight_bits, act_bits
+        out_channels = layer.weight.shape[0]
+        self.register_buffer("weight_int", torch.zeros_like(layer.weight, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("weight_zero_point", torch.zeros(out_channels, dtype=torch.int8))  # 0 unless weights are asymmetric
+        self.register_buffer("act_scale", torch.tensor(1.0))
+        self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
+        self.bypass = False  # True: run the float layer (while observing calibration ranges)
+        self.learning = None  # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
+
+    @property
+    def weight_range(self) -> tuple[int, int]:
+        return quant.signed_range(self.weight_bits)
+
+    @property
+    def act_range(self) -> tuple[int, int]:
+        return quant.unsigned_range(self.act_bits)
+
+    def set_weight_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> None:
+        """Set the per-channel scales (and zero points) and round the weights to nearest."""
+        weight = self.layer.weight.detach()
+        self.weight_scale.copy_(scale)
+        self.weight_zero_point.copy_(torch.zeros_like(scale) if zero_point is None else zero_point)
+        codes = quant.quantize(weight, quant.channel_view(scale, weight), self.channel_zero_point(), *self.weight_range)
+        self.weight_int.copy_(codes.to(torch.int8))
+
+    def channel_zero_point(self) -> torch.Tensor:
+        return quant.channel_view(self.weight_zero_point.float(), self.weight_int)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return quant.dequantize(self.weight_int.float(), quant.channel_view(self.weight_scale, self.weight_int), self.channel_zero_point())
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.fake_quantize(x, self.act_scale, self.act_zero_point.float(), *self.act_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.layer(x)
+        if self.learning is not None:
+            weight, x = self.learning.weight(self), self.learning.quantize_input(x)
+        else:
+            weight, x = self.dequantized_weight(), self.quantize_input(x)
+        params = {"weight": weight}
+        if self.layer.bias is not None:
+            params["bias"] = self.layer.bias
+        return torch.func.functional_call(self.layer, params, (x,))
+
+
+class QuantizedMatMul(nn.Module):
+    """A :class:`edgeq.layers.MatMul` of two activations, each input fake-quantized per tensor.
+
+    Buffers: ``act_scale`` and ``act_zero_point``, one entry per input (unsigned, with a
+    zero point, as every activation). ``matmul`` is the wrapped module.
+    """
+
+    def __init__(self, matmul: nn.Module, act_bits: int):
+        super().__init__()
+        self.matmul = matmul
+        self.act_bits = act_bits
+        self.register_buffer("act_scale", torch.ones(2))
+        self.register_buffer("act_zero_point", torch.zeros(2, dtype=torch.int32))
+        self.bypass = False
+        self.learning = None  # during reconstruction: edgeq.reconstruction.MatMulLearning
+
+    @property
+    def act_range(self) -> tuple[int, int]:
+        return quant.unsigned_range(self.act_bits)
+
+    def quantize_operand(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        return quant.fake_quantize(x, self.act_scale[index], self.act_zero_point[index].float(), *self.act_range)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.matmul(a, b)
+        if self.learning is not None:
+            return self.matmul(*self.learning.quantize_operands(a, b))
+        return self.matmul(self.quantize_operand(a, 0), self.quantize_operand(b, 1))
+
+
+def quantized_matmuls(model: nn.Module) -> dict[str, QuantizedMatMul]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedMatMul)}
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE) and name]
+
+
+def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, QuantizedLayer]:
+    """Wrap ``names`` (in execution order): the first and last take the spec's edge bit widths."""
+    unknown = sorted({layer for layer, _, _ in spec.layers} - set(names))
+    if unknown:
+        raise EdgeqError(f"the spec names layers the model lacks: {', '.join(unknown[:3])}", f"quantizable layers: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
+    wrapped = {}
+    for index, name in enumerate(names):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped[name] = QuantizedLayer(getattr(parent, leaf), *spec.layer_bits(edge=index in (0, len(names) - 1), name=name))
+        setattr(parent, leaf, wrapped[name])
+    return wrapped
+
+
+def _unwrap(model: nn.Module, name: str) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, getattr(parent, leaf).layer)
+
+
+def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
+    """Fold BatchNorm and wrap every quantizable layer (uncalibrated); ``example`` is an input
+    batch that shows the order layers run in, which decides the first and the last."""
+    folded = eval_mode(fold_batchnorm(model))
+    names = quantizable_layers(folded)
+    if not names:
+        raise EdgeqError("the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers")
+    wrapped = _wrap(folded, execution_order(folded, names, example), spec)
+    for name, module in list(folded.named_modules()):
+        if isinstance(module, MatMul):
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(folded.get_submodule(parent_name) if parent_name else folded, leaf, QuantizedMatMul(module, spec.matmul_act_bits))
+    return folded, wrapped
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.ndarray, spec: QuantSpec, *, seed: int = 0, batch_size: int = 32) -> None:
+    """Set every layer's weight scales and input range from the float model's activations."""
+    for layer in layers.values():
+        layer.set_weight_qparams(*quant.weight_qparams(layer.layer.weight, layer.weight_bits, spec.weight_observer, spec.weight_symmetric))
+
+    generator = torch.Generator().manual_seed(seed)
+    stats = {name: {"low": float("inf"), "high": float("-inf"), "samples": []} for name in layers}
+
+    def observe(name):
+        def hook(_module, args):
+            x = args[0].detach()
+            entry = stats[name]
+            entry["low"] = min(entry["low"], x.min().item())
+            entry["high"] = max(entry["high"], x.max().item())
+            flat = x.flatten()
+            if flat.numel() > _SAMPLES_PER_BATCH:
+                flat = flat[torch.randint(flat.numel(), (_SAMPLES_PER_BATCH,), generator=generator)]
+            entry["samples"].append(flat.clone())
+        return hook
+
+    matmuls = quantized_matmuls(model)
+    for name in matmuls:
+        for index in (0, 1):
+            stats[f"{name}#{index}"] = {"low": float("inf"), "high": float("-inf"), "samples": []}
+
+    def observe_operands(name):
+        def hook(_module, args):
+            for index in (0, 1):
+                observe(f"{name}#{index}")(None, (args[index],))
+        return hook
+
+    # Observe the float model, so no quantization error feeds the ranges.
+    handles = [layer.layer.register_forward_pre_hook(observe(name)) for name, layer in layers.items()]
+    handles += [m.matmul.register_forward_pre_hook(observe_operands(name)) for name, m in matmuls.items()]
+    bypassed = [*layers.values(), *matmuls.values()]
+    for module in bypassed:
+        module.bypass = True
+    try:
+        batches = range(0, len(inputs), batch_size)
+        for start in tqdm(batches, desc="calibrating", unit="batch", leave=False):
+            model(torch.from_numpy(inputs[start : start + batch_size]))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in bypassed:
+            module.bypass = False
+    for name, matmul in matmuls.items():
+        for index in (0, 1):
+            entry = stats.pop(f"{name}#{index}")
+            if not entry["samples"]:
+                continue
+            scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], matmul.act_bits, spec.act_observer)
+            matmul.act_scale[index] = scale
+            matmul.act_zero_point[index] = zero_point
+    unused = [name for name in layers if not stats[name]["samples"]]
+    for name in unused:  # never called in forward (e.g. an unused head): leave it as it was
+        log.warning("layer %s never ran during calibration; it stays unquantized", name)
+        _unwrap(model, name)
+        del layers[name]
+    for name, layer in layers.items():
+        entry = stats[name]
+        scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], layer.act_bits, spec.act_observer)
+        layer.act_scale.fill_(scale)
+        layer.act_zero_point.fill_(zero_point)
+
+
+def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str, *, seed: int = 0, reconstruction: ReconstructionConfig | None = None,
+                    device: str = "cpu", report: list | None = None) -> nn.Module:
+    """In memory: BN-fold, wrap, calibrate and (with ``reconstruction``) reconstruct ``model`` on float ``inputs`` (N, C, H, W).
+
+    ``report``, when given, receives one entry per reconstructed unit.
+    """
+    spec = QuantSpec.load(spec) if isinstance(spec, str) else spec
+    prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
+    calibrate(prepared, layers, inputs, spec, seed=seed)
+    if reconstruction is not None and reconstruction.learns:
+        units = reconstruct(prepared, layers, torch.from_numpy(inputs), reconstruction, seed=seed, device=device, matmuls=quantized_matmuls(prepared))
+        if report is not None:
+            report.extend(units)
+    return prepared
+
+def quantized_layer_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+
+
+def save(model: nn.Module, manifest: Manifest, out) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with staged_folder(out) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"spec": json.dumps(manifest.spec)})
+        manifest.write(tmp)
+    log.info("quantized model written to %s", out)
+    return out
+
+
+def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, LoadedModel, QuantSpec, Manifest]:
+    """Rebuild the fake-quantized model of a quantize folder (from the float model it names)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = Manifest.load(folder, "quantize")
+    spec = QuantSpec.from_dict(manifest.spec)
+    model_entry = manifest.input("model")
+    if allow_pickle is None:
+        allow_pickle = bool(manifest.params.get("allow_pickle"))
+    loaded = load_model(model_entry["path"], allow_pickle=allow_pickle)
+    if loaded.digest() != model_entry["sha256"]:
+        raise EdgeqError(f"model {model_entry['path']} changed since {folder} was made", "re-run 'edgeq quantize'")
+    meta = manifest.extra["model"]
+    loaded.classes = tuple(meta["classes"])
+    model, layers = prepare(loaded.module, spec, torch.zeros(loaded.preprocess.input_shape))
+    recorded = set(manifest.extra["layers"])
+    if not recorded <= set(layers):
+        raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
+    for name in set(layers) - recorded:  # left unquantized at calibration
+        _unwrap(model, name)
+    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return eval_mode(model), loaded, spec, manifest
