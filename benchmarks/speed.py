@@ -53,7 +53,7 @@ def build(name: str, folder: Path) -> dict:
     import onnx
     import timm
     import torch
-    from edgeq.kernels import native
+    from edgeq.kernels import toolchain
 
     from edgeq.quantized import quantize_module
     from edgeq.stages import compile as compile_stage
@@ -62,7 +62,7 @@ def build(name: str, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     info_path = folder / "build.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    if info.get("kernel_sources") == native.source_digest():
+    if info.get("kernel_sources") == toolchain.source_digest():
         return info
     if not (folder / "w2a4.onnx").exists():
         torch.manual_seed(0)
@@ -82,7 +82,7 @@ def build(name: str, folder: Path) -> dict:
     started = time.perf_counter()
     how = compile_stage.build(qdq, target, qdq.graph.input[0].name, [1, 3, 224, 224], folder / "module.so", kernels="auto")
     info = {"model": name, "target": target.name, "build": how, "compile_seconds": round(time.perf_counter() - started, 1),
-            "edgeq_input": qdq.graph.input[0].name, "kernel_sources": native.source_digest()}
+            "edgeq_input": qdq.graph.input[0].name, "kernel_sources": toolchain.source_digest()}
     info_path.write_text(json.dumps(info))
     return info
 
@@ -168,18 +168,18 @@ def _qdq_reference(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
 
 def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
     import onnxruntime as ort
-    from edgeq.kernels import native
+    from edgeq.kernels import layouts, native, toolchain
     from onnx import TensorProto, helper, numpy_helper
 
-    compiler, flags = native.host_flags()
-    library = native.Library(native.build_shared(compiler, flags, Path(tempfile.gettempdir()) / "edgeq-bench-kernels"))
+    compiler, flags = toolchain.host_flags()
+    library = native.Library(toolchain.build_shared(compiler, flags, Path(tempfile.gettempdir()) / "edgeq-bench-kernels"))
     peak = int8_peak(library)
     rng = np.random.default_rng(0)
     rows = []
     for m, k, n in [(3136, 576, 64), (1, 4096, 4096)]:
         a = rng.integers(0, 16, (m, k)).astype(np.uint8)
         w = rng.integers(-2, 2, (n, k))
-        packed = native.pack_weights(w, native.conv_layout(library.layout, 15, w, m))
+        packed = layouts.pack_weights(w, layouts.conv_layout(library.layout, 15, w, m))
         params = native.conv_params(in_h=m, in_w=1, in_c=k, out_h=m, out_w=1, out_c=n, kernel_h=1, kernel_w=1, stride_h=1, stride_w=1, x_zero=0, x_max=15,
                                     w_bits=packed.bits, w_low=packed.low, w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout,
                                     out_zero=0, out_qmin=0,

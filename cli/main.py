@@ -513,6 +513,8 @@ def _print_summary(summary: dict) -> None:
         ("quantized top-1", _percent(summary["quant_top1"])),
         ("compiled top-1", _percent(summary["compiled_top1"])),
         ("agreement with full precision", f"top-1 {_percent(summary['agreement_with_fp']['compiled']['top1'])}, top-5 {_percent(summary['agreement_with_fp']['compiled']['top5'])}"),
+        ("bit-exact with reference", "n/a (generic TVM code)" if summary.get("agreement_with_reference") is None
+         else _percent(summary["agreement_with_reference"])),
         ("agreement with onnxruntime", _percent(summary["agreement_with_onnxruntime"])),
         ("latency", latency),
         ("ran on", summary["ran"]),

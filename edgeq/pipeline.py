@@ -124,6 +124,9 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     stage("verify", verify_dir, verify_stage.plan(compile_dir, **verify_params).fingerprint,
           lambda: verify_stage.run(compile_dir, verify_dir, **verify_params))
     report = verify_stage.load_report(verify_dir)
+    if report.get("agreement_with_reference") not in (None, 1.0):
+        log.error("compiled module differs from the bit-exact reference on %.1f%% of images: a compiler or kernel defect",
+                  100 * (1 - report["agreement_with_reference"]))
     if report["agreement_with_onnxruntime"] < 0.99:
         log.warning("compiled module agrees with onnxruntime on only %.1f%% of images", 100 * report["agreement_with_onnxruntime"])
     return {
@@ -135,6 +138,7 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         "quant_top1": report["quant_top1"],
         "compiled_top1": report["compiled_top1"],
         "agreement_with_fp": report["agreement_with_fp"],
+        "agreement_with_reference": report.get("agreement_with_reference"),
         "agreement_with_onnxruntime": report["agreement_with_onnxruntime"],
         "latency_ms": report["latency_ms"],
         "latency_p90_ms": report["latency_p90_ms"],

@@ -1,279 +1,41 @@
-"""The C kernels (``kernels/csrc``): weight panels, building for a target, and ctypes bindings.
+"""ctypes bindings of a built kernel library (tests, profiling, the arm64 self-check).
 
-A target's build flags decide which microkernel the C file compiles (AVX2, AArch64 dot
-product, AArch64 NEON, or portable C), and each microkernel reads its own panel layout;
-:func:`layout_for` picks the same one in Python so the weights are stored in the order the
-kernel consumes them. This module imports nothing beyond NumPy and the standard library
-so it also runs inside the arm64 emulator.
+NumPy and the standard library only, so it also runs inside the arm64 emulator, where
+selfcheck.py loads these modules as plain files.
 """
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-C_SOURCE = SOURCE_DIR / "edgeq_kernels.c"  # the integer kernels
-C_SOURCES = (C_SOURCE, SOURCE_DIR / "edgeq_float.c")  # and the float operators around them
-FFI_SOURCE = SOURCE_DIR / "edgeq_ffi.cc"
-K_ALIGN = 16  # reduction length is padded to this (one 16-byte activation load on NEON)
-GROUP_BYTES = 32  # packed fields come in groups of 32 bytes (one AVX2 register)
+try:
+    from .layouts import LAYOUTS, PackedWeights
+except ImportError:  # loaded as a plain file next to layouts.py (selfcheck.py under the emulator)
+    from layouts import LAYOUTS, PackedWeights
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How a microkernel wants its weights: blocks of ``block`` output channels, ``group`` consecutive k per channel."""
+class ConvParams(ctypes.Structure):
+    """``edgeq_conv_params`` of csrc/edgeq_kernels.h. The one definition on the Python side: the
+    compiled module receives these bytes as they are (edgeq_ffi.cc checks their size), and a
+    test checks the fields against the header and the size against the C compiler's."""
 
-    name: str
-    id: int  # matches EDGEQ_LAYOUT_* in edgeq_kernels.h
-    block: int
-    group: int
-
-
-LAYOUTS = {
-    "neon": Layout("neon", 0, 8, 8),
-    "portable": Layout("portable", 4, 16, 1),
-    "avx2": Layout("avx2", 1, 32, 2),
-    "sdot": Layout("sdot", 2, 16, 4),
-    "avx2-wide": Layout("avx2-wide", 3, 16, 2),
-    # table lookup: 16-channel blocks, groups of 4 k (see edgeq_kernels.h; not a panel)
-    "avx2-lut": Layout("avx2-lut", 5, 16, 4),
-}
-# When the table-lookup kernel is chosen: measured on Zen 3 against the vpmaddubsw kernel
-# (benchmarks/speed.py, docs/kernels.md), tables cost more than they save below ~512 output
-# channels (they are built per row and shared by the channels) and for few rows.
-LUT_MIN_ROWS = 9
-LUT_MIN_CHANNELS = 512
-
-
-def candidate_layouts(layout: Layout, x_max: int, weights: np.ndarray) -> list[Layout]:
-    """Every layout a build with its own ``layout`` can run one layer in (the tests try them all)."""
-    if layout.name != "avx2":
-        return [layout]
-    if x_max > 15:
-        return [LAYOUTS["avx2-wide"]]
-    if weights.size and weights.min() >= -2 and weights.max() <= 1:
-        return [layout, LAYOUTS["avx2-lut"]]
-    return [layout]
-
-
-def conv_layout(layout: Layout, x_max: int, weights: np.ndarray | None = None, rows: int | None = None) -> Layout:
-    """The layout one layer runs in on a build whose own layout is ``layout``.
-
-    AVX2 builds run layers with 8-bit inputs on the wide (int16) kernel, and layers with
-    4-bit inputs, 2-bit weights (values in [-2, 1]), many rows and many output channels
-    on the table-lookup kernel.
-    """
-    if weights is None:
-        return LAYOUTS["avx2-wide"] if layout.name == "avx2" and x_max > 15 else layout
-    candidates = candidate_layouts(layout, x_max, weights)
-    lut = LAYOUTS["avx2-lut"]
-    if lut in candidates and (rows is None or rows < LUT_MIN_ROWS or weights.shape[0] < LUT_MIN_CHANNELS):
-        candidates.remove(lut)
-    return candidates[-1]
-
-
-def layout_for(arch: str, cpu_features) -> Layout:
-    """The layout the C file compiles to for a target (see :func:`compile_flags`)."""
-    features = set(cpu_features)
-    if arch == "x86_64":
-        return LAYOUTS["avx2" if "avx2" in features else "portable"]
-    if arch == "aarch64":
-        return LAYOUTS["sdot" if "asimddp" in features else "neon"]
-    raise ValueError(f"no kernel layout for architecture {arch!r}")
-
-
-def compile_flags(arch: str, cpu_features, mcpu: str | None = None) -> list[str]:
-    features = set(cpu_features)
-    flags = ["-O3", "-fPIC", "-fno-math-errno", "-fopenmp"]
-    if arch == "x86_64":
-        if "avx2" in features:
-            flags += ["-mavx2", "-mfma"]
-    elif arch == "aarch64":
-        if mcpu and mcpu != "generic":
-            flags.append(f"-mcpu={mcpu}")
-        if "asimddp" in features and not (mcpu and mcpu != "generic"):
-            flags.append("-march=armv8.2-a+dotprod")
-    return flags
-
-
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-def storage(values: np.ndarray) -> tuple[int, int]:
-    """(bits, low): the narrowest field width in (2, 4, 8) that holds ``values`` and 0 (padding) as codes ``v - low``."""
-    low = min(int(values.min(initial=0)), 0)
-    high = max(int(values.max(initial=0)), 0)
-    for bits in (2, 4, 8):
-        if high - low < 2**bits:
-            return bits, low
-    raise ValueError(f"weights span {low}..{high}: more than 8 bits")
-
-
-def pack_fields(values: np.ndarray, bits: int, low: int) -> np.ndarray:
-    """Pack int8 ``values`` (length a multiple of 32·8/bits) as codes v - low, `bits` per field, 32-byte groups (see edgeq_kernels.h)."""
-    per_byte = 8 // bits
-    codes = (np.asarray(values, np.int16).ravel() - low).astype(np.uint8)
-    if codes.size % (GROUP_BYTES * per_byte):
-        raise ValueError(f"{codes.size} values do not fill whole groups of {GROUP_BYTES * per_byte}")
-    fields = codes.reshape(-1, per_byte, GROUP_BYTES)
-    packed = np.zeros((fields.shape[0], GROUP_BYTES), np.uint8)
-    for field in range(per_byte):
-        packed |= fields[:, field, :] << np.uint8(field * bits)
-    return packed.ravel()
-
-
-def unpack_fields(packed: np.ndarray, count: int, bits: int, low: int) -> np.ndarray:
-    """The inverse of :func:`pack_fields` (the NumPy reference of ``edgeq_unpack``)."""
-    per_byte = 8 // bits
-    groups = np.asarray(packed, np.uint8).reshape(-1, GROUP_BYTES)
-    fields = np.stack([(groups >> np.uint8(field * bits)) & np.uint8(2**bits - 1) for field in range(per_byte)], axis=1)
-    return (fields.reshape(-1)[:count].astype(np.int16) + low).astype(np.int8)
-
-
-def panel(weights: np.ndarray, layout: Layout) -> np.ndarray:
-    """Weights (N, K) int8 in panel order [N/block][K/group][block][group], zero-padded to whole blocks and K to 16."""
-    n, k = weights.shape
-    padded = np.zeros((round_up(n, layout.block), round_up(k, K_ALIGN)), np.int8)
-    padded[:n, :k] = weights
-    blocks, k_padded = padded.shape[0] // layout.block, padded.shape[1]
-    return padded.reshape(blocks, layout.block, k_padded // layout.group, layout.group).transpose(0, 2, 1, 3).ravel()
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedWeights:
-    """Weights in a layout's panel order, bit-packed: what a compiled module stores."""
-
-    data: np.ndarray  # uint8
-    bits: int
-    low: int
-    absmax: int
-    k_padded: int
-    out_channels: int
-    layout: int = -1  # EDGEQ_LAYOUT_* of the packing (-1: depthwise, which has one layout)
-
-
-def pack_lut(weights: np.ndarray) -> np.ndarray:
-    """2-bit weights (N, K) in [-2, 1] as table indices: per 16-channel block, group pair, half block, 16 bytes (edgeq_kernels.h)."""
-    n, k = weights.shape
-    padded = np.zeros((round_up(n, 16), round_up(k, K_ALIGN)), np.int16)
-    padded[:n, :k] = weights
-    bits = padded & 3  # two's complement fields: b0 = bit 0 (weight 1), b1 = bit 1 (weight -2)
-    planes = [((bits >> plane) & 1).reshape(padded.shape[0], -1, 4) for plane in (0, 1)]  # (N, groups, 4)
-    place = np.array([1, 2, 4, 8])
-    index = (planes[0] * place).sum(2) | ((planes[1] * place).sum(2) << 4)  # (N, groups): i0 | i1 << 4
-    blocks, groups = padded.shape[0] // 16, padded.shape[1] // 4
-    # (block, half, channel j, pair, parity) -> (block, pair, half, parity, j)
-    index = index.reshape(blocks, 2, 8, groups // 2, 2).transpose(0, 3, 1, 4, 2)
-    return np.ascontiguousarray(index).astype(np.uint8).ravel()
-
-
-def pack_weights(weights: np.ndarray, layout: Layout) -> PackedWeights:
-    weights = np.asarray(weights)
-    if weights.min(initial=0) < -128 or weights.max(initial=0) > 127:
-        raise ValueError("weight codes must fit int8")
-    if layout.name == "avx2-lut":
-        if weights.min(initial=0) < -2 or weights.max(initial=0) > 1:
-            raise ValueError("the table-lookup layout takes 2-bit weights in [-2, 1]")
-        return PackedWeights(pack_lut(weights), 2, -2, int(np.abs(weights.astype(np.int16)).max(initial=0)), round_up(weights.shape[1], K_ALIGN),
-                             weights.shape[0], layout.id)
-    weights = weights.astype(np.int8)
-    bits, low = storage(weights)
-    values = panel(weights, layout)
-    return PackedWeights(pack_fields(values, bits, low), bits, low, int(np.abs(weights.astype(np.int16)).max(initial=0)),
-                         round_up(weights.shape[1], K_ALIGN), weights.shape[0], layout.id)
-
-
-def pack_depthwise(weights: np.ndarray) -> PackedWeights:
-    """Depthwise weights (C, kh, kw) int8 stored as [kh][kw][C], padded to whole groups."""
-    weights = np.asarray(weights).astype(np.int8)
-    values = np.ascontiguousarray(weights.transpose(1, 2, 0)).ravel()
-    bits, low = storage(values)
-    padded = np.zeros(round_up(values.size, 128), np.int8)
-    padded[: values.size] = values
-    return PackedWeights(pack_fields(padded, bits, low), bits, low, int(np.abs(values.astype(np.int16)).max(initial=0)), 0, weights.shape[0])
-
-
-# ---------------------------------------------------------------------------------------
-# Building and loading (host or cross compiler)
-
-
-def source_digest() -> str:
-    """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for them."""
-    hasher = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for source in [*sorted(SOURCE_DIR.iterdir()), here / "native.py", here / "graph.py"]:
-        hasher.update(source.name.encode() + source.read_bytes())
-    return hasher.hexdigest()[:16]
-
-
-def build_object(compiler: str, flags: list[str], out_dir: Path) -> list[Path]:
-    """Compile the C kernels into object files in ``out_dir`` (for linking into a TVM module)."""
-    objects = []
-    for source in C_SOURCES:
-        out = Path(out_dir) / f"{source.stem}.o"
-        command = [compiler, *flags, "-std=c11", "-c", str(source), "-o", str(out)]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
-        objects.append(out)
-    return objects
-
-
-def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
-    """A shared library of the C kernels (for ctypes), cached by source and flags."""
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"libedgeq_kernels-{hashlib.sha256(repr((source_digest(), compiler, flags)).encode()).hexdigest()[:16]}.so"
-    if not path.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            partial = Path(tmp) / path.name
-            command = [compiler, *flags, "-std=c11", "-shared", *map(str, C_SOURCES), "-o", str(partial), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
-            os.replace(partial, path)
-    return path
-
-
-def host_flags() -> tuple[str, list[str]]:
-    """The compiler and flags for this machine, with the best layout its CPU runs."""
-    import platform
-
-    arch = platform.machine()
-    features = host_cpu_features()
-    compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
-    return compiler, compile_flags(arch, features)
-
-
-def host_cpu_features() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-class _ConvParams(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in (
         "in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left",
         "x_zero", "x_max", "w_bits", "w_low", "w_absmax", "k_padded", "w_layout", "out_zero", "out_qmin", "out_qmax")] + [
         ("out_scale", ctypes.c_float), ("clamp_min", ctypes.c_float), ("clamp_max", ctypes.c_float)]
 
+    def words(self) -> np.ndarray:
+        """The struct's bytes as int32 words (floats bit for bit), the tensor the module passes to the kernel."""
+        return np.frombuffer(bytes(self), np.int32).copy()
 
-def conv_params(**values) -> _ConvParams:
-    params = _ConvParams()
+
+def conv_params(**values) -> ConvParams:
+    params = ConvParams()
     for name, value in values.items():
+        if not hasattr(params, name):
+            raise TypeError(f"edgeq_conv_params has no field {name!r}")
         setattr(params, name, value)
     return params
 
@@ -302,7 +64,7 @@ class Library:
             raise ValueError(f"edgeq_gemm_raw rejected its arguments ({status})")
         return out
 
-    def conv2d(self, params: _ConvParams, x: np.ndarray, weights: PackedWeights, wsum: np.ndarray, multiplier: np.ndarray, bias: np.ndarray,
+    def conv2d(self, params: ConvParams, x: np.ndarray, weights: PackedWeights, wsum: np.ndarray, multiplier: np.ndarray, bias: np.ndarray,
                residual: np.ndarray | None = None, want_float: bool = True, want_codes: bool = True, depthwise: bool = False):
         m = params.out_h * params.out_w
         out_float = np.zeros((m, params.out_c), np.float32) if want_float else None

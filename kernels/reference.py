@@ -110,3 +110,187 @@ def epilogue(acc: np.ndarray, multiplier: np.ndarray, bias: np.ndarray, residual
     y = np.clip(y, np.float32(max(clamp[0], -3.0e38)), np.float32(min(clamp[1], 3.0e38))).astype(np.float32)
     codes = np.clip(np.rint(y / np.float32(out_scale)) + out_zero, 0, out_qmax).astype(np.uint8)
     return y, codes
+
+
+# ---------------------------------------------------------------------------------------
+# A whole kernel plan in NumPy, bit for bit as the compiled module computes it.
+#
+# Integer accumulators are exact (float64 products of integers far below 2^53); every float
+# operation is one float32 NumPy operation in the order the C code performs it, which the
+# C sources fix for every build: no fused multiply-add (-ffp-contract=off, no FMA
+# intrinsics), reductions in LANES strided partial sums combined as combine_lanes() does,
+# then the tail in order. The plan is any object with the attributes of
+# edgeq.kernels.plan.Plan (this module imports nothing from the package, so it runs
+# inside the arm64 emulator too).
+
+F32 = np.float32
+LANES = 8
+
+
+def lane_sum(x: np.ndarray) -> np.ndarray:
+    """Row sums of ``x`` (rows, cols) in float32, in the order of lane_sum() in edgeq_float.c."""
+    x = np.asarray(x, F32)
+    full = x.shape[1] - x.shape[1] % LANES
+    lanes = np.zeros((x.shape[0], LANES), F32)
+    for c in range(0, full, LANES):
+        lanes = lanes + x[:, c: c + LANES]
+    total = ((lanes[:, 0] + lanes[:, 4]) + (lanes[:, 2] + lanes[:, 6])) + ((lanes[:, 1] + lanes[:, 5]) + (lanes[:, 3] + lanes[:, 7]))
+    for c in range(full, x.shape[1]):
+        total = total + x[:, c]
+    return total
+
+
+def exp_poly(x: np.ndarray) -> np.ndarray:
+    """exp_poly() of edgeq_float.c: Cephes' expf polynomial, operation by operation."""
+    x = np.clip(np.asarray(x, F32), F32(-87.0), F32(88.0))
+    n = np.floor(x * F32(1.44269504088896341) + F32(0.5))
+    r = x - n * F32(0.693359375)
+    r = r - n * F32(-2.12194440e-4)
+    p = np.full_like(r, F32(1.9875691500e-4))
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * r + F32(c)
+    p = p * r * r + r + F32(1.0)
+    scale = ((n.astype(np.int32) + 127) << 23).view(F32)
+    return p * scale
+
+
+def erf_poly(x: np.ndarray) -> np.ndarray:
+    """erf_poly() of edgeq_float.c: a rational approximation on [-4, 4], operation by operation."""
+    x = np.clip(np.asarray(x, F32), F32(-4.0), F32(4.0))
+    x2 = x * x
+    p = np.full_like(x, F32(-2.72614225801306e-10))
+    for c in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+              -1.60960333262415e-02):
+        p = p * x2 + F32(c)
+    p = p * x
+    q = np.full_like(x, F32(-1.45660718464996e-05))
+    for c in (-2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02):
+        q = q * x2 + F32(c)
+    return p / q
+
+
+def _quantize_codes(y: np.ndarray, scale: float, zero: int, qmax: int) -> np.ndarray:
+    """clamp(rint(y / scale) + zero, 0, qmax), as quantize_run() and the epilogue compute it in float32."""
+    q = np.rint(np.asarray(y, F32) / F32(scale)) + F32(zero)
+    return np.clip(q, F32(0), F32(qmax)).astype(np.uint8)
+
+
+def _conv_accumulators(x: np.ndarray, p: dict) -> np.ndarray:
+    """acc (out_h, out_w, N) of a conv2d step: Σ (x - x_zero)·w over the receptive field, exactly (float64 holds it)."""
+    w = np.asarray(p["weights"], np.float64)  # (N, C or 1, kh, kw)
+    kh, kw, sh, sw = p["kernel_h"], p["kernel_w"], p["stride_h"], p["stride_w"]
+    out_h, out_w = p["out_h"], p["out_w"]
+    x64 = np.asarray(x, np.float64).reshape(p["in_h"], p["in_w"], p["in_c"]) - p["x_zero"]
+    bottom = max(0, (out_h - 1) * sh + kh - p["in_h"] - p["pad_top"])
+    right = max(0, (out_w - 1) * sw + kw - p["in_w"] - p["pad_left"])
+    x64 = np.pad(x64, ((p["pad_top"], bottom), (p["pad_left"], right), (0, 0)))  # padding is the zero point: 0 after the shift
+    acc = np.zeros((out_h, out_w, p["out_c"]), np.float64)
+    for i in range(kh):
+        for j in range(kw):
+            patch = x64[i: i + sh * (out_h - 1) + 1: sh, j: j + sw * (out_w - 1) + 1: sw, :]
+            acc += patch * w[:, 0, i, j] if p["depthwise"] else patch @ w[:, :, i, j].T
+    return acc
+
+
+def _conv(env: dict, step, x: np.ndarray) -> np.ndarray:
+    p = step.params
+    y = _conv_accumulators(x, p).astype(F32) * np.asarray(p["multiplier"], F32) + np.asarray(p["bias"], F32)
+    if p["residual"]:
+        y = y + np.asarray(env[p["residual"]], F32).reshape(y.shape)
+    lo, hi = p["clamp"]
+    y = np.clip(y, F32(max(lo, -3.0e38)), F32(min(hi, 3.0e38)))
+    if step.out_kind == "codes":
+        quant = p["quant"]
+        return _quantize_codes(y, quant["scale"], quant["zero"], quant["qmax"])
+    return y
+
+
+def _float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
+    ints = [int(i) for i in np.asarray(ints).reshape(-1)]
+    floats = np.asarray(floats, F32).reshape(-1)
+    if kernel == "copy":
+        flat = np.ascontiguousarray(a).reshape(-1)
+        view = np.lib.stride_tricks.as_strided(flat[ints[12]:], shape=ints[:6], strides=[s * flat.itemsize for s in ints[6:12]])
+        return np.array(view, F32)
+    if kernel == "concat":
+        outer = ints[0]
+        return np.concatenate([np.reshape(a, (outer, ints[1])), np.reshape(b, (outer, ints[2]))], axis=1)
+    if kernel == "dequantize":
+        return (np.asarray(a).reshape(-1)[: ints[0]].astype(np.int32) - ints[1]).astype(F32) * floats[0]
+    if kernel == "binary":
+        count, period, multiply = ints[:3]
+        rows = np.asarray(a, F32).reshape(count // period, period)
+        second = np.asarray(b, F32).reshape(-1)[:period]
+        return np.clip(rows * second if multiply else rows + second, floats[0], floats[1])
+    if kernel == "layer_norm":
+        rows, cols = ints[:2]
+        x = np.asarray(a, F32).reshape(rows, cols)
+        gamma, beta = np.asarray(b, F32)[:cols], np.asarray(b, F32)[cols: 2 * cols]
+        mean = (lane_sum(x) / F32(cols))[:, None]
+        squares = lane_sum((x - mean) * (x - mean))[:, None]
+        inv = F32(1.0) / np.sqrt(squares / F32(cols) + floats[0])
+        return (x - mean) * inv * gamma + beta
+    if kernel == "softmax":
+        rows, cols = ints[:2]
+        x = np.asarray(a, F32).reshape(rows, cols)
+        e = exp_poly(x - x.max(1, keepdims=True))
+        return e * (F32(1.0) / lane_sum(e))[:, None]
+    if kernel == "gelu":
+        x = np.asarray(a, F32).reshape(-1)[: ints[0]]
+        return F32(0.5) * x * (F32(1.0) + erf_poly(x * F32(0.70710678118654752)))
+    if kernel == "matmul":
+        batch, m, k, n = ints[:4]
+        left, right = np.asarray(a, F32).reshape(batch, m, k), np.asarray(b, F32).reshape(batch, k, n)
+        acc = np.zeros((batch, m, n), F32)
+        for p in range(k):  # each output sums its products in k order, multiply and add rounded separately
+            acc = acc + left[:, :, p: p + 1] * right[:, p: p + 1, :]
+        return acc * floats[0]
+    raise ValueError(f"no reference for the float operator {kernel!r}")
+
+
+def run_plan(plan, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every value of ``plan`` (an edgeq.kernels.plan.Plan) for the input ``x`` (batch 1), by name.
+
+    Codes are uint8 and floats float32, shaped as the plan's values; a compiled module of the
+    plan must return exactly the bits of ``env[plan.output_name]``.
+    """
+    env: dict[str, np.ndarray] = {plan.input_name: np.ascontiguousarray(x, F32).reshape(plan.input_shape)}
+    for step in plan.steps:
+        value = plan.values[step.output]
+        args = [env[name] for name in step.inputs]
+        p = step.params
+        if step.kernel == "constant":
+            out = np.asarray(p["array"], F32)
+        elif step.kernel == "alias":
+            out = args[0]
+        elif step.kernel == "quantize":
+            source = args[0]
+            if p["nchw"]:
+                source = source.reshape(source.shape[1], -1).T  # NCHW planes to NHWC pixels
+            out = _quantize_codes(source, p["scale"], p["zero"], p["qmax"])
+        elif step.kernel == "conv2d":
+            out = _conv(env, step, args[0])
+        elif step.kernel == "add_clamp":
+            lo, hi = p["clamp"]
+            total = args[0] + args[1] if len(args) > 1 else args[0]
+            out = np.clip(total, F32(max(lo, -3.0e38)), F32(min(hi, 3.0e38)))
+        elif step.kernel == "max_pool":
+            h, w, c, out_h, out_w, kh, kw, sh, sw, pad_top, pad_left = p["ints"]
+            padded = np.full((max(h + pad_top, (out_h - 1) * sh + kh), max(w + pad_left, (out_w - 1) * sw + kw), c), -np.inf, F32)
+            padded[pad_top: pad_top + h, pad_left: pad_left + w] = args[0].reshape(h, w, c)
+            out = np.full((out_h, out_w, c), -np.inf, F32)
+            for i in range(kh):
+                for j in range(kw):
+                    out = np.maximum(out, padded[i: i + sh * (out_h - 1) + 1: sh, j: j + sw * (out_w - 1) + 1: sw])
+        elif step.kernel == "global_average_pool":
+            pixels, c = p["ints"]
+            rows = args[0].reshape(pixels, c)
+            total = np.zeros(c, F32)
+            for m in range(pixels):  # in pixel order, as edgeq_global_average_pool sums
+                total = total + rows[m]
+            out = total / F32(pixels)
+        else:
+            second = args[1] if len(args) > 1 else p.get("constant")
+            out = _float_op(step.kernel, args[0], second, p["ints"], p["floats"])
+        env[step.output] = np.asarray(out).reshape(value.shape)
+    return env

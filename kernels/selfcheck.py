@@ -25,6 +25,7 @@ def _load(name: str):
     return module
 
 
+layouts = _load("layouts")
 native = _load("native")
 reference = _load("reference")
 
@@ -34,9 +35,9 @@ def check_gemm(lib, rng) -> str | None:
     bits = int(rng.choice([2, 4, 8]))
     a = rng.integers(0, 16, (m, k)).astype(np.uint8)
     w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
-    candidates = native.candidate_layouts(lib.layout, 15, w)  # every kernel that could run these weights
+    candidates = layouts.candidate_layouts(lib.layout, 15, w)  # every kernel that could run these weights
     layout = candidates[int(rng.integers(0, len(candidates)))]
-    got = lib.gemm_raw(a, native.pack_weights(w, layout))
+    got = lib.gemm_raw(a, layouts.pack_weights(w, layout))
     if not np.array_equal(got, reference.int_gemm(a, w)):
         return f"gemm m={m} k={k} n={n} w{bits} ({layout.name}): accumulators differ"
     return None
@@ -65,11 +66,11 @@ def check_conv(lib, rng) -> str | None:
     out_scale, out_zero, out_qmax = 0.07, int(rng.integers(0, 4)), int(rng.choice([15, 255]))
     y_ref, codes_ref = reference.epilogue(acc.reshape(-1, n), multiplier, bias, residual, clamp, out_scale, out_zero, out_qmax)
     if depthwise:
-        packed = native.pack_depthwise(weights[:, 0])
+        packed = layouts.pack_depthwise(weights[:, 0])
     else:
         rows = weights.transpose(0, 2, 3, 1).reshape(n, -1)
-        candidates = native.candidate_layouts(lib.layout, x_max, rows)  # every kernel this layer could run on
-        packed = native.pack_weights(rows, candidates[int(rng.integers(0, len(candidates)))])
+        candidates = layouts.candidate_layouts(lib.layout, x_max, rows)  # every kernel this layer could run on
+        packed = layouts.pack_weights(rows, candidates[int(rng.integers(0, len(candidates)))])
     params = native.conv_params(in_h=h, in_w=w, in_c=cin, out_h=out_h, out_w=out_w, out_c=n, kernel_h=kernel, kernel_w=kernel, stride_h=stride,
                                 stride_w=stride, pad_top=pad, pad_left=pad, x_zero=x_zero, x_max=x_max, w_bits=packed.bits, w_low=packed.low,
                                 w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout, out_zero=out_zero, out_qmin=0, out_qmax=out_qmax,
@@ -90,10 +91,10 @@ def check_unpack(lib, rng) -> str | None:
     count = 32 * (8 // bits) * int(rng.integers(1, 9))
     low = -(2 ** (bits - 1))
     values = rng.integers(low, 2 ** (bits - 1), count).astype(np.int8)
-    packed = native.pack_fields(values, bits, low)
+    packed = layouts.pack_fields(values, bits, low)
     out = np.zeros(count, np.int8)
     lib.lib.edgeq_unpack(lib._ptr(packed), native.ctypes.c_int64(count), bits, low, lib._ptr(out))
-    if not (np.array_equal(out, values) and np.array_equal(native.unpack_fields(packed, count, bits, low), values)):
+    if not (np.array_equal(out, values) and np.array_equal(layouts.unpack_fields(packed, count, bits, low), values)):
         return f"unpack w{bits}: values differ"
     return None
 
@@ -106,8 +107,16 @@ def _float_op(lib, name, a, b, ints, floats, shape):
     return out
 
 
+def _differs_from_reference(lib, name: str, kernel: str, a, b, ints, floats, shape) -> bool:
+    """The C operator's output bits against reference.py's float32 sequence of the same operations."""
+    ours = _float_op(lib, name, a, b, ints, floats, shape)
+    expected = reference._float_op(kernel, a, b, np.array(ints, np.int32), np.array(floats or [0.0], np.float32)).reshape(shape)
+    return not np.array_equal(ours, expected)
+
+
 def check_float_ops(lib, rng) -> str | None:
-    """The float operators of transformer plans against float64 NumPy (to float32 rounding)."""
+    """The float operators of transformer plans: bit for bit against reference.py, and against float64 NumPy
+    (to float32 rounding), which checks that the reference itself computes the operator."""
     import math
 
     rows, cols = int(rng.integers(1, 9)), int(rng.integers(1, 260))
@@ -129,6 +138,16 @@ def check_float_ops(lib, rng) -> str | None:
     bound = 4 * k * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b)) + 1e-30
     if np.any(np.abs(_float_op(lib, "edgeq_matmul", a, b, [1, rows, k, n], [1.0], (rows, n)) - a.astype(np.float64) @ b) > bound):
         return f"matmul {rows}x{k}x{n}: differs from NumPy"
+    batch = int(rng.integers(1, 4))
+    left, right = rng.normal(0, 1, (batch, rows, k)).astype(np.float32), rng.normal(0, 1, (batch, k, n)).astype(np.float32)
+    exact = [("edgeq_softmax", "softmax", x, None, [rows, cols], [], x.shape),
+             ("edgeq_gelu", "gelu", x, None, [x.size], [], x.shape),
+             ("edgeq_layer_norm", "layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape),
+             ("edgeq_matmul", "matmul", left, right, [batch, rows, k, n], [0.125], (batch, rows, n)),
+             ("edgeq_binary", "binary", x, gamma_beta[:cols], [x.size, cols, 1], [-3.0e38, 3.0e38], x.shape)]
+    for name, kernel, a, b, ints, floats, shape in exact:
+        if _differs_from_reference(lib, name, kernel, a, b, ints, floats, shape):
+            return f"{kernel} {shape}: not bit for bit the reference's"
     return None
 
 

@@ -6,7 +6,7 @@ import pytest
 from edgeq import emulation
 
 TINY = "builtin:tiny-fmnist"  # the fast model for tests; the zoo teachers are bigger
-PORTABLE_FLAGS = ["-O3", "-fPIC", "-fno-math-errno"]  # no SIMD flags: the portable C kernels
+PORTABLE_FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]  # no SIMD flags: the portable C kernels
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +55,9 @@ requires_emulator = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def libraries(tmp_path_factory):
     """The host's best build and the portable C build (different microkernels and layouts)."""
-    from edgeq.kernels import native
+    from edgeq.kernels import native, toolchain
 
     cache = tmp_path_factory.mktemp("kernels")
-    compiler, flags = native.host_flags()
-    built = {"host": native.Library(native.build_shared(compiler, flags, cache)), "portable": native.Library(native.build_shared(compiler, PORTABLE_FLAGS, cache))}
+    compiler, flags = toolchain.host_flags()
+    built = {"host": native.Library(toolchain.build_shared(compiler, flags, cache)), "portable": native.Library(toolchain.build_shared(compiler, PORTABLE_FLAGS, cache))}
     return built

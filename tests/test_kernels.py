@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from edgeq.kernels import graph, native, reference, selfcheck
+from edgeq.kernels import execute, layouts, reference, selfcheck, toolchain
+from edgeq.kernels import plan as kernel_plan
 from edgeq.targets import get_target
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from edgeq.stages import compile as compile_stage
 from edgeq.stages import export as export_stage
 from edgeq.stages import quantize as quantize_stage
 
-from .conftest import PORTABLE_FLAGS, requires_emulator
+from .conftest import requires_emulator
 
 
 @settings(max_examples=40, deadline=None)
@@ -38,31 +39,31 @@ def test_packed_fields_unpack_to_the_same_values(bits, groups, seed):
     rng = np.random.default_rng(seed)
     low = -(2 ** (bits - 1))
     values = rng.integers(low, 2 ** (bits - 1), 32 * (8 // bits) * groups).astype(np.int8)
-    packed = native.pack_fields(values, bits, low)
+    packed = layouts.pack_fields(values, bits, low)
     assert packed.size == values.size * bits // 8
-    assert np.array_equal(native.unpack_fields(packed, values.size, bits, low), values)
+    assert np.array_equal(layouts.unpack_fields(packed, values.size, bits, low), values)
 
 
 def test_two_bit_fields_are_laid_out_as_documented():
     values = np.zeros(128, np.int8)
     values[[0, 32, 64, 96]] = [-2, -1, 0, 1]  # codes 0, 1, 2, 3 with low = -2
-    packed = native.pack_fields(values, 2, -2)
+    packed = layouts.pack_fields(values, 2, -2)
     assert packed[0] == (0 | 1 << 2 | 2 << 4 | 3 << 6)
     assert packed[1] == 0b10101010  # four zeros: code 2 in every field
 
 
-@pytest.mark.parametrize("layout", list(native.LAYOUTS.values()), ids=list(native.LAYOUTS))
+@pytest.mark.parametrize("layout", list(layouts.LAYOUTS.values()), ids=list(layouts.LAYOUTS))
 def test_panel_places_each_weight_where_the_microkernel_reads_it(layout):
     rng = np.random.default_rng(0)
     n, k = 37, 50
     weights = rng.integers(-2, 2, (n, k)).astype(np.int8)
-    values = native.panel(weights, layout)
-    k_padded = native.round_up(k, native.K_ALIGN)
+    values = layouts.panel(weights, layout)
+    k_padded = layouts.round_up(k, layouts.K_ALIGN)
     for row, col in [(0, 0), (5, 17), (n - 1, k - 1), (layout.block, 3)]:
         block, within = divmod(row, layout.block)
         index = block * layout.block * k_padded + (col // layout.group) * layout.block * layout.group + within * layout.group + col % layout.group
         assert values[index] == weights[row, col]
-    assert values.size == native.round_up(n, layout.block) * k_padded
+    assert values.size == layouts.round_up(n, layout.block) * k_padded
 
 
 @settings(max_examples=40, deadline=None)
@@ -74,8 +75,8 @@ def test_microkernel_accumulators_equal_the_integer_gemm(libraries, m, k, n, bit
     w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
     lib = libraries[which]
     expected = reference.int_gemm(a, w)
-    for layout in native.candidate_layouts(lib.layout, 15, w):  # AVX2 2-bit: vpmaddubsw panel and table lookup
-        assert np.array_equal(lib.gemm_raw(a, native.pack_weights(w, layout)), expected), layout.name
+    for layout in layouts.candidate_layouts(lib.layout, 15, w):  # AVX2 2-bit: vpmaddubsw panel and table lookup
+        assert np.array_equal(lib.gemm_raw(a, layouts.pack_weights(w, layout)), expected), layout.name
 
 
 def test_int16_accumulation_survives_the_worst_case(libraries):
@@ -85,23 +86,23 @@ def test_int16_accumulation_survives_the_worst_case(libraries):
         a = np.full((7, k), 15, np.uint8)
         w = np.full((33, k), -(2 ** (bits - 1)))
         for lib in libraries.values():
-            for layout in native.candidate_layouts(lib.layout, 15, w):
-                got = lib.gemm_raw(a, native.pack_weights(w, layout))
+            for layout in layouts.candidate_layouts(lib.layout, 15, w):
+                got = lib.gemm_raw(a, layouts.pack_weights(w, layout))
                 assert np.array_equal(got, reference.int_gemm(a, w)), (bits, layout.name)
 
 
 def test_table_lookup_layout_stores_two_bits_per_weight_and_is_chosen_for_wide_layers():
     rng = np.random.default_rng(0)
     weights = rng.integers(-2, 2, (512, 576))
-    lut = native.LAYOUTS["avx2-lut"]
-    packed = native.pack_weights(weights, lut)
+    lut = layouts.LAYOUTS["avx2-lut"]
+    packed = layouts.pack_weights(weights, lut)
     assert packed.data.size == 512 * 576 // 4 and packed.layout == lut.id
-    assert native.conv_layout(native.LAYOUTS["avx2"], 15, weights, rows=196) == lut
-    assert native.conv_layout(native.LAYOUTS["avx2"], 15, weights[:64], rows=196).name == "avx2"  # tables cost more than they save
-    assert native.conv_layout(native.LAYOUTS["avx2"], 255, weights, rows=196).name == "avx2-wide"
-    assert native.conv_layout(native.LAYOUTS["avx2"], 15, weights * 2, rows=196).name == "avx2"  # not 2-bit
+    assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights, rows=196) == lut
+    assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights[:64], rows=196).name == "avx2"  # tables cost more than they save
+    assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 255, weights, rows=196).name == "avx2-wide"
+    assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights * 2, rows=196).name == "avx2"  # not 2-bit
     with pytest.raises(ValueError, match="2-bit"):
-        native.pack_weights(weights * 2, lut)
+        layouts.pack_weights(weights * 2, lut)
 
 
 @settings(max_examples=40, deadline=None)
@@ -123,7 +124,7 @@ def test_selfcheck_script_passes_natively(libraries):
 def test_arm64_kernels_are_bit_exact_under_qemu(tmp_path, target_name, qemu_cpu, layout):
     target = get_target(target_name)
     c_compiler, _, flags = compile_stage.kernel_toolchain(target)
-    library = native.build_shared(c_compiler, flags, tmp_path)
+    library = toolchain.build_shared(c_compiler, flags, tmp_path)
     command, env = emulation.python_command(qemu_cpu)
     result = subprocess.run([*command, str(Path(selfcheck.__file__)), str(library), "--cases", "12", "--seed", "1"], env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -136,7 +137,7 @@ def test_arm64_kernels_are_bit_exact_under_qemu(tmp_path, target_name, qemu_cpu,
 def test_dot_product_build_does_not_run_on_cortex_a72(tmp_path):
     """A real check that the A72 build avoids sdot: the A78AE build dies there with SIGILL."""
     c_compiler, _, flags = compile_stage.kernel_toolchain(get_target("jetson-orin"))
-    library = native.build_shared(c_compiler, flags, tmp_path)
+    library = toolchain.build_shared(c_compiler, flags, tmp_path)
     command, env = emulation.python_command("cortex-a72")
     result = subprocess.run([*command, str(Path(selfcheck.__file__)), str(library), "--cases", "2"], env=env, capture_output=True, text=True, check=False)
     assert result.returncode in (132, -4)
@@ -175,7 +176,7 @@ def _inputs(model: onnx.ModelProto, count: int):
     return [rng.normal(0, 1, dims).astype(np.float32) for _ in range(count)]
 
 
-def _code_disagreement(model: onnx.ModelProto, plan: graph.Plan, env: dict, x: np.ndarray) -> tuple[int, float]:
+def _code_disagreement(model: onnx.ModelProto, plan: kernel_plan.Plan, env: dict, x: np.ndarray) -> tuple[int, float]:
     """(largest difference in LSB, share of codes that differ) between the plan's activation codes and onnxruntime's.
 
     onnxruntime returns no 4- or 2-bit tensors, so its codes are read back from the
@@ -201,11 +202,19 @@ def _code_disagreement(model: onnx.ModelProto, plan: graph.Plan, env: dict, x: n
     return worst, differing / total
 
 
+def _assert_equals_reference(plan: kernel_plan.Plan, env: dict, x: np.ndarray) -> None:
+    """Every value the kernels computed, codes and floats, has the bits of the NumPy reference's."""
+    expected = reference.run_plan(plan, x)
+    for step in plan.steps:
+        ours, theirs = np.asarray(env[step.output]).reshape(expected[step.output].shape), expected[step.output]
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), f"{step.kernel} {step.output}: differs from the reference"
+
+
 @pytest.mark.parametrize("name", ["tiny", "mobilenet", "vit"])
 def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
     model = onnx.load(str(exports[name] / MODEL_FILE))
     lib = libraries["host"]
-    plan = graph.build_plan(model, lib.layout)
+    plan = kernel_plan.build_plan(model, lib.layout)
     kernels = plan.summary()["kernels"]
     assert kernels["conv2d"] >= 3 and "quantize" in kernels
     if name == "mobilenet":
@@ -215,7 +224,8 @@ def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
     session = onnxruntime_session(model)
     input_name = model.graph.input[0].name
     for x in _inputs(model, 5):
-        env = graph.run_plan(plan, lib, x)
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
         ours = env[plan.output_name].reshape(plan.output_shape)
         theirs = session.run(None, {input_name: x})[0]
         # Same integers; the float epilogue differs from onnxruntime's float conv only in rounding.
@@ -232,12 +242,13 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
     """Layer norm, softmax and GELU round differently from onnxruntime's (order of sums,
     polynomial exp/erf), so a code that lands on a rounding boundary may move by one step."""
     lib = libraries[build]
-    plan = graph.build_plan(timm_vit_model, lib.layout)
+    plan = kernel_plan.build_plan(timm_vit_model, lib.layout)
     kernels = plan.summary()["kernels"]
     assert kernels["conv2d"] == 1 + 2 * 4 + 1 and {"layer_norm", "softmax", "gelu", "matmul", "copy"} <= set(kernels)
     session = onnxruntime_session(timm_vit_model)
     for x in _inputs(timm_vit_model, 3):
-        env = graph.run_plan(plan, lib, x)
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
         worst, share = _code_disagreement(timm_vit_model, plan, env, x)
         assert worst <= 1 and share < 0.01
         ours = env[plan.output_name].reshape(plan.output_shape)
@@ -245,18 +256,36 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
         assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
 
 
-@pytest.mark.parametrize("name", ["tiny", "mobilenet", "vit"])
-def test_compiled_module_runs_the_kernels_and_matches_onnxruntime(tmp_path, exports, name):
-    compiled = compile_stage.run(exports[name], tmp_path / "compiled", target="x86-avx2" if "avx2" in native.host_cpu_features() else "x86", kernels="on")
+@pytest.mark.parametrize("name, target_name", [("tiny", "x86"), ("tiny", "x86-avx2"), ("mobilenet", "x86-avx2"), ("vit", "x86-avx2"), ("vit", "x86")])
+def test_compiled_module_equals_the_reference_and_matches_onnxruntime(tmp_path, exports, name, target_name):
+    target = get_target(target_name)
+    if target.missing_host_features():
+        pytest.skip(f"this CPU lacks {target.missing_host_features()} for {target_name}")
+    compiled = compile_stage.run(exports[name], tmp_path / "compiled", target=target, kernels="on")
     build = Manifest.load(compiled, "compile").extra["build"]
     assert build["path"] == "kernels" and build["kernels"]["conv2d"] >= 3
     model = onnx.load(str(exports[name] / MODEL_FILE))
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / MODULE_FILE)), tvm.cpu())
     session = onnxruntime_session(model)
+    plan = kernel_plan.build_plan(model, layouts.layout_for(target.arch, target.cpu_features))
     for x in _inputs(model, 3):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert np.array_equal(ours, reference.run_plan(plan, x)[plan.output_name].reshape(ours.shape))  # bit for bit
         theirs = session.run(None, {model.graph.input[0].name: x})[0]
         assert np.abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.qemu
+@requires_emulator
+@pytest.mark.parametrize("target_name", ["rpi4", "rpi5"])
+def test_arm64_vit_module_under_qemu_equals_the_reference(tmp_path, exports, target_name):
+    """Layer norm, softmax, GELU and the float matmuls too: an Arm module computes the x86 reference's bits."""
+    from edgeq.stages import verify as verify_stage
+
+    compiled = compile_stage.run(exports["vit"], tmp_path / "compiled", target=target_name, kernels="on")
+    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=4, latency_runs=0)
+    assert report["ran"].startswith("qemu-aarch64")
+    assert report["agreement_with_reference"] == 1.0 and report["reference_images"] == 4
 
 
 def test_unsupported_graph_falls_back_or_fails_clearly(tmp_path, exports):
@@ -284,3 +313,20 @@ def tiny_zoo_vit_export(tmp_path_factory):
     quantized = quantize_stage.run("zoo:fmnist-vit", "fashion-mnist:A", root / "q", bits="w4a4", num_images=8)
     return export_stage.run(quantized, root / "x")
 
+
+
+def test_conv_params_struct_has_one_layout(libraries):
+    """ConvParams (Python) and edgeq_conv_params (C) list the same fields in the same order, with the same size."""
+    import re
+
+    from edgeq.kernels import native
+
+    header = (toolchain.SOURCE_DIR / "edgeq_kernels.h").read_text()
+    body = re.search(r"typedef struct \{(.*?)\} edgeq_conv_params;", header, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    c_fields = [name for line in body.split(";") if line.strip() for name in re.findall(r"\w+", line.split(None, 1)[1])]
+    assert c_fields == [name for name, _ in native.ConvParams._fields_]
+    for build in libraries.values():
+        assert build.lib.edgeq_conv_params_size() == native.ctypes.sizeof(native.ConvParams)
+    with pytest.raises(TypeError, match="no field"):
+        native.conv_params(kernel_size=3)

@@ -135,6 +135,7 @@ def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86")
     assert (compiled / MODULE_FILE).is_file()
     report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5)
+    assert report["agreement_with_reference"] == 1.0 and report["reference_images"] == 100  # every bit, every output
     assert report["agreement_with_onnxruntime"] >= 0.99
     assert report["max_abs_diff_vs_onnxruntime"] < 1e-3
     assert report["compiled_top1"] == pytest.approx(report["onnxruntime_top1"], abs=0.01)
@@ -145,14 +146,15 @@ def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
 
 @pytest.mark.qemu
 @requires_emulator
-@pytest.mark.parametrize("target, qemu_cpu", [("rpi4", "cortex-a72"), ("jetson-orin", "cortex-a76")])
-def test_arm64_module_under_qemu_matches_onnxruntime(tmp_path, export_dir, target, qemu_cpu):
+@pytest.mark.parametrize("target, qemu_cpu", [("rpi4", "cortex-a72"), ("rpi5", "cortex-a76"), ("jetson-orin", "cortex-a76")])
+def test_arm64_module_under_qemu_equals_the_reference(tmp_path, export_dir, target, qemu_cpu):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target=target)
     assert Manifest.load(compiled, "compile").extra["build"]["path"] == "kernels"
     assert (compiled / MODULE_FILE).read_bytes()[:4] == b"\x7fELF"
     assert (compiled / MODULE_FILE).read_bytes()[18] == 183  # e_machine EM_AARCH64
     report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=100, latency_runs=5)
     assert report["ran"] == f"qemu-aarch64 -cpu {qemu_cpu}"
+    assert report["agreement_with_reference"] == 1.0  # the same bits as the NumPy reference computed on x86
     assert report["agreement_with_onnxruntime"] >= 0.99
     assert report["max_abs_diff_vs_onnxruntime"] < 1e-3
     assert report["latency_ms"] is None and "not measured" in report["latency_note"]

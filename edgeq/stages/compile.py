@@ -3,7 +3,7 @@
 Two paths, chosen per model:
 
 * kernels (default when the graph allows): the quantized layers become calls of edgeq's
-  bit-packed low-bit C kernels (:mod:`edgeq.kernels.graph`), compiled for the target's
+  bit-packed low-bit C kernels (:mod:`edgeq.kernels.plan`), compiled for the target's
   instruction set and linked into ``module.so`` beside TVM's code;
 * generic: the QDQ model is lowered to 8-bit containers plus Clips (see
   :mod:`edgeq.lowering`) and imported with TVM's ONNX frontend.
@@ -33,7 +33,7 @@ KERNEL_MODES = ("auto", "on", "off")
 
 def kernel_toolchain(target: Target) -> tuple[str, str, list[str]]:
     """C compiler, C++ compiler and flags for building the kernels for ``target``."""
-    from edgeq.kernels import native
+    from edgeq.kernels import toolchain
 
     if target.cross_compiler:
         c_compiler = target.cross_compiler
@@ -45,25 +45,25 @@ def kernel_toolchain(target: Target) -> tuple[str, str, list[str]]:
         if shutil.which(tool) is None:
             raise EdgeqError(f"compiler {tool} not found", "install gcc and g++ (for arm64: sudo apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
     mcpu = target.tvm_target.get("mcpu")
-    return c_compiler, cxx_compiler, native.compile_flags(target.arch, target.cpu_features, mcpu)
+    return c_compiler, cxx_compiler, toolchain.compile_flags(target.arch, target.cpu_features, mcpu)
 
 
 def build_with_kernels(plan, target: Target, out_path: Path) -> None:
-    """Compile a kernel plan (see :mod:`edgeq.kernels.graph`) into ``out_path``."""
+    """Compile a kernel plan (see :mod:`edgeq.kernels.plan`) into ``out_path``."""
     import tempfile
 
     import tvm
     import tvm_ffi.libinfo
 
-    from edgeq.kernels import graph, native
+    from edgeq.kernels import relax_module, toolchain
 
     c_compiler, cxx_compiler, flags = kernel_toolchain(target)
-    executable = tvm.compile(graph.to_relax(plan), target=target.tvm())
+    executable = tvm.compile(relax_module.to_relax(plan), target=target.tvm())
     with tempfile.TemporaryDirectory() as tmp:
-        kernel_objects = native.build_object(c_compiler, flags, Path(tmp))
+        kernel_objects = toolchain.build_object(c_compiler, flags, Path(tmp))
         ffi_obj = Path(tmp) / "edgeq_ffi.o"
         command = [cxx_compiler, *flags, "-std=c++17", "-I", tvm_ffi.libinfo.find_include_path(),
-                   "-I", str(native.SOURCE_DIR), "-c", str(native.FFI_SOURCE), "-o", str(ffi_obj)]
+                   "-I", str(toolchain.SOURCE_DIR), "-c", str(toolchain.FFI_SOURCE), "-o", str(ffi_obj)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise EdgeqError(f"compiling the kernel entry points failed: {result.stderr.strip().splitlines()[-1:]}", "check the C++ compiler")
@@ -79,11 +79,12 @@ def build(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_sh
     if kernels not in KERNEL_MODES:
         raise EdgeqError(f"unknown kernel mode {kernels!r}", f"choose one of: {', '.join(KERNEL_MODES)}")
     if kernels != "off":
-        from edgeq.kernels import graph, native
+        from edgeq.kernels import layouts
+        from edgeq.kernels import plan as kernel_plan
 
         try:
-            plan = graph.build_plan(onnx_model, native.layout_for(target.arch, target.cpu_features))
-        except graph.Unsupported as exc:
+            plan = kernel_plan.build_plan(onnx_model, layouts.layout_for(target.arch, target.cpu_features))
+        except kernel_plan.Unsupported as exc:
             if kernels == "on":
                 raise EdgeqError(f"the model cannot run on edgeq's kernels: {exc}", "compile with --kernels auto (falls back to TVM's generic code)") from None
             log.info("low-bit kernels not used (%s); compiling with TVM's generic code", exc)
@@ -119,11 +120,11 @@ def build_generic(onnx_model: onnx.ModelProto, target: Target, input_name: str, 
 
 
 def plan(export_dir: str | Path, target: Target, kernels: str = "auto") -> Manifest:
-    from edgeq.kernels import native
+    from edgeq.kernels import toolchain
 
     source = Manifest.load(export_dir, "export")
     # the kernel sources are part of the fingerprint: a changed kernel means a rebuild
-    params = {"batch_size": 1, "kernels": kernels, "kernel_sources": native.source_digest()}
+    params = {"batch_size": 1, "kernels": kernels, "kernel_sources": toolchain.source_digest()}
     return Manifest(stage="compile", inputs=[input_entry("export", export_dir)], params=params, spec=source.spec, target=target.name, seed=source.seed)
 
 

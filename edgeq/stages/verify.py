@@ -42,6 +42,36 @@ def run_compiled(module_path: Path, target_name: str, inputs: np.ndarray, latenc
     return result.outputs, result.timings_ms, result.ran
 
 
+REFERENCE_IMAGES = 100  # the NumPy reference is slow on large models: the first images are enough to catch a wrong bit
+
+
+def reference_agreement(compiled: Manifest, onnx_model: onnx.ModelProto, inputs: np.ndarray, compiled_logits: np.ndarray) -> dict:
+    """How many outputs of the compiled module equal, bit for bit, the NumPy reference of its kernel plan.
+
+    The reference (:func:`edgeq.kernels.reference.run_plan`) computes the plan the module was
+    built from, integer accumulators exact and every float operation in the kernels' order, so
+    anything but 1.0 is a compiler or kernel defect, on any target; onnxruntime sums in float32
+    and rounds differently, which is why its agreement may be lower.
+    """
+    build = (compiled.extra or {}).get("build", {})
+    if build.get("path") != "kernels":
+        return {"agreement_with_reference": None, "reference_images": 0,
+                "reference_note": "TVM's generic code has no bit-exact reference; agreement with onnxruntime applies"}
+    from ..kernels import layouts, reference
+    from ..kernels import plan as kernel_plan
+
+    target = get_target(compiled.target)
+    kernel_steps = kernel_plan.build_plan(onnx_model, layouts.layout_for(target.arch, target.cpu_features))
+    count = min(len(inputs), REFERENCE_IMAGES)
+    equal, worst = 0, 0.0
+    for x, ours in zip(inputs[:count], compiled_logits[:count]):
+        expected = reference.run_plan(kernel_steps, x[None])[kernel_steps.output_name].reshape(ours.shape)
+        equal += int(np.array_equal(ours, expected))
+        worst = max(worst, float(np.abs(ours.astype(np.float64) - expected).max()))
+    return {"agreement_with_reference": equal / count if count else None, "reference_images": count, "max_abs_diff_vs_reference": worst,
+            "reference_note": "share of outputs equal bit for bit to the NumPy reference of the kernel plan"}
+
+
 def plan(compiled_dir: str | Path, *, data: str, num_images: int, latency_runs: int) -> Manifest:
     compiled = Manifest.load(compiled_dir, "compile")
     return Manifest(stage="verify", inputs=[input_entry("compiled", compiled_dir), input_entry("data", data, _data_digest(data))],
@@ -91,6 +121,7 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
         "onnxruntime_top1": _top1(ort_logits, targets),
         "compiled_top1": _top1(compiled_logits, targets),
         "agreement_with_fp": {"quantized": agreement(quant_logits, float_logits), "compiled": agreement(compiled_logits, float_logits)},
+        **reference_agreement(compiled, onnx_model, inputs, compiled_logits),
         "agreement_with_onnxruntime": float((compiled_logits.argmax(1) == ort_logits.argmax(1)).mean()),
         "max_abs_diff_vs_onnxruntime": float(np.abs(compiled_logits - ort_logits).max()),
         "ran": how,

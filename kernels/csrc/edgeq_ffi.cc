@@ -1,8 +1,8 @@
 // TVM FFI entry points of the edgeq kernels, called from Relax with R.call_dps_packed
 // (destination-passing style: outputs come last, allocated by the VM). Linked into a
 // compiled module.so next to TVM's generated code, so the module needs nothing else at
-// run time. Integer parameters travel as one int32 tensor, floats as one float32 tensor,
-// in the order of edgeq_conv_params (see edgeq/kernels/graph.py, which writes them).
+// run time. A convolution's parameters travel as the bytes of edgeq_conv_params; other
+// operators' as one int32 and one float32 tensor in the order written above each entry.
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/error.h>
 #include <tvm/ffi/function.h>
@@ -21,24 +21,21 @@ T* data(const TensorView& t) {
 }
 
 enum ConvFlag { kHasResidual = 0, kDepthwise = 1 };
-constexpr int kConvInts = 22;  // integer fields of edgeq_conv_params
 
-edgeq_conv_params conv_params(const TensorView& ints, const TensorView& floats) {
-  TVM_FFI_ICHECK_EQ(ints.numel(), kConvInts + 2) << "edgeq conv: wrong integer parameter count";
-  TVM_FFI_ICHECK_EQ(floats.numel(), 3) << "edgeq conv: wrong float parameter count";
+// The struct arrives as its own bytes (edgeq/kernels/native.py ConvParams.words()), so its
+// field order is written only in edgeq_kernels.h and in that one Python class.
+edgeq_conv_params conv_params(const TensorView& words, const TensorView& flags) {
+  TVM_FFI_ICHECK_EQ(words.numel() * sizeof(int32_t), sizeof(edgeq_conv_params)) << "edgeq conv: parameter block of the wrong size";
+  TVM_FFI_ICHECK_EQ(flags.numel(), 2) << "edgeq conv: wrong flag count";
   edgeq_conv_params p;
-  std::memcpy(&p, data<int32_t>(ints), sizeof(int32_t) * kConvInts);
-  const float* f = data<float>(floats);
-  p.out_scale = f[0];
-  p.clamp_min = f[1];
-  p.clamp_max = f[2];
+  std::memcpy(&p, data<int32_t>(words), sizeof(edgeq_conv_params));
   return p;
 }
 
-void conv(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView ints, TensorView floats,
+void conv(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView words, TensorView flag_tensor,
           TensorView residual, float* out_float, uint8_t* out_codes) {
-  const edgeq_conv_params p = conv_params(ints, floats);
-  const int32_t* flags = data<int32_t>(ints) + kConvInts;
+  const edgeq_conv_params p = conv_params(words, flag_tensor);
+  const int32_t* flags = data<int32_t>(flag_tensor);
   const float* res = flags[kHasResidual] ? data<float>(residual) : nullptr;
   const int status = flags[kDepthwise]
                          ? edgeq_depthwise_conv2d(&p, data<uint8_t>(x), data<uint8_t>(weights), data<float>(multiplier), data<float>(bias), res, out_float,
@@ -48,14 +45,14 @@ void conv(TensorView x, TensorView weights, TensorView wsum, TensorView multipli
   TVM_FFI_ICHECK_EQ(status, 0) << "edgeq conv kernel rejected its parameters";
 }
 
-void conv2d_float(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView ints, TensorView floats,
+void conv2d_float(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView words, TensorView flags,
                   TensorView residual, TensorView out) {
-  conv(x, weights, wsum, multiplier, bias, ints, floats, residual, data<float>(out), nullptr);
+  conv(x, weights, wsum, multiplier, bias, words, flags, residual, data<float>(out), nullptr);
 }
 
-void conv2d_codes(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView ints, TensorView floats,
+void conv2d_codes(TensorView x, TensorView weights, TensorView wsum, TensorView multiplier, TensorView bias, TensorView words, TensorView flags,
                   TensorView residual, TensorView out) {
-  conv(x, weights, wsum, multiplier, bias, ints, floats, residual, nullptr, data<uint8_t>(out));
+  conv(x, weights, wsum, multiplier, bias, words, flags, residual, nullptr, data<uint8_t>(out));
 }
 
 // ints: channels, pixels, nchw_input, zero, qmin, qmax; floats: scale

@@ -23,6 +23,30 @@
 
 #include "edgeq_kernels.h"
 
+/* Every operator here computes each output with one fixed sequence of float32 operations,
+ * the same in every build (AVX2 intrinsics, NEON or plain C, any thread count), so that
+ * x86 and Arm modules produce the same bits and kernels/reference.py can reproduce them:
+ * no fused multiply-add (the sources build with -ffp-contract=off), and every reduction
+ * runs in EDGEQ_LANES strided partial sums combined by combine_lanes(), then the tail in
+ * order. */
+#define EDGEQ_LANES 8
+
+/* ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): the order of the AVX2 horizontal sum. */
+static inline float combine_lanes(const float l[EDGEQ_LANES]) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/* sum of x[0..count) in the canonical order (see above). */
+static inline float lane_sum(const float* x, int64_t count) {
+  float lanes[EDGEQ_LANES] = {0};
+  int64_t c = 0;
+  for (; c + EDGEQ_LANES <= count; c += EDGEQ_LANES)
+    for (int l = 0; l < EDGEQ_LANES; ++l) lanes[l] += x[c + l];
+  float sum = combine_lanes(lanes);
+  for (; c < count; ++c) sum += x[c];
+  return sum;
+}
+
 /* Comparisons rather than fminf/fmaxf: those must honour NaN operands, which keeps GCC
  * from using vector min/max instructions. */
 static inline float clamp_float(float x, float lo, float hi) {
@@ -72,19 +96,20 @@ static inline float erf_poly(float x) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* exp_poly and erf_poly on eight lanes (the same polynomials; fused multiply-adds). */
+/* exp_poly and erf_poly on eight lanes: the same operations in the same order. */
 static inline __m256 exp_poly8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  const __m256 n = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
   const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
@@ -93,26 +118,19 @@ static inline __m256 erf_poly8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-4.0f)), _mm256_set1_ps(4.0f));
   const __m256 x2 = _mm256_mul_ps(x, x);
   __m256 p = _mm256_set1_ps(-2.72614225801306e-10f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.77068142495902e-08f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-2.10102402082508e-06f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-5.69250639462346e-05f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-7.34990630326855e-04f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-2.95459980854025e-03f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-1.60960333262415e-02f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(2.77068142495902e-08f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(-2.10102402082508e-06f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(-5.69250639462346e-05f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(-7.34990630326855e-04f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(-2.95459980854025e-03f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, x2), _mm256_set1_ps(-1.60960333262415e-02f));
   p = _mm256_mul_ps(p, x);
   __m256 q = _mm256_set1_ps(-1.45660718464996e-05f);
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-2.13374055278905e-04f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-1.68282697438203e-03f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-7.37332916720468e-03f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(-1.42647390514189e-02f));
+  q = _mm256_add_ps(_mm256_mul_ps(q, x2), _mm256_set1_ps(-2.13374055278905e-04f));
+  q = _mm256_add_ps(_mm256_mul_ps(q, x2), _mm256_set1_ps(-1.68282697438203e-03f));
+  q = _mm256_add_ps(_mm256_mul_ps(q, x2), _mm256_set1_ps(-7.37332916720468e-03f));
+  q = _mm256_add_ps(_mm256_mul_ps(q, x2), _mm256_set1_ps(-1.42647390514189e-02f));
   return _mm256_div_ps(p, q);
-}
-
-static inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 static inline float horizontal_max(__m256 v) {
@@ -203,13 +221,10 @@ void edgeq_layer_norm(const float* a, const float* b, const int32_t* ints, const
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = a + r * cols;
     float* y = out + r * cols;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < cols; ++c) sum += x[c];
-    const float mean = sum / (float)cols;
-    float squares = 0.0f;
-#pragma omp simd reduction(+ : squares)
-    for (int64_t c = 0; c < cols; ++c) squares += (x[c] - mean) * (x[c] - mean);
+    const float mean = lane_sum(x, cols) / (float)cols;
+    /* the squared deviations go through y, which the last loop overwrites */
+    for (int64_t c = 0; c < cols; ++c) y[c] = (x[c] - mean) * (x[c] - mean);
+    const float squares = lane_sum(y, cols);
     const float inv = 1.0f / sqrtf(squares / (float)cols + epsilon);
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) y[c] = (x[c] - mean) * inv * gamma[c] + beta[c];
@@ -235,18 +250,10 @@ void edgeq_softmax(const float* a, const float* b, const int32_t* ints, const fl
     for (; c < cols; ++c) top = x[c] > top ? x[c] : top;
     c = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 sum8 = _mm256_setzero_ps();
-    for (; c + 8 <= cols; c += 8) {
-      const __m256 e = exp_poly8(_mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_set1_ps(top)));
-      _mm256_storeu_ps(y + c, e);
-      sum8 = _mm256_add_ps(sum8, e);
-    }
-    sum = horizontal_sum(sum8);
+    for (; c + 8 <= cols; c += 8) _mm256_storeu_ps(y + c, exp_poly8(_mm256_sub_ps(_mm256_loadu_ps(x + c), _mm256_set1_ps(top))));
 #endif
-    for (; c < cols; ++c) {
-      y[c] = exp_poly(x[c] - top);
-      sum += y[c];
-    }
+    for (; c < cols; ++c) y[c] = exp_poly(x[c] - top);
+    sum = lane_sum(y, cols);
     const float inv = 1.0f / sum;
 #pragma omp simd
     for (int64_t c = 0; c < cols; ++c) y[c] *= inv;
@@ -275,7 +282,8 @@ void edgeq_gelu(const float* a, const float* b, const int32_t* ints, const float
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* 4 rows x 16 columns of out, all of k: eight accumulators, b streamed two registers per step. */
+/* 4 rows x 16 columns of out, all of k: eight accumulators, b streamed two registers per step. Each output sums
+ * its k products in order, multiply and add rounded separately, as matmul_rows does. */
 static void matmul_tile_4x16(const float* a, const float* b, int64_t k, int64_t n, float alpha, float* out) {
   __m256 acc[4][2];
   for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -284,8 +292,8 @@ static void matmul_tile_4x16(const float* a, const float* b, int64_t k, int64_t 
     const __m256 b1 = _mm256_loadu_ps(b + p * n + 8);
     for (int r = 0; r < 4; ++r) {
       const __m256 x = _mm256_broadcast_ss(a + r * k + p);
-      acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_mul_ps(x, b0));
+      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_mul_ps(x, b1));
     }
   }
   const __m256 scale = _mm256_set1_ps(alpha);

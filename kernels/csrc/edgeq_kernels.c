@@ -893,3 +893,6 @@ int64_t edgeq_int8_peak_loop(int64_t iterations) {
   return 0;
 #endif
 }
+
+/* sizeof(edgeq_conv_params), for the Python side's check of its one copy of the struct. */
+int32_t edgeq_conv_params_size(void) { return (int32_t)sizeof(edgeq_conv_params); }

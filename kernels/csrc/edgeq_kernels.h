@@ -68,6 +68,9 @@ typedef struct {
   float out_scale, clamp_min, clamp_max;
 } edgeq_conv_params;
 
+/* sizeof(edgeq_conv_params): edgeq/kernels/native.py ConvParams must match it (tested). */
+int32_t edgeq_conv_params_size(void);
+
 /* 0 on success, a negative number when the arguments are inconsistent. wsum[n] = sum_k w[n, k]. */
 int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
                  const float* bias, const float* residual, float* out_float, uint8_t* out_codes);

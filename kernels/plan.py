@@ -1,17 +1,23 @@
-"""From an exported QDQ model to a plan of edgeq kernel calls, and from the plan to Relax.
+"""From an exported QDQ model to a plan of edgeq kernel calls.
 
 The QDQ graph quantizes each layer's input (QuantizeLinear -> DequantizeLinear) and runs
 the layer in float on dequantized weights. The plan runs the same arithmetic in integers:
 
     Q(x) -> DQ -> Conv/Gemm(DQ(w)) [-> Add(residual)] [-> Relu/Clip]    becomes one
     kernel call on activation codes (NHWC, one per byte) and bit-packed weights, with the
-    scale, bias, residual and clamp fused into its epilogue; when the only consumer is the
-    next layer's QuantizeLinear, the epilogue writes that layer's codes directly and the
-    float tensor is never materialized.
+    scale, bias, residual and clamp fused into its epilogue (:mod:`.fusion`); when the only
+    consumer is the next layer's QuantizeLinear, the epilogue writes that layer's codes
+    directly and the float tensor is never materialized.
 
-Tensors between kernels are NHWC. What stays float (residual stream, pooling) runs in
-small C loops of the same library. Graphs with operators outside this set raise
-:class:`Unsupported`, and the compile stage falls back to TVM's ONNX importer.
+Tensors between kernels are NHWC. What stays float (residual stream, pooling, a
+transformer's layer norm, softmax, GELU and attention) runs in small C operators of the
+same library. Graphs with operators outside this set raise :class:`Unsupported`, and the
+compile stage falls back to TVM's ONNX importer.
+
+A plan is executed three ways, each in its own module: :mod:`.relax_module` emits the
+Relax module that the compile stage builds, :mod:`.execute` calls the C library through
+ctypes (tests, profiling), and :func:`edgeq.kernels.reference.run_plan` computes it in
+NumPy, bit for bit as the kernels do.
 """
 from __future__ import annotations
 
@@ -23,11 +29,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import native
+from . import layouts
+from .fusion import INF, fuse
 
 log = logging.getLogger(__name__)
 
-INF = float("inf")
 # Activation zero-point types the kernels take (unsigned codes); value = largest code
 UNSIGNED_ACTIVATIONS = {onnx.TensorProto.UINT8: 255, onnx.TensorProto.UINT4: 15, onnx.TensorProto.UINT2: 3}
 
@@ -68,7 +74,7 @@ class Plan:
     output_shape: tuple[int, ...]
     steps: list[Step]
     values: dict[str, Value]
-    layout: native.Layout
+    layout: layouts.Layout
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
@@ -88,7 +94,7 @@ def _scalar(array: np.ndarray, what: str) -> float:
 
 
 class _Planner:
-    def __init__(self, model: onnx.ModelProto, layout: native.Layout):
+    def __init__(self, model: onnx.ModelProto, layout: layouts.Layout):
         from ..lowering import LOW_BIT_TYPES, widen
 
         self.layout = layout
@@ -132,7 +138,7 @@ class _Planner:
         if value.layout == "nhwc" and value.shape[:2] != (1, 1):
             raise Unsupported("the model output is a feature map (NHWC inside the plan, NCHW outside)")
         plan = Plan(graph_input.name, dims, output, output_shape, self.steps, self.values, self.layout)
-        _fuse(plan)
+        fuse(plan)
         return plan
 
     def _fold(self, node) -> bool:
@@ -212,17 +218,20 @@ class _Planner:
         multiplier = (np.float32(x.scale) * w_scale).astype(np.float32)
         bias = np.zeros(n, np.float32) if bias is None else bias
         if depthwise:
-            packed = native.pack_depthwise(values.reshape(n, geometry["kernel_h"], geometry["kernel_w"]))
+            packed = layouts.pack_depthwise(values.reshape(n, geometry["kernel_h"], geometry["kernel_w"]))
             wsum = np.zeros(1, np.int32)
         else:
             rows = values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values  # (N, kh·kw·C): im2col's order
-            packed = native.pack_weights(rows, native.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"]))
+            packed = layouts.pack_weights(rows, layouts.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"]))
             wsum = rows.sum(1).astype(np.int32)
         if out_shape is None:
             self.values[node.output[0]] = Value(node.output[0], "float", (geometry["out_h"], geometry["out_w"], n))
         else:  # dense layers: rows x channels is the plain tensor (..., rows, n) in memory
             self.values[node.output[0]] = Value(node.output[0], "float", tuple(out_shape), layout="plain")
+        # ``weights`` (N, C or 1, kh, kw) int8 is what the packing encodes: the reference computes from it
+        weights = values.reshape(n, -1, 1, 1) if values.ndim == 2 else values
         params = dict(geometry, x_zero=x.zero, x_max=x.qmax, out_c=n, packed=packed, wsum=wsum, multiplier=multiplier, bias=bias.astype(np.float32),
+                      weights=weights.astype(np.int8),
                       depthwise=depthwise, clamp=(-INF, INF), residual=None, quant=None)
         self.steps.append(Step("conv2d", [x.name], node.output[0], params))
 
@@ -595,214 +604,7 @@ def _contiguous(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _consumers(plan: Plan) -> dict[str, list[Step]]:
-    consumers: dict[str, list[Step]] = {}
-    for step in plan.steps:
-        for name in step.inputs:
-            consumers.setdefault(name, []).append(step)
-    return consumers
 
 
-def _fuse(plan: Plan) -> None:
-    """Fold residual adds, clamps and the next layer's quantization into convolution epilogues."""
-    changed = True
-    while changed:
-        changed = False
-        consumers = _consumers(plan)
-        for step in plan.steps:
-            if step.kernel != "conv2d" or step.out_kind != "float" or step.output == plan.output_name:
-                continue
-            users = consumers.get(step.output, [])
-            if len(users) != 1:
-                continue
-            user = users[0]
-            params = step.params
-            identity_clamp = params["clamp"] == (-INF, INF)
-            if (user.kernel == "binary" and user.params["constant"] is not None and user.params["ints"][2] == 0 and identity_clamp
-                    and params["residual"] is None and params["quant"] is None and user.params["constant"].size == params["out_c"]):
-                params["bias"] = (params["bias"] + user.params["constant"]).astype(np.float32)  # a dense layer's bias, exported as an Add
-                _replace(plan, user, step)
-                changed = True
-            elif user.kernel == "add_clamp" and len(user.inputs) == 2 and identity_clamp and params["residual"] is None:
-                other = user.inputs[1] if user.inputs[0] == step.output else user.inputs[0]
-                if _defined_before(plan, other, step):
-                    params["residual"], params["clamp"] = other, user.params["clamp"]
-                    step.inputs = step.inputs + [other]
-                    _replace(plan, user, step)
-                    changed = True
-            elif user.kernel == "add_clamp" and len(user.inputs) == 1:
-                lo, hi = params["clamp"]
-                ulo, uhi = user.params["clamp"]
-                params["clamp"] = (max(lo, ulo), min(hi, uhi))
-                _replace(plan, user, step)
-                changed = True
-            elif user.kernel == "quantize" and user.params["nchw"] == 0:
-                params["quant"] = user.params
-                step.out_kind = "codes"
-                _replace(plan, user, step)
-                changed = True
-            if changed:
-                break
-
-
-def _defined_before(plan: Plan, name: str, step: Step) -> bool:
-    for other in plan.steps:
-        if other is step:
-            return False
-        if other.output == name:
-            return True
-    return False
-
-
-def _replace(plan: Plan, user: Step, step: Step) -> None:
-    """``step`` takes over ``user``'s output name; ``user`` disappears."""
-    old = step.output
-    step.output = user.output
-    plan.values[user.output] = dataclasses.replace(plan.values[user.output], shape=plan.values[old].shape)
-    plan.steps.remove(user)
-
-
-def build_plan(model: onnx.ModelProto, layout: native.Layout) -> Plan:
+def build_plan(model: onnx.ModelProto, layout: layouts.Layout) -> Plan:
     return _Planner(model, layout).plan()
-
-
-# ---------------------------------------------------------------------------------------
-# Relax
-
-
-def conv_arguments(params: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The int32 and float32 parameter tensors of a conv step (edgeq_conv_params order + flags)."""
-    packed: native.PackedWeights = params["packed"]
-    quant = params["quant"] or {"scale": 1.0, "zero": 0, "qmax": 255}
-    ints = [params[k] for k in ("in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left")]
-    ints += [params["x_zero"], params["x_max"], packed.bits, packed.low, packed.absmax, packed.k_padded, packed.layout, quant["zero"], 0, quant["qmax"]]
-    ints += [int(params["residual"] is not None), int(params["depthwise"])]
-    lo, hi = params["clamp"]
-    floats = [quant["scale"], max(lo, -3.0e38), min(hi, 3.0e38)]
-    return np.array(ints, np.int32), np.array(floats, np.float32)
-
-
-FLOAT_OPS = {"copy": "edgeq_strided_copy", "concat": "edgeq_concat", "dequantize": "edgeq_dequantize", "binary": "edgeq_binary", "layer_norm": "edgeq_layer_norm",
-             "softmax": "edgeq_softmax", "gelu": "edgeq_gelu", "matmul": "edgeq_matmul"}
-
-
-def _quantize_arguments(plan: Plan, step: Step) -> tuple[list[int], float]:
-    p = step.params
-    source = plan.values[step.inputs[0]]
-    channels = source.shape[1] if p["nchw"] else source.shape[-1]
-    pixels = int(np.prod(source.shape[2:] if p["nchw"] else source.shape[:-1]))
-    return [channels, pixels, p["nchw"], p["zero"], 0, p["qmax"]], p["scale"]
-
-
-def to_relax(plan: Plan):
-    """A Relax IRModule whose ``main`` runs the plan through the edgeq kernels."""
-    from tvm import relax
-
-    def tensor_type(value: Value, kind: str):
-        return relax.TensorType(value.shape, "uint8" if kind == "codes" else "float32")
-
-    def const(array):
-        return relax.const(np.ascontiguousarray(array))
-
-    builder = relax.BlockBuilder()
-    graph_input = relax.Var(plan.input_name, relax.TensorType(plan.input_shape, "float32"))
-    dummy = const(np.zeros(1, np.float32))
-    with builder.function("main", [graph_input]):
-        with builder.dataflow():
-            env = {plan.input_name: graph_input}
-            for step in plan.steps:
-                value = plan.values[step.output]
-                args = [env[name] for name in step.inputs]
-                if step.kernel == "constant":
-                    env[step.output] = const(step.params["array"])
-                    continue
-                if step.kernel == "alias":
-                    same = tuple(plan.values[step.inputs[0]].shape) == tuple(step.params.get("shape", value.shape))
-                    env[step.output] = args[0] if same else builder.emit(relax.op.reshape(args[0], step.params["shape"]))
-                    continue
-                if step.kernel == "conv2d":
-                    ints, floats = conv_arguments(step.params)
-                    packed = step.params["packed"]
-                    residual = env[step.params["residual"]] if step.params["residual"] else dummy
-                    call_args = [args[0], const(packed.data), const(step.params["wsum"]), const(step.params["multiplier"]), const(step.params["bias"]),
-                                 const(ints), const(floats), residual]
-                    name = "edgeq_conv2d_codes" if step.out_kind == "codes" else "edgeq_conv2d_float"
-                elif step.kernel == "quantize":
-                    ints, scale = _quantize_arguments(plan, step)
-                    call_args = [args[0], const(np.array(ints, np.int32)), const(np.array([scale], np.float32))]
-                    name = "edgeq_quantize"
-                elif step.kernel == "add_clamp":
-                    lo, hi = step.params["clamp"]
-                    second = args[1] if len(args) > 1 else dummy
-                    call_args = [args[0], second, const(np.array([max(lo, -3.0e38), min(hi, 3.0e38)], np.float32))]
-                    name = "edgeq_add_clamp"
-                elif step.kernel in ("max_pool", "global_average_pool"):
-                    call_args = [args[0], const(np.array(step.params["ints"], np.int32))]
-                    name = f"edgeq_{step.kernel}"
-                elif step.kernel in FLOAT_OPS:
-                    p = step.params
-                    second = args[1] if len(args) > 1 else (const(p["constant"]) if p["constant"] is not None else dummy)
-                    call_args = [args[0], second, const(p["ints"]), const(p["floats"])]
-                    name = FLOAT_OPS[step.kernel]
-                else:  # pragma: no cover - the planner emits only the kernels above
-                    raise Unsupported(step.kernel)
-                env[step.output] = builder.emit(relax.call_dps_packed(name, call_args, out_ty=tensor_type(value, step.out_kind)))
-            result = env[plan.output_name]
-            if tuple(plan.values[plan.output_name].shape) != tuple(plan.output_shape):
-                result = builder.emit(relax.op.reshape(result, plan.output_shape))
-            output = builder.emit_output(result)
-        builder.emit_func_output(output)
-    return builder.get()
-
-
-def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list | None = None) -> dict[str, np.ndarray]:
-    """Execute a plan through ctypes (no TVM): every value by name, for tests and profiling.
-
-    ``timings``, when given, receives (step, seconds) per step.
-    """
-    import time
-
-    ptr = library._ptr
-    env: dict[str, np.ndarray] = {plan.input_name: np.ascontiguousarray(x, np.float32)}
-    for step in plan.steps:
-        started = time.perf_counter()
-        args = [env[name] for name in step.inputs]
-        value = plan.values[step.output]
-        p = step.params
-        if step.kernel == "constant":
-            out = p["array"]
-        elif step.kernel == "alias":
-            out = args[0].reshape(p.get("shape", value.shape))
-        elif step.kernel == "quantize":
-            ints, scale = _quantize_arguments(plan, step)
-            out = np.zeros(value.shape, np.uint8)
-            library.lib.edgeq_quantize(ptr(args[0]), *ints[:3], native.ctypes.c_float(scale), *ints[3:], ptr(out))
-        elif step.kernel == "conv2d":
-            ints, floats = conv_arguments(p)
-            params = native.conv_params(**dict(zip([f[0] for f in native._ConvParams._fields_[:22]], ints[:22].tolist())),
-                                        out_scale=float(floats[0]), clamp_min=float(floats[1]), clamp_max=float(floats[2]))
-            residual = env[p["residual"]] if p["residual"] else None
-            out_float, out_codes = library.conv2d(params, args[0], p["packed"], p["wsum"], p["multiplier"], p["bias"], residual,
-                                                  want_float=step.out_kind == "float", want_codes=step.out_kind == "codes", depthwise=p["depthwise"])
-            out = (out_codes if step.out_kind == "codes" else out_float).reshape(value.shape)
-        elif step.kernel == "add_clamp":
-            lo, hi = step.params["clamp"]
-            out = np.clip(args[0] + (args[1] if len(args) > 1 else 0), lo, hi).astype(np.float32)
-        elif step.kernel == "max_pool":
-            out = np.zeros(value.shape, np.float32)
-            library.lib.edgeq_max_pool(ptr(np.ascontiguousarray(args[0])), *p["ints"], ptr(out))
-        elif step.kernel == "global_average_pool":
-            out = args[0].reshape(-1, args[0].shape[-1]).mean(0, dtype=np.float32).reshape(value.shape)
-        elif step.kernel in FLOAT_OPS:
-            second = args[1] if len(args) > 1 else p["constant"]
-            out = np.zeros(value.shape, np.float32)
-            first = np.ascontiguousarray(args[0], np.uint8 if step.kernel == "dequantize" else np.float32)
-            getattr(library.lib, FLOAT_OPS[step.kernel])(ptr(first),
-                                                         ptr(None if second is None else np.ascontiguousarray(second, np.float32)), ptr(p["ints"]),
-                                                         ptr(p["floats"]), ptr(out))
-        else:  # pragma: no cover
-            raise Unsupported(step.kernel)
-        env[step.output] = out
-        if timings is not None:
-            timings.append((step, time.perf_counter() - started))
-    return env

@@ -1,0 +1,92 @@
+"""Building the C kernels for a target: compiler flags per instruction set, object files for
+linking into a TVM module, and cached shared libraries for ctypes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+C_SOURCE = SOURCE_DIR / "edgeq_kernels.c"  # the integer kernels
+C_SOURCES = (C_SOURCE, SOURCE_DIR / "edgeq_float.c")  # and the float operators around them
+FFI_SOURCE = SOURCE_DIR / "edgeq_ffi.cc"
+
+
+def compile_flags(arch: str, cpu_features, mcpu: str | None = None) -> list[str]:
+    features = set(cpu_features)
+    # -ffp-contract=off: the float epilogues and operators must round every multiply and add
+    # on their own, as the reference does, on every target (GCC contracts by default
+    # under -std=gnu*, and the AArch64 compilers would fuse them into fmla).
+    flags = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"]
+    if arch == "x86_64":
+        if "avx2" in features:
+            flags += ["-mavx2", "-mfma"]
+    elif arch == "aarch64":
+        if mcpu and mcpu != "generic":
+            flags.append(f"-mcpu={mcpu}")
+        if "asimddp" in features and not (mcpu and mcpu != "generic"):
+            flags.append("-march=armv8.2-a+dotprod")
+    return flags
+
+
+def source_digest() -> str:
+    """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for them."""
+    hasher = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for source in [*sorted(SOURCE_DIR.iterdir()), *sorted(here.glob("*.py"))]:
+        hasher.update(source.name.encode() + source.read_bytes())
+    return hasher.hexdigest()[:16]
+
+
+def build_object(compiler: str, flags: list[str], out_dir: Path) -> list[Path]:
+    """Compile the C kernels into object files in ``out_dir`` (for linking into a TVM module)."""
+    objects = []
+    for source in C_SOURCES:
+        out = Path(out_dir) / f"{source.stem}.o"
+        command = [compiler, *flags, "-std=c11", "-c", str(source), "-o", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
+        objects.append(out)
+    return objects
+
+
+def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
+    """A shared library of the C kernels (for ctypes), cached by source and flags."""
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"libedgeq_kernels-{hashlib.sha256(repr((source_digest(), compiler, flags)).encode()).hexdigest()[:16]}.so"
+    if not path.exists():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            partial = Path(tmp) / path.name
+            command = [compiler, *flags, "-std=c11", "-shared", *map(str, C_SOURCES), "-o", str(partial), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")
+            os.replace(partial, path)
+    return path
+
+
+def host_flags() -> tuple[str, list[str]]:
+    """The compiler and flags for this machine, with the best layout its CPU runs."""
+    import platform
+
+    arch = platform.machine()
+    features = host_cpu_features()
+    compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
+    return compiler, compile_flags(arch, features)
+
+
+def host_cpu_features() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
