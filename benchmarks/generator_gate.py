@@ -7,6 +7,7 @@ Generates --per-class images for each Fashion-MNIST class with single-class prom
 zoo:fmnist-resnet, and prints the per-class and overall fraction classified as prompted.
 The gate is 80% overall. --record stores the figures in the zoo registry (edgeq/zoo/zoo.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,12 +38,21 @@ def measure(per_class: int, seed: int = 0) -> dict:
     for start in range(0, len(prompts), 50):
         batch = prompts[start : start + 50]
         generators = [torch.Generator().manual_seed(seed * 100003 + start + i) for i in range(len(batch))]
-        result = pipeline(batch, num_inference_steps=synth.DEFAULT_STEPS, guidance_scale=synth.DEFAULT_GUIDANCE, height=size, width=size,
-                          generator=generators, output_type="np")
+        result = pipeline(
+            batch,
+            num_inference_steps=synth.DEFAULT_STEPS,
+            guidance_scale=synth.DEFAULT_GUIDANCE,
+            height=size,
+            width=size,
+            generator=generators,
+            output_type="np",
+        )
         images.append(np.clip(np.round(result.images * 255), 0, 255).astype(np.uint8))
     images = np.concatenate(images)
     predictions = predict(teacher.module, teacher.preprocess(images)).argmax(1)
-    per_class_rate = {name: float((predictions[labels == i] == i).mean()) for i, name in enumerate(FASHION_MNIST_CLASSES)}
+    per_class_rate = {
+        name: float((predictions[labels == i] == i).mean()) for i, name in enumerate(FASHION_MNIST_CLASSES)
+    }
     return {
         "generator": "zoo:fmnist-generator",
         "judge": "zoo:fmnist-resnet",
@@ -62,14 +72,18 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result to this file")
-    parser.add_argument("--record", action="store_true", help="store the figures in the generator's zoo registry record")
+    parser.add_argument(
+        "--record", action="store_true", help="store the figures in the generator's zoo registry record"
+    )
     args = parser.parse_args()
     result = measure(args.per_class, args.seed)
     print(f"{'class':<12} classified as prompted")
     for name, rate in result["per_class"].items():
         print(f"{name:<12} {100 * rate:6.1f}%")
-    print(f"{'overall':<12} {100 * result['overall']:6.1f}%   (gate {100 * GATE:.0f}%, {result['images_per_class']} images per class, "
-          f"{result['steps']} steps, guidance {result['guidance_scale']})")
+    print(
+        f"{'overall':<12} {100 * result['overall']:6.1f}%   (gate {100 * GATE:.0f}%, {result['images_per_class']} images per class, "
+        f"{result['steps']} steps, guidance {result['guidance_scale']})"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -79,7 +93,9 @@ def main() -> None:
 
         records = registry.load()
         records["fmnist-generator"]["metrics"] = {
-            f"quality gate: share of {result['images_per_class']}/class single-class images zoo:fmnist-resnet classifies as prompted": result["overall"],
+            f"quality gate: share of {result['images_per_class']}/class single-class images zoo:fmnist-resnet classifies as prompted": result[
+                "overall"
+            ],
         }
         registry.save(records)
     sys.exit(0 if result["overall"] >= GATE else 1)

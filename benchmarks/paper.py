@@ -26,6 +26,7 @@ markers ``<!-- paper:begin -->`` and ``<!-- paper:end -->``, keeping the rest of
 ``--quick``: one teacher (ResNet), W4A4, one seed, 128 images, 50 iterations (and 50
 for bn-inversion): a few minutes, for CI; its figures say little beyond "it runs".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,9 @@ PROMPTS = {
 }
 
 
-def calibration_images(source: str, teacher, seed: int, count: int, work: Path, inversion_iters: int = 200) -> np.ndarray:
+def calibration_images(
+    source: str, teacher, seed: int, count: int, work: Path, inversion_iters: int = 200
+) -> np.ndarray:
     """uint8 images (N, H, W, C) of one calibration source, cached under ``work``."""
     if source == "real":
         real = resolve_dataset("fashion-mnist:A")
@@ -80,19 +83,38 @@ def calibration_images(source: str, teacher, seed: int, count: int, work: Path, 
     folder = calibration_folder(source, teacher.name, teacher.preprocess.height, seed, count, work, inversion_iters)
     if source in PROMPTS:
         strategy, options = PROMPTS[source]
-        synth.run(GENERATOR, teacher.classes, folder,
-                  synth.SynthOptions(strategy=strategy, prompts=options, num_images=count, seed=seed))
+        synth.run(
+            GENERATOR,
+            teacher.classes,
+            folder,
+            synth.SynthOptions(strategy=strategy, prompts=options, num_images=count, seed=seed),
+        )
     elif source == "noise":
-        synth.run(None, teacher.classes, folder,
-                  synth.SynthOptions(strategy="noise", num_images=count, seed=seed, size=teacher.preprocess.height))
+        synth.run(
+            None,
+            teacher.classes,
+            folder,
+            synth.SynthOptions(strategy="noise", num_images=count, seed=seed, size=teacher.preprocess.height),
+        )
     else:
-        synth.run(None, teacher.classes, folder,
-                  synth.SynthOptions(strategy="bn-inversion", num_images=count, seed=seed,
-                                     inversion=InversionSettings(iterations=inversion_iters)), model=teacher)
+        synth.run(
+            None,
+            teacher.classes,
+            folder,
+            synth.SynthOptions(
+                strategy="bn-inversion",
+                num_images=count,
+                seed=seed,
+                inversion=InversionSettings(iterations=inversion_iters),
+            ),
+            model=teacher,
+        )
     return load_synth_images(folder).images
 
 
-def calibration_folder(source: str, teacher_name: str, height: int, seed: int, count: int, work: Path, inversion_iters: int) -> Path | None:
+def calibration_folder(
+    source: str, teacher_name: str, height: int, seed: int, count: int, work: Path, inversion_iters: int
+) -> Path | None:
     """Where ``calibration_images`` caches a source's images (None for ``real``, which needs no making)."""
     if source == "real":
         return None
@@ -121,22 +143,42 @@ def _top1(module, inputs: torch.Tensor) -> float:
         return float((predict(module, inputs).argmax(1) == labels).mean())
 
 
-def make_calibration_set(source: str, teacher_name: str, seed: int, count: int, work: Path, inversion_iters: int) -> str:
+def make_calibration_set(
+    source: str, teacher_name: str, seed: int, count: int, work: Path, inversion_iters: int
+) -> str:
     teacher, _ = _teacher(teacher_name)
     calibration_images(source, teacher, seed, count, work, inversion_iters)
     return source
 
 
-def quantize_and_score(teacher_name: str, bits: str, source: str, seed: int, count: int, work: Path, inversion_iters: int,
-                       method: str, iters: int, lr_rounding: float) -> dict:
+def quantize_and_score(
+    teacher_name: str,
+    bits: str,
+    source: str,
+    seed: int,
+    count: int,
+    work: Path,
+    inversion_iters: int,
+    method: str,
+    iters: int,
+    lr_rounding: float,
+) -> dict:
     """One cell of the table: quantize the teacher on one source's images, top-1 on the test set."""
     began = time.perf_counter()
     teacher, test_inputs = _teacher(teacher_name)
     images = calibration_images(source, teacher, seed, count, work, inversion_iters)
     config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters, lr_rounding=lr_rounding)
-    module = quantize_module(teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config)
-    return {"teacher": teacher_name, "bits": bits, "source": source, "seed": seed, "top1": _top1(module, test_inputs),
-            "seconds": round(time.perf_counter() - began, 1)}
+    module = quantize_module(
+        teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config
+    )
+    return {
+        "teacher": teacher_name,
+        "bits": bits,
+        "source": source,
+        "seed": seed,
+        "top1": _top1(module, test_inputs),
+        "seconds": round(time.perf_counter() - began, 1),
+    }
 
 
 def _init_worker(threads: int) -> None:
@@ -169,9 +211,18 @@ def measure(args, out: Path) -> dict:
     path = out / "results-paper.json"
     work = out / "paper-work"
     results = json.loads(path.read_text()) if path.exists() else {"entries": {}}
-    results["settings"] = {"method": args.method, "iters": args.iters, "lr_rounding": args.lr_rounding, "num_images": args.num_images, "inversion_iters": args.inversion_iters,
-                           "generator": GENERATOR, "evaluation": "fashion-mnist:test, 10000 images", "workers": args.workers,
-                           "threads_per_worker": args.threads_per_worker, "cpu": platform.machine()}
+    results["settings"] = {
+        "method": args.method,
+        "iters": args.iters,
+        "lr_rounding": args.lr_rounding,
+        "num_images": args.num_images,
+        "inversion_iters": args.inversion_iters,
+        "generator": GENERATOR,
+        "evaluation": "fashion-mnist:test, 10000 images",
+        "workers": args.workers,
+        "threads_per_worker": args.threads_per_worker,
+        "cpu": platform.machine(),
+    }
 
     def save() -> None:
         partial = path.with_name(path.name + ".partial")
@@ -183,7 +234,13 @@ def measure(args, out: Path) -> dict:
     for name in args.teachers:
         teacher, test_inputs = _teacher(name)
         if f"{name}/fp" not in results["entries"]:
-            results["entries"][f"{name}/fp"] = {"teacher": name, "bits": "fp", "source": "fp", "seed": 0, "top1": _top1(teacher.module.eval(), test_inputs)}
+            results["entries"][f"{name}/fp"] = {
+                "teacher": name,
+                "bits": "fp",
+                "source": "fp",
+                "seed": 0,
+                "top1": _top1(teacher.module.eval(), test_inputs),
+            }
         has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.module.modules())
         for bits in sorted(args.bits, key=lambda b: BITS_ORDER.index(b) if b in BITS_ORDER else len(BITS_ORDER)):
             for source in sources:
@@ -199,10 +256,19 @@ def measure(args, out: Path) -> dict:
         return results
     log.info("%d cells to measure (%d already in %s)", len(pending), len(cells_to_run) - len(pending), path)
     if args.workers > 1:
-        os.environ["TQDM_DISABLE"] = "1"  # the workers' progress bars would interleave; each finished cell is printed instead
-    executor = (concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                                       initargs=(args.threads_per_worker,))
-                if args.workers > 1 else _InProcess())
+        os.environ["TQDM_DISABLE"] = (
+            "1"  # the workers' progress bars would interleave; each finished cell is printed instead
+        )
+    executor = (
+        concurrent.futures.ProcessPoolExecutor(
+            args.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(args.threads_per_worker,),
+        )
+        if args.workers > 1
+        else _InProcess()
+    )
     ready: set[Path | None] = {None}
     making: dict = {}  # future -> calibration folder being made
     measuring: dict = {}  # future -> cell
@@ -231,10 +297,27 @@ def measure(args, out: Path) -> dict:
                 name, bits, source, seed = cell
                 if kind == "measure":
                     pending.remove(cell)
-                    measuring[executor.submit(quantize_and_score, name, bits, source, seed, args.num_images, work, args.inversion_iters,
-                                              args.method, args.iters, args.lr_rounding)] = cell
+                    measuring[
+                        executor.submit(
+                            quantize_and_score,
+                            name,
+                            bits,
+                            source,
+                            seed,
+                            args.num_images,
+                            work,
+                            args.inversion_iters,
+                            args.method,
+                            args.iters,
+                            args.lr_rounding,
+                        )
+                    ] = cell
                 else:
-                    making[executor.submit(make_calibration_set, source, name, seed, args.num_images, work, args.inversion_iters)] = folder_of(cell)
+                    making[
+                        executor.submit(
+                            make_calibration_set, source, name, seed, args.num_images, work, args.inversion_iters
+                        )
+                    ] = folder_of(cell)
             done, _ = concurrent.futures.wait([*making, *measuring], return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
                 if future in making:
@@ -266,21 +349,46 @@ def efficientnet(args, out: Path, figures: dict, save) -> dict:
     teacher = load_model("zoo:efficientnet-lite0")
     count = args.efficientnet_images
     folder = out / "paper-work" / f"bn-inversion-efficientnet-i{args.inversion_iters}-n{count}"
-    synth.run(None, teacher.classes, folder,
-              synth.SynthOptions(strategy="bn-inversion", num_images=count, seed=0,
-                                 inversion=InversionSettings(iterations=args.inversion_iters)), model=teacher)
+    synth.run(
+        None,
+        teacher.classes,
+        folder,
+        synth.SynthOptions(
+            strategy="bn-inversion",
+            num_images=count,
+            seed=0,
+            inversion=InversionSettings(iterations=args.inversion_iters),
+        ),
+        model=teacher,
+    )
     for bits in ("w4a4", "w2a4"):
         for method in ("rtn", args.method):
             key = f"{bits}/{method}"
             if key in figures:
                 continue
             began = time.perf_counter()
-            config = None if method == "rtn" else ReconstructionConfig(method=method, iters=args.iters, lr_rounding=args.lr_rounding)
-            quantized = quantize.run(teacher, str(folder), out / "paper-work" / f"efficientnet-{bits}-{method}", bits=bits, num_images=count,
-                                     reconstruction=config)
+            config = (
+                None
+                if method == "rtn"
+                else ReconstructionConfig(method=method, iters=args.iters, lr_rounding=args.lr_rounding)
+            )
+            quantized = quantize.run(
+                teacher,
+                str(folder),
+                out / "paper-work" / f"efficientnet-{bits}-{method}",
+                bits=bits,
+                num_images=count,
+                reconstruction=config,
+            )
             result = evaluate(str(quantized), "photos")
-            figures[key] = {"bits": bits, "method": method, "images": count, "top1_agreement": result["agreement_with_fp"]["top1"],
-                            "top5_agreement": result["agreement_with_fp"]["top5"], "seconds": round(time.perf_counter() - began, 1)}
+            figures[key] = {
+                "bits": bits,
+                "method": method,
+                "images": count,
+                "top1_agreement": result["agreement_with_fp"]["top1"],
+                "top5_agreement": result["agreement_with_fp"]["top5"],
+                "seconds": round(time.perf_counter() - began, 1),
+            }
             save()
             print(f"efficientnet-lite0 {key}: {figures[key]}", flush=True)
     return figures
@@ -305,9 +413,14 @@ def table(results: dict) -> str:
     bits_list = [b for b in ("w8a8", "w4a4", "w3a3", "w2a4", "w2a2") if any(key[1] == b for key in grouped)]
     sources = [s for s in SOURCES + ABLATIONS if any(key[2] == s for key in grouped)]
     columns = [(t, b) for t in teachers for b in bits_list]
-    lines = ["| source | " + " | ".join(f"{t.removeprefix('fmnist-')} {b.upper()}" for t, b in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = [
+        "| source | " + " | ".join(f"{t.removeprefix('fmnist-')} {b.upper()}" for t, b in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     fp = {t: results["entries"].get(f"{t}/fp", {}).get("top1") for t in teachers}
-    lines.append("| full precision | " + " | ".join("-" if fp[t] is None else f"{fp[t]:.2%}" for t, _ in columns) + " |")
+    lines.append(
+        "| full precision | " + " | ".join("-" if fp[t] is None else f"{fp[t]:.2%}" for t, _ in columns) + " |"
+    )
     for source in sources:
         row = []
         for teacher, bits in columns:
@@ -326,7 +439,9 @@ def _difference(values: list[float], baseline: list[float]) -> tuple[float, floa
     delta = (np.mean(values) - np.mean(baseline)) * 100
     if len(values) < 2 or len(baseline) < 2:
         return float(delta), None
-    return float(delta), float(math.sqrt(np.var(values, ddof=1) / len(values) + np.var(baseline, ddof=1) / len(baseline)) * 100)
+    return float(delta), float(
+        math.sqrt(np.var(values, ddof=1) / len(values) + np.var(baseline, ddof=1) / len(baseline)) * 100
+    )
 
 
 def _short(teacher: str, bits: str) -> str:
@@ -343,7 +458,9 @@ def conclusions(results: dict) -> list[str]:
     lines = []
     for mixup in ("mixup-text", "mixup-embedding"):
         compared = []
-        for (teacher, bits, source), values in sorted(grouped.items(), key=lambda item: (item[0][0], BITS_ORDER.index(item[0][1]))):
+        for (teacher, bits, source), values in sorted(
+            grouped.items(), key=lambda item: (item[0][0], BITS_ORDER.index(item[0][1]))
+        ):
             if source == mixup and (teacher, bits, "single") in grouped:
                 single = grouped[(teacher, bits, "single")]
                 delta, error = _difference(values, single)
@@ -353,27 +470,60 @@ def conclusions(results: dict) -> list[str]:
             continue
         wins = sum(delta > 0 for _, _, delta, _, _ in compared)
         beyond = [(t, b, d) for t, b, d, e, _ in compared if e is not None and abs(d) > 2 * e]
-        detail = ", ".join(f"{_short(t, b)} {d:+.2f}" + (f" ± {e:.2f}" if e is not None else "") for t, b, d, e, _ in compared)
+        detail = ", ".join(
+            f"{_short(t, b)} {d:+.2f}" + (f" ± {e:.2f}" if e is not None else "") for t, b, d, e, _ in compared
+        )
         spreads = [lower for *_, lower in compared if lower is not None]
-        lines.append(f"**{mixup} against single-class prompts:** higher mean top-1 in {wins} of {len(compared)} cells "
-                     f"(difference ± its standard error, in points: {detail}). "
-                     + (f"Beyond two standard errors: {', '.join(f'{_short(t, b)} ({d:+.2f})' for t, b, d in beyond)}. " if beyond
-                        else "None of the differences exceeds two standard errors. " if any(e is not None for *_, e, _ in compared)
-                        else "")
-                     + (f"Its spread over seeds is lower in {sum(spreads)} of {len(spreads)} cells." if spreads else "(One seed: no spread to compare.)"))
+        lines.append(
+            f"**{mixup} against single-class prompts:** higher mean top-1 in {wins} of {len(compared)} cells "
+            f"(difference ± its standard error, in points: {detail}). "
+            + (
+                f"Beyond two standard errors: {', '.join(f'{_short(t, b)} ({d:+.2f})' for t, b, d in beyond)}. "
+                if beyond
+                else "None of the differences exceeds two standard errors. "
+                if any(e is not None for *_, e, _ in compared)
+                else ""
+            )
+            + (
+                f"Its spread over seeds is lower in {sum(spreads)} of {len(spreads)} cells."
+                if spreads
+                else "(One seed: no spread to compare.)"
+            )
+        )
         by_bits = {}
         for _, bits, delta, _, _ in compared:
             by_bits.setdefault(bits, []).append(delta)
-        lines.append(f"{mixup}, mean difference over teachers by width: "
-                     + ", ".join(f"{b.upper()} {np.mean(by_bits[b]):+.2f}" for b in BITS_ORDER if b in by_bits) + " points.")
+        lines.append(
+            f"{mixup}, mean difference over teachers by width: "
+            + ", ".join(f"{b.upper()} {np.mean(by_bits[b]):+.2f}" for b in BITS_ORDER if b in by_bits)
+            + " points."
+        )
     ablation_cells = sorted({(t, b) for t, b, s in grouped if s in ABLATIONS})
     for teacher, bits in ablation_cells:
-        row = {s: grouped[(teacher, bits, s)] for s in ("mixup-text", "mixup-text-k3", "mixup-embedding", "mixup-embedding-k3",
-                                                       "mixup-embedding-a0.4", "mixup-embedding-a4", "single") if (teacher, bits, s) in grouped}
-        text = ", ".join(f"{s} {np.mean(v) * 100:.2f}" + (f" ± {np.std(v, ddof=1) * 100:.2f}" if len(v) > 1 else "") for s, v in row.items())
+        row = {
+            s: grouped[(teacher, bits, s)]
+            for s in (
+                "mixup-text",
+                "mixup-text-k3",
+                "mixup-embedding",
+                "mixup-embedding-k3",
+                "mixup-embedding-a0.4",
+                "mixup-embedding-a4",
+                "single",
+            )
+            if (teacher, bits, s) in grouped
+        }
+        text = ", ".join(
+            f"{s} {np.mean(v) * 100:.2f}" + (f" ± {np.std(v, ddof=1) * 100:.2f}" if len(v) > 1 else "")
+            for s, v in row.items()
+        )
         lines.append(f"**Ablations** ({_short(teacher, bits)}; two classes and Beta(1) unless named): {text}.")
-        pairs = [("mixup-text-k3", "mixup-text"), ("mixup-embedding-k3", "mixup-embedding"), ("mixup-embedding-a0.4", "mixup-embedding"),
-                 ("mixup-embedding-a4", "mixup-embedding")]
+        pairs = [
+            ("mixup-text-k3", "mixup-text"),
+            ("mixup-embedding-k3", "mixup-embedding"),
+            ("mixup-embedding-a0.4", "mixup-embedding"),
+            ("mixup-embedding-a4", "mixup-embedding"),
+        ]
         moved = []
         for variant, base in pairs:
             if variant in row and base in row:
@@ -386,18 +536,23 @@ def conclusions(results: dict) -> list[str]:
         if "real" in here and len(here) > 1:
             synthetic = {s: m for s, m in here.items() if s != "real"}
             best = max(synthetic, key=synthetic.get)
-            lines.append(f"{_short(teacher, bits)}: real images {here['real']:.2f}; best other source {best} {synthetic[best]:.2f} "
-                         f"({synthetic[best] - here['real']:+.2f}); noise {here.get('noise', math.nan):.2f}"
-                         + (f"; bn-inversion {here['bn-inversion']:.2f}" if "bn-inversion" in here else "") + ".")
+            lines.append(
+                f"{_short(teacher, bits)}: real images {here['real']:.2f}; best other source {best} {synthetic[best]:.2f} "
+                f"({synthetic[best] - here['real']:+.2f}); noise {here.get('noise', math.nan):.2f}"
+                + (f"; bn-inversion {here['bn-inversion']:.2f}" if "bn-inversion" in here else "")
+                + "."
+            )
     efficientnet = results.get("efficientnet", {})
     for bits in dict.fromkeys(row["bits"] for row in efficientnet.values()):
         rows = {row["method"]: row for row in efficientnet.values() if row["bits"] == bits}
         learned = [m for m in rows if m != "rtn"]
         if "rtn" in rows and learned:
             rtn, other = rows["rtn"], rows[learned[0]]
-            lines.append(f"EfficientNet-Lite0 {bits.upper()}: {other['method']} agrees with full precision on {other['top1_agreement']:.1%} "
-                         f"of the photos (top-5 {other['top5_agreement']:.1%}), round-to-nearest on {rtn['top1_agreement']:.1%} "
-                         f"(top-5 {rtn['top5_agreement']:.1%}), from the same {other['images']} bn-inversion images.")
+            lines.append(
+                f"EfficientNet-Lite0 {bits.upper()}: {other['method']} agrees with full precision on {other['top1_agreement']:.1%} "
+                f"of the photos (top-5 {other['top5_agreement']:.1%}), round-to-nearest on {rtn['top1_agreement']:.1%} "
+                f"(top-5 {rtn['top5_agreement']:.1%}), from the same {other['images']} bn-inversion images."
+            )
     return lines
 
 
@@ -418,15 +573,24 @@ def plot(results: dict, path: Path) -> None:
         width = 0.8 / max(len(sources), 1)
         for i, source in enumerate(sources):
             stats = [mean_std(grouped.get((teacher, b, source), [math.nan])) for b in bits_list]
-            ax.bar(np.arange(len(bits_list)) + i * width, [m * 100 for m, _ in stats], width, yerr=[s * 100 for _, s in stats], capsize=2,
-                   label=source, color=colors[source])
+            ax.bar(
+                np.arange(len(bits_list)) + i * width,
+                [m * 100 for m, _ in stats],
+                width,
+                yerr=[s * 100 for _, s in stats],
+                capsize=2,
+                label=source,
+                color=colors[source],
+            )
         ax.set_xticks(np.arange(len(bits_list)) + width * (len(sources) - 1) / 2, [b.upper() for b in bits_list])
         ax.set_title(teacher)
         ax.set_ylabel("top-1 on Fashion-MNIST test (%)")
         low = min((m for k, v in grouped.items() if k[0] == teacher for m in v), default=0.0) * 100
         ax.set_ylim(max(0, low - 5), 100)
         ax.grid(axis="y", alpha=0.3)
-    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}  # every source once, same colour everywhere
+    handles = {
+        label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())
+    }  # every source once, same colour everywhere
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
@@ -443,40 +607,65 @@ def _missing(results: dict) -> list[str]:
         cell, _, seed = key.rpartition("/")
         groups.setdefault(cell, []).append(seed)
     listed = "; ".join(f"{cell} (seed {', '.join(seeds)})" for cell, seeds in groups.items())
-    return [f"**Incomplete:** {len(results['planned']) - len(missing)} of {len(results['planned'])} planned cells are measured; "
-            f"the same command measures the rest (it resumes from the JSON). Missing: {listed}.", ""]
+    return [
+        f"**Incomplete:** {len(results['planned']) - len(missing)} of {len(results['planned'])} planned cells are measured; "
+        f"the same command measures the rest (it resumes from the JSON). Missing: {listed}.",
+        "",
+    ]
 
 
 def write_markdown(results: dict, out: Path, command: str) -> Path:
     plot_path = out / "results-paper.png"
     plot(results, plot_path)
     settings = results["settings"]
-    section = [BEGIN, "## Calibration sources: mixup-class against single-class prompts", "",
-               f"Made by `{command}`. Every source gives the same number of images ({settings['num_images']}) to the same quantizer "
-               f"({settings['method']}, {settings['iters']} iterations per unit at batch 32 with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, "
-               "first and last layer at 8 bits); top-1 on the 10000 Fashion-MNIST test "
-               "images, mean ± standard deviation over seeds (the seed changes the calibration images and the quantizer's). Raw figures: "
-               "`results-paper.json`.", "", *_missing(results), table(results), "", f"![top-1 by calibration source]({plot_path.name})", ""]
+    section = [
+        BEGIN,
+        "## Calibration sources: mixup-class against single-class prompts",
+        "",
+        f"Made by `{command}`. Every source gives the same number of images ({settings['num_images']}) to the same quantizer "
+        f"({settings['method']}, {settings['iters']} iterations per unit at batch 32 with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, "
+        "first and last layer at 8 bits); top-1 on the 10000 Fashion-MNIST test "
+        "images, mean ± standard deviation over seeds (the seed changes the calibration images and the quantizer's). Raw figures: "
+        "`results-paper.json`.",
+        "",
+        *_missing(results),
+        table(results),
+        "",
+        f"![top-1 by calibration source]({plot_path.name})",
+        "",
+    ]
     if results.get("efficientnet"):
         rows = list(results["efficientnet"].values())
-        section += [f"EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), calibrated on {rows[0]['images']} bn-inversion "
-                    "images (no ImageNet data here): agreement of its predictions with full precision on the real photos "
-                    "(`edgeq eval --data photos`).", "", "| bits | method | top-1 agreement | top-5 agreement | seconds |", "|---|---|---|---|---|"]
-        section += [f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} | {r.get('seconds', '-')} |"
-                    for r in rows] + [""]
-    section += ["### What the numbers say", ""] + [f"- {line}" for line in conclusions(results)] + [
-        "",
-        "What limits the comparison: the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, "
-        "not Stable Diffusion; it learned from captions of the ten class names only, so polysemy (a class word meaning something "
-        "else, the failure mixup prompts address) barely arises, and mixed prompts can only blend those ten classes. Teachers, "
-        f"images and test set are small; {settings['num_images']} calibration images and {settings['iters']} iterations per unit are "
-        "far from the papers' settings (thousands of images, 20000 iterations), and three seeds give only a rough standard error, "
-        "so differences under about two standard errors are noise.",
-        END]
+        section += [
+            f"EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), calibrated on {rows[0]['images']} bn-inversion "
+            "images (no ImageNet data here): agreement of its predictions with full precision on the real photos "
+            "(`edgeq eval --data photos`).",
+            "",
+            "| bits | method | top-1 agreement | top-5 agreement | seconds |",
+            "|---|---|---|---|---|",
+        ]
+        section += [
+            f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} | {r.get('seconds', '-')} |"
+            for r in rows
+        ] + [""]
+    section += (
+        ["### What the numbers say", ""]
+        + [f"- {line}" for line in conclusions(results)]
+        + [
+            "",
+            "What limits the comparison: the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, "
+            "not Stable Diffusion; it learned from captions of the ten class names only, so polysemy (a class word meaning something "
+            "else, the failure mixup prompts address) barely arises, and mixed prompts can only blend those ten classes. Teachers, "
+            f"images and test set are small; {settings['num_images']} calibration images and {settings['iters']} iterations per unit are "
+            "far from the papers' settings (thousands of images, 20000 iterations), and three seeds give only a rough standard error, "
+            "so differences under about two standard errors are noise.",
+            END,
+        ]
+    )
     target = out / "results.md"
     text = target.read_text() if target.exists() else "# Results\n"
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + "\n".join(section) + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + "\n".join(section) + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
     target.write_text(text)
@@ -494,18 +683,44 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=int, default=1024)
     parser.add_argument("--method", default="qdrop")
     parser.add_argument("--iters", type=int, default=100, help="reconstruction iterations per unit")
-    parser.add_argument("--lr-rounding", type=float, default=3e-2,
-                        help="Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; short schedules need more)")
+    parser.add_argument(
+        "--lr-rounding",
+        type=float,
+        default=3e-2,
+        help="Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; short schedules need more)",
+    )
     parser.add_argument("--inversion-iters", type=int, default=200, help="Adam steps per bn-inversion batch")
-    parser.add_argument("--ablations", action="store_true", help="mixup of three classes and Beta(0.4) / Beta(4) embedding mixes, on the first teacher at the lowest width")
-    parser.add_argument("--report-only", action="store_true", help="write the document from the JSON as it is, measuring nothing")
+    parser.add_argument(
+        "--ablations",
+        action="store_true",
+        help="mixup of three classes and Beta(0.4) / Beta(4) embedding mixes, on the first teacher at the lowest width",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the document from the JSON as it is, measuring nothing"
+    )
     parser.add_argument("--efficientnet", action="store_true")
-    parser.add_argument("--efficientnet-images", type=int, default=64, help="bn-inversion images for EfficientNet-Lite0 (224 px: slow on a CPU)")
-    parser.add_argument("--workers", type=int, default=1, help="cells measured at once, each in its own process (1: in this process)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: the cores divided among the workers)")
+    parser.add_argument(
+        "--efficientnet-images",
+        type=int,
+        default=64,
+        help="bn-inversion images for EfficientNet-Lite0 (224 px: slow on a CPU)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="cells measured at once, each in its own process (1: in this process)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per worker (0: the cores divided among the workers)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.teachers, args.bits, args.seeds, args.num_images, args.iters, args.inversion_iters = "fmnist-resnet", "w4a4", "0", 128, 50, 50
+        args.teachers, args.bits, args.seeds, args.num_images, args.iters, args.inversion_iters = (
+            "fmnist-resnet",
+            "w4a4",
+            "0",
+            128,
+            50,
+            50,
+        )
     args.teachers, args.bits, args.sources = args.teachers.split(","), args.bits.split(","), args.sources.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     if args.workers < 1:
@@ -516,7 +731,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = measure(args, args.out)
     given = sys.argv[1:] if argv is None else argv
-    command = "python benchmarks/paper.py " + " ".join(a for a in given if a != "--report-only")  # the command that measures it all
+    command = "python benchmarks/paper.py " + " ".join(
+        a for a in given if a != "--report-only"
+    )  # the command that measures it all
     print(table(results))
     print(f"written to {write_markdown(results, args.out, command.strip())}")
     return 0

@@ -19,6 +19,7 @@ MatMulInteger (u8 x s8) and MatMulNBits (2-bit weights, int8 compute), with GOPS
 the share of this machine's int8 peak, measured by a register-only loop of the exact
 int8 dot-product sequence the CPU offers (vpmaddubsw + vpmaddwd + vpaddd on AVX2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,15 @@ def build(name: str, folder: Path) -> dict:
         fp32 = folder / "fp32.onnx"
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(fp32), input_names=[INPUT], output_names=["logits"], opset_version=17, dynamo=False)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(fp32),
+                input_names=[INPUT],
+                output_names=["logits"],
+                opset_version=17,
+                dynamo=False,
+            )
         _quantize_int8(fp32, folder / "int8.onnx")
         calibration = np.random.default_rng(0).normal(0, 1, (8, 3, 224, 224)).astype(np.float32)
         quantized = quantize_module(model, calibration, "w2a4")
@@ -80,9 +89,17 @@ def build(name: str, folder: Path) -> dict:
     qdq = onnx.load(str(folder / "w2a4.onnx"))
     target = host_target()
     started = time.perf_counter()
-    how = compile_stage.build(qdq, target, qdq.graph.input[0].name, [1, 3, 224, 224], folder / "module.so", kernels="auto")
-    info = {"model": name, "target": target.name, "build": how, "compile_seconds": round(time.perf_counter() - started, 1),
-            "edgeq_input": qdq.graph.input[0].name, "kernel_sources": toolchain.source_digest()}
+    how = compile_stage.build(
+        qdq, target, qdq.graph.input[0].name, [1, 3, 224, 224], folder / "module.so", kernels="auto"
+    )
+    info = {
+        "model": name,
+        "target": target.name,
+        "build": how,
+        "compile_seconds": round(time.perf_counter() - started, 1),
+        "edgeq_input": qdq.graph.input[0].name,
+        "kernel_sources": toolchain.source_digest(),
+    }
     info_path.write_text(json.dumps(info))
     return info
 
@@ -107,8 +124,15 @@ def _quantize_int8(fp32: Path, out: Path) -> None:
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    quantize_static(
+        str(prepared),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def measure(folder: Path, threads: int, runs: int) -> dict:
@@ -152,8 +176,11 @@ def measure(folder: Path, threads: int, runs: int) -> dict:
                 started = time.perf_counter()
                 engine()
                 times[name].append(time.perf_counter() - started)
-    return {"threads": threads, **{f"{name}_ms": float(np.median(t) * 1e3) for name, t in times.items()},
-            "edgeq_max_abs_diff_vs_onnxruntime_qdq": float(np.abs(ours - reference).max())}
+    return {
+        "threads": threads,
+        **{f"{name}_ms": float(np.median(t) * 1e3) for name, t in times.items()},
+        "edgeq_max_abs_diff_vs_onnxruntime_qdq": float(np.abs(ours - reference).max()),
+    }
 
 
 def _qdq_reference(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
@@ -172,7 +199,9 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
     from onnx import TensorProto, helper, numpy_helper
 
     compiler, flags = toolchain.host_flags()
-    library = native.Library(toolchain.build_shared(compiler, flags, Path(tempfile.gettempdir()) / "edgeq-bench-kernels"))
+    library = native.Library(
+        toolchain.build_shared(compiler, flags, Path(tempfile.gettempdir()) / "edgeq-bench-kernels")
+    )
     peak = int8_peak(library)
     rng = np.random.default_rng(0)
     rows = []
@@ -180,14 +209,44 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
         a = rng.integers(0, 16, (m, k)).astype(np.uint8)
         w = rng.integers(-2, 2, (n, k))
         packed = layouts.pack_weights(w, layouts.conv_layout(library.layout, 15, w, m))
-        params = native.conv_params(in_h=m, in_w=1, in_c=k, out_h=m, out_w=1, out_c=n, kernel_h=1, kernel_w=1, stride_h=1, stride_w=1, x_zero=0, x_max=15,
-                                    w_bits=packed.bits, w_low=packed.low, w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout,
-                                    out_zero=0, out_qmin=0,
-                                    out_qmax=15, out_scale=1.0, clamp_min=0.0, clamp_max=3.0e38)
+        params = native.conv_params(
+            in_h=m,
+            in_w=1,
+            in_c=k,
+            out_h=m,
+            out_w=1,
+            out_c=n,
+            kernel_h=1,
+            kernel_w=1,
+            stride_h=1,
+            stride_w=1,
+            x_zero=0,
+            x_max=15,
+            w_bits=packed.bits,
+            w_low=packed.low,
+            w_absmax=packed.absmax,
+            k_padded=packed.k_padded,
+            w_layout=packed.layout,
+            out_zero=0,
+            out_qmin=0,
+            out_qmax=15,
+            out_scale=1.0,
+            clamp_min=0.0,
+            clamp_max=3.0e38,
+        )
         wsum, multiplier, bias = w.sum(1).astype(np.int32), np.full(n, 0.01, np.float32), np.zeros(n, np.float32)
         out = np.zeros((m, n), np.uint8)
-        args = [native.ctypes.byref(params), library._ptr(a), library._ptr(packed.data), library._ptr(wsum), library._ptr(multiplier), library._ptr(bias),
-                None, None, library._ptr(out)]
+        args = [
+            native.ctypes.byref(params),
+            library._ptr(a),
+            library._ptr(packed.data),
+            library._ptr(wsum),
+            library._ptr(multiplier),
+            library._ptr(bias),
+            None,
+            None,
+            library._ptr(out),
+        ]
 
         def ours(args=args):
             library.lib.edgeq_conv2d(*args)
@@ -195,24 +254,58 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.log_severity_level = 3
-        integer = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w", "az", "wz"], ["y"])], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
-                                    [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
-                                    [numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.int8)), "w"), numpy_helper.from_array(np.uint8(0), "az"),
-                                     numpy_helper.from_array(np.int8(0), "wz")])
-        integer_session = ort.InferenceSession(helper.make_model(integer, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
+        integer = helper.make_graph(
+            [helper.make_node("MatMulInteger", ["a", "w", "az", "wz"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("a", TensorProto.UINT8, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, [m, n])],
+            [
+                numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.int8)), "w"),
+                numpy_helper.from_array(np.uint8(0), "az"),
+                numpy_helper.from_array(np.int8(0), "wz"),
+            ],
+        )
+        integer_session = ort.InferenceSession(
+            helper.make_model(integer, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
         block = 32
-        nbits = helper.make_graph([helper.make_node("MatMulNBits", ["a", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=2, block_size=block,
-                                                    accuracy_level=4)], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-                                  [numpy_helper.from_array(rng.integers(0, 256, (n, k // block, block * 2 // 8)).astype(np.uint8), "b"),
-                                   numpy_helper.from_array(np.full(n * k // block, 0.01, np.float32), "s")])
-        nbits_session = ort.InferenceSession(helper.make_model(nbits, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-                                             .SerializeToString(), options, providers=["CPUExecutionProvider"])
+        nbits = helper.make_graph(
+            [
+                helper.make_node(
+                    "MatMulNBits",
+                    ["a", "b", "s"],
+                    ["y"],
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=2,
+                    block_size=block,
+                    accuracy_level=4,
+                )
+            ],
+            "g",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+            [
+                numpy_helper.from_array(rng.integers(0, 256, (n, k // block, block * 2 // 8)).astype(np.uint8), "b"),
+                numpy_helper.from_array(np.full(n * k // block, 0.01, np.float32), "s"),
+            ],
+        )
+        nbits_session = ort.InferenceSession(
+            helper.make_model(
+                nbits, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+            ).SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
         a_float = a.astype(np.float32)
-        engines = {"edgeq W2A4 (fused requant)": ours,
-                   "onnxruntime MatMulInteger u8s8": lambda session=integer_session, a=a: session.run(None, {"a": a}),
-                   "onnxruntime MatMulNBits 2-bit": lambda session=nbits_session, a=a_float: session.run(None, {"a": a})}
+        engines = {
+            "edgeq W2A4 (fused requant)": ours,
+            "onnxruntime MatMulInteger u8s8": lambda session=integer_session, a=a: session.run(None, {"a": a}),
+            "onnxruntime MatMulNBits 2-bit": lambda session=nbits_session, a=a_float: session.run(None, {"a": a}),
+        }
         times = {name: [] for name in engines}
         for engine in engines.values():
             engine()
@@ -224,7 +317,15 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
         for name, t in times.items():
             seconds = float(np.median(t))
             gops = 2 * m * k * n / seconds / 1e9
-            rows.append({"shape": f"{m}x{k}x{n}", "kernel": name, "ms": seconds * 1e3, "gops": gops, "share_of_int8_peak": gops / peak["gops"] if peak else None})
+            rows.append(
+                {
+                    "shape": f"{m}x{k}x{n}",
+                    "kernel": name,
+                    "ms": seconds * 1e3,
+                    "gops": gops,
+                    "share_of_int8_peak": gops / peak["gops"] if peak else None,
+                }
+            )
     return rows, peak
 
 
@@ -241,7 +342,14 @@ def int8_peak(library) -> dict | None:
         started = time.perf_counter()
         macs = function(iterations)
         best = max(best, 2 * macs / (time.perf_counter() - started) / 1e9)
-    return {"gops": best, "loop": "vpmaddubsw + vpmaddwd + vpaddd (AVX2)" if library.layout.name == "avx2" else "portable C"} if best else None
+    return (
+        {
+            "gops": best,
+            "loop": "vpmaddubsw + vpmaddwd + vpaddd (AVX2)" if library.layout.name == "avx2" else "portable C",
+        }
+        if best
+        else None
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -262,8 +370,12 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names")
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--runs", type=int, default=50, help="timed runs per engine (median reported)")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq")) / "speed",
-                        help="where the built models are kept between runs")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("EDGEQ_CACHE", Path.home() / ".cache" / "edgeq")) / "speed",
+        help="where the built models are kept between runs",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per model instead of the tables")
     parser.add_argument("--skip-kernels", action="store_true", help="only the whole-model table")
     parser.add_argument("--save", type=Path, help="also write every figure as JSON to this file")
@@ -287,8 +399,13 @@ def main(argv=None) -> int:
         entry = {"model": name, "build": info["build"], "target": info["target"], "threads": {}}
         for count in threads:
             environment = dict(os.environ, OMP_NUM_THREADS=str(count), TVM_NUM_THREADS=str(count))
-            output = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--threads", str(count), "--runs", str(args.runs)],
-                                    env=environment, capture_output=True, text=True, check=True).stdout
+            output = subprocess.run(
+                [sys.executable, __file__, "--measure", str(folder), "--threads", str(count), "--runs", str(args.runs)],
+                env=environment,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             timing = json.loads(output.strip().splitlines()[-1])
             timing["speedup_vs_ort_fp32"] = timing["ort_fp32_ms"] / timing["edgeq_w2a4_ms"]
             timing["speedup_vs_ort_int8"] = timing["ort_int8_ms"] / timing["edgeq_w2a4_ms"]
@@ -298,23 +415,45 @@ def main(argv=None) -> int:
             print(json.dumps(entry), flush=True)
     if args.json:
         return 0
-    print(f"\nWhole models, 224x224, batch 1, median of {args.runs} interleaved runs (ms); edgeq path: kernels or generic TVM code")
-    print(f"{'model':<24} {'thr':>3} {'edgeq W2A4':>11} {'ort fp32':>9} {'ort int8':>9} {'vs fp32':>8} {'vs int8':>8}  path")
+    print(
+        f"\nWhole models, 224x224, batch 1, median of {args.runs} interleaved runs (ms); edgeq path: kernels or generic TVM code"
+    )
+    print(
+        f"{'model':<24} {'thr':>3} {'edgeq W2A4':>11} {'ort fp32':>9} {'ort int8':>9} {'vs fp32':>8} {'vs int8':>8}  path"
+    )
     for entry in results:
         for count, t in entry["threads"].items():
-            print(f"{entry['model']:<24} {count:>3} {t['edgeq_w2a4_ms']:>11.2f} {t['ort_fp32_ms']:>9.2f} {t['ort_int8_ms']:>9.2f} "
-                  f"{t['speedup_vs_ort_fp32']:>7.2f}x {t['speedup_vs_ort_int8']:>7.2f}x  {entry['build']['path']}")
+            print(
+                f"{entry['model']:<24} {count:>3} {t['edgeq_w2a4_ms']:>11.2f} {t['ort_fp32_ms']:>9.2f} {t['ort_int8_ms']:>9.2f} "
+                f"{t['speedup_vs_ort_fp32']:>7.2f}x {t['speedup_vs_ort_int8']:>7.2f}x  {entry['build']['path']}"
+            )
     rows, peak = [], None
     if not args.skip_kernels:  # in a fresh one-thread process, like the model timings
         environment = dict(os.environ, OMP_NUM_THREADS="1", TVM_NUM_THREADS="1")
-        output = subprocess.run([sys.executable, __file__, "--measure-kernels", "--runs", str(args.runs)], env=environment, capture_output=True, text=True,
-                                check=True).stdout
+        output = subprocess.run(
+            [sys.executable, __file__, "--measure-kernels", "--runs", str(args.runs)],
+            env=environment,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows, peak = json.loads(output.strip().splitlines()[-1])
     if args.save:
         import platform
 
-        args.save.write_text(json.dumps({"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}, "runs": args.runs,
-                                         "models": results, "kernels": rows, "int8_peak": peak}, indent=1) + "\n")
+        args.save.write_text(
+            json.dumps(
+                {
+                    "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+                    "runs": args.runs,
+                    "models": results,
+                    "kernels": rows,
+                    "int8_peak": peak,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     if not args.skip_kernels:
         peak_text = f"{peak['gops']:.0f} GOPS ({peak['loop']})" if peak else "unknown"
         print(f"\nKernels alone, one thread; int8 peak of this core: {peak_text}")

@@ -8,6 +8,7 @@ fusion) from zoo:fmnist-generator at edgeq synth's defaults and the same seed, t
 Fashion-MNIST images (split A) as a reference, plus generation time. Folders already
 complete in --work are reused, with the generation time their manifest recorded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,28 @@ def measure(num_images: int, work: Path, seed: int = 0) -> dict:
     rows = {}
     for name, (strategy, options) in SETS.items():
         folder = work / name.replace(" (", "-").rstrip(")")
-        synth.run("zoo:fmnist-generator", teacher.classes, folder,
-                  synth.SynthOptions(strategy=strategy, prompts=options, num_images=num_images, seed=seed,
-                                     batch_size=16))
+        synth.run(
+            "zoo:fmnist-generator",
+            teacher.classes,
+            folder,
+            synth.SynthOptions(strategy=strategy, prompts=options, num_images=num_images, seed=seed, batch_size=16),
+        )
         manifest = Manifest.load(folder, "synth")
-        rows[name] = inspect_images(teacher, load_synth_images(folder)).to_json() | {"seconds": manifest.extra.get("seconds"), "folder": str(folder)}
+        rows[name] = inspect_images(teacher, load_synth_images(folder)).to_json() | {
+            "seconds": manifest.extra.get("seconds"),
+            "folder": str(folder),
+        }
     real = resolve_dataset("fashion-mnist:A", num_images)
     rows["real (Fashion-MNIST split A)"] = inspect_images(teacher, real).to_json() | {"seconds": None, "folder": None}
-    return {"generator": "zoo:fmnist-generator", "judge": "zoo:fmnist-resnet", "num_images": num_images, "seed": seed,
-            "steps": synth.DEFAULT_STEPS, "guidance_scale": synth.DEFAULT_GUIDANCE, "sets": rows}
+    return {
+        "generator": "zoo:fmnist-generator",
+        "judge": "zoo:fmnist-resnet",
+        "num_images": num_images,
+        "seed": seed,
+        "steps": synth.DEFAULT_STEPS,
+        "guidance_scale": synth.DEFAULT_GUIDANCE,
+        "sets": rows,
+    }
 
 
 def table(result: dict) -> str:
@@ -54,15 +68,19 @@ def table(result: dict) -> str:
     for name, row in result["sets"].items():
         in_label = "-" if row["top1_in_label"] is None else f"{row['top1_in_label']:.1%}"
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
-        lines.append(f"| {name} | {row['class_coverage']:.0%} | {row['predicted_balance']:.3f} | {in_label} | {row['mean_entropy_normalized']:.3f} | "
-                     f"{row['feature_diversity']:.2f} | {row['feature_diversity_cosine']:.3f} | {row['mean_energy']:.2f} | {seconds} |")
+        lines.append(
+            f"| {name} | {row['class_coverage']:.0%} | {row['predicted_balance']:.3f} | {in_label} | {row['mean_entropy_normalized']:.3f} | "
+            f"{row['feature_diversity']:.2f} | {row['feature_diversity_cosine']:.3f} | {row['mean_energy']:.2f} | {seconds} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=1024)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for generation (the times depend on it)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads for generation (the times depend on it)"
+    )
     parser.add_argument("--work", type=Path, default=Path("runs/synthesis-compare"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -70,7 +88,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    result = measure(args.num_images, args.work, args.seed) | {"threads": args.threads, "cpu": platform.processor() or platform.machine()}
+    result = measure(args.num_images, args.work, args.seed) | {
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+    }
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,5 @@
 """The ``edgeq`` command line: one subcommand per stage, plus the one-shot ``compile``."""
+
 from __future__ import annotations
 
 import contextlib
@@ -101,14 +102,22 @@ METHODS = ("rtn", "adaround", "brecq", "qdrop")
 
 
 def _output_option(help_text):
-    return click.option("-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help=help_text)
+    return click.option(
+        "-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help=help_text
+    )
 
 
 allow_pickle_option = click.option(
-    "--allow-pickle", is_flag=True,
+    "--allow-pickle",
+    is_flag=True,
     help="Load a fully pickled model. Unpickling runs any code the file names: use only for files you trust.",
 )
-classes_option = click.option("--classes", "classes_file", type=click.Path(dir_okay=False), help="Text file with one class name per line (overrides the model's).")
+classes_option = click.option(
+    "--classes",
+    "classes_file",
+    type=click.Path(dir_okay=False),
+    help="Text file with one class name per line (overrides the model's).",
+)
 
 
 class _Commands(click.Group):
@@ -120,7 +129,9 @@ class _Commands(click.Group):
         return super().resolve_command(ctx, args)
 
 
-@click.group(cls=_Commands, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=_Commands, epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="edgeq")
 def cli(verbose):
@@ -159,44 +170,121 @@ A killed run continues where it stopped when the same command is run again.
 
 @cli.command(epilog=SYNTH_EXAMPLES)
 @click.argument("model", required=False)
-@click.option("--generator", help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id "
-                                  "[default: the model's own (zoo:fmnist-generator for the Fashion-MNIST models), else none].")
-@click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
-              help="mixup: k classes per image (arXiv 2507.21947); single: one class per prompt (GenQ's baseline); "
-                   "noise: Gaussian noise images, no generator (sized from MODEL or --size); bn-inversion: images "
-                   "optimized so MODEL's BatchNorm statistics match its training ones (ZeroQ), no generator "
-                   "[default: mixup with a generator; bn-inversion without one, for a model with BatchNorm].")
-@click.option("--inversion-iters", type=click.IntRange(min=1), default=200, show_default=True, help="bn-inversion: Adam steps per batch.")
-@click.option("--fusion", type=click.Choice(["text", "embedding"]), default="text", show_default=True,
-              help="How mixup fuses classes: in the prompt ('a photo of a A and a B'), or as a weighted sum of the "
-                   "single-class prompts' text embeddings (weights ~ Beta(alpha, alpha)).")
+@click.option(
+    "--generator",
+    help="diffusers text-to-image pipeline: zoo:NAME, a local folder, or a hub id "
+    "[default: the model's own (zoo:fmnist-generator for the Fashion-MNIST models), else none].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
+    help="mixup: k classes per image (arXiv 2507.21947); single: one class per prompt (GenQ's baseline); "
+    "noise: Gaussian noise images, no generator (sized from MODEL or --size); bn-inversion: images "
+    "optimized so MODEL's BatchNorm statistics match its training ones (ZeroQ), no generator "
+    "[default: mixup with a generator; bn-inversion without one, for a model with BatchNorm].",
+)
+@click.option(
+    "--inversion-iters",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="bn-inversion: Adam steps per batch.",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(["text", "embedding"]),
+    default="text",
+    show_default=True,
+    help="How mixup fuses classes: in the prompt ('a photo of a A and a B'), or as a weighted sum of the "
+    "single-class prompts' text embeddings (weights ~ Beta(alpha, alpha)).",
+)
 @click.option("--mix-k", type=click.IntRange(min=2), default=2, show_default=True, help="Classes per mixup image.")
-@click.option("--mix-alpha", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Beta/Dirichlet concentration of embedding-fusion weights (1: uniform; small: near one class).")
+@click.option(
+    "--mix-alpha",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Beta/Dirichlet concentration of embedding-fusion weights (1: uniform; small: near one class).",
+)
 @click.option("--mix-template", help="Text-fusion prompt with placeholders {0}..{k-1}, e.g. 'a {0} next to a {1}'.")
 @click.option("--negative-prompt", help="What the generator should steer away from, e.g. 'blurry, text, watermark'.")
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, help="Denoising steps per image.")
-@click.option("--guidance-scale", type=float, default=3.0, show_default=True, help="Classifier-free guidance (1: none).")
-@click.option("--size", type=click.IntRange(min=8), help="Generated image side in pixels (default: the generator's own). "
-                                                         "Images are resized to the model's input when quantizing.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per generator call.")
+@click.option(
+    "--guidance-scale", type=float, default=3.0, show_default=True, help="Classifier-free guidance (1: none)."
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=8),
+    help="Generated image side in pixels (default: the generator's own). "
+    "Images are resized to the model's input when quantizing.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per generator call."
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16"]), default="auto", show_default=True,
-              help="Generator precision; auto is float16 on cuda, float32 on cpu.")
-@click.option("--filter", "filter_method", type=click.Choice(["none", "energy", "bn-sensitivity"]), default="none", show_default=True,
-              help="GenQ-style filtering with MODEL: draw num-images/filter-keep candidates and keep the lowest energy "
-                   "(-logsumexp of logits) or the closest BatchNorm statistics.")
-@click.option("--filter-keep", type=click.FloatRange(min=0, max=1, min_open=True), default=0.5, show_default=True, help="Fraction of candidates kept.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per shard file (the unit of resuming).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Generator precision; auto is float16 on cuda, float32 on cpu.",
+)
+@click.option(
+    "--filter",
+    "filter_method",
+    type=click.Choice(["none", "energy", "bn-sensitivity"]),
+    default="none",
+    show_default=True,
+    help="GenQ-style filtering with MODEL: draw num-images/filter-keep candidates and keep the lowest energy "
+    "(-logsumexp of logits) or the closest BatchNorm statistics.",
+)
+@click.option(
+    "--filter-keep",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    default=0.5,
+    show_default=True,
+    help="Fraction of candidates kept.",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Images per shard file (the unit of resuming).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Make the images again even if OUT already holds them.")
 @classes_option
 @allow_pickle_option
 @_output_option("Output folder for image shards, preview.png and manifest.")
 @friendly_errors
-def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha, mix_template, negative_prompt, num_images, steps, guidance_scale, size,
-          batch_size, device, dtype, filter_method, filter_keep, shard_size, seed, force, classes_file, allow_pickle, out):
+def synth(
+    model,
+    generator,
+    strategy,
+    inversion_iters,
+    fusion,
+    mix_k,
+    mix_alpha,
+    mix_template,
+    negative_prompt,
+    num_images,
+    steps,
+    guidance_scale,
+    size,
+    batch_size,
+    device,
+    dtype,
+    filter_method,
+    filter_keep,
+    shard_size,
+    seed,
+    force,
+    classes_file,
+    allow_pickle,
+    out,
+):
     """Generate calibration images with class prompts taken from MODEL (or --classes).
 
     'edgeq synth inspect FOLDER --model M' reports what a calibration set looks like to M.
@@ -209,24 +297,54 @@ def synth(model, generator, strategy, inversion_iters, fusion, mix_k, mix_alpha,
 
     options = PromptOptions(fusion=fusion, mix_k=mix_k, mix_alpha=mix_alpha, mix_template=mix_template)
     filtering = FilterOptions(method=filter_method, keep=filter_keep)
-    needs_model = model is not None or not classes_file or strategy == "bn-inversion" or (strategy == "noise" and size is None) or filtering.enabled
+    needs_model = (
+        model is not None
+        or not classes_file
+        or strategy == "bn-inversion"
+        or (strategy == "noise" and size is None)
+        or filtering.enabled
+    )
     loaded = load_model(model, allow_pickle=allow_pickle) if needs_model else None
     classes = read_classes(classes_file) if classes_file else loaded.classes
     generator, strategy = synth_stage.choose_source(loaded, generator, strategy)
-    settings = synth_stage.SynthOptions(strategy=strategy, num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance_scale, size=size,
-                                        batch_size=batch_size, device=device, prompts=options, inversion=InversionSettings(iterations=inversion_iters),
-                                        negative_prompt=negative_prompt, dtype=dtype, filtering=filtering, shard_size=shard_size)
+    settings = synth_stage.SynthOptions(
+        strategy=strategy,
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        size=size,
+        batch_size=batch_size,
+        device=device,
+        prompts=options,
+        inversion=InversionSettings(iterations=inversion_iters),
+        negative_prompt=negative_prompt,
+        dtype=dtype,
+        filtering=filtering,
+        shard_size=shard_size,
+    )
     synth_stage.run(generator, classes, out, settings, model=loaded, force=force)
     click.echo(f"{num_images} images ({strategy}) in {out}")
 
 
-@click.command(name="synth inspect", epilog="\b\nExamples:\n  edgeq synth inspect calib/ --model zoo:fmnist-resnet\n"
-               "  edgeq synth inspect calib/ --model zoo:fmnist-resnet --json --png calib-inspect.png")
+@click.command(
+    name="synth inspect",
+    epilog="\b\nExamples:\n  edgeq synth inspect calib/ --model zoo:fmnist-resnet\n"
+    "  edgeq synth inspect calib/ --model zoo:fmnist-resnet --json --png calib-inspect.png",
+)
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--model", "model", help="The model whose view of the images is reported [default: the model recorded by the synth run].")
+@click.option(
+    "--model",
+    "model",
+    help="The model whose view of the images is reported [default: the model recorded by the synth run].",
+)
 @click.option("--num-images", type=click.IntRange(min=2), help="Inspect only the first N images.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Also draw the class histogram and entropy histogram to this PNG.")
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the class histogram and entropy histogram to this PNG.",
+)
 @allow_pickle_option
 @friendly_errors
 def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
@@ -255,14 +373,26 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
     if png:
         diagnostics_png(report, png, title=f"{folder} ({manifest.params.get('strategy')}) seen by {loaded.source}")
     if as_json:
-        _echo_json({"folder": str(folder), "strategy": manifest.params.get("strategy"), "model": loaded.source,
-                    **report.to_json()})
+        _echo_json(
+            {
+                "folder": str(folder),
+                "strategy": manifest.params.get("strategy"),
+                "model": loaded.source,
+                **report.to_json(),
+            }
+        )
         return
     rows = [
         ("images", f"{report.images} ({manifest.params.get('strategy')})"),
-        ("class coverage", f"{report.class_coverage:.0%} of {len(report.classes)} classes are some image's top-1 (balance {report.predicted_balance:.3f})"),
+        (
+            "class coverage",
+            f"{report.class_coverage:.0%} of {len(report.classes)} classes are some image's top-1 (balance {report.predicted_balance:.3f})",
+        ),
         ("prediction entropy", f"{report.mean_entropy:.3f} nats ({report.mean_entropy_normalized:.3f} of log C)"),
-        ("feature diversity", f"{report.feature_diversity:.3f} mean pairwise L2, {report.feature_diversity_cosine:.3f} cosine"),
+        (
+            "feature diversity",
+            f"{report.feature_diversity:.3f} mean pairwise L2, {report.feature_diversity_cosine:.3f} cosine",
+        ),
         ("mean energy", f"{report.mean_energy:.3f}"),
     ]
     if report.top1_in_label is not None:
@@ -270,7 +400,9 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
-    top = ", ".join(f"{c} {n}" for c, n in sorted(zip(report.classes, report.predicted_histogram), key=lambda cn: -cn[1])[:10])
+    top = ", ".join(
+        f"{c} {n}" for c, n in sorted(zip(report.classes, report.predicted_histogram), key=lambda cn: -cn[1])[:10]
+    )
     click.echo(f"{'top-1 counts':<{width}}  {top}")
     if png:
         click.echo(f"{'chart':<{width}}  {png}")
@@ -288,34 +420,98 @@ Examples:
 
 @cli.command(epilog=QUANTIZE_EXAMPLES)
 @click.argument("model", required=False)
-@click.option("--calib", required=True, help="Calibration images: an 'edgeq synth' folder, fashion-mnist:A, or real "
-                                             "(1024 real images the zoo's Fashion-MNIST models know: split A).")
-@click.option("--bits", callback=_bits, default="w4a4", show_default=True,
-              help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...), or a JSON spec file "
-                   "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits, weight_symmetric, attention_bits).")
-@click.option("--asymmetric-weights", is_flag=True, help="Per-channel weight zero points (default: symmetric, zero point 0).")
-@click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True,
-              help="rtn: round to nearest; adaround: learned rounding layer by layer; brecq: block by block, with learned "
-                   "activation steps; qdrop: brecq with random dropping of activation quantization.")
-@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Reconstruction iterations per block or layer (the papers use 20000).")
-@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), help="Seconds for all of reconstruction; caps --iters per unit.")
-@click.option("--loss", type=click.Choice(["mse", "fisher"]), default="mse", show_default=True,
-              help="Output error to match: plain MSE, or weighted by squared task-loss gradients (BRECQ's Fisher).")
-@click.option("--drop-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="qdrop: probability an activation skips quantization.")
-@click.option("--round-weight", type=click.FloatRange(min=0), help="Weight of the rounding regularizer [default: 0.1 with depthwise convs, else 0.01].")
-@click.option("--lr-rounding", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
-              help="Adam learning rate of the rounding variables. The papers' 1e-3 suits long schedules; with a few hundred "
-                   "--iters it leaves 2-bit weights near round-to-nearest: use about 1e-2 for 200 and 3e-2 for 100 (docs/results.md).")
+@click.option(
+    "--calib",
+    required=True,
+    help="Calibration images: an 'edgeq synth' folder, fashion-mnist:A, or real "
+    "(1024 real images the zoo's Fashion-MNIST models know: split A).",
+)
+@click.option(
+    "--bits",
+    callback=_bits,
+    default="w4a4",
+    show_default=True,
+    help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...), or a JSON spec file "
+    "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits, weight_symmetric, attention_bits).",
+)
+@click.option(
+    "--asymmetric-weights", is_flag=True, help="Per-channel weight zero points (default: symmetric, zero point 0)."
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="qdrop",
+    show_default=True,
+    help="rtn: round to nearest; adaround: learned rounding layer by layer; brecq: block by block, with learned "
+    "activation steps; qdrop: brecq with random dropping of activation quantization.",
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Reconstruction iterations per block or layer (the papers use 20000).",
+)
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds for all of reconstruction; caps --iters per unit.",
+)
+@click.option(
+    "--loss",
+    type=click.Choice(["mse", "fisher"]),
+    default="mse",
+    show_default=True,
+    help="Output error to match: plain MSE, or weighted by squared task-loss gradients (BRECQ's Fisher).",
+)
+@click.option(
+    "--drop-prob",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="qdrop: probability an activation skips quantization.",
+)
+@click.option(
+    "--round-weight",
+    type=click.FloatRange(min=0),
+    help="Weight of the rounding regularizer [default: 0.1 with depthwise convs, else 0.01].",
+)
+@click.option(
+    "--lr-rounding",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-3,
+    show_default=True,
+    help="Adam learning rate of the rounding variables. The papers' 1e-3 suits long schedules; with a few hundred "
+    "--iters it leaves 2-bit weights near round-to-nearest: use about 1e-2 for 200 and 3e-2 for 100 (docs/results.md).",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--num-images", type=click.IntRange(min=1), default=1024, show_default=True, help="Calibration images to use.")
+@click.option(
+    "--num-images", type=click.IntRange(min=1), default=1024, show_default=True, help="Calibration images to use."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @classes_option
 @allow_pickle_option
 @_output_option("Output folder for the quantized model.")
 @friendly_errors
-def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget, loss, drop_prob, round_weight, lr_rounding, device, num_images, seed,
-             classes_file, allow_pickle, out):
+def quantize(
+    model,
+    calib,
+    bits,
+    asymmetric_weights,
+    method,
+    iters,
+    time_budget,
+    loss,
+    drop_prob,
+    round_weight,
+    lr_rounding,
+    device,
+    num_images,
+    seed,
+    classes_file,
+    allow_pickle,
+    out,
+):
     """Quantize MODEL (default: the zoo ResNet) at --bits, calibrated on --calib.
 
     Per-channel symmetric weights with MSE-searched steps, per-tensor activations; the first
@@ -330,10 +526,27 @@ def quantize(model, calib, bits, asymmetric_weights, method, iters, time_budget,
 
     if asymmetric_weights:
         bits = dataclasses.replace(bits, weight_symmetric=False)
-    config = ReconstructionConfig(method=method, iters=iters, time_budget=time_budget, loss=loss, drop_prob=drop_prob, round_weight=round_weight,
-                                  lr_rounding=lr_rounding)
-    quantize_stage.run(model, calib, out, bits=bits, num_images=num_images, seed=seed, allow_pickle=allow_pickle, classes_file=classes_file,
-                       reconstruction=config, device=device)
+    config = ReconstructionConfig(
+        method=method,
+        iters=iters,
+        time_budget=time_budget,
+        loss=loss,
+        drop_prob=drop_prob,
+        round_weight=round_weight,
+        lr_rounding=lr_rounding,
+    )
+    quantize_stage.run(
+        model,
+        calib,
+        out,
+        bits=bits,
+        num_images=num_images,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        classes_file=classes_file,
+        reconstruction=config,
+        device=device,
+    )
     click.echo(f"wrote {bits} model ({method}) to {out}")
 
 
@@ -350,25 +563,68 @@ def export(quantized, out):
     click.echo(f"wrote {out / MODEL_FILE}")
 
 
-@cli.command(name="compile", epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
-             "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n  edgeq compile exported/ --target x86 -o compiled/   # compile stage only")
+@cli.command(
+    name="compile",
+    epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
+    "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n  edgeq compile exported/ --target x86 -o compiled/   # compile stage only",
+)
 @click.argument("model", required=False)
-@click.option("--target", callback=_target, default="host", show_default=True,
-              help="Target name (see 'edgeq targets'); host = the best target this CPU runs; arm64 = any 64-bit Arm board.")
-@click.option("--bits", callback=_bits, default="w2a4", show_default=True,
-              help="Bit widths as wWaA, or a JSON spec file such as 'edgeq mixed' writes (one-shot only).")
-@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (compile-stage only, when MODEL is an export folder).")
-@click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder for the one-shot (default: runs/<model>).")
-@click.option("--generator", help="Text-to-image pipeline for calibration images: zoo:NAME, a diffusers folder, or a hub id "
-                                  "[default: the model's own, else none].")
-@click.option("--strategy", type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
-              help="Calibration images, as in 'edgeq synth' [default: mixup with a generator, else bn-inversion].")
+@click.option(
+    "--target",
+    callback=_target,
+    default="host",
+    show_default=True,
+    help="Target name (see 'edgeq targets'); host = the best target this CPU runs; arm64 = any 64-bit Arm board.",
+)
+@click.option(
+    "--bits",
+    callback=_bits,
+    default="w2a4",
+    show_default=True,
+    help="Bit widths as wWaA, or a JSON spec file such as 'edgeq mixed' writes (one-shot only).",
+)
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (compile-stage only, when MODEL is an export folder).",
+)
+@click.option(
+    "--run-dir", type=click.Path(file_okay=False), help="Run folder for the one-shot (default: runs/<model>)."
+)
+@click.option(
+    "--generator",
+    help="Text-to-image pipeline for calibration images: zoo:NAME, a diffusers folder, or a hub id "
+    "[default: the model's own, else none].",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
+    help="Calibration images, as in 'edgeq synth' [default: mixup with a generator, else bn-inversion].",
+)
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
-@click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True, help="How weights round, as in 'edgeq quantize'.")
-@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True, help="Reconstruction iterations per block or layer.")
-@click.option("--kernels", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic code "
-                   "otherwise; on fails instead of falling back; off always uses the generic code.")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="qdrop",
+    show_default=True,
+    help="How weights round, as in 'edgeq quantize'.",
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Reconstruction iterations per block or layer.",
+)
+@click.option(
+    "--kernels",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic code "
+    "otherwise; on fails instead of falling back; off always uses the generic code.",
+)
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
@@ -378,8 +634,27 @@ def export(quantized, out):
 @classes_option
 @allow_pickle_option
 @friendly_errors
-def compile_command(model, target, bits, out, run_dir, generator, strategy, num_images, method, iters, kernels, eval_data, eval_images, latency_runs, seed, force, as_json,
-                    classes_file, allow_pickle):
+def compile_command(
+    model,
+    target,
+    bits,
+    out,
+    run_dir,
+    generator,
+    strategy,
+    num_images,
+    method,
+    iters,
+    kernels,
+    eval_data,
+    eval_images,
+    latency_runs,
+    seed,
+    force,
+    as_json,
+    classes_file,
+    allow_pickle,
+):
     """Compile MODEL for --target, running every missing stage (synth, quantize, export, compile, verify).
 
     With no MODEL the built-in default model is used. If MODEL is an 'edgeq export'
@@ -398,8 +673,24 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
         return
     from edgeq.pipeline import RunOptions, run
 
-    options = RunOptions(target=target, spec=bits, run_dir=run_dir, generator=generator, strategy=strategy, num_images=num_images, seed=seed,
-                         method=method, iters=iters, kernels=kernels, eval_data=eval_data, eval_images=eval_images, latency_runs=latency_runs, allow_pickle=allow_pickle, classes_file=classes_file, force=force)
+    options = RunOptions(
+        target=target,
+        spec=bits,
+        run_dir=run_dir,
+        generator=generator,
+        strategy=strategy,
+        num_images=num_images,
+        seed=seed,
+        method=method,
+        iters=iters,
+        kernels=kernels,
+        eval_data=eval_data,
+        eval_images=eval_images,
+        latency_runs=latency_runs,
+        allow_pickle=allow_pickle,
+        classes_file=classes_file,
+        force=force,
+    )
     summary = run(model, options)
     if as_json:
         _echo_json(summary)
@@ -407,16 +698,35 @@ def compile_command(model, target, bits, out, run_dir, generator, strategy, num_
         _print_summary(summary)
 
 
-@cli.command(epilog="\b\nExamples:\n  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --high w4a4 --low w2a4 --budget-mb 0.25 -o mixed.json\n"
-             "  edgeq compile zoo:fmnist-resnet --bits mixed.json\n  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4,mixed.json")
+@cli.command(
+    epilog="\b\nExamples:\n  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --high w4a4 --low w2a4 --budget-mb 0.25 -o mixed.json\n"
+    "  edgeq compile zoo:fmnist-resnet --bits mixed.json\n  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4,mixed.json"
+)
 @click.argument("model", required=False)
-@click.option("--calib", required=True, help="Calibration images: an 'edgeq synth' folder (data-free), or fashion-mnist:A.")
+@click.option(
+    "--calib", required=True, help="Calibration images: an 'edgeq synth' folder (data-free), or fashion-mnist:A."
+)
 @click.option("--high", callback=_bits, default="w4a4", show_default=True, help="Bit widths every layer starts at.")
 @click.option("--low", callback=_bits, default="w2a4", show_default=True, help="Bit widths a layer may be lowered to.")
-@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True), required=True, help="Largest packed weight size, in MB.")
-@click.option("--num-images", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration images used to measure sensitivity.")
+@click.option(
+    "--budget-mb", type=click.FloatRange(min=0, min_open=True), required=True, help="Largest packed weight size, in MB."
+)
+@click.option(
+    "--num-images",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Calibration images used to measure sensitivity.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-o", "--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Spec file to write (JSON; pass it to --bits).")
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Spec file to write (JSON; pass it to --bits).",
+)
 @allow_pickle_option
 @friendly_errors
 def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickle):
@@ -441,9 +751,13 @@ def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickl
     click.echo(f"{'layer':<{width}}  weights  sensitivity  bits")
     for layer in layers:
         bits = spec.layer_bits(edge=layer.edge, name=layer.name)
-        click.echo(f"{layer.name:<{width}}  {layer.weights:>7}  {layer.sensitivity:>11.5f}  w{bits[0]}a{bits[1]}{'  (edge)' if layer.edge else ''}")
-    click.echo(f"\n{len(lowered)} of {len(layers)} layers at {low}; weights {mixed_precision.weight_bytes(layers, spec) / 1e6:.4f} MB "
-               f"(budget {budget_mb:g} MB); spec {spec} written to {out}")
+        click.echo(
+            f"{layer.name:<{width}}  {layer.weights:>7}  {layer.sensitivity:>11.5f}  w{bits[0]}a{bits[1]}{'  (edge)' if layer.edge else ''}"
+        )
+    click.echo(
+        f"\n{len(lowered)} of {len(layers)} layers at {low}; weights {mixed_precision.weight_bytes(layers, spec) / 1e6:.4f} MB "
+        f"(budget {budget_mb:g} MB); spec {spec} written to {out}"
+    )
 
 
 def _list(_ctx, param, value):
@@ -461,17 +775,48 @@ def _target_list(ctx, param, value):
     return [_target(ctx, param, item) for item in _list(ctx, param, value)]
 
 
-@cli.command(epilog="\b\nExamples:\n  edgeq sweep                                           # zoo ResNet teacher, five bit widths, this CPU\n"
-             "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
-             "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5")
+@cli.command(
+    epilog="\b\nExamples:\n  edgeq sweep                                           # zoo ResNet teacher, five bit widths, this CPU\n"
+    "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
+    "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5"
+)
 @click.argument("model", required=False)
-@click.option("--bits", "bits_list", callback=_bits_list, default="w8a8,w4a8,w4a4,w3a3,w2a4", show_default=True, help="Bit widths, comma-separated: wWaA, or a spec file from 'edgeq mixed'.")
-@click.option("--targets", "target_list", callback=_target_list, default="host", show_default=True,
-              help="Targets, comma-separated (see 'edgeq targets'; host: the best this CPU runs).")
-@click.option("--run-dir", type=click.Path(file_okay=False), help="Run folder shared by every configuration (default: runs/<model>).")
+@click.option(
+    "--bits",
+    "bits_list",
+    callback=_bits_list,
+    default="w8a8,w4a8,w4a4,w3a3,w2a4",
+    show_default=True,
+    help="Bit widths, comma-separated: wWaA, or a spec file from 'edgeq mixed'.",
+)
+@click.option(
+    "--targets",
+    "target_list",
+    callback=_target_list,
+    default="host",
+    show_default=True,
+    help="Targets, comma-separated (see 'edgeq targets'; host: the best this CPU runs).",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    help="Run folder shared by every configuration (default: runs/<model>).",
+)
 @click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
-@click.option("--method", type=click.Choice(METHODS), default="qdrop", show_default=True, help="How weights round, as in 'edgeq quantize'.")
-@click.option("--iters", type=click.IntRange(min=1), default=2000, show_default=True, help="Reconstruction iterations per block or layer.")
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="qdrop",
+    show_default=True,
+    help="How weights round, as in 'edgeq quantize'.",
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=2000,
+    show_default=True,
+    help="Reconstruction iterations per block or layer.",
+)
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
@@ -479,7 +824,21 @@ def _target_list(ctx, param, value):
 @_output_option("Output folder for report.json, summary.md and the plots.")
 @allow_pickle_option
 @friendly_errors
-def sweep(model, bits_list, target_list, run_dir, num_images, method, iters, eval_data, eval_images, latency_runs, seed, out, allow_pickle):
+def sweep(
+    model,
+    bits_list,
+    target_list,
+    run_dir,
+    num_images,
+    method,
+    iters,
+    eval_data,
+    eval_images,
+    latency_runs,
+    seed,
+    out,
+    allow_pickle,
+):
     """Run MODEL through the pipeline at several bit widths and targets; write one report.
 
     Stages shared between configurations, or left from earlier runs, are reused. The
@@ -489,8 +848,17 @@ def sweep(model, bits_list, target_list, run_dir, num_images, method, iters, eva
     from edgeq.pipeline import RunOptions
     from edgeq.stages import sweep as sweep_stage
 
-    options = RunOptions(run_dir=run_dir, num_images=num_images, seed=seed, method=method, iters=iters, eval_data=eval_data, eval_images=eval_images,
-                         latency_runs=latency_runs, allow_pickle=allow_pickle)
+    options = RunOptions(
+        run_dir=run_dir,
+        num_images=num_images,
+        seed=seed,
+        method=method,
+        iters=iters,
+        eval_data=eval_data,
+        eval_images=eval_images,
+        latency_runs=latency_runs,
+        allow_pickle=allow_pickle,
+    )
     report = sweep_stage.run(model, out, specs=bits_list, targets=target_list, options=options)
     click.echo((Path(out) / "summary.md").read_text())
     click.echo(f"report written to {out} ({len(report['entries'])} configurations)")
@@ -503,7 +871,11 @@ def _percent(value):
 def _print_summary(summary: dict) -> None:
     for note in summary["notes"]:
         click.echo(f"note: {note}")
-    latency = f"{summary['latency_ms']:.3f} ms (p90 {summary['latency_p90_ms']:.3f} ms)" if summary["latency_ms"] is not None else summary["latency_note"]
+    latency = (
+        f"{summary['latency_ms']:.3f} ms (p90 {summary['latency_p90_ms']:.3f} ms)"
+        if summary["latency_ms"] is not None
+        else summary["latency_note"]
+    )
     rows = [
         ("model", summary["model"]),
         ("target", summary["target"]),
@@ -512,9 +884,16 @@ def _print_summary(summary: dict) -> None:
         ("float top-1", _percent(summary["fp_top1"])),
         ("quantized top-1", _percent(summary["quant_top1"])),
         ("compiled top-1", _percent(summary["compiled_top1"])),
-        ("agreement with full precision", f"top-1 {_percent(summary['agreement_with_fp']['compiled']['top1'])}, top-5 {_percent(summary['agreement_with_fp']['compiled']['top5'])}"),
-        ("bit-exact with reference", "n/a (generic TVM code)" if summary.get("agreement_with_reference") is None
-         else _percent(summary["agreement_with_reference"])),
+        (
+            "agreement with full precision",
+            f"top-1 {_percent(summary['agreement_with_fp']['compiled']['top1'])}, top-5 {_percent(summary['agreement_with_fp']['compiled']['top5'])}",
+        ),
+        (
+            "bit-exact with reference",
+            "n/a (generic TVM code)"
+            if summary.get("agreement_with_reference") is None
+            else _percent(summary["agreement_with_reference"]),
+        ),
         ("agreement with onnxruntime", _percent(summary["agreement_with_onnxruntime"])),
         ("latency", latency),
         ("ran on", summary["ran"]),
@@ -528,10 +907,22 @@ def _print_summary(summary: dict) -> None:
 
 @cli.command(epilog="\b\nExample:\n  edgeq verify compiled/ --data fashion-mnist:test -o verified/")
 @click.argument("compiled", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", help="Evaluation data: fashion-mnist:test, or an 'edgeq synth' folder (default: the calibration images).")
+@click.option(
+    "--data", help="Evaluation data: fashion-mnist:test, or an 'edgeq synth' folder (default: the calibration images)."
+)
 @click.option("--num-images", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True, help="Timed runs (natively or on the board; not under qemu).")
-@click.option("--rpc", metavar="HOST:PORT", help="Run on a board over TVM RPC (its 'python -m tvm.exec.rpc_server'; tunnel the port over SSH).")
+@click.option(
+    "--latency-runs",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Timed runs (natively or on the board; not under qemu).",
+)
+@click.option(
+    "--rpc",
+    metavar="HOST:PORT",
+    help="Run on a board over TVM RPC (its 'python -m tvm.exec.rpc_server'; tunnel the port over SSH).",
+)
 @click.option("--tracker", metavar="HOST:PORT", help="Run on a board from a TVM RPC tracker (with --key).")
 @click.option("--key", help="The device key the board registered with the tracker.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -546,14 +937,25 @@ def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json,
     """
     from edgeq.stages import verify as verify_stage
 
-    report = verify_stage.run(compiled, out, data=data, num_images=num_images, latency_runs=latency_runs, rpc=rpc, tracker=tracker, key=key)
+    report = verify_stage.run(
+        compiled, out, data=data, num_images=num_images, latency_runs=latency_runs, rpc=rpc, tracker=tracker, key=key
+    )
     _echo_json(report, indent=None if as_json else 2)
 
 
-@cli.command(epilog="\b\nExample:\n  edgeq regress --baseline main/report.json --current verified/report.json --max-acc-drop 0.5 --max-latency-increase 10%")
-@click.option("--baseline", required=True, type=click.Path(), help="Report of the reference run (verify or sweep report.json, or its folder).")
+@cli.command(
+    epilog="\b\nExample:\n  edgeq regress --baseline main/report.json --current verified/report.json --max-acc-drop 0.5 --max-latency-increase 10%"
+)
+@click.option(
+    "--baseline",
+    required=True,
+    type=click.Path(),
+    help="Report of the reference run (verify or sweep report.json, or its folder).",
+)
 @click.option("--current", required=True, type=click.Path(), help="Report of the run to check.")
-@click.option("--max-acc-drop", type=click.FloatRange(min=0), help="Largest allowed drop of compiled top-1, in percentage points.")
+@click.option(
+    "--max-acc-drop", type=click.FloatRange(min=0), help="Largest allowed drop of compiled top-1, in percentage points."
+)
 @click.option("--max-latency-increase", metavar="PERCENT", help="Largest allowed rise of median latency, e.g. 10%.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @friendly_errors
@@ -567,7 +969,9 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
 
     from edgeq import regress as gate
 
-    thresholds = gate.Thresholds(max_acc_drop, gate.parse_percent(max_latency_increase) if max_latency_increase is not None else None)
+    thresholds = gate.Thresholds(
+        max_acc_drop, gate.parse_percent(max_latency_increase) if max_latency_increase is not None else None
+    )
     rows = gate.compare(gate.load_entries(baseline), gate.load_entries(current), thresholds)
     failed = [row for row in rows if not row.ok]
     if as_json:
@@ -575,15 +979,27 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
         _echo_json({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": rows_json})
     else:
         click.echo(gate.table(rows))
-        click.echo(f"\n{len(failed)} of {len(rows)} entries regressed" if failed else f"\nall {len(rows)} entries within bounds")
+        click.echo(
+            f"\n{len(failed)} of {len(rows)} entries regressed"
+            if failed
+            else f"\nall {len(rows)} entries within bounds"
+        )
     if failed:
         sys.exit(1)
 
 
-@cli.command(epilog="\b\nExamples:\n  edgeq bundle compiled-rpi4/ -o rpi4-bundle/ --tar\n  scp rpi4-bundle.tar.gz pi@board: && ssh pi@board 'tar xzf rpi4-bundle.tar.gz && cd rpi4-bundle && python3 selftest.py'")
+@cli.command(
+    epilog="\b\nExamples:\n  edgeq bundle compiled-rpi4/ -o rpi4-bundle/ --tar\n  scp rpi4-bundle.tar.gz pi@board: && ssh pi@board 'tar xzf rpi4-bundle.tar.gz && cd rpi4-bundle && python3 selftest.py'"
+)
 @click.argument("compiled", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Where the self-test inputs come from (default: the calibration images).")
-@click.option("--num-samples", type=click.IntRange(min=1), default=8, show_default=True, help="Self-test inputs with expected outputs.")
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Self-test inputs with expected outputs.",
+)
 @click.option("--tar", "make_tar", is_flag=True, help="Also write OUT.tar.gz beside the folder.")
 @_output_option("Output folder for the bundle.")
 @friendly_errors
@@ -596,13 +1012,23 @@ def bundle(compiled, data, num_samples, make_tar, out):
     from edgeq.stages import bundle as bundle_stage
 
     folder = bundle_stage.run(compiled, out, data=data, num_samples=num_samples, tar=make_tar)
-    click.echo(f"bundle written to {folder}" + (f" and {folder.parent / (folder.name + '.tar.gz')}" if make_tar else ""))
+    click.echo(
+        f"bundle written to {folder}" + (f" and {folder.parent / (folder.name + '.tar.gz')}" if make_tar else "")
+    )
 
 
-@cli.command(name="eval", epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
-             "  edgeq eval quantized-effnet/ --data photos          # agreement with full precision, no labels")
+@cli.command(
+    name="eval",
+    epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
+    "  edgeq eval quantized-effnet/ --data photos          # agreement with full precision, no labels",
+)
 @click.argument("model", required=False)
-@click.option("--data", default="fmnist-test", show_default=True, help="fmnist-test (Fashion-MNIST test set), fashion-mnist:A, photos, or an 'edgeq synth' folder.")
+@click.option(
+    "--data",
+    default="fmnist-test",
+    show_default=True,
+    help="fmnist-test (Fashion-MNIST test set), fashion-mnist:A, photos, or an 'edgeq synth' folder.",
+)
 @click.option("--num-images", type=click.IntRange(min=1), help="Evaluate the first N images only.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @allow_pickle_option
@@ -635,7 +1061,10 @@ def zoo_list(as_json):
     from edgeq.zoo import ZOO, registry
 
     records = registry.load()
-    rows = [{"name": f"zoo:{e.name}", "kind": e.kind, "description": e.description, **records.get(e.name, {})} for e in ZOO.values()]
+    rows = [
+        {"name": f"zoo:{e.name}", "kind": e.kind, "description": e.description, **records.get(e.name, {})}
+        for e in ZOO.values()
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

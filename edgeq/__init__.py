@@ -6,6 +6,7 @@ The pipeline is five stages, each a function here, a CLI subcommand and a folder
 
 ``edgeq.run`` chains them into one run folder, reusing stages whose inputs are unchanged.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ data; they carry no class label.
 Pixels are optimized in [0, 1] (projected after each step), so rounding to uint8 for the
 synth folder changes them by at most half a grey level.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,11 @@ class InversionSettings:
 def batchnorm_layers(module) -> list:
     from torch import nn
 
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
+    ]
 
 
 def statistics_loss(module, x, layers):
@@ -48,7 +53,9 @@ def statistics_loss(module, x, layers):
         dims = [0] + list(range(2, value.dim()))
         mean = value.mean(dims)
         std = torch.sqrt(value.var(dims, unbiased=False) + layer.eps)
-        losses.append(((mean - layer.running_mean) ** 2).mean() + ((std - torch.sqrt(layer.running_var + layer.eps)) ** 2).mean())
+        losses.append(
+            ((mean - layer.running_mean) ** 2).mean() + ((std - torch.sqrt(layer.running_var + layer.eps)) ** 2).mean()
+        )
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
@@ -72,7 +79,10 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
     module = loaded.module.eval()
     layers = batchnorm_layers(module)
     if not layers:
-        raise EdgeqError(f"{loaded.source} has no BatchNorm layers to invert", "use --strategy noise, or a generator with --strategy mixup")
+        raise EdgeqError(
+            f"{loaded.source} has no BatchNorm layers to invert",
+            "use --strategy noise, or a generator with --strategy mixup",
+        )
     pre = loaded.preprocess
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -81,12 +91,20 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
     for p in trainable:
         p.requires_grad_(False)
     try:
-        with contextlib.nullcontext() if progress else tqdm(total=len(seeds), desc="synth (bn-inversion)", unit="img") as bar:
+        with (
+            contextlib.nullcontext()
+            if progress
+            else tqdm(total=len(seeds), desc="synth (bn-inversion)", unit="img") as bar
+        ):
             batches = range(0, len(seeds), settings.batch_size)
             for number, start in enumerate(batches, 1):
                 count = len(seeds[start : start + settings.batch_size])
                 generator = torch.Generator().manual_seed(seeds[start])
-                pixels = (0.5 + 0.25 * torch.randn((count, pre.channels, pre.height, pre.width), generator=generator)).clamp(0, 1).requires_grad_(True)
+                pixels = (
+                    (0.5 + 0.25 * torch.randn((count, pre.channels, pre.height, pre.width), generator=generator))
+                    .clamp(0, 1)
+                    .requires_grad_(True)
+                )
                 optimizer = torch.optim.Adam([pixels], lr=settings.lr)
                 desc = f"bn-inversion batch {number}/{len(batches)}"
                 steps = tqdm(range(settings.iterations), desc=desc, unit="step", leave=False)
@@ -101,7 +119,9 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                         steps.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
                 log.debug("bn-inversion batch at %d: statistics loss %.4f", start, loss.item())
                 rgb = pixels.detach().expand(-1, 3, -1, -1) if pre.channels == 1 else pixels.detach()
-                images[start : start + count] = (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                images[start : start + count] = (
+                    (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                )
                 (progress or bar.update)(count)
     finally:
         for p in trainable:

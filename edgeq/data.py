@@ -3,6 +3,7 @@
 Images travel between stages as uint8 arrays (N, H, W, C), the way a generator or a
 camera makes them; each model's :class:`Preprocess` turns them into its float input.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +20,26 @@ from .manifest import Manifest
 FASHION_MNIST_DIR = Path(os.environ.get("EDGEQ_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_INSTALL = "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu), or set EDGEQ_FASHION_MNIST_DIR to a folder with the four IDX .gz files"
 # Names as a prompt would say them (the dataset's own labels are "T-shirt/top", "Trouser", ...).
-FASHION_MNIST_CLASSES = ("t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_MNIST_CLASSES = (
+    "t-shirt",
+    "trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
 # Split A trains the teachers and is the "real data" reference; split B trains the
 # generator, which stands in for a public text-to-image model trained on other data.
 SPLIT_SEED = 20260101
 DATA_ALIASES = {"fmnist-test": "fashion-mnist:test", "fmnist-A": "fashion-mnist:A", "fmnist-B": "fashion-mnist:B"}
-_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"), "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +57,23 @@ class Preprocess:
         return (1, self.channels, self.height, self.width)
 
     def to_dict(self) -> dict:
-        return {"channels": self.channels, "height": self.height, "width": self.width, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "channels": self.channels,
+            "height": self.height,
+            "width": self.width,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preprocess":
-        return cls(int(data["channels"]), int(data["height"]), int(data["width"]), tuple(map(float, data["mean"])), tuple(map(float, data["std"])))
+        return cls(
+            int(data["channels"]),
+            int(data["height"]),
+            int(data["width"]),
+            tuple(map(float, data["mean"])),
+            tuple(map(float, data["std"])),
+        )
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 images (N, H, W[, C]) -> float32 model input (N, C, height, width)."""
@@ -63,7 +90,10 @@ class Preprocess:
             elif x.shape[1] == 1:
                 x = x.expand(-1, self.channels, -1, -1)
             else:
-                raise EdgeqError(f"cannot convert {x.shape[1]}-channel images to {self.channels} channels", "provide RGB or grayscale images")
+                raise EdgeqError(
+                    f"cannot convert {x.shape[1]}-channel images to {self.channels} channels",
+                    "provide RGB or grayscale images",
+                )
         if x.shape[2:] != (self.height, self.width):
             x = F.interpolate(x, size=(self.height, self.width), mode="bilinear", antialias=True, align_corners=False)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -194,7 +224,9 @@ def load_photos(size: int = PHOTO_SIZE) -> ImageSet:
             photos.append(_square(np.asarray(Image.open(path).convert("RGB")), size))
             names.append(f"opencv:{path.name}")
     if not photos:
-        raise EdgeqError("no real photos found", "pip install scikit-image scikit-learn, and apt-get install opencv-doc")
+        raise EdgeqError(
+            "no real photos found", "pip install scikit-image scikit-learn, and apt-get install opencv-doc"
+        )
     return ImageSet(np.stack(photos), class_names=(), names=tuple(names))
 
 
@@ -216,8 +248,9 @@ def load_synth_images(folder: str | Path) -> ImageSet:
 
     folder = Path(folder)
     if not folder.exists():
-        raise EdgeqError(f"data folder not found: {folder}",
-                         "pass an output folder of 'edgeq synth', or fashion-mnist:test")
+        raise EdgeqError(
+            f"data folder not found: {folder}", "pass an output folder of 'edgeq synth', or fashion-mnist:test"
+        )
     manifest = Manifest.load(folder, "synth")
     shards = [load_file(str(folder / o["path"])) for o in manifest.outputs if o["path"].endswith(".safetensors")]
     if not shards:

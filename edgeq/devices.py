@@ -9,6 +9,7 @@ timed there with TVM's time evaluator, so the figures are the board's. The RPC s
 on the board is unauthenticated: bind it to localhost and reach it over an SSH tunnel
 (docs/deploy.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,10 @@ class LocalRunner(Runner):
     def __init__(self, target: Target):
         missing = target.missing_host_features()
         if missing:
-            raise EdgeqError(f"this CPU lacks {', '.join(missing)}, which target {target.name} needs", "verify on a machine that has them, or compile for target x86")
+            raise EdgeqError(
+                f"this CPU lacks {', '.join(missing)}, which target {target.name} needs",
+                "verify on a machine that has them, or compile for target x86",
+            )
 
     def run(self, module_path, inputs, latency_runs):
         machine = board_runner.load(str(module_path))
@@ -76,8 +80,12 @@ class QemuRunner(Runner):
             scratch = Path(scratch)
             np.save(scratch / "inputs.npy", inputs)
             with tqdm(total=len(inputs), desc=self.description, unit="img", leave=False) as bar:
-                emulation.run_python(RUNNER_SCRIPT, [str(module_path), str(scratch / "inputs.npy"), str(scratch / "outputs.npy")], self.qemu_cpu,
-                                     on_progress=lambda done: bar.update(done - bar.n))
+                emulation.run_python(
+                    RUNNER_SCRIPT,
+                    [str(module_path), str(scratch / "inputs.npy"), str(scratch / "outputs.npy")],
+                    self.qemu_cpu,
+                    on_progress=lambda done: bar.update(done - bar.n),
+                )
             return RunResult(np.load(scratch / "outputs.npy"), None, self.description)
 
 
@@ -94,9 +102,14 @@ class RpcRunner(Runner):
     def __init__(self, address: str, *, tracker: bool = False, key: str | None = None, timeout_s: int = 0):
         self.host, self.port = parse_address(address, "--tracker" if tracker else "--rpc")
         if tracker and not key:
-            raise EdgeqError("--tracker needs --key (the device key the board registered with)", "for example --tracker 10.0.0.2:9190 --key rpi4")
+            raise EdgeqError(
+                "--tracker needs --key (the device key the board registered with)",
+                "for example --tracker 10.0.0.2:9190 --key rpi4",
+            )
         self.tracker, self.key, self.timeout_s = tracker, key, timeout_s
-        self.description = f"rpc tracker {self.host}:{self.port} key {key}" if tracker else f"rpc {self.host}:{self.port}"
+        self.description = (
+            f"rpc tracker {self.host}:{self.port} key {key}" if tracker else f"rpc {self.host}:{self.port}"
+        )
 
     def connect(self):
         from tvm import rpc
@@ -106,8 +119,10 @@ class RpcRunner(Runner):
                 return rpc.connect_tracker(self.host, self.port).request(self.key, session_timeout=self.timeout_s)
             return rpc.connect(self.host, self.port, session_timeout=self.timeout_s)
         except Exception as exc:  # noqa: BLE001 - TVM raises its own error kinds for refused, reset and timed-out sockets
-            raise EdgeqError(f"cannot reach the RPC server at {self.host}:{self.port}: {str(exc).splitlines()[-1]}",
-                             "start it on the board (python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090) and forward the port over SSH") from None
+            raise EdgeqError(
+                f"cannot reach the RPC server at {self.host}:{self.port}: {str(exc).splitlines()[-1]}",
+                "start it on the board (python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090) and forward the port over SSH",
+            ) from None
 
     def run(self, module_path, inputs, latency_runs):
         import tvm
@@ -119,7 +134,10 @@ class RpcRunner(Runner):
         try:
             machine = relax.VirtualMachine(session.load_module(remote_name), session.cpu())
         except Exception as exc:  # noqa: BLE001
-            raise EdgeqError(f"the board could not load the module: {str(exc).splitlines()[-1]}", "compile for the board's target (edgeq targets)") from None
+            raise EdgeqError(
+                f"the board could not load the module: {str(exc).splitlines()[-1]}",
+                "compile for the board's target (edgeq targets)",
+            ) from None
         device = session.cpu()
         outputs = []
         for i in tqdm(range(len(inputs)), desc=self.description, unit="img", leave=False):
@@ -128,14 +146,19 @@ class RpcRunner(Runner):
         timings = None
         if latency_runs:
             evaluate = machine.time_evaluator("main", device, number=1, repeat=latency_runs)
-            timings = [seconds * 1e3 for seconds in evaluate(tvm.runtime.tensor(np.ascontiguousarray(inputs[:1]), device)).results]
+            timings = [
+                seconds * 1e3
+                for seconds in evaluate(tvm.runtime.tensor(np.ascontiguousarray(inputs[:1]), device)).results
+            ]
         return RunResult(np.concatenate(outputs), timings, self.description)
 
 
 def runner_for(target: Target, *, rpc: str | None = None, tracker: str | None = None, key: str | None = None) -> Runner:
     """RPC when an address is given; else this machine when it runs the target's code; else qemu."""
     if rpc and tracker:
-        raise EdgeqError("--rpc and --tracker both given", "use --rpc HOST:PORT for one board, or --tracker HOST:PORT --key KEY")
+        raise EdgeqError(
+            "--rpc and --tracker both given", "use --rpc HOST:PORT for one board, or --tracker HOST:PORT --key KEY"
+        )
     if rpc or tracker:
         return RpcRunner(rpc or tracker, tracker=bool(tracker), key=key)
     if target.is_native_arch:

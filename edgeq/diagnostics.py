@@ -12,6 +12,7 @@ Diagnostics (``edgeq synth inspect``) compare calibration sets at a glance: clas
 of the model's top-1 predictions, mean prediction entropy, and feature diversity (mean
 pairwise distance of the penultimate features, the input of the last Linear layer).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,7 +49,9 @@ class FilterOptions:
         except ValueError:
             raise one_of("filter", str(self.method), [m.value for m in FilterMethod]) from None
         if not 0.0 < self.keep <= 1.0:
-            raise EdgeqError(f"--filter-keep must be in (0, 1], not {self.keep}", "pass the fraction of candidates to keep, e.g. 0.5")
+            raise EdgeqError(
+                f"--filter-keep must be in (0, 1], not {self.keep}", "pass the fraction of candidates to keep, e.g. 0.5"
+            )
         if self.temperature <= 0:
             raise EdgeqError(f"--energy-temperature must be positive, not {self.temperature}", "pass e.g. 1.0")
 
@@ -93,7 +96,9 @@ def bn_sensitivity_scores(loaded, images: np.ndarray) -> np.ndarray:
     module = loaded.module.eval()
     layers = batchnorm_layers(module)
     if not layers:
-        raise EdgeqError(f"{loaded.source} has no BatchNorm layers", "use --filter energy, which works for any classifier")
+        raise EdgeqError(
+            f"{loaded.source} has no BatchNorm layers", "use --filter energy, which works for any classifier"
+        )
     total: list = []
 
     def hook(layer, inputs, _output):
@@ -101,7 +106,9 @@ def bn_sensitivity_scores(loaded, images: np.ndarray) -> np.ndarray:
         dims = list(range(2, value.dim()))
         mean = value.mean(dims)
         std = torch.sqrt(value.var(dims, unbiased=False) + layer.eps)
-        gap = ((mean - layer.running_mean) ** 2).mean(1) + ((std - torch.sqrt(layer.running_var + layer.eps)) ** 2).mean(1)
+        gap = ((mean - layer.running_mean) ** 2).mean(1) + (
+            (std - torch.sqrt(layer.running_var + layer.eps)) ** 2
+        ).mean(1)
         total[-1] += gap
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
@@ -123,13 +130,17 @@ def scorer(loaded, options: FilterOptions):
     if not options.enabled:
         return None
     if loaded is None:
-        raise EdgeqError(f"--filter {options.method.value} needs the model being quantized", "pass MODEL to edgeq synth")
+        raise EdgeqError(
+            f"--filter {options.method.value} needs the model being quantized", "pass MODEL to edgeq synth"
+        )
     if options.method is FilterMethod.ENERGY:
         return lambda images: energy_scores(loaded, images, options.temperature)
     from .bn_inversion import batchnorm_layers
 
     if not batchnorm_layers(loaded.module):
-        raise EdgeqError(f"--filter bn-sensitivity needs a model with BatchNorm; {loaded.source} has none", "use --filter energy")
+        raise EdgeqError(
+            f"--filter bn-sensitivity needs a model with BatchNorm; {loaded.source} has none", "use --filter energy"
+        )
     return lambda images: bn_sensitivity_scores(loaded, images)
 
 
@@ -170,7 +181,10 @@ def _penultimate_and_logits(loaded, images: np.ndarray):
     module = loaded.module.eval()
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise EdgeqError(f"{loaded.source} has no Linear layer to read penultimate features from", "inspect with a classifier that ends in a Linear layer")
+        raise EdgeqError(
+            f"{loaded.source} has no Linear layer to read penultimate features from",
+            "inspect with a classifier that ends in a Linear layer",
+        )
     seen: list = []
 
     def hook(_layer, inputs, _output):
@@ -184,7 +198,11 @@ def _penultimate_and_logits(loaded, images: np.ndarray):
                 seen.clear()
                 logits.append(module(x).float())
                 feature = seen[-1]
-                features.append(feature.reshape(len(x), -1).float() if feature.dim() == 2 else feature[:, 0].reshape(len(x), -1).float())
+                features.append(
+                    feature.reshape(len(x), -1).float()
+                    if feature.dim() == 2
+                    else feature[:, 0].reshape(len(x), -1).float()
+                )
     finally:
         for handle in handles:
             handle.remove()
@@ -271,9 +289,22 @@ def diagnostics_png(diagnostics: Diagnostics, path, title: str = "") -> None:
     half = width // 2
     prompted = diagnostics.prompted_mass
     marks = [m * diagnostics.images / sum(prompted) for m in prompted] if prompted and sum(prompted) > 0 else None
-    bars(diagnostics.predicted_histogram, list(diagnostics.classes), margin, half - margin,
-         f"top-1 per class (coverage {diagnostics.class_coverage:.0%}, balance {diagnostics.predicted_balance:.2f})"
-         + ("; ticks: prompted" if marks else ""), (70, 110, 180), marks)
-    bars(diagnostics.entropy_histogram, [f"{i / 10:.1f}" for i in range(10)], half + margin, width - margin,
-         f"entropy / log C (mean {diagnostics.mean_entropy_normalized:.2f}); diversity {diagnostics.feature_diversity:.2f}", (200, 120, 60))
+    bars(
+        diagnostics.predicted_histogram,
+        list(diagnostics.classes),
+        margin,
+        half - margin,
+        f"top-1 per class (coverage {diagnostics.class_coverage:.0%}, balance {diagnostics.predicted_balance:.2f})"
+        + ("; ticks: prompted" if marks else ""),
+        (70, 110, 180),
+        marks,
+    )
+    bars(
+        diagnostics.entropy_histogram,
+        [f"{i / 10:.1f}" for i in range(10)],
+        half + margin,
+        width - margin,
+        f"entropy / log C (mean {diagnostics.mean_entropy_normalized:.2f}); diversity {diagnostics.feature_diversity:.2f}",
+        (200, 120, 60),
+    )
     image.save(path)

@@ -6,6 +6,7 @@ site-packages with the TVM runtime and NumPy are built once into the cache folde
 network access to a Debian mirror and PyPI. Emulated timings mean nothing and are never
 reported as latency.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -67,14 +68,46 @@ def setup(root: Path | None = None, *, force: bool = False) -> Path:
         try:
             rootfs = staging / "rootfs"
             log.info("building the arm64 root filesystem (Debian %s) in %s", DEBIAN_SUITE, root)
-            _run(["debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", f"--include={ROOTFS_PACKAGES}", DEBIAN_SUITE, str(rootfs), DEBIAN_MIRROR], "debootstrap")
+            _run(
+                [
+                    "debootstrap",
+                    "--arch=arm64",
+                    "--foreign",
+                    "--variant=minbase",
+                    f"--include={ROOTFS_PACKAGES}",
+                    DEBIAN_SUITE,
+                    str(rootfs),
+                    DEBIAN_MIRROR,
+                ],
+                "debootstrap",
+            )
             # --foreign skips the second stage (it would need the emulator as init): unpacking the debs is enough to run Python.
             for deb in sorted((rootfs / "var/cache/apt/archives").glob("*.deb")):
                 _run(["dpkg", "-x", str(deb), str(rootfs)], f"unpacking {deb.name}")
             shutil.rmtree(rootfs / "var/cache/apt/archives", ignore_errors=True)
             log.info("installing the aarch64 TVM runtime and NumPy wheels")
-            _run([sys.executable, "-m", "pip", "install", "--quiet", "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11",
-                  "--implementation", "cp", "--abi", "cp311", "--only-binary=:all:", "--target", str(staging / "site"), *RUNTIME_WHEELS], "pip install (aarch64 wheels)")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--platform",
+                    "manylinux_2_28_aarch64",
+                    "--python-version",
+                    "3.11",
+                    "--implementation",
+                    "cp",
+                    "--abi",
+                    "cp311",
+                    "--only-binary=:all:",
+                    "--target",
+                    str(staging / "site"),
+                    *RUNTIME_WHEELS,
+                ],
+                "pip install (aarch64 wheels)",
+            )
             (staging / "READY").write_text("ok\n")
             if root.exists():
                 shutil.rmtree(root)
@@ -103,7 +136,9 @@ def run_python(script: str | Path, args: list[str], qemu_cpu: str, *, on_progres
     from .runtime.runner import PROGRESS_PREFIX
 
     command, env = python_command(qemu_cpu)
-    process = subprocess.Popen([*command, str(script), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [*command, str(script), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     other_lines = []
     for line in process.stderr:
         if line.startswith(PROGRESS_PREFIX):
@@ -116,4 +151,6 @@ def run_python(script: str | Path, args: list[str], qemu_cpu: str, *, on_progres
         detail = [line for line in other_lines if line][-1:] or [f"exit code {returncode}"]
         if returncode in (132, -4):
             detail = [f"illegal instruction: the module uses an instruction that CPU '{qemu_cpu}' lacks"]
-        raise EdgeqError(f"arm64 run under qemu failed: {detail[0]}", "check that the module was compiled for this target")
+        raise EdgeqError(
+            f"arm64 run under qemu failed: {detail[0]}", "check that the module was compiled for this target"
+        )

@@ -4,6 +4,7 @@ Every problem a user can fix (a missing file, a malformed spec, an unknown targe
 raises :class:`EdgeqError`. The CLI prints it as one line with its hint and exits
 non-zero; anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

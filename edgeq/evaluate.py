@@ -1,4 +1,5 @@
 """Accuracy of a model (full precision, or a quantize folder's fake-quant model) on a data source."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,12 +35,17 @@ def topk_accuracy(logits: np.ndarray, targets: np.ndarray, k: int) -> float:
 def agreement(logits: np.ndarray, reference_logits: np.ndarray) -> dict:
     """Top-1 agreement (same argmax) and top-5 agreement (the reference's top-1 within the top 5)."""
     reference = reference_logits.argmax(1)
-    return {"top1": float((logits.argmax(1) == reference).mean()), "top5": topk_accuracy(logits, reference, min(5, logits.shape[1]))}
+    return {
+        "top1": float((logits.argmax(1) == reference).mean()),
+        "top5": topk_accuracy(logits, reference, min(5, logits.shape[1])),
+    }
 
 
 def evaluate(model: str | None, data: str, *, num_images: int | None = None, allow_pickle: bool = False) -> dict:
     """``{"top1", "top5"}`` on labelled data; for a quantize folder also agreement with its float model."""
-    is_quantized = model is not None and (Path(model) / MANIFEST_NAME).is_file() and Manifest.load(model).stage == "quantize"
+    is_quantized = (
+        model is not None and (Path(model) / MANIFEST_NAME).is_file() and Manifest.load(model).stage == "quantize"
+    )
     if is_quantized:
         from .quantized import load as load_quantized
 
@@ -49,7 +55,12 @@ def evaluate(model: str | None, data: str, *, num_images: int | None = None, all
         module, spec = loaded.module, None
     images = resolve_dataset(data, num_images)
     logits = predict(module, loaded.preprocess(images.images), desc="evaluating")
-    result = {"model": loaded.source if not is_quantized else str(model), "bits": str(spec) if spec else "fp32", "data": data, "images": len(images)}
+    result = {
+        "model": loaded.source if not is_quantized else str(model),
+        "bits": str(spec) if spec else "fp32",
+        "data": data,
+        "images": len(images),
+    }
     targets = images.targets
     result["top1"] = topk_accuracy(logits, targets, 1) if targets is not None else None
     result["top5"] = topk_accuracy(logits, targets, min(5, logits.shape[1])) if targets is not None else None

@@ -3,6 +3,7 @@
 Every stage writes a folder with a ``manifest.json`` (:mod:`edgeq.manifest`); the names
 here are the files that later stages, the bundle and the CLI read from those folders.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -5,6 +5,7 @@ quantizes the weights the deployed model will use, i.e. with BatchNorm folded in
 These rewrites make both hold for traced ``nn.Module`` models and for ``torch.export``
 programs alike (whose layers are aten calls on parameters, not modules).
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,16 +51,23 @@ def modules_from_exported(program: torch.export.ExportedProgram) -> fx.GraphModu
             stride, padding, dilation, groups = (args + [None] * 7)[3:7]
             groups = groups or 1
             module = nn.Conv2d(
-                weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                stride=tuple(stride or (1, 1)), padding=tuple(padding or (0, 0)), dilation=tuple(dilation or (1, 1)),
-                groups=groups, bias=bias_node is not None,
+                weight.shape[1] * groups,
+                weight.shape[0],
+                tuple(weight.shape[2:]),
+                stride=tuple(stride or (1, 1)),
+                padding=tuple(padding or (0, 0)),
+                dilation=tuple(dilation or (1, 1)),
+                groups=groups,
+                bias=bias_node is not None,
             )
         elif node.target is _aten.linear.default and isinstance(args[1], fx.Node) and args[1].op == "get_attr":
             weight_node = args[1]
             bias_node = args[2] if len(args) > 2 else None
             weight = gm.get_parameter(weight_node.target)
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias_node is not None)
-        elif node.target is _aten.batch_norm.default and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in args[1:5]):
+        elif node.target is _aten.batch_norm.default and all(
+            isinstance(a, fx.Node) and a.op == "get_attr" for a in args[1:5]
+        ):
             weight_node = args[1]
             weight = gm.get_parameter(weight_node.target)
             module = nn.BatchNorm2d(weight.shape[0], eps=float(args[7]))
@@ -90,7 +98,9 @@ class _LayerTracer(fx.Tracer):
     """Keeps every Conv2d/Linear (subclasses too, e.g. same-padding convs) a module call, so wrappers run."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) or super().is_leaf_module(
+            module, qualified_name
+        )
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -136,7 +146,12 @@ def _conv_bn_pair(node, modules) -> tuple[str, str] | None:
     if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
         return None
     source = node.args[0]
-    if not (isinstance(source, fx.Node) and source.op == "call_module" and isinstance(modules.get(source.target), nn.Conv2d) and len(source.users) == 1):
+    if not (
+        isinstance(source, fx.Node)
+        and source.op == "call_module"
+        and isinstance(modules.get(source.target), nn.Conv2d)
+        and len(source.users) == 1
+    ):
         return None
     return source.target, node.target
 
@@ -184,6 +199,7 @@ def execution_order(model: nn.Module, names: list[str], example: torch.Tensor) -
         def hook(_module, _args):
             if name not in order:
                 order.append(name)
+
         return hook
 
     handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]

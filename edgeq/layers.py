@@ -6,6 +6,7 @@ bare ``torch.matmul`` call. Writing it as a :class:`MatMul` module lets edgeq qu
 both of its inputs, as BRECQ/QDrop-style ViT quantization does; the numbers of the float
 model do not change.
 """
+
 from __future__ import annotations
 
 import torch

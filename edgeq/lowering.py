@@ -6,6 +6,7 @@ TVM 0.27 rejects 2- and 4-bit tensors ("TensorCopyFromBytes: size mismatch",
 to the original range: QuantizeLinear saturates to its output type, so widening alone
 would let codes beyond the low-bit range through (errors up to 8.8 on real models).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,7 +41,9 @@ def lower_low_bit_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     for index, tensor in enumerate(graph.initializer):
         if tensor.data_type in LOW_BIT_TYPES:
             bits, signed, _ = LOW_BIT_TYPES[tensor.data_type]
-            ranges[tensor.name] = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, signed) if signed else (0, 2**bits - 1, signed)
+            ranges[tensor.name] = (
+                (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1, signed) if signed else (0, 2**bits - 1, signed)
+            )
             graph.initializer[index].CopyFrom(widen(tensor))
     nodes = []
     for node in graph.node:
@@ -50,11 +53,17 @@ def lower_low_bit_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             dtype = np.int8 if signed else np.uint8
             output = node.output[0]
             node.output[0] = f"{output}.unclipped"
-            graph.initializer.extend([
-                numpy_helper.from_array(np.array(qmin, dtype), f"{output}.qmin"),
-                numpy_helper.from_array(np.array(qmax, dtype), f"{output}.qmax"),
-            ])
-            nodes.append(helper.make_node("Clip", [node.output[0], f"{output}.qmin", f"{output}.qmax"], [output], name=f"{node.name}/clip"))
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array(qmin, dtype), f"{output}.qmin"),
+                    numpy_helper.from_array(np.array(qmax, dtype), f"{output}.qmax"),
+                ]
+            )
+            nodes.append(
+                helper.make_node(
+                    "Clip", [node.output[0], f"{output}.qmin", f"{output}.qmax"], [output], name=f"{node.name}/clip"
+                )
+            )
     del graph.node[:]
     graph.node.extend(nodes)
     for value in list(graph.value_info) + list(graph.input) + list(graph.output):

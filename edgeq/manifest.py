@@ -7,6 +7,7 @@ written under a temporary name and renamed when complete, so an interrupted stag
 leaves nothing that looks finished. The manifest's ``fingerprint`` (a hash of the
 inputs and settings) lets a later run reuse the folder instead of redoing the work.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,7 +79,9 @@ class Manifest:
     outputs: list[dict] = dataclasses.field(default_factory=list)  # [{"path": relative, "sha256": ...}]
     extra: dict = dataclasses.field(default_factory=dict)  # results and notes that do not change reuse
     versions: dict = dataclasses.field(default_factory=tool_versions)
-    created: str = dataclasses.field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    created: str = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
     schema: str = SCHEMA
 
     @property
@@ -110,7 +113,10 @@ class Manifest:
         except (json.JSONDecodeError, TypeError) as exc:
             raise EdgeqError(f"{path} is not a valid edgeq manifest ({exc})", "re-run the stage that made it") from None
         if stage is not None and manifest.stage != stage:
-            raise EdgeqError(f"{folder} is the output of '{manifest.stage}', not '{stage}'", f"pass an output folder of 'edgeq {stage}'")
+            raise EdgeqError(
+                f"{folder} is the output of '{manifest.stage}', not '{stage}'",
+                f"pass an output folder of 'edgeq {stage}'",
+            )
         return manifest
 
     def write(self, folder: str | os.PathLike) -> None:

@@ -16,6 +16,7 @@ Weight size is exact (packed bits). Latency is not modelled: edgeq's kernels unp
 3- and 4-bit weights to the same int8 arithmetic, so on them weight bits change size and
 memory traffic, while activation bits (4 against 8) decide the inner loop.
 """
+
 from __future__ import annotations
 
 import copy
@@ -63,7 +64,9 @@ def _quantized_logits(module: torch.nn.Module, inputs: np.ndarray, spec: QuantSp
         return predict(quantized, inputs), layers
 
 
-def sensitivities(module: torch.nn.Module, inputs: np.ndarray, high: QuantSpec, low: QuantSpec, *, seed: int = 0) -> list[LayerSensitivity]:
+def sensitivities(
+    module: torch.nn.Module, inputs: np.ndarray, high: QuantSpec, low: QuantSpec, *, seed: int = 0
+) -> list[LayerSensitivity]:
     """Per quantizable layer, in execution order (``inputs``: float model inputs, N x C x H x W)."""
     from .evaluate import predict
 
@@ -84,7 +87,9 @@ def sensitivities(module: torch.nn.Module, inputs: np.ndarray, high: QuantSpec, 
         else:
             logits, _ = _quantized_logits(module, inputs, dataclasses.replace(high, layers=((name, *low_bits),)), seed)
             sensitivity = _mean_kl(reference, logits) - base
-        results.append(LayerSensitivity(name, int(layer.layer.weight.numel()), high_bits, low_bits, float(sensitivity), edge))
+        results.append(
+            LayerSensitivity(name, int(layer.layer.weight.numel()), high_bits, low_bits, float(sensitivity), edge)
+        )
     return results
 
 
@@ -94,9 +99,17 @@ def allocate(layers: list[LayerSensitivity], high: QuantSpec, budget_bytes: floa
     candidates = [layer for layer in layers if not layer.edge and layer.low != layer.high]
     smallest = size - sum(layer.weight_bytes(layer.high[0]) - layer.weight_bytes(layer.low[0]) for layer in candidates)
     if budget_bytes < smallest:
-        raise EdgeqError(f"a budget of {budget_bytes / 1e6:.4f} MB is below the smallest allocation ({smallest / 1e6:.4f} MB, every middle layer at the low bits)",
-                         "raise --budget-mb or choose a lower --low")
-    order = sorted(candidates, key=lambda layer: max(layer.sensitivity, 0.0) / max(layer.weight_bytes(layer.high[0]) - layer.weight_bytes(layer.low[0]), 1e-9))
+        raise EdgeqError(
+            f"a budget of {budget_bytes / 1e6:.4f} MB is below the smallest allocation ({smallest / 1e6:.4f} MB, every middle layer at the low bits)",
+            "raise --budget-mb or choose a lower --low",
+        )
+    order = sorted(
+        candidates,
+        key=lambda layer: (
+            max(layer.sensitivity, 0.0)
+            / max(layer.weight_bytes(layer.high[0]) - layer.weight_bytes(layer.low[0]), 1e-9)
+        ),
+    )
     lowered = []
     for layer in order:
         if size <= budget_bytes:
@@ -112,11 +125,19 @@ def weight_bytes(layers: list[LayerSensitivity], spec: QuantSpec) -> float:
     return sum(layer.weight_bytes(spec.layer_bits(edge=layer.edge, name=layer.name)[0]) for layer in layers)
 
 
-def write_spec(spec: QuantSpec, layers: list[LayerSensitivity], lowered: list[str], path: str | Path, *, budget_bytes: float) -> Path:
+def write_spec(
+    spec: QuantSpec, layers: list[LayerSensitivity], lowered: list[str], path: str | Path, *, budget_bytes: float
+) -> Path:
     """The spec as a JSON file (what ``--bits`` reads), with the sensitivities that chose it."""
     path = Path(path)
-    record = spec.to_dict() | {"allocation": {"budget_mb": budget_bytes / 1e6, "weights_mb": weight_bytes(layers, spec) / 1e6, "lowered": lowered,
-                                              "sensitivity": [dataclasses.asdict(layer) for layer in layers]}}
+    record = spec.to_dict() | {
+        "allocation": {
+            "budget_mb": budget_bytes / 1e6,
+            "weights_mb": weight_bytes(layers, spec) / 1e6,
+            "lowered": lowered,
+            "sensitivity": [dataclasses.asdict(layer) for layer in layers],
+        }
+    }
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
     partial.replace(path)

@@ -13,6 +13,7 @@ Accepted sources:
 * a fully pickled ``nn.Module``, only with ``allow_pickle=True``: unpickling runs whatever
   code the file names, so it is refused unless the user says the file is trusted.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,10 +73,17 @@ class LoadedModel:
         return digest.hexdigest()
 
 
-def save_checkpoint(path, module: nn.Module, arch: str, classes, preprocess: Preprocess, arch_kwargs: dict | None = None) -> None:
+def save_checkpoint(
+    path, module: nn.Module, arch: str, classes, preprocess: Preprocess, arch_kwargs: dict | None = None
+) -> None:
     """Save a model so that edgeq (and anyone) can load it without unpickling code."""
     path = Path(path)
-    meta = {"arch": arch, "arch_kwargs": arch_kwargs or {}, "classes": list(classes), "preprocess": preprocess.to_dict()}
+    meta = {
+        "arch": arch,
+        "arch_kwargs": arch_kwargs or {},
+        "classes": list(classes),
+        "preprocess": preprocess.to_dict(),
+    }
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.partial")
     if path.suffix == ".safetensors":
@@ -87,7 +95,9 @@ def save_checkpoint(path, module: nn.Module, arch: str, classes, preprocess: Pre
     os.replace(tmp, path)
 
 
-def load_model(source: str | None = None, *, allow_pickle: bool = False, classes_file: str | os.PathLike | None = None) -> LoadedModel:
+def load_model(
+    source: str | None = None, *, allow_pickle: bool = False, classes_file: str | os.PathLike | None = None
+) -> LoadedModel:
     """Load a model from any accepted source (see the module docstring)."""
     source = source or zoo.DEFAULT_MODEL
     if source.startswith("builtin:"):
@@ -101,7 +111,10 @@ def load_model(source: str | None = None, *, allow_pickle: bool = False, classes
     elif ":" in source and not source.startswith(("/", ".")):
         loaded = _load_factory(source)
     else:
-        raise EdgeqError(f"model file not found: {source}", "pass a .pt/.pt2/.safetensors path, timm:NAME, package.module:function, or nothing for the built-in default")
+        raise EdgeqError(
+            f"model file not found: {source}",
+            "pass a .pt/.pt2/.safetensors path, timm:NAME, package.module:function, or nothing for the built-in default",
+        )
     if classes_file is not None:
         loaded.classes = read_classes(classes_file)
     eval_mode(loaded.module)
@@ -127,17 +140,28 @@ def _load_builtin(name: str) -> LoadedModel:
     return loaded
 
 
-EFFICIENTNET_LITE_PREPROCESS = Preprocess(3, 224, 224, (127.0 / 255,) * 3, (128.0 / 255,) * 3)  # TF Lite models: (x - 127) / 128
+EFFICIENTNET_LITE_PREPROCESS = Preprocess(
+    3, 224, 224, (127.0 / 255,) * 3, (128.0 / 255,) * 3
+)  # TF Lite models: (x - 127) / 128
 
 
 def _load_zoo(name: str) -> LoadedModel:
     entry = zoo.entry(name)
     if entry.kind != "classifier":
-        raise EdgeqError(f"zoo:{name} is a {entry.kind}, not a model to quantize", "pass it as --generator, or pick a classifier from 'edgeq zoo list'")
+        raise EdgeqError(
+            f"zoo:{name} is a {entry.kind}, not a model to quantize",
+            "pass it as --generator, or pick a classifier from 'edgeq zoo list'",
+        )
     if name == "efficientnet-lite0":
-        return LoadedModel(zoo.load_efficientnet_lite0(), "zoo:efficientnet-lite0", zoo.imagenet_classes(), EFFICIENTNET_LITE_PREPROCESS,
-                           arch="efficientnet-lite0", note="no ImageNet here: accuracy figures are agreement with full precision on real photos",
-                           eval_data=entry.eval_data)
+        return LoadedModel(
+            zoo.load_efficientnet_lite0(),
+            "zoo:efficientnet-lite0",
+            zoo.imagenet_classes(),
+            EFFICIENTNET_LITE_PREPROCESS,
+            arch="efficientnet-lite0",
+            note="no ImageNet here: accuracy figures are agreement with full precision on real photos",
+            eval_data=entry.eval_data,
+        )
     with zoo.resources.as_file(zoo.weights_path(name)) as path:
         loaded = _load_safetensors(Path(path))
     loaded.source = f"zoo:{name}"
@@ -148,13 +172,18 @@ def _load_zoo(name: str) -> LoadedModel:
 
 def _from_metadata(meta: dict, state_dict: dict, source: str) -> LoadedModel:
     if "arch" not in meta:
-        raise EdgeqError(f"{source} does not name its architecture", "save it with edgeq.save_checkpoint(path, model, arch=...)")
+        raise EdgeqError(
+            f"{source} does not name its architecture", "save it with edgeq.save_checkpoint(path, model, arch=...)"
+        )
     module = zoo.build_architecture(meta["arch"], meta.get("arch_kwargs"))
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise EdgeqError(f"{source}: weights do not fit architecture {meta['arch']}: {first}", "check the checkpoint's arch and arch_kwargs") from None
+        raise EdgeqError(
+            f"{source}: weights do not fit architecture {meta['arch']}: {first}",
+            "check the checkpoint's arch and arch_kwargs",
+        ) from None
     classes = tuple(meta.get("classes") or ())
     preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _default_preprocess(module)
     return LoadedModel(module, source, classes or _default_classes(module), preprocess, arch=meta["arch"])
@@ -169,7 +198,9 @@ def _load_safetensors(path: Path) -> LoadedModel:
             meta = json.loads((f.metadata() or {}).get("edgeq", "{}"))
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise EdgeqError(f"cannot read {path}: not a valid safetensors file ({exc})", "check the file is complete") from None
+        raise EdgeqError(
+            f"cannot read {path}: not a valid safetensors file ({exc})", "check the file is complete"
+        ) from None
     return _from_metadata(meta, state, str(path))
 
 
@@ -183,7 +214,10 @@ def _load_file(path: Path, allow_pickle: bool) -> LoadedModel:
     with open(path, "rb") as f:
         head = f.read(2)
     if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # neither torch's zip format nor a pickle
-        raise EdgeqError(f"cannot read {path}: not a PyTorch checkpoint", "check the file is complete and was written by torch.save or torch.export.save")
+        raise EdgeqError(
+            f"cannot read {path}: not a PyTorch checkpoint",
+            "check the file is complete and was written by torch.save or torch.export.save",
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -192,14 +226,23 @@ def _load_file(path: Path, allow_pickle: bool) -> LoadedModel:
         log.warning("unpickling %s because --allow-pickle was given (%s)", path, str(exc).splitlines()[0])
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise EdgeqError(f"cannot read {path}: not a PyTorch checkpoint ({str(exc).splitlines()[0]})", "check the file is complete and was written by torch.save or torch.export.save") from None
+        raise EdgeqError(
+            f"cannot read {path}: not a PyTorch checkpoint ({str(exc).splitlines()[0]})",
+            "check the file is complete and was written by torch.save or torch.export.save",
+        ) from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, str(path), _default_classes(obj), _default_preprocess(obj), arch=None)
     if isinstance(obj, dict) and "state_dict" in obj:
         return _from_metadata(obj, obj["state_dict"], str(path))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EdgeqError(f"{path} holds a bare state_dict without its architecture", "save it with edgeq.save_checkpoint(path, model, arch=...), or pass a package.module:function that builds the model")
-    raise EdgeqError(f"{path} holds a {type(obj).__name__}, not a model", "pass a checkpoint saved by edgeq.save_checkpoint() or torch.export.save()")
+        raise EdgeqError(
+            f"{path} holds a bare state_dict without its architecture",
+            "save it with edgeq.save_checkpoint(path, model, arch=...), or pass a package.module:function that builds the model",
+        )
+    raise EdgeqError(
+        f"{path} holds a {type(obj).__name__}, not a model",
+        "pass a checkpoint saved by edgeq.save_checkpoint() or torch.export.save()",
+    )
 
 
 def _export_archive_unpickles(path: Path) -> str | None:
@@ -209,7 +252,9 @@ def _export_archive_unpickles(path: Path) -> str | None:
             if name.endswith(("weights/model_weights_config.json", "constants/model_constants_config.json")):
                 config = json.loads(archive.read(name)).get("config", {})
                 for fqn, payload in config.items():
-                    if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith(("custom_obj", "opaque_obj")):
+                    if payload.get("use_pickle") or str(payload.get("path_name", "")).startswith(
+                        ("custom_obj", "opaque_obj")
+                    ):
                         return f"tensor or object '{fqn}'"
             if "/sample_inputs/" in name:
                 import io
@@ -229,7 +274,10 @@ def _load_exported(path: Path, allow_pickle: bool) -> LoadedModel:
     try:
         program = torch.export.load(str(path), extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - the archive format raises many kinds
-        raise EdgeqError(f"cannot read torch.export program {path}: {str(exc).splitlines()[0]}", "re-create it with torch.export.save()") from None
+        raise EdgeqError(
+            f"cannot read torch.export program {path}: {str(exc).splitlines()[0]}",
+            "re-create it with torch.export.save()",
+        ) from None
     meta = json.loads(extra["edgeq.json"] or "{}")
     from .graph import modules_from_exported
 
@@ -263,7 +311,9 @@ def _load_timm(name: str) -> LoadedModel:
             f"cannot get pretrained weights for timm:{name} ({type(exc).__name__})",
             "put them in the Hugging Face cache first, or save the model with edgeq.save_checkpoint() and pass the file",
         ) from None
-    return LoadedModel(module, f"timm:{name}", _default_classes(module), _default_preprocess(module), arch=f"timm:{name}")
+    return LoadedModel(
+        module, f"timm:{name}", _default_classes(module), _default_preprocess(module), arch=f"timm:{name}"
+    )
 
 
 def _load_factory(spec: str) -> LoadedModel:
@@ -271,13 +321,19 @@ def _load_factory(spec: str) -> LoadedModel:
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise EdgeqError(f"cannot import model factory '{spec}': {exc}", "pass package.module:function importable from the current environment") from None
+        raise EdgeqError(
+            f"cannot import model factory '{spec}': {exc}",
+            "pass package.module:function importable from the current environment",
+        ) from None
     result = factory()
     meta = {}
     if isinstance(result, tuple) and len(result) == 2:
         result, meta = result
     if not isinstance(result, nn.Module):
-        raise EdgeqError(f"model factory '{spec}' returned {type(result).__name__}, not an nn.Module", "return the model, or (model, {'classes': [...], 'preprocess': {...}})")
+        raise EdgeqError(
+            f"model factory '{spec}' returned {type(result).__name__}, not an nn.Module",
+            "return the model, or (model, {'classes': [...], 'preprocess': {...}})",
+        )
     classes = tuple(meta.get("classes") or ()) or _default_classes(result)
     preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _default_preprocess(result)
     return LoadedModel(result, spec, classes, preprocess, arch=f"factory:{spec}")

@@ -10,6 +10,7 @@ A stage whose folder already holds the output of the same inputs and settings (t
 manifest fingerprint) is reused, so re-running after changing only the target rebuilds
 only compile and verify.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ from .targets import Target, host_target
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """The settings of a one-shot run, already parsed: user text becomes a QuantSpec and a Target once, at the edge
@@ -43,7 +45,9 @@ class RunOptions:
     strategy: str | None = None
     method: str = "qdrop"  # how weights round (edgeq.reconstruction.Method)
     iters: int = 2000  # reconstruction iterations per block or layer
-    kernels: str = "auto"  # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
+    kernels: str = (
+        "auto"  # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
+    )
     num_images: int = 256
     seed: int = 0
     eval_data: str | None = None
@@ -55,9 +59,13 @@ class RunOptions:
 
     def __post_init__(self):
         if not isinstance(self.spec, QuantSpec):
-            raise TypeError(f"RunOptions.spec must be a QuantSpec, not {self.spec!r} (QuantSpec.load parses wWaA or a spec file)")
+            raise TypeError(
+                f"RunOptions.spec must be a QuantSpec, not {self.spec!r} (QuantSpec.load parses wWaA or a spec file)"
+            )
         if not isinstance(self.target, Target):
-            raise TypeError(f"RunOptions.target must be a Target, not {self.target!r} (edgeq.targets.get_target looks one up)")
+            raise TypeError(
+                f"RunOptions.target must be a Target, not {self.target!r} (edgeq.targets.get_target looks one up)"
+            )
 
 
 def spec_folder_name(spec: QuantSpec) -> str:
@@ -78,7 +86,10 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     run_dir = Path(options.run_dir or Path("runs") / loaded.name)
     notes = [loaded.note] if loaded.note else []
     if model is None:
-        notes.insert(0, f"no model given: using the default {zoo.DEFAULT_MODEL} ({zoo.entry(zoo.DEFAULT_MODEL.partition(':')[2]).description})")
+        notes.insert(
+            0,
+            f"no model given: using the default {zoo.DEFAULT_MODEL} ({zoo.entry(zoo.DEFAULT_MODEL.partition(':')[2]).description})",
+        )
     stages: dict[str, str] = {}
 
     def stage(name: str, folder: Path, planned_fingerprint: str, make) -> Path:
@@ -93,23 +104,44 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
 
     generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
     if generator is None:
-        notes.append(f"calibration images by {strategy} (no text-to-image generator for this model; pass --generator for mixup prompting)")
+        notes.append(
+            f"calibration images by {strategy} (no text-to-image generator for this model; pass --generator for mixup prompting)"
+        )
     synth_options = synth_stage.SynthOptions(strategy=strategy, num_images=options.num_images, seed=options.seed)
-    synth_dir = stage("synth", run_dir / "synth", synth_stage.plan(generator, loaded.classes, synth_options, model=loaded).fingerprint,
-                      lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", synth_options, model=loaded, force=True))
+    synth_dir = stage(
+        "synth",
+        run_dir / "synth",
+        synth_stage.plan(generator, loaded.classes, synth_options, model=loaded).fingerprint,
+        lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", synth_options, model=loaded, force=True),
+    )
 
     quant_dir = run_dir / f"quantize-{spec_name}-{options.method}"
     reconstruction = ReconstructionConfig(method=options.method, iters=options.iters)
-    quant_params = {"num_images": options.num_images, "seed": options.seed, "allow_pickle": options.allow_pickle, "reconstruction": reconstruction}
-    stage("quantize", quant_dir, quantize_stage.plan(loaded, synth_dir, spec, **quant_params).fingerprint,
-          lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, **quant_params))
+    quant_params = {
+        "num_images": options.num_images,
+        "seed": options.seed,
+        "allow_pickle": options.allow_pickle,
+        "reconstruction": reconstruction,
+    }
+    stage(
+        "quantize",
+        quant_dir,
+        quantize_stage.plan(loaded, synth_dir, spec, **quant_params).fingerprint,
+        lambda: quantize_stage.run(loaded, synth_dir, quant_dir, bits=spec, **quant_params),
+    )
 
     export_dir = run_dir / f"export-{spec_name}-{options.method}"
-    stage("export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir))
+    stage(
+        "export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir)
+    )
 
     compile_dir = run_dir / f"compile-{spec_name}-{options.method}-{target.name}"
-    stage("compile", compile_dir, compile_stage.plan(export_dir, target, options.kernels).fingerprint,
-          lambda: compile_stage.run(export_dir, compile_dir, target=target, kernels=options.kernels))
+    stage(
+        "compile",
+        compile_dir,
+        compile_stage.plan(export_dir, target, options.kernels).fingerprint,
+        lambda: compile_stage.run(export_dir, compile_dir, target=target, kernels=options.kernels),
+    )
 
     eval_data = options.eval_data or loaded.eval_data or str(synth_dir)
     if eval_data == str(synth_dir):
@@ -121,14 +153,23 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     verify_dir = run_dir / f"verify-{spec_name}-{options.method}-{target.name}"
     latency_runs = options.latency_runs if target.is_native_arch else 0
     verify_params = {"data": eval_data, "num_images": options.eval_images, "latency_runs": latency_runs}
-    stage("verify", verify_dir, verify_stage.plan(compile_dir, **verify_params).fingerprint,
-          lambda: verify_stage.run(compile_dir, verify_dir, **verify_params))
+    stage(
+        "verify",
+        verify_dir,
+        verify_stage.plan(compile_dir, **verify_params).fingerprint,
+        lambda: verify_stage.run(compile_dir, verify_dir, **verify_params),
+    )
     report = verify_stage.load_report(verify_dir)
     if report.get("agreement_with_reference") not in (None, 1.0):
-        log.error("compiled module differs from the bit-exact reference on %.1f%% of images: a compiler or kernel defect",
-                  100 * (1 - report["agreement_with_reference"]))
+        log.error(
+            "compiled module differs from the bit-exact reference on %.1f%% of images: a compiler or kernel defect",
+            100 * (1 - report["agreement_with_reference"]),
+        )
     if report["agreement_with_onnxruntime"] < 0.99:
-        log.warning("compiled module agrees with onnxruntime on only %.1f%% of images", 100 * report["agreement_with_onnxruntime"])
+        log.warning(
+            "compiled module agrees with onnxruntime on only %.1f%% of images",
+            100 * report["agreement_with_onnxruntime"],
+        )
     return {
         "model": loaded.source,
         "target": target.name,
@@ -148,7 +189,13 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         "eval_images": report["images"],
         "artifact": str(Path(report["artifact"]).resolve()),
         "run_dir": str(run_dir.resolve()),
-        "stage_dirs": {"synth": str(synth_dir), "quantize": str(quant_dir), "export": str(export_dir), "compile": str(compile_dir), "verify": str(verify_dir)},
+        "stage_dirs": {
+            "synth": str(synth_dir),
+            "quantize": str(quant_dir),
+            "export": str(export_dir),
+            "compile": str(compile_dir),
+            "verify": str(verify_dir),
+        },
         "stages": stages,
         "notes": notes,
     }

@@ -10,6 +10,7 @@ generator and :class:`PromptOptions`, so it is tested without a diffusion model.
   and a {B}") or in the text encoder's embedding space (λ·E(A) + (1-λ)·E(B), λ ~ Beta(α, α);
   Dirichlet(α) for k > 2). Every plan records its classes and weights: the soft label.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,13 @@ from .errors import EdgeqError, one_of
 SINGLE_TEMPLATE = "a photo of a {0}"
 # The templates and adjectives a GenQ-style single-class prompt draws from. The first
 # template with no adjective is the canonical prompt (the generator's quality gate uses it).
-SINGLE_TEMPLATES = (SINGLE_TEMPLATE, "a picture of a {0}", "an image of a {0}", "a product photo of a {0}", "a black and white photo of a {0}")
+SINGLE_TEMPLATES = (
+    SINGLE_TEMPLATE,
+    "a picture of a {0}",
+    "an image of a {0}",
+    "a product photo of a {0}",
+    "a black and white photo of a {0}",
+)
 ADJECTIVES = ("", "small ", "large ", "plain ", "patterned ")
 
 
@@ -46,18 +53,27 @@ class PromptOptions:
     mix_template: str | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "fusion", Fusion(self.fusion) if self.fusion in {f.value for f in Fusion} else self.fusion)
+        object.__setattr__(
+            self, "fusion", Fusion(self.fusion) if self.fusion in {f.value for f in Fusion} else self.fusion
+        )
         if not isinstance(self.fusion, Fusion):
             raise one_of("fusion", self.fusion, [f.value for f in Fusion])
         if self.mix_k < 2:
-            raise EdgeqError(f"--mix-k must be at least 2, not {self.mix_k}", "mix two or more classes, or use --strategy single")
+            raise EdgeqError(
+                f"--mix-k must be at least 2, not {self.mix_k}", "mix two or more classes, or use --strategy single"
+            )
         if not self.mix_alpha > 0:
-            raise EdgeqError(f"--mix-alpha must be positive, not {self.mix_alpha}", "use 1.0 for uniform mixing weights, smaller for weights near 0 or 1")
+            raise EdgeqError(
+                f"--mix-alpha must be positive, not {self.mix_alpha}",
+                "use 1.0 for uniform mixing weights, smaller for weights near 0 or 1",
+            )
         if self.mix_template is not None:
             missing = [i for i in range(self.mix_k) if f"{{{i}}}" not in self.mix_template]
             if missing:
-                raise EdgeqError(f"mix template {self.mix_template!r} lacks {', '.join(f'{{{i}}}' for i in missing)}",
-                                 f"write one placeholder per mixed class, e.g. 'a photo of a {{0}} and a {{1}}' for --mix-k {self.mix_k}")
+                raise EdgeqError(
+                    f"mix template {self.mix_template!r} lacks {', '.join(f'{{{i}}}' for i in missing)}",
+                    f"write one placeholder per mixed class, e.g. 'a photo of a {{0}} and a {{1}}' for --mix-k {self.mix_k}",
+                )
 
     def text_template(self) -> str:
         if self.mix_template:
@@ -114,8 +130,10 @@ def mixup_prompts(class_names, count, rng, options):
     """k distinct classes per image, each class filling count*k/num_classes slots (±1)."""
     k = options.mix_k
     if len(class_names) < k:
-        raise EdgeqError(f"mixup of {k} classes needs at least {k} classes, the model has {len(class_names)}",
-                         "pass more class names, lower --mix-k, or use --strategy single")
+        raise EdgeqError(
+            f"mixup of {k} classes needs at least {k} classes, the model has {len(class_names)}",
+            "pass more class names, lower --mix-k, or use --strategy single",
+        )
     slots = distinct_rows(balanced_slots(len(class_names), k * count, rng).reshape(count, k), rng)
     plans = []
     for row in slots:
@@ -157,11 +175,15 @@ def distinct_rows(slots: np.ndarray, rng: np.random.Generator) -> np.ndarray:
                     slots[i, col], slots[j, col] = b, a
                     break
     if any(len(set(row)) < k for row in slots):
-        raise EdgeqError("could not draw distinct classes for every mixup prompt", "generate more images or lower --mix-k")
+        raise EdgeqError(
+            "could not draw distinct classes for every mixup prompt", "generate more images or lower --mix-k"
+        )
     return slots
 
 
-def plan_prompts(class_names, count: int, strategy: str, seed: int, options: PromptOptions | None = None) -> list[PromptPlan]:
+def plan_prompts(
+    class_names, count: int, strategy: str, seed: int, options: PromptOptions | None = None
+) -> list[PromptPlan]:
     """One plan per image; the same arguments give the same plans and image seeds."""
     if strategy not in STRATEGIES:
         raise one_of("prompt strategy", strategy, STRATEGIES)

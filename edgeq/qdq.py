@@ -3,6 +3,7 @@
 The export stage writes the model (:func:`integer_tensor` for its packed INT2/INT4/INT8
 weights); verify, bundle and the tests run it with :func:`onnxruntime_session`.
 """
+
 from __future__ import annotations
 
 import copy

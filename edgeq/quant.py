@@ -6,6 +6,7 @@ as in ONNX QuantizeLinear, so torch fake-quant, onnxruntime and the compiled mod
 agree on ties. Weights: per output channel, signed, zero point 0. Activations: per
 tensor, unsigned, with a zero point. Errors are measured in steps (1 LSB = one scale).
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,9 @@ _MIN_SCALE = 1e-8  # an all-zero channel or tensor still needs a positive scale
 _SEARCH_POINTS = 100
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, qmin: int, qmax: int) -> torch.Tensor:
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | int, qmin: int, qmax: int
+) -> torch.Tensor:
     """Integer codes (returned as float tensor holding integers)."""
     return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
 
@@ -59,7 +62,9 @@ def weight_scales(weight: torch.Tensor, bits: int, observer: Observer) -> torch.
     return best_scale
 
 
-def weight_qparams(weight: torch.Tensor, bits: int, observer: Observer, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_qparams(
+    weight: torch.Tensor, bits: int, observer: Observer, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel (scales, zero points) for weights on the signed levels -2^(b-1) .. 2^(b-1)-1.
 
     Symmetric: zero points 0 (:func:`weight_scales`). Asymmetric: each channel's range
@@ -93,7 +98,9 @@ def weight_qparams(weight: torch.Tensor, bits: int, observer: Observer, symmetri
     return best_scale, best_zero
 
 
-def activation_qparams(samples: torch.Tensor, low: float, high: float, bits: int, observer: Observer) -> tuple[float, int]:
+def activation_qparams(
+    samples: torch.Tensor, low: float, high: float, bits: int, observer: Observer
+) -> tuple[float, int]:
     """Per-tensor unsigned (scale, zero_point) from the observed range [low, high] and a sample.
 
     The range always contains 0, so zero (padding, ReLU outputs) is exact. ``mse`` shrinks

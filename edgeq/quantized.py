@@ -12,6 +12,7 @@ and the spec); :func:`load` rebuilds the model from the float model its manifest
 The quantize stage makes these folders; export, verify, bundle, mixed precision, the
 evaluation and the reports read them through this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,15 @@ class QuantizedLayer(nn.Module):
         out_channels = layer.weight.shape[0]
         self.register_buffer("weight_int", torch.zeros_like(layer.weight, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_channels))
-        self.register_buffer("weight_zero_point", torch.zeros(out_channels, dtype=torch.int8))  # 0 unless weights are asymmetric
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(out_channels, dtype=torch.int8)
+        )  # 0 unless weights are asymmetric
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
         self.bypass = False  # True: run the float layer (while observing calibration ranges)
-        self.learning = None  # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
+        self.learning = (
+            None  # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
+        )
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -80,7 +85,9 @@ class QuantizedLayer(nn.Module):
         return quant.channel_view(self.weight_zero_point.float(), self.weight_int)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return quant.dequantize(self.weight_int.float(), quant.channel_view(self.weight_scale, self.weight_int), self.channel_zero_point())
+        return quant.dequantize(
+            self.weight_int.float(), quant.channel_view(self.weight_scale, self.weight_int), self.channel_zero_point()
+        )
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return quant.fake_quantize(x, self.act_scale, self.act_zero_point.float(), *self.act_range)
@@ -141,12 +148,17 @@ def _wrap(model: nn.Module, names: list[str], spec: QuantSpec) -> dict[str, Quan
     """Wrap ``names`` (in execution order): the first and last take the spec's edge bit widths."""
     unknown = sorted({layer for layer, _, _ in spec.layers} - set(names))
     if unknown:
-        raise EdgeqError(f"the spec names layers the model lacks: {', '.join(unknown[:3])}", f"quantizable layers: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
+        raise EdgeqError(
+            f"the spec names layers the model lacks: {', '.join(unknown[:3])}",
+            f"quantizable layers: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}",
+        )
     wrapped = {}
     for index, name in enumerate(names):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped[name] = QuantizedLayer(getattr(parent, leaf), *spec.layer_bits(edge=index in (0, len(names) - 1), name=name))
+        wrapped[name] = QuantizedLayer(
+            getattr(parent, leaf), *spec.layer_bits(edge=index in (0, len(names) - 1), name=name)
+        )
         setattr(parent, leaf, wrapped[name])
     return wrapped
 
@@ -163,20 +175,36 @@ def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[n
     folded = eval_mode(fold_batchnorm(model))
     names = quantizable_layers(folded)
     if not names:
-        raise EdgeqError("the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers")
+        raise EdgeqError(
+            "the model has no Conv2d or Linear layer to quantize", "pass a CNN or ViT built from torch.nn layers"
+        )
     wrapped = _wrap(folded, execution_order(folded, names, example), spec)
     for name, module in list(folded.named_modules()):
         if isinstance(module, MatMul):
             parent_name, _, leaf = name.rpartition(".")
-            setattr(folded.get_submodule(parent_name) if parent_name else folded, leaf, QuantizedMatMul(module, spec.matmul_act_bits))
+            setattr(
+                folded.get_submodule(parent_name) if parent_name else folded,
+                leaf,
+                QuantizedMatMul(module, spec.matmul_act_bits),
+            )
     return folded, wrapped
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.ndarray, spec: QuantSpec, *, seed: int = 0, batch_size: int = 32) -> None:
+def calibrate(
+    model: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    inputs: np.ndarray,
+    spec: QuantSpec,
+    *,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> None:
     """Set every layer's weight scales and input range from the float model's activations."""
     for layer in layers.values():
-        layer.set_weight_qparams(*quant.weight_qparams(layer.layer.weight, layer.weight_bits, spec.weight_observer, spec.weight_symmetric))
+        layer.set_weight_qparams(
+            *quant.weight_qparams(layer.layer.weight, layer.weight_bits, spec.weight_observer, spec.weight_symmetric)
+        )
 
     generator = torch.Generator().manual_seed(seed)
     stats = {name: {"low": float("inf"), "high": float("-inf"), "samples": []} for name in layers}
@@ -191,6 +219,7 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
             if flat.numel() > _SAMPLES_PER_BATCH:
                 flat = flat[torch.randint(flat.numel(), (_SAMPLES_PER_BATCH,), generator=generator)]
             entry["samples"].append(flat.clone())
+
         return hook
 
     matmuls = quantized_matmuls(model)
@@ -202,6 +231,7 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
         def hook(_module, args):
             for index in (0, 1):
                 observe(f"{name}#{index}")(None, (args[index],))
+
         return hook
 
     # Observe the float model, so no quantization error feeds the ranges.
@@ -224,7 +254,9 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
             entry = stats.pop(f"{name}#{index}")
             if not entry["samples"]:
                 continue
-            scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], matmul.act_bits, spec.act_observer)
+            scale, zero_point = quant.activation_qparams(
+                torch.cat(entry["samples"]), entry["low"], entry["high"], matmul.act_bits, spec.act_observer
+            )
             matmul.act_scale[index] = scale
             matmul.act_zero_point[index] = zero_point
     unused = [name for name in layers if not stats[name]["samples"]]
@@ -234,13 +266,23 @@ def calibrate(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.nd
         del layers[name]
     for name, layer in layers.items():
         entry = stats[name]
-        scale, zero_point = quant.activation_qparams(torch.cat(entry["samples"]), entry["low"], entry["high"], layer.act_bits, spec.act_observer)
+        scale, zero_point = quant.activation_qparams(
+            torch.cat(entry["samples"]), entry["low"], entry["high"], layer.act_bits, spec.act_observer
+        )
         layer.act_scale.fill_(scale)
         layer.act_zero_point.fill_(zero_point)
 
 
-def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str, *, seed: int = 0, reconstruction: ReconstructionConfig | None = None,
-                    device: str = "cpu", report: list | None = None) -> nn.Module:
+def quantize_module(
+    model: nn.Module,
+    inputs: np.ndarray,
+    spec: QuantSpec | str,
+    *,
+    seed: int = 0,
+    reconstruction: ReconstructionConfig | None = None,
+    device: str = "cpu",
+    report: list | None = None,
+) -> nn.Module:
     """In memory: BN-fold, wrap, calibrate and (with ``reconstruction``) reconstruct ``model`` on float ``inputs`` (N, C, H, W).
 
     ``report``, when given, receives one entry per reconstructed unit.
@@ -249,10 +291,19 @@ def quantize_module(model: nn.Module, inputs: np.ndarray, spec: QuantSpec | str,
     prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
     if reconstruction is not None and reconstruction.learns:
-        units = reconstruct(prepared, layers, torch.from_numpy(inputs), reconstruction, seed=seed, device=device, matmuls=quantized_matmuls(prepared))
+        units = reconstruct(
+            prepared,
+            layers,
+            torch.from_numpy(inputs),
+            reconstruction,
+            seed=seed,
+            device=device,
+            matmuls=quantized_matmuls(prepared),
+        )
         if report is not None:
             report.extend(units)
     return prepared
+
 
 def quantized_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]

@@ -8,6 +8,7 @@ than ``max_acc_drop`` percentage points, or its median latency rises by more tha
 report also fails the gate. Latency is compared only where both reports measured it
 (emulated runs measure none).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,9 @@ def parse_percent(text: str) -> float:
     try:
         fraction = float(value) / 100.0
     except ValueError:
-        raise EdgeqError(f"latency threshold {text!r} is not a percentage", "for example --max-latency-increase 10%") from None
+        raise EdgeqError(
+            f"latency threshold {text!r} is not a percentage", "for example --max-latency-increase 10%"
+        ) from None
     if fraction < 0:
         raise EdgeqError(f"latency threshold {text!r} is negative", "give the allowed increase, for example 10%")
     return fraction
@@ -62,16 +65,24 @@ def load_entries(path: str | Path) -> dict[tuple[str, str, str], dict]:
     except FileNotFoundError:
         raise EdgeqError(f"{path} does not exist", "pass a report.json of 'edgeq verify' or 'edgeq sweep'") from None
     except json.JSONDecodeError as exc:
-        raise EdgeqError(f"{path} is not JSON ({exc.msg} at line {exc.lineno})", "pass a report.json of 'edgeq verify' or 'edgeq sweep'") from None
+        raise EdgeqError(
+            f"{path} is not JSON ({exc.msg} at line {exc.lineno})",
+            "pass a report.json of 'edgeq verify' or 'edgeq sweep'",
+        ) from None
     schema = report.get("schema") if isinstance(report, dict) else None
     if schema not in SCHEMAS:
-        raise EdgeqError(f"{path} has schema {schema!r}, not one of {', '.join(SCHEMAS)}", "pass a report.json of 'edgeq verify' or 'edgeq sweep'")
+        raise EdgeqError(
+            f"{path} has schema {schema!r}, not one of {', '.join(SCHEMAS)}",
+            "pass a report.json of 'edgeq verify' or 'edgeq sweep'",
+        )
     entries = report["entries"] if schema == "edgeq.sweep/1" else [report]
     keyed = {}
     for entry in entries:
         key = (str(entry["model"]), str(entry["target"]), str(entry["bits"]))
         if key in keyed:
-            raise EdgeqError(f"{path} has two entries for {' '.join(key)}", "keep one verify run per model, target and bit width")
+            raise EdgeqError(
+                f"{path} has two entries for {' '.join(key)}", "keep one verify run per model, target and bit width"
+            )
         keyed[key] = entry
     return keyed
 
@@ -95,7 +106,9 @@ def compare(baseline: dict, current: dict, thresholds: Thresholds) -> list[Row]:
             if thresholds.max_latency_increase is not None and base_ms and new_ms:
                 increase = new_ms / base_ms - 1.0
                 if increase > thresholds.max_latency_increase + 1e-9:
-                    problems.append(f"latency rose {increase * 100:.1f}% (limit {thresholds.max_latency_increase * 100:g}%)")
+                    problems.append(
+                        f"latency rose {increase * 100:.1f}% (limit {thresholds.max_latency_increase * 100:g}%)"
+                    )
         rows.append(Row(*key, base_top1, new_top1, base_ms, new_ms, tuple(problems)))
     return rows
 
@@ -110,12 +123,24 @@ def _fmt_ms(value):
 
 def table(rows: list[Row]) -> str:
     """A Markdown table of what moved."""
-    lines = ["| model | target | bits | top-1 base | top-1 now | Δ points | latency base (ms) | latency now (ms) | Δ latency | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | target | bits | top-1 base | top-1 now | Δ points | latency base (ms) | latency now (ms) | Δ latency | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        delta = "-" if row.baseline_top1 is None or row.current_top1 is None else f"{(row.current_top1 - row.baseline_top1) * 100:+.2f}"
-        change = "-" if not (row.baseline_latency_ms and row.current_latency_ms) else f"{(row.current_latency_ms / row.baseline_latency_ms - 1) * 100:+.1f}%"
+        delta = (
+            "-"
+            if row.baseline_top1 is None or row.current_top1 is None
+            else f"{(row.current_top1 - row.baseline_top1) * 100:+.2f}"
+        )
+        change = (
+            "-"
+            if not (row.baseline_latency_ms and row.current_latency_ms)
+            else f"{(row.current_latency_ms / row.baseline_latency_ms - 1) * 100:+.1f}%"
+        )
         verdict = "ok" if row.ok else "FAIL: " + "; ".join(row.problems)
-        lines.append(f"| {row.model} | {row.target} | {row.bits} | {_fmt_top1(row.baseline_top1)} | {_fmt_top1(row.current_top1)} | {delta} | "
-                     f"{_fmt_ms(row.baseline_latency_ms)} | {_fmt_ms(row.current_latency_ms)} | {change} | {verdict} |")
+        lines.append(
+            f"| {row.model} | {row.target} | {row.bits} | {_fmt_top1(row.baseline_top1)} | {_fmt_top1(row.current_top1)} | {delta} | "
+            f"{_fmt_ms(row.baseline_latency_ms)} | {_fmt_ms(row.current_latency_ms)} | {change} | {verdict} |"
+        )
     return "\n".join(lines)

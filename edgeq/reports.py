@@ -7,6 +7,7 @@ fields: ``method``, ``module_bytes`` (size of the compiled module) and ``layer_s
 (per quantized layer, in execution order: name and output SQNR in dB of the quantized
 network against the float one on the same inputs).
 """
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,9 @@ def layer_sqnr(quantized_dir: str | Path, inputs: np.ndarray) -> list[dict]:
         reference, quantized = captured[name][0], captured[name][1]
         noise = float(((reference - quantized) ** 2).sum())
         signal = float((reference**2).sum())
-        results.append({"layer": name, "sqnr_db": float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)})
+        results.append(
+            {"layer": name, "sqnr_db": float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)}
+        )
     return results
 
 
@@ -84,11 +87,23 @@ def _cost(entry: dict, use_latency: bool) -> float:
 def write(entries: list[dict], out: Path, *, title: str) -> dict:
     """Write report.json, summary.md and the two PNGs into ``out`` (an existing folder)."""
     use_latency = all(e.get("latency_ms") for e in entries)
-    report = {"schema": SCHEMA, "title": title, "cost_axis": "latency_ms" if use_latency else "module_mb", "entries": entries}
+    report = {
+        "schema": SCHEMA,
+        "title": title,
+        "cost_axis": "latency_ms" if use_latency else "module_mb",
+        "entries": entries,
+    }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     points = [(_cost(e, use_latency), e["compiled_top1"] or 0.0) for e in entries]
     front = set(pareto_front(points))
-    _plot_pareto(entries, points, front, use_latency, out / PARETO_PNG, f"{entries[0]['model']} on {', '.join(sorted({e['target'] for e in entries}))}")
+    _plot_pareto(
+        entries,
+        points,
+        front,
+        use_latency,
+        out / PARETO_PNG,
+        f"{entries[0]['model']} on {', '.join(sorted({e['target'] for e in entries}))}",
+    )
     _plot_layers(entries, out / LAYERS_PNG, entries[0]["model"])
     (out / SUMMARY_FILE).write_text(summary_markdown(report, front))
     return report
@@ -100,17 +115,29 @@ def _pct(value) -> str:
 
 def summary_markdown(report: dict, front: set[int]) -> str:
     entries = report["entries"]
-    lines = [f"# {report['title']}", "", f"Schema `{report['schema']}`; figures from `{REPORT_FILE}`. Pareto-optimal rows (no other row is both "
-             f"{'faster' if report['cost_axis'] == 'latency_ms' else 'smaller'} and more accurate) are marked ★.", "",
-             "| | bits | target | method | fp top-1 | compiled top-1 | agreement with fp | latency (ms) | module (MB) | worst layer SQNR (dB) | ran |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"Schema `{report['schema']}`; figures from `{REPORT_FILE}`. Pareto-optimal rows (no other row is both "
+        f"{'faster' if report['cost_axis'] == 'latency_ms' else 'smaller'} and more accurate) are marked ★.",
+        "",
+        "| | bits | target | method | fp top-1 | compiled top-1 | agreement with fp | latency (ms) | module (MB) | worst layer SQNR (dB) | ran |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, e in enumerate(entries):
         worst = min((layer["sqnr_db"] for layer in e.get("layer_sqnr_db", [])), default=None)
         latency = "-" if e.get("latency_ms") is None else f"{e['latency_ms']:.2f}"
-        lines.append(f"| {'★' if i in front else ''} | {e['bits']} | {e['target']} | {e.get('method', '-')} | {_pct(e['fp_top1'])} | {_pct(e['compiled_top1'])} | "
-                     f"{_pct(e['agreement_with_fp']['compiled']['top1'])} | {latency} | {e['module_bytes'] / 1e6:.2f} | {'-' if worst is None else f'{worst:.1f}'} | {e['ran']} |")
-    lines += ["", f"![accuracy against {'latency' if report['cost_axis'] == 'latency_ms' else 'module size'}]({PARETO_PNG})", "",
-              f"![per-layer quantization error]({LAYERS_PNG})", ""]
+        lines.append(
+            f"| {'★' if i in front else ''} | {e['bits']} | {e['target']} | {e.get('method', '-')} | {_pct(e['fp_top1'])} | {_pct(e['compiled_top1'])} | "
+            f"{_pct(e['agreement_with_fp']['compiled']['top1'])} | {latency} | {e['module_bytes'] / 1e6:.2f} | {'-' if worst is None else f'{worst:.1f}'} | {e['ran']} |"
+        )
+    lines += [
+        "",
+        f"![accuracy against {'latency' if report['cost_axis'] == 'latency_ms' else 'module size'}]({PARETO_PNG})",
+        "",
+        f"![per-layer quantization error]({LAYERS_PNG})",
+        "",
+    ]
     notes = {e["latency_note"] for e in entries if e.get("latency_note")}
     if notes:
         lines += ["Latency notes: " + "; ".join(sorted(notes)) + ".", ""]
@@ -130,10 +157,24 @@ def _plot_pareto(entries, points, front, use_latency, path, title):
     for i, (e, (x, y)) in enumerate(zip(entries, points)):
         label = None if e["target"] in labelled else e["target"]
         labelled.add(e["target"])
-        ax.scatter([x], [y * 100], marker=markers[e["target"]], s=60, color="tab:red" if i in front else "tab:blue", zorder=3, label=label)
+        ax.scatter(
+            [x],
+            [y * 100],
+            marker=markers[e["target"]],
+            s=60,
+            color="tab:red" if i in front else "tab:blue",
+            zorder=3,
+            label=label,
+        )
         ax.annotate(e["bits"], (x, y * 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ordered = sorted(front, key=lambda i: points[i][0])
-    ax.plot([points[i][0] for i in ordered], [points[i][1] * 100 for i in ordered], color="tab:red", linewidth=1, label="Pareto front")
+    ax.plot(
+        [points[i][0] for i in ordered],
+        [points[i][1] * 100 for i in ordered],
+        color="tab:red",
+        linewidth=1,
+        label="Pareto front",
+    )
     fp = [e["fp_top1"] for e in entries if e.get("fp_top1") is not None]
     if fp:
         ax.axhline(fp[0] * 100, color="gray", linestyle="--", linewidth=1, label="full precision")

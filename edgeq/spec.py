@@ -4,6 +4,7 @@ A spec is a frozen dataclass. Its short form is the string users type (``w2a4``:
 2-bit weights, 4-bit activations); its full form round-trips through JSON so that
 manifests record exactly what was done.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,19 @@ MAX_BITS = 8
 _SHORT_FORM = re.compile(r"^w(\d+)a(\d+)$")
 SPEC_FORM = f"wWaA with W and A between {MIN_BITS} and {MAX_BITS}, e.g. w2a4, w4a4, w8a8"
 # A spec file (what --bits reads besides wWaA) states these fields of QuantSpec.to_dict(); "layers" is optional.
-SPEC_FILE_FIELDS = ("weight_bits", "act_bits", "weight_observer", "act_observer", "first_last_bits", "weight_symmetric", "attention_bits")
-SPEC_FILE_EXAMPLE = ('{"weight_bits": 2, "act_bits": 4, "weight_observer": "mse", "act_observer": "mse", "first_last_bits": 8, '
-                     '"weight_symmetric": true, "attention_bits": 8}')
+SPEC_FILE_FIELDS = (
+    "weight_bits",
+    "act_bits",
+    "weight_observer",
+    "act_observer",
+    "first_last_bits",
+    "weight_symmetric",
+    "attention_bits",
+)
+SPEC_FILE_EXAMPLE = (
+    '{"weight_bits": 2, "act_bits": 4, "weight_observer": "mse", "act_observer": "mse", "first_last_bits": 8, '
+    '"weight_symmetric": true, "attention_bits": 8}'
+)
 
 
 def signed_range(bits: int) -> tuple[int, int]:
@@ -82,7 +93,9 @@ class QuantSpec:
         layers = []
         for entry in self.layers:
             if not (isinstance(entry, (tuple, list)) and len(entry) == 3 and isinstance(entry[0], str)):
-                raise EdgeqError(f"invalid layer entry {entry!r}", "expected [layer name, weight bits, activation bits]")
+                raise EdgeqError(
+                    f"invalid layer entry {entry!r}", "expected [layer name, weight bits, activation bits]"
+                )
             layers.append((entry[0], entry[1], entry[2]))
             checks += [(f"layer {entry[0]} weight", entry[1]), (f"layer {entry[0]} activation", entry[2])]
         object.__setattr__(self, "layers", tuple(sorted(layers)))
@@ -146,7 +159,9 @@ class QuantSpec:
                 layers=tuple(tuple(entry) for entry in data.get("layers", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise EdgeqError(f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()") from None
+            raise EdgeqError(
+                f"malformed quantization spec {data!r}: {exc}", "expected the fields of QuantSpec.to_dict()"
+            ) from None
 
     def layer_bits(self, edge: bool, name: str | None = None) -> tuple[int, int]:
         """(weight bits, activation bits) of layer ``name``; ``edge``: the model's first or last layer."""
@@ -170,11 +185,15 @@ class QuantSpec:
         if isinstance(text, str) and text.endswith(".json"):
             path = Path(text)
             if not path.is_file():
-                raise EdgeqError(f"spec file not found: {text}", "pass wWaA (e.g. w2a4) or a JSON file with the fields of a spec")
+                raise EdgeqError(
+                    f"spec file not found: {text}", "pass wWaA (e.g. w2a4) or a JSON file with the fields of a spec"
+                )
             try:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
-                raise EdgeqError(f"spec file {text} is not valid JSON ({exc})", f"fix the file: {SPEC_FILE_EXAMPLE}") from None
+                raise EdgeqError(
+                    f"spec file {text} is not valid JSON ({exc})", f"fix the file: {SPEC_FILE_EXAMPLE}"
+                ) from None
             return cls.from_file_dict(data, text)
         return cls.parse(text)
 
@@ -190,19 +209,33 @@ class QuantSpec:
             raise EdgeqError(f"{source} holds {type(data).__name__}, not a spec object", f"write {SPEC_FILE_EXAMPLE}")
         for field in SPEC_FILE_FIELDS:
             if field not in data:
-                raise EdgeqError(f"{source} lacks the field '{field}'", f"a spec file states every field, e.g. {SPEC_FILE_EXAMPLE}")
+                raise EdgeqError(
+                    f"{source} lacks the field '{field}'", f"a spec file states every field, e.g. {SPEC_FILE_EXAMPLE}"
+                )
             if data[field] is None:
-                hint = (f"write a number: {field} is the least bits those layers keep, so {MIN_BITS} keeps them at the "
-                        "spec's own widths" if field in ("first_last_bits", "attention_bits") else f"write its value, e.g. {SPEC_FILE_EXAMPLE}")
+                hint = (
+                    f"write a number: {field} is the least bits those layers keep, so {MIN_BITS} keeps them at the "
+                    "spec's own widths"
+                    if field in ("first_last_bits", "attention_bits")
+                    else f"write its value, e.g. {SPEC_FILE_EXAMPLE}"
+                )
                 raise EdgeqError(f"{source}: field '{field}' is null", hint)
         if not isinstance(data["weight_symmetric"], bool):
-            raise EdgeqError(f"{source}: field 'weight_symmetric' is {data['weight_symmetric']!r}", "write true or false")
+            raise EdgeqError(
+                f"{source}: field 'weight_symmetric' is {data['weight_symmetric']!r}", "write true or false"
+            )
         for field in ("weight_bits", "act_bits", "first_last_bits", "attention_bits"):
             if not isinstance(data[field], int) or isinstance(data[field], bool):
-                raise EdgeqError(f"{source}: field '{field}' is {data[field]!r}", f"write a whole number of bits, {MIN_BITS} to {MAX_BITS}")
+                raise EdgeqError(
+                    f"{source}: field '{field}' is {data[field]!r}",
+                    f"write a whole number of bits, {MIN_BITS} to {MAX_BITS}",
+                )
         layers = data.get("layers", [])
         if not isinstance(layers, list):
-            raise EdgeqError(f"{source}: field 'layers' is {layers!r}", "write a list of [layer name, weight bits, activation bits], or leave it out")
+            raise EdgeqError(
+                f"{source}: field 'layers' is {layers!r}",
+                "write a list of [layer name, weight bits, activation bits], or leave it out",
+            )
         return cls(
             weight_bits=data["weight_bits"],
             act_bits=data["act_bits"],

@@ -1,5 +1,6 @@
 """A kernel plan executed through ctypes, without TVM: every intermediate value by name,
 for the tests and for per-step profiling."""
+
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ import numpy as np
 from . import native
 from .plan import Plan, Unsupported
 from .relax_module import FLOAT_OPS, conv_struct, quantize_arguments
+
 
 def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list | None = None) -> dict[str, np.ndarray]:
     """Execute a plan through ctypes (no TVM): every value by name, for tests and profiling.
@@ -33,8 +35,18 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
         elif step.kernel == "conv2d":
             params = conv_struct(p)
             residual = env[p["residual"]] if p["residual"] else None
-            out_float, out_codes = library.conv2d(params, args[0], p["packed"], p["wsum"], p["multiplier"], p["bias"], residual,
-                                                  want_float=step.out_kind == "float", want_codes=step.out_kind == "codes", depthwise=p["depthwise"])
+            out_float, out_codes = library.conv2d(
+                params,
+                args[0],
+                p["packed"],
+                p["wsum"],
+                p["multiplier"],
+                p["bias"],
+                residual,
+                want_float=step.out_kind == "float",
+                want_codes=step.out_kind == "codes",
+                depthwise=p["depthwise"],
+            )
             out = (out_codes if step.out_kind == "codes" else out_float).reshape(value.shape)
         elif step.kernel == "add_clamp":
             lo, hi = step.params["clamp"]
@@ -48,9 +60,13 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
             second = args[1] if len(args) > 1 else p["constant"]
             out = np.zeros(value.shape, np.float32)
             first = np.ascontiguousarray(args[0], np.uint8 if step.kernel == "dequantize" else np.float32)
-            getattr(library.lib, FLOAT_OPS[step.kernel])(ptr(first),
-                                                         ptr(None if second is None else np.ascontiguousarray(second, np.float32)), ptr(p["ints"]),
-                                                         ptr(p["floats"]), ptr(out))
+            getattr(library.lib, FLOAT_OPS[step.kernel])(
+                ptr(first),
+                ptr(None if second is None else np.ascontiguousarray(second, np.float32)),
+                ptr(p["ints"]),
+                ptr(p["floats"]),
+                ptr(out),
+            )
         else:  # pragma: no cover
             raise Unsupported(step.kernel)
         env[step.output] = out

@@ -1,5 +1,6 @@
 """Fusion over a kernel plan: residual adds, clamps, dense biases and the next layer's
 quantization folded into the epilogue of the convolution that computes their input."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,18 @@ def fuse(plan: Plan) -> None:
             user = users[0]
             params = step.params
             identity_clamp = params["clamp"] == (-INF, INF)
-            if (user.kernel == "binary" and user.params["constant"] is not None and user.params["ints"][2] == 0 and identity_clamp
-                    and params["residual"] is None and params["quant"] is None and user.params["constant"].size == params["out_c"]):
-                params["bias"] = (params["bias"] + user.params["constant"]).astype(np.float32)  # a dense layer's bias, exported as an Add
+            if (
+                user.kernel == "binary"
+                and user.params["constant"] is not None
+                and user.params["ints"][2] == 0
+                and identity_clamp
+                and params["residual"] is None
+                and params["quant"] is None
+                and user.params["constant"].size == params["out_c"]
+            ):
+                params["bias"] = (params["bias"] + user.params["constant"]).astype(
+                    np.float32
+                )  # a dense layer's bias, exported as an Add
                 _replace(plan, user, step)
                 changed = True
             elif user.kernel == "add_clamp" and len(user.inputs) == 2 and identity_clamp and params["residual"] is None:
@@ -78,4 +88,3 @@ def _replace(plan: Plan, user: Step, step: Step) -> None:
     step.output = user.output
     plan.values[user.output] = dataclasses.replace(plan.values[user.output], shape=plan.values[old].shape)
     plan.steps.remove(user)
-

@@ -7,6 +7,7 @@ product, AArch64 NEON, or portable C), and each microkernel reads its own panel 
 kernel consumes them. NumPy and the standard library only: this also runs inside the arm64
 emulator.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -159,13 +160,27 @@ def pack_weights(weights: np.ndarray, layout: Layout) -> PackedWeights:
     if layout.name == "avx2-lut":
         if weights.min(initial=0) < -2 or weights.max(initial=0) > 1:
             raise ValueError("the table-lookup layout takes 2-bit weights in [-2, 1]")
-        return PackedWeights(pack_lut(weights), 2, -2, int(np.abs(weights.astype(np.int16)).max(initial=0)), round_up(weights.shape[1], K_ALIGN),
-                             weights.shape[0], layout.id)
+        return PackedWeights(
+            pack_lut(weights),
+            2,
+            -2,
+            int(np.abs(weights.astype(np.int16)).max(initial=0)),
+            round_up(weights.shape[1], K_ALIGN),
+            weights.shape[0],
+            layout.id,
+        )
     weights = weights.astype(np.int8)
     bits, low = storage(weights)
     values = panel(weights, layout)
-    return PackedWeights(pack_fields(values, bits, low), bits, low, int(np.abs(weights.astype(np.int16)).max(initial=0)),
-                         round_up(weights.shape[1], K_ALIGN), weights.shape[0], layout.id)
+    return PackedWeights(
+        pack_fields(values, bits, low),
+        bits,
+        low,
+        int(np.abs(weights.astype(np.int16)).max(initial=0)),
+        round_up(weights.shape[1], K_ALIGN),
+        weights.shape[0],
+        layout.id,
+    )
 
 
 def pack_depthwise(weights: np.ndarray) -> PackedWeights:
@@ -175,6 +190,11 @@ def pack_depthwise(weights: np.ndarray) -> PackedWeights:
     bits, low = storage(values)
     padded = np.zeros(round_up(values.size, 128), np.int8)
     padded[: values.size] = values
-    return PackedWeights(pack_fields(padded, bits, low), bits, low, int(np.abs(values.astype(np.int16)).max(initial=0)), 0, weights.shape[0])
-
-
+    return PackedWeights(
+        pack_fields(padded, bits, low),
+        bits,
+        low,
+        int(np.abs(values.astype(np.int16)).max(initial=0)),
+        0,
+        weights.shape[0],
+    )

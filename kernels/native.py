@@ -3,6 +3,7 @@
 NumPy and the standard library only, so it also runs inside the arm64 emulator, where
 selfcheck.py loads these modules as plain files.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -21,10 +22,33 @@ class ConvParams(ctypes.Structure):
     compiled module receives these bytes as they are (edgeq_ffi.cc checks their size), and a
     test checks the fields against the header and the size against the C compiler's."""
 
-    _fields_ = [(name, ctypes.c_int32) for name in (
-        "in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top", "pad_left",
-        "x_zero", "x_max", "w_bits", "w_low", "w_absmax", "k_padded", "w_layout", "out_zero", "out_qmin", "out_qmax")] + [
-        ("out_scale", ctypes.c_float), ("clamp_min", ctypes.c_float), ("clamp_max", ctypes.c_float)]
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in (
+            "in_h",
+            "in_w",
+            "in_c",
+            "out_h",
+            "out_w",
+            "out_c",
+            "kernel_h",
+            "kernel_w",
+            "stride_h",
+            "stride_w",
+            "pad_top",
+            "pad_left",
+            "x_zero",
+            "x_max",
+            "w_bits",
+            "w_low",
+            "w_absmax",
+            "k_padded",
+            "w_layout",
+            "out_zero",
+            "out_qmin",
+            "out_qmax",
+        )
+    ] + [("out_scale", ctypes.c_float), ("clamp_min", ctypes.c_float), ("clamp_max", ctypes.c_float)]
 
     def words(self) -> np.ndarray:
         """The struct's bytes as int32 words (floats bit for bit), the tensor the module passes to the kernel."""
@@ -58,14 +82,36 @@ class Library:
         rows = np.zeros((m, weights.k_padded), np.uint8)
         rows[:, :k] = a
         out = np.zeros((m, weights.out_channels), np.int32)
-        status = self.lib.edgeq_gemm_raw(self._ptr(rows), m, weights.out_channels, weights.k_padded, self._ptr(weights.data), weights.bits, weights.low,
-                                         weights.absmax, int(a.max(initial=0)), weights.layout, self._ptr(out))
+        status = self.lib.edgeq_gemm_raw(
+            self._ptr(rows),
+            m,
+            weights.out_channels,
+            weights.k_padded,
+            self._ptr(weights.data),
+            weights.bits,
+            weights.low,
+            weights.absmax,
+            int(a.max(initial=0)),
+            weights.layout,
+            self._ptr(out),
+        )
         if status != 0:
             raise ValueError(f"edgeq_gemm_raw rejected its arguments ({status})")
         return out
 
-    def conv2d(self, params: ConvParams, x: np.ndarray, weights: PackedWeights, wsum: np.ndarray, multiplier: np.ndarray, bias: np.ndarray,
-               residual: np.ndarray | None = None, want_float: bool = True, want_codes: bool = True, depthwise: bool = False):
+    def conv2d(
+        self,
+        params: ConvParams,
+        x: np.ndarray,
+        weights: PackedWeights,
+        wsum: np.ndarray,
+        multiplier: np.ndarray,
+        bias: np.ndarray,
+        residual: np.ndarray | None = None,
+        want_float: bool = True,
+        want_codes: bool = True,
+        depthwise: bool = False,
+    ):
         m = params.out_h * params.out_w
         out_float = np.zeros((m, params.out_c), np.float32) if want_float else None
         out_codes = np.zeros((m, params.out_c), np.uint8) if want_codes else None
@@ -73,8 +119,13 @@ class Library:
         args = [ctypes.byref(params), self._ptr(x), self._ptr(weights.data)]
         if not depthwise:
             args.append(self._ptr(np.ascontiguousarray(wsum, np.int32)))
-        args += [self._ptr(np.ascontiguousarray(multiplier, np.float32)), self._ptr(np.ascontiguousarray(bias, np.float32)),
-                 self._ptr(None if residual is None else np.ascontiguousarray(residual, np.float32)), self._ptr(out_float), self._ptr(out_codes)]
+        args += [
+            self._ptr(np.ascontiguousarray(multiplier, np.float32)),
+            self._ptr(np.ascontiguousarray(bias, np.float32)),
+            self._ptr(None if residual is None else np.ascontiguousarray(residual, np.float32)),
+            self._ptr(out_float),
+            self._ptr(out_codes),
+        ]
         status = (self.lib.edgeq_depthwise_conv2d if depthwise else self.lib.edgeq_conv2d)(*args)
         if status != 0:
             raise ValueError(f"the convolution kernel rejected its arguments ({status})")

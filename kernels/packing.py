@@ -9,6 +9,7 @@ Signed values are stored in two's complement within their field (-2 -> 0b10 in 2
 A tensor whose element count is not a multiple of the values per byte ends with a
 partial byte whose unused high bits are zero.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +39,9 @@ def unpack(data: bytes, bits: int, count: int, signed: bool) -> np.ndarray:
     """The inverse of :func:`pack`: ``count`` values as int8 (signed) or uint8."""
     per_byte = values_per_byte(bits)
     packed = np.frombuffer(data, dtype=np.uint8)
-    lanes = np.stack([(packed >> np.uint8(lane * bits)) & np.uint8((1 << bits) - 1) for lane in range(per_byte)], axis=1)
+    lanes = np.stack(
+        [(packed >> np.uint8(lane * bits)) & np.uint8((1 << bits) - 1) for lane in range(per_byte)], axis=1
+    )
     fields = lanes.ravel()[:count]
     if not signed:
         return fields.astype(np.uint8)

@@ -19,6 +19,7 @@ Relax module that the compile stage builds, :mod:`.execute` calls the C library 
 ctypes (tests, profiling), and :func:`edgeq.kernels.reference.run_plan` computes it in
 NumPy, bit for bit as the kernels do.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -103,7 +104,9 @@ class _Planner:
         self.types = {}
         for tensor in self.graph.initializer:
             self.types[tensor.name] = tensor.data_type
-            self.initializers[tensor.name] = numpy_helper.to_array(widen(tensor) if tensor.data_type in LOW_BIT_TYPES else tensor)
+            self.initializers[tensor.name] = numpy_helper.to_array(
+                widen(tensor) if tensor.data_type in LOW_BIT_TYPES else tensor
+            )
         self.values: dict[str, Value] = {}
         self.weights: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # name -> (codes, scale, zero)
         self.weight_axes: dict[str, int | None] = {}  # DQ output -> its per-channel axis (None: per tensor)
@@ -150,7 +153,9 @@ class _Planner:
             start, end = attrs.get("start", 0), attrs.get("end", len(dims))
             self.initializers[node.output[0]] = np.array(dims[start:end], np.int64)
             return True
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not all(not name or name in self.initializers for name in node.input):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not all(
+            not name or name in self.initializers for name in node.input
+        ):
             return False
         from onnx.reference import ReferenceEvaluator
 
@@ -177,7 +182,15 @@ class _Planner:
         else:
             shape, nchw, layout = source.shape, 0, source.layout
         self.values[node.output[0]] = Value(node.output[0], "codes", shape, scale, zero, qmax, layout)
-        self.steps.append(Step("quantize", [source.name], node.output[0], {"nchw": nchw, "scale": scale, "zero": zero, "qmax": qmax}, "codes"))
+        self.steps.append(
+            Step(
+                "quantize",
+                [source.name],
+                node.output[0],
+                {"nchw": nchw, "scale": scale, "zero": zero, "qmax": qmax},
+                "codes",
+            )
+        )
 
     def op_DequantizeLinear(self, node, attrs):
         if node.input[0] in self.initializers:
@@ -202,7 +215,9 @@ class _Planner:
     # -- layers --------------------------------------------------------------------------
     def _layer_inputs(self, node):
         if node.input[0] not in self.dequantized or node.input[1] not in self.weights:
-            raise Unsupported(f"{node.op_type} {node.name} is not quantized (needs DequantizeLinear on input and weight)")
+            raise Unsupported(
+                f"{node.op_type} {node.name} is not quantized (needs DequantizeLinear on input and weight)"
+            )
         x = self.values[self.dequantized[node.input[0]]]
         codes, w_scale, w_zero = self.weights[node.input[1]]
         bias = self.const(node.input[2]).astype(np.float32) if len(node.input) > 2 and node.input[2] else None
@@ -210,7 +225,9 @@ class _Planner:
 
     def _output_channel_axis(self, node, axis):
         if self.weight_axes[node.input[1]] not in (None, axis):
-            raise Unsupported(f"{node.op_type} {node.name}: weights quantized along axis {self.weight_axes[node.input[1]]}, not per output channel")
+            raise Unsupported(
+                f"{node.op_type} {node.name}: weights quantized along axis {self.weight_axes[node.input[1]]}, not per output channel"
+            )
 
     def _conv_step(self, node, x, values, w_scale, bias, geometry, depthwise, out_shape=None):
         n = values.shape[0]
@@ -221,8 +238,12 @@ class _Planner:
             packed = layouts.pack_depthwise(values.reshape(n, geometry["kernel_h"], geometry["kernel_w"]))
             wsum = np.zeros(1, np.int32)
         else:
-            rows = values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values  # (N, kh·kw·C): im2col's order
-            packed = layouts.pack_weights(rows, layouts.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"]))
+            rows = (
+                values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values
+            )  # (N, kh·kw·C): im2col's order
+            packed = layouts.pack_weights(
+                rows, layouts.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"])
+            )
             wsum = rows.sum(1).astype(np.int32)
         if out_shape is None:
             self.values[node.output[0]] = Value(node.output[0], "float", (geometry["out_h"], geometry["out_w"], n))
@@ -230,9 +251,21 @@ class _Planner:
             self.values[node.output[0]] = Value(node.output[0], "float", tuple(out_shape), layout="plain")
         # ``weights`` (N, C or 1, kh, kw) int8 is what the packing encodes: the reference computes from it
         weights = values.reshape(n, -1, 1, 1) if values.ndim == 2 else values
-        params = dict(geometry, x_zero=x.zero, x_max=x.qmax, out_c=n, packed=packed, wsum=wsum, multiplier=multiplier, bias=bias.astype(np.float32),
-                      weights=weights.astype(np.int8),
-                      depthwise=depthwise, clamp=(-INF, INF), residual=None, quant=None)
+        params = dict(
+            geometry,
+            x_zero=x.zero,
+            x_max=x.qmax,
+            out_c=n,
+            packed=packed,
+            wsum=wsum,
+            multiplier=multiplier,
+            bias=bias.astype(np.float32),
+            weights=weights.astype(np.int8),
+            depthwise=depthwise,
+            clamp=(-INF, INF),
+            residual=None,
+            quant=None,
+        )
         self.steps.append(Step("conv2d", [x.name], node.output[0], params))
 
     def op_Conv(self, node, attrs):
@@ -240,7 +273,10 @@ class _Planner:
         self._output_channel_axis(node, 0)
         if x.layout != "nhwc":
             raise Unsupported(f"Conv {node.name}: its input is not a feature map of the plan")
-        if any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        if any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("auto_pad", b"NOTSET") not in (
+            b"NOTSET",
+            "NOTSET",
+        ):
             raise Unsupported(f"Conv {node.name}: dilation and auto_pad are not supported")
         n, cin_per_group, kh, kw = codes.shape
         h, w, c = x.shape
@@ -255,8 +291,19 @@ class _Planner:
         values = codes - w_zero.reshape(-1, 1, 1, 1)
         if values.min() < -128 or values.max() > 127:
             raise Unsupported(f"Conv {node.name}: weight codes minus zero point exceed int8")
-        geometry = {"in_h": h, "in_w": w, "in_c": c, "out_h": out_h, "out_w": out_w, "kernel_h": kh, "kernel_w": kw, "stride_h": sh, "stride_w": sw,
-                    "pad_top": pads[0], "pad_left": pads[1]}
+        geometry = {
+            "in_h": h,
+            "in_w": w,
+            "in_c": c,
+            "out_h": out_h,
+            "out_w": out_w,
+            "kernel_h": kh,
+            "kernel_w": kw,
+            "stride_h": sh,
+            "stride_w": sw,
+            "pad_top": pads[0],
+            "pad_left": pads[1],
+        }
         self._conv_step(node, x, values, w_scale, bias, geometry, depthwise)
 
     def _dense_step(self, node, x, weight, w_zero, w_scale, bias):
@@ -266,10 +313,23 @@ class _Planner:
         if values.min() < -128 or values.max() > 127:
             raise Unsupported(f"{node.op_type} {node.name}: weight codes minus zero point exceed int8")
         if weight.shape[1] != x.shape[-1]:
-            raise Unsupported(f"{node.op_type} {node.name}: weight has {weight.shape[1]} inputs, activation {x.shape[-1]}")
+            raise Unsupported(
+                f"{node.op_type} {node.name}: weight has {weight.shape[1]} inputs, activation {x.shape[-1]}"
+            )
         rows = int(np.prod(x.shape[:-1]))
-        geometry = {"in_h": rows, "in_w": 1, "in_c": x.shape[-1], "out_h": rows, "out_w": 1, "kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1,
-                    "pad_top": 0, "pad_left": 0}
+        geometry = {
+            "in_h": rows,
+            "in_w": 1,
+            "in_c": x.shape[-1],
+            "out_h": rows,
+            "out_w": 1,
+            "kernel_h": 1,
+            "kernel_w": 1,
+            "stride_h": 1,
+            "stride_w": 1,
+            "pad_top": 0,
+            "pad_left": 0,
+        }
         batch = x.shape[:-1] if x.layout == "plain" else (rows,)
         self._conv_step(node, x, values, w_scale, bias, geometry, depthwise=False, out_shape=(*batch, weight.shape[0]))
 
@@ -296,7 +356,9 @@ class _Planner:
             return
         a, b = self._plain(node.input[0], node), self._plain(node.input[1], node)
         if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
-            raise Unsupported(f"MatMul {node.name}: float operands {a.shape} and {b.shape} (needs equal batch dimensions)")
+            raise Unsupported(
+                f"MatMul {node.name}: float operands {a.shape} and {b.shape} (needs equal batch dimensions)"
+            )
         batch, m, k, n = int(np.prod(a.shape[:-2])), a.shape[-2], a.shape[-1], b.shape[-1]
         self._float_op("matmul", node, [a, b], (*a.shape[:-1], n), [batch, m, k, n], [1.0])
 
@@ -314,7 +376,11 @@ class _Planner:
         if name in self.dequantized and name not in self.values:  # codes a float operator takes (attention matmuls)
             codes = self.values[self.dequantized[name]]
             self.values[name] = Value(name, "float", codes.shape, layout=codes.layout)
-            params = {"ints": np.array([int(np.prod(codes.shape)), codes.zero], np.int32), "floats": np.array([codes.scale], np.float32), "constant": None}
+            params = {
+                "ints": np.array([int(np.prod(codes.shape)), codes.zero], np.int32),
+                "floats": np.array([codes.scale], np.float32),
+                "constant": None,
+            }
             self.steps.append(Step("dequantize", [codes.name], name, params))
             return self.values[name]
         if name in self.initializers and name not in self.values:
@@ -341,7 +407,11 @@ class _Planner:
 
     def _float_op(self, kernel, node, operands, shape, ints, floats, constant=None):
         self.values[node.output[0]] = Value(node.output[0], "float", tuple(int(d) for d in shape), layout="plain")
-        params = {"ints": np.array(ints, np.int32), "floats": np.array(floats or [0.0], np.float32), "constant": constant}
+        params = {
+            "ints": np.array(ints, np.int32),
+            "floats": np.array(floats or [0.0], np.float32),
+            "constant": constant,
+        }
         self.steps.append(Step(kernel, [v.name for v in operands], node.output[0], params))
 
     def _copy(self, output, source, shape, strides, offset):
@@ -355,7 +425,14 @@ class _Planner:
             return
         pad = 6 - len(shape)
         ints = [1] * pad + shape + [0] * pad + strides + [int(offset)]
-        self.steps.append(Step("copy", [source.name], output, {"ints": np.array(ints, np.int32), "floats": np.zeros(1, np.float32), "constant": None}))
+        self.steps.append(
+            Step(
+                "copy",
+                [source.name],
+                output,
+                {"ints": np.array(ints, np.int32), "floats": np.zeros(1, np.float32), "constant": None},
+            )
+        )
 
     def _clamp(self, node, lo, hi, other=None):
         a = self._float(node.input[0], node)
@@ -387,7 +464,9 @@ class _Planner:
         else:
             b_array, b_shape = None, self._plain(second, node).shape
         if tuple(np.broadcast_shapes(a.shape, b_shape)) != a.shape:
-            raise Unsupported(f"{node.op_type} {node.name}: the second operand {b_shape} is larger than the first {a.shape}")
+            raise Unsupported(
+                f"{node.op_type} {node.name}: the second operand {b_shape} is larger than the first {a.shape}"
+            )
         padded = (1,) * (len(a.shape) - len(b_shape)) + tuple(b_shape)
         lead = next((i for i, d in enumerate(padded) if d != 1), len(padded))
         count = int(np.prod(a.shape))
@@ -399,15 +478,34 @@ class _Planner:
             raise Unsupported(f"{node.op_type} {node.name}: broadcasting {b_shape} to {a.shape} inside a row")
         if b_array is not None:
             period = max(period, a.shape[-1] if a.shape else 1)  # a scalar repeats over one row
-            constant = np.ascontiguousarray(np.broadcast_to(b_array.reshape(padded), a.shape).reshape(-1)[:period], np.float32)
-            self._float_op("binary", node, [a], a.shape, [count, period, int(multiply)], [-3.0e38, 3.0e38], constant=constant)
+            constant = np.ascontiguousarray(
+                np.broadcast_to(b_array.reshape(padded), a.shape).reshape(-1)[:period], np.float32
+            )
+            self._float_op(
+                "binary", node, [a], a.shape, [count, period, int(multiply)], [-3.0e38, 3.0e38], constant=constant
+            )
         else:
-            self._float_op("binary", node, [a, self._plain(second, node)], a.shape, [count, period, int(multiply)], [-3.0e38, 3.0e38])
+            self._float_op(
+                "binary",
+                node,
+                [a, self._plain(second, node)],
+                a.shape,
+                [count, period, int(multiply)],
+                [-3.0e38, 3.0e38],
+            )
 
     def op_Add(self, node, attrs):
         a, b = self.values.get(node.input[0]), self.values.get(node.input[1])
-        if a is not None and b is not None and a.kind == b.kind == "float" and a.shape == b.shape and a.layout == b.layout:
-            self._clamp(node, -INF, INF, other=node.input[1])  # a residual add, fused into the layer that computes one side
+        if (
+            a is not None
+            and b is not None
+            and a.kind == b.kind == "float"
+            and a.shape == b.shape
+            and a.layout == b.layout
+        ):
+            self._clamp(
+                node, -INF, INF, other=node.input[1]
+            )  # a residual add, fused into the layer that computes one side
         else:
             self._binary(node, multiply=False)
 
@@ -426,7 +524,14 @@ class _Planner:
         h, w, c = x.shape
         out = ((h + pads[0] + pads[2] - kh) // sh + 1, (w + pads[1] + pads[3] - kw) // sw + 1, c)
         self.values[node.output[0]] = Value(node.output[0], "float", out)
-        self.steps.append(Step("max_pool", [x.name], node.output[0], {"ints": [h, w, c, out[0], out[1], kh, kw, sh, sw, pads[0], pads[1]]}))
+        self.steps.append(
+            Step(
+                "max_pool",
+                [x.name],
+                node.output[0],
+                {"ints": [h, w, c, out[0], out[1], kh, kw, sh, sw, pads[0], pads[1]]},
+            )
+        )
 
     def _global_average(self, node):
         x = self._float(node.input[0], node)
@@ -453,9 +558,20 @@ class _Planner:
             raise Unsupported(f"LayerNormalization {node.name}: only over the last axis, without mean/variance outputs")
         cols = x.shape[-1]
         gamma = np.broadcast_to(self.const(node.input[1]).astype(np.float32), (cols,))
-        beta = np.broadcast_to(self.const(node.input[2]).astype(np.float32), (cols,)) if len(node.input) > 2 and node.input[2] else np.zeros(cols, np.float32)
-        self._float_op("layer_norm", node, [x], x.shape, [int(np.prod(x.shape[:-1])), cols], [attrs.get("epsilon", 1e-5)],
-                       constant=np.concatenate([gamma, beta]))
+        beta = (
+            np.broadcast_to(self.const(node.input[2]).astype(np.float32), (cols,))
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros(cols, np.float32)
+        )
+        self._float_op(
+            "layer_norm",
+            node,
+            [x],
+            x.shape,
+            [int(np.prod(x.shape[:-1])), cols],
+            [attrs.get("epsilon", 1e-5)],
+            constant=np.concatenate([gamma, beta]),
+        )
 
     def op_Softmax(self, node, attrs):
         x = self._plain(node.input[0], node)
@@ -529,8 +645,14 @@ class _Planner:
         x = self._plain(node.input[0], node)
         rank = len(x.shape)
         starts, ends = self.const(node.input[1]).reshape(-1), self.const(node.input[2]).reshape(-1)
-        axes = self.const(node.input[3]).reshape(-1) if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
-        steps = self.const(node.input[4]).reshape(-1) if len(node.input) > 4 and node.input[4] else np.ones(len(starts), np.int64)
+        axes = (
+            self.const(node.input[3]).reshape(-1) if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
+        )
+        steps = (
+            self.const(node.input[4]).reshape(-1)
+            if len(node.input) > 4 and node.input[4]
+            else np.ones(len(starts), np.int64)
+        )
         shape, strides, offset = list(x.shape), list(_contiguous(x.shape)), 0
         for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
             axis = int(axis) % rank
@@ -548,7 +670,7 @@ class _Planner:
         shape, strides = list(x.shape), list(_contiguous(x.shape))
         flat = indices.reshape(-1) % x.shape[axis]
         if np.array_equal(flat, np.arange(x.shape[axis])):  # every index in order: exporters write flattens so
-            self._reshaped(node, (*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]))
+            self._reshaped(node, (*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :]))
         elif flat.size == 1:
             offset = int(flat[0]) * strides[axis]
             if indices.ndim == 0:
@@ -565,21 +687,32 @@ class _Planner:
         shape = tuple(np.broadcast_shapes(x.shape, target))
         padded = (1,) * (len(shape) - len(x.shape)) + x.shape
         strides = (0,) * (len(shape) - len(x.shape)) + _contiguous(x.shape)
-        self._copy(node.output[0], x, shape, [0 if d == 1 and s != 1 else st for d, s, st in zip(padded, shape, strides)], 0)
+        self._copy(
+            node.output[0], x, shape, [0 if d == 1 and s != 1 else st for d, s, st in zip(padded, shape, strides)], 0
+        )
 
     def op_Concat(self, node, attrs):
         parts = [self._plain(name, node) for name in node.input]
         axis = attrs["axis"] % len(parts[0].shape)
         current = parts[0]
         for index, part in enumerate(parts[1:], start=1):
-            if len(part.shape) != len(current.shape) or any(a != b for i, (a, b) in enumerate(zip(part.shape, current.shape)) if i != axis):
+            if len(part.shape) != len(current.shape) or any(
+                a != b for i, (a, b) in enumerate(zip(part.shape, current.shape)) if i != axis
+            ):
                 raise Unsupported(f"Concat {node.name}: shapes {current.shape} and {part.shape}")
             shape = list(current.shape)
             shape[axis] += part.shape[axis]
             name = node.output[0] if index == len(parts) - 1 else f"{node.output[0]}/{index}"
             outer = int(np.prod(shape[:axis]))
-            inner = int(np.prod(shape[axis + 1:]))
-            self._float_op("concat", _Named(name), [current, part], shape, [outer, current.shape[axis] * inner, part.shape[axis] * inner], [])
+            inner = int(np.prod(shape[axis + 1 :]))
+            self._float_op(
+                "concat",
+                _Named(name),
+                [current, part],
+                shape,
+                [outer, current.shape[axis] * inner, part.shape[axis] * inner],
+                [],
+            )
             current = self.values[name]
         if len(parts) == 1:
             self._reshaped(node, current.shape)
@@ -602,8 +735,6 @@ def _contiguous(shape) -> tuple[int, ...]:
         strides.append(step)
         step *= int(d)
     return tuple(reversed(strides))
-
-
 
 
 def build_plan(model: onnx.ModelProto, layout: layouts.Layout) -> Plan:

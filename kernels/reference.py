@@ -18,6 +18,7 @@ into bit planes, w = -2·b1 + b0, so Σ_k w·a = -2·Σ_k b1·a + Σ_k b0·a; fo
 four activations a table of all 16 subset sums is built once and indexed by each output
 channel's 4 plane bits, replacing multiplications by lookups and adds.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,14 +68,24 @@ def lut_dot(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     weights = 1 << np.arange(LUT_GROUP)
 
     def plane_sum(plane: np.ndarray) -> np.ndarray:
-        index = (plane.reshape(plane.shape[0], groups, LUT_GROUP) * weights).sum(2)  # (N, groups): a 4-bit pattern per group
+        index = (plane.reshape(plane.shape[0], groups, LUT_GROUP) * weights).sum(
+            2
+        )  # (N, groups): a 4-bit pattern per group
         return np.take_along_axis(tables[:, None, :, :], index[None, :, :, None], axis=3)[..., 0].sum(2)  # (M, N)
 
     return (-2 * plane_sum(b1) + plane_sum(b0)).astype(np.int32)
 
 
-def requantize(acc: np.ndarray, a_scale: float, w_scale: np.ndarray, bias: np.ndarray | None, out_scale: float, out_zero: int, out_bits: int,
-               relu: bool = False) -> np.ndarray:
+def requantize(
+    acc: np.ndarray,
+    a_scale: float,
+    w_scale: np.ndarray,
+    bias: np.ndarray | None,
+    out_scale: float,
+    out_zero: int,
+    out_bits: int,
+    relu: bool = False,
+) -> np.ndarray:
     """Output activation codes (uint8) from int32 accumulators, in float32 as a QDQ graph computes them."""
     y = acc.astype(np.float32) * (np.float32(a_scale) * np.asarray(w_scale, np.float32)[None, :])
     if bias is not None:
@@ -85,10 +96,19 @@ def requantize(acc: np.ndarray, a_scale: float, w_scale: np.ndarray, bias: np.nd
     return np.clip(codes, 0, 2**out_bits - 1).astype(np.uint8)
 
 
-def conv2d(x: np.ndarray, w: np.ndarray, x_zero: int, stride: tuple[int, int], pads: tuple[int, int, int, int], depthwise: bool = False) -> np.ndarray:
+def conv2d(
+    x: np.ndarray,
+    w: np.ndarray,
+    x_zero: int,
+    stride: tuple[int, int],
+    pads: tuple[int, int, int, int],
+    depthwise: bool = False,
+) -> np.ndarray:
     """acc (out_h, out_w, N) int32 of a convolution over NHWC codes ``x`` (H, W, C) and weights ``w`` (N, C or 1, kh, kw)."""
     x64 = np.asarray(x, np.int64) - int(x_zero)
-    x64 = np.pad(x64, ((pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))  # padding is real zero, i.e. the zero point in codes
+    x64 = np.pad(
+        x64, ((pads[0], pads[2]), (pads[1], pads[3]), (0, 0))
+    )  # padding is real zero, i.e. the zero point in codes
     n, _, kh, kw = w.shape
     out_h = (x64.shape[0] - kh) // stride[0] + 1
     out_w = (x64.shape[1] - kw) // stride[1] + 1
@@ -96,13 +116,23 @@ def conv2d(x: np.ndarray, w: np.ndarray, x_zero: int, stride: tuple[int, int], p
     w64 = np.asarray(w, np.int64)
     for i in range(kh):
         for j in range(kw):
-            patch = x64[i: i + stride[0] * (out_h - 1) + 1: stride[0], j: j + stride[1] * (out_w - 1) + 1: stride[1], :]  # (oh, ow, C)
+            patch = x64[
+                i : i + stride[0] * (out_h - 1) + 1 : stride[0], j : j + stride[1] * (out_w - 1) + 1 : stride[1], :
+            ]  # (oh, ow, C)
             acc += patch * w64[:, 0, i, j] if depthwise else patch @ w64[:, :, i, j].T
     return acc.astype(np.int32)
 
 
-def epilogue(acc: np.ndarray, multiplier: np.ndarray, bias: np.ndarray, residual: np.ndarray | None, clamp: tuple[float, float],
-             out_scale: float, out_zero: int, out_qmax: int) -> tuple[np.ndarray, np.ndarray]:
+def epilogue(
+    acc: np.ndarray,
+    multiplier: np.ndarray,
+    bias: np.ndarray,
+    residual: np.ndarray | None,
+    clamp: tuple[float, float],
+    out_scale: float,
+    out_zero: int,
+    out_qmax: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """(float y, codes) from accumulators, as the kernels' fused epilogue computes them in float32."""
     y = acc.astype(np.float32) * np.asarray(multiplier, np.float32) + np.asarray(bias, np.float32)
     if residual is not None:
@@ -133,8 +163,10 @@ def lane_sum(x: np.ndarray) -> np.ndarray:
     full = x.shape[1] - x.shape[1] % LANES
     lanes = np.zeros((x.shape[0], LANES), F32)
     for c in range(0, full, LANES):
-        lanes = lanes + x[:, c: c + LANES]
-    total = ((lanes[:, 0] + lanes[:, 4]) + (lanes[:, 2] + lanes[:, 6])) + ((lanes[:, 1] + lanes[:, 5]) + (lanes[:, 3] + lanes[:, 7]))
+        lanes = lanes + x[:, c : c + LANES]
+    total = ((lanes[:, 0] + lanes[:, 4]) + (lanes[:, 2] + lanes[:, 6])) + (
+        (lanes[:, 1] + lanes[:, 5]) + (lanes[:, 3] + lanes[:, 7])
+    )
     for c in range(full, x.shape[1]):
         total = total + x[:, c]
     return total
@@ -159,8 +191,14 @@ def erf_poly(x: np.ndarray) -> np.ndarray:
     x = np.clip(np.asarray(x, F32), F32(-4.0), F32(4.0))
     x2 = x * x
     p = np.full_like(x, F32(-2.72614225801306e-10))
-    for c in (2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
-              -1.60960333262415e-02):
+    for c in (
+        2.77068142495902e-08,
+        -2.10102402082508e-06,
+        -5.69250639462346e-05,
+        -7.34990630326855e-04,
+        -2.95459980854025e-03,
+        -1.60960333262415e-02,
+    ):
         p = p * x2 + F32(c)
     p = p * x
     q = np.full_like(x, F32(-1.45660718464996e-05))
@@ -183,11 +221,13 @@ def _conv_accumulators(x: np.ndarray, p: dict) -> np.ndarray:
     x64 = np.asarray(x, np.float64).reshape(p["in_h"], p["in_w"], p["in_c"]) - p["x_zero"]
     bottom = max(0, (out_h - 1) * sh + kh - p["in_h"] - p["pad_top"])
     right = max(0, (out_w - 1) * sw + kw - p["in_w"] - p["pad_left"])
-    x64 = np.pad(x64, ((p["pad_top"], bottom), (p["pad_left"], right), (0, 0)))  # padding is the zero point: 0 after the shift
+    x64 = np.pad(
+        x64, ((p["pad_top"], bottom), (p["pad_left"], right), (0, 0))
+    )  # padding is the zero point: 0 after the shift
     acc = np.zeros((out_h, out_w, p["out_c"]), np.float64)
     for i in range(kh):
         for j in range(kw):
-            patch = x64[i: i + sh * (out_h - 1) + 1: sh, j: j + sw * (out_w - 1) + 1: sw, :]
+            patch = x64[i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw, :]
             acc += patch * w[:, 0, i, j] if p["depthwise"] else patch @ w[:, :, i, j].T
     return acc
 
@@ -210,7 +250,9 @@ def _float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray
     floats = np.asarray(floats, F32).reshape(-1)
     if kernel == "copy":
         flat = np.ascontiguousarray(a).reshape(-1)
-        view = np.lib.stride_tricks.as_strided(flat[ints[12]:], shape=ints[:6], strides=[s * flat.itemsize for s in ints[6:12]])
+        view = np.lib.stride_tricks.as_strided(
+            flat[ints[12] :], shape=ints[:6], strides=[s * flat.itemsize for s in ints[6:12]]
+        )
         return np.array(view, F32)
     if kernel == "concat":
         outer = ints[0]
@@ -225,7 +267,7 @@ def _float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray
     if kernel == "layer_norm":
         rows, cols = ints[:2]
         x = np.asarray(a, F32).reshape(rows, cols)
-        gamma, beta = np.asarray(b, F32)[:cols], np.asarray(b, F32)[cols: 2 * cols]
+        gamma, beta = np.asarray(b, F32)[:cols], np.asarray(b, F32)[cols : 2 * cols]
         mean = (lane_sum(x) / F32(cols))[:, None]
         squares = lane_sum((x - mean) * (x - mean))[:, None]
         inv = F32(1.0) / np.sqrt(squares / F32(cols) + floats[0])
@@ -243,7 +285,7 @@ def _float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray
         left, right = np.asarray(a, F32).reshape(batch, m, k), np.asarray(b, F32).reshape(batch, k, n)
         acc = np.zeros((batch, m, n), F32)
         for p in range(k):  # each output sums its products in k order, multiply and add rounded separately
-            acc = acc + left[:, :, p: p + 1] * right[:, p: p + 1, :]
+            acc = acc + left[:, :, p : p + 1] * right[:, p : p + 1, :]
         return acc * floats[0]
     raise ValueError(f"no reference for the float operator {kernel!r}")
 
@@ -276,12 +318,14 @@ def run_plan(plan, x: np.ndarray) -> dict[str, np.ndarray]:
             out = np.clip(total, F32(max(lo, -3.0e38)), F32(min(hi, 3.0e38)))
         elif step.kernel == "max_pool":
             h, w, c, out_h, out_w, kh, kw, sh, sw, pad_top, pad_left = p["ints"]
-            padded = np.full((max(h + pad_top, (out_h - 1) * sh + kh), max(w + pad_left, (out_w - 1) * sw + kw), c), -np.inf, F32)
-            padded[pad_top: pad_top + h, pad_left: pad_left + w] = args[0].reshape(h, w, c)
+            padded = np.full(
+                (max(h + pad_top, (out_h - 1) * sh + kh), max(w + pad_left, (out_w - 1) * sw + kw), c), -np.inf, F32
+            )
+            padded[pad_top : pad_top + h, pad_left : pad_left + w] = args[0].reshape(h, w, c)
             out = np.full((out_h, out_w, c), -np.inf, F32)
             for i in range(kh):
                 for j in range(kw):
-                    out = np.maximum(out, padded[i: i + sh * (out_h - 1) + 1: sh, j: j + sw * (out_w - 1) + 1: sw])
+                    out = np.maximum(out, padded[i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw])
         elif step.kernel == "global_average_pool":
             pixels, c = p["ints"]
             rows = args[0].reshape(pixels, c)

@@ -3,6 +3,7 @@
 The entry points it calls are the TVM FFI wrappers of ``csrc/edgeq_ffi.cc``, linked into
 the same ``module.so`` by the compile stage.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,16 +12,45 @@ from . import native
 from .layouts import PackedWeights
 from .plan import Plan, Step, Unsupported, Value
 
+
 def conv_struct(params: dict) -> native.ConvParams:
     """The kernel parameters of a conv2d step."""
     packed: PackedWeights = params["packed"]
     quant = params["quant"] or {"scale": 1.0, "zero": 0, "qmax": 255}
     lo, hi = params["clamp"]
-    geometry = {k: params[k] for k in ("in_h", "in_w", "in_c", "out_h", "out_w", "out_c", "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_top",
-                                        "pad_left", "x_zero", "x_max")}
-    return native.conv_params(**geometry, w_bits=packed.bits, w_low=packed.low, w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout,
-                              out_zero=quant["zero"], out_qmin=0, out_qmax=quant["qmax"], out_scale=quant["scale"], clamp_min=max(lo, -3.0e38),
-                              clamp_max=min(hi, 3.0e38))
+    geometry = {
+        k: params[k]
+        for k in (
+            "in_h",
+            "in_w",
+            "in_c",
+            "out_h",
+            "out_w",
+            "out_c",
+            "kernel_h",
+            "kernel_w",
+            "stride_h",
+            "stride_w",
+            "pad_top",
+            "pad_left",
+            "x_zero",
+            "x_max",
+        )
+    }
+    return native.conv_params(
+        **geometry,
+        w_bits=packed.bits,
+        w_low=packed.low,
+        w_absmax=packed.absmax,
+        k_padded=packed.k_padded,
+        w_layout=packed.layout,
+        out_zero=quant["zero"],
+        out_qmin=0,
+        out_qmax=quant["qmax"],
+        out_scale=quant["scale"],
+        clamp_min=max(lo, -3.0e38),
+        clamp_max=min(hi, 3.0e38),
+    )
 
 
 def conv_flags(params: dict) -> np.ndarray:
@@ -28,8 +58,16 @@ def conv_flags(params: dict) -> np.ndarray:
     return np.array([int(params["residual"] is not None), int(params["depthwise"])], np.int32)
 
 
-FLOAT_OPS = {"copy": "edgeq_strided_copy", "concat": "edgeq_concat", "dequantize": "edgeq_dequantize", "binary": "edgeq_binary", "layer_norm": "edgeq_layer_norm",
-             "softmax": "edgeq_softmax", "gelu": "edgeq_gelu", "matmul": "edgeq_matmul"}
+FLOAT_OPS = {
+    "copy": "edgeq_strided_copy",
+    "concat": "edgeq_concat",
+    "dequantize": "edgeq_dequantize",
+    "binary": "edgeq_binary",
+    "layer_norm": "edgeq_layer_norm",
+    "softmax": "edgeq_softmax",
+    "gelu": "edgeq_gelu",
+    "matmul": "edgeq_matmul",
+}
 
 
 def quantize_arguments(plan: Plan, step: Step) -> tuple[list[int], float]:
@@ -64,13 +102,23 @@ def to_relax(plan: Plan):
                     continue
                 if step.kernel == "alias":
                     same = tuple(plan.values[step.inputs[0]].shape) == tuple(step.params.get("shape", value.shape))
-                    env[step.output] = args[0] if same else builder.emit(relax.op.reshape(args[0], step.params["shape"]))
+                    env[step.output] = (
+                        args[0] if same else builder.emit(relax.op.reshape(args[0], step.params["shape"]))
+                    )
                     continue
                 if step.kernel == "conv2d":
                     packed = step.params["packed"]
                     residual = env[step.params["residual"]] if step.params["residual"] else dummy
-                    call_args = [args[0], const(packed.data), const(step.params["wsum"]), const(step.params["multiplier"]), const(step.params["bias"]),
-                                 const(conv_struct(step.params).words()), const(conv_flags(step.params)), residual]
+                    call_args = [
+                        args[0],
+                        const(packed.data),
+                        const(step.params["wsum"]),
+                        const(step.params["multiplier"]),
+                        const(step.params["bias"]),
+                        const(conv_struct(step.params).words()),
+                        const(conv_flags(step.params)),
+                        residual,
+                    ]
                     name = "edgeq_conv2d_codes" if step.out_kind == "codes" else "edgeq_conv2d_float"
                 elif step.kernel == "quantize":
                     ints, scale = quantize_arguments(plan, step)
@@ -86,17 +134,19 @@ def to_relax(plan: Plan):
                     name = f"edgeq_{step.kernel}"
                 elif step.kernel in FLOAT_OPS:
                     p = step.params
-                    second = args[1] if len(args) > 1 else (const(p["constant"]) if p["constant"] is not None else dummy)
+                    second = (
+                        args[1] if len(args) > 1 else (const(p["constant"]) if p["constant"] is not None else dummy)
+                    )
                     call_args = [args[0], second, const(p["ints"]), const(p["floats"])]
                     name = FLOAT_OPS[step.kernel]
                 else:  # pragma: no cover - the planner emits only the kernels above
                     raise Unsupported(step.kernel)
-                env[step.output] = builder.emit(relax.call_dps_packed(name, call_args, out_ty=tensor_type(value, step.out_kind)))
+                env[step.output] = builder.emit(
+                    relax.call_dps_packed(name, call_args, out_ty=tensor_type(value, step.out_kind))
+                )
             result = env[plan.output_name]
             if tuple(plan.values[plan.output_name].shape) != tuple(plan.output_shape):
                 result = builder.emit(relax.op.reshape(result, plan.output_shape))
             output = builder.emit_output(result)
         builder.emit_func_output(output)
     return builder.get()
-
-

@@ -4,6 +4,7 @@ Runs as a script as well as a module, with nothing but NumPy, so the same check 
 natively and inside the arm64 emulator (``python selfcheck.py LIBRARY [--cases N] [--seed S]``).
 It prints one JSON line (cases run, layout, failures) and exits non-zero on any mismatch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,17 +65,42 @@ def check_conv(lib, rng) -> str | None:
     residual = rng.normal(0, 1, (out_h * out_w, n)).astype(np.float32) if rng.integers(0, 2) else None
     clamp = (0.0, float("inf")) if rng.integers(0, 2) else (-float("inf"), float("inf"))
     out_scale, out_zero, out_qmax = 0.07, int(rng.integers(0, 4)), int(rng.choice([15, 255]))
-    y_ref, codes_ref = reference.epilogue(acc.reshape(-1, n), multiplier, bias, residual, clamp, out_scale, out_zero, out_qmax)
+    y_ref, codes_ref = reference.epilogue(
+        acc.reshape(-1, n), multiplier, bias, residual, clamp, out_scale, out_zero, out_qmax
+    )
     if depthwise:
         packed = layouts.pack_depthwise(weights[:, 0])
     else:
         rows = weights.transpose(0, 2, 3, 1).reshape(n, -1)
         candidates = layouts.candidate_layouts(lib.layout, x_max, rows)  # every kernel this layer could run on
         packed = layouts.pack_weights(rows, candidates[int(rng.integers(0, len(candidates)))])
-    params = native.conv_params(in_h=h, in_w=w, in_c=cin, out_h=out_h, out_w=out_w, out_c=n, kernel_h=kernel, kernel_w=kernel, stride_h=stride,
-                                stride_w=stride, pad_top=pad, pad_left=pad, x_zero=x_zero, x_max=x_max, w_bits=packed.bits, w_low=packed.low,
-                                w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout, out_zero=out_zero, out_qmin=0, out_qmax=out_qmax,
-                                out_scale=out_scale, clamp_min=max(clamp[0], -3.0e38), clamp_max=min(clamp[1], 3.0e38))
+    params = native.conv_params(
+        in_h=h,
+        in_w=w,
+        in_c=cin,
+        out_h=out_h,
+        out_w=out_w,
+        out_c=n,
+        kernel_h=kernel,
+        kernel_w=kernel,
+        stride_h=stride,
+        stride_w=stride,
+        pad_top=pad,
+        pad_left=pad,
+        x_zero=x_zero,
+        x_max=x_max,
+        w_bits=packed.bits,
+        w_low=packed.low,
+        w_absmax=packed.absmax,
+        k_padded=packed.k_padded,
+        w_layout=packed.layout,
+        out_zero=out_zero,
+        out_qmin=0,
+        out_qmax=out_qmax,
+        out_scale=out_scale,
+        clamp_min=max(clamp[0], -3.0e38),
+        clamp_max=min(clamp[1], 3.0e38),
+    )
     wsum = weights.reshape(n, -1).sum(1).astype(np.int32)
     y, codes = lib.conv2d(params, x, packed, wsum, multiplier, bias, residual, depthwise=depthwise)
     what = f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits} layout {packed.layout}"
@@ -102,15 +128,22 @@ def check_unpack(lib, rng) -> str | None:
 def _float_op(lib, name, a, b, ints, floats, shape):
     out = np.zeros(shape, np.float32)
     ptr = lib._ptr
-    getattr(lib.lib, name)(ptr(np.ascontiguousarray(a)), ptr(None if b is None else np.ascontiguousarray(b, np.float32)), ptr(np.array(ints, np.int32)),
-                           ptr(np.array(floats or [0.0], np.float32)), ptr(out))
+    getattr(lib.lib, name)(
+        ptr(np.ascontiguousarray(a)),
+        ptr(None if b is None else np.ascontiguousarray(b, np.float32)),
+        ptr(np.array(ints, np.int32)),
+        ptr(np.array(floats or [0.0], np.float32)),
+        ptr(out),
+    )
     return out
 
 
 def _differs_from_reference(lib, name: str, kernel: str, a, b, ints, floats, shape) -> bool:
     """The C operator's output bits against reference.py's float32 sequence of the same operations."""
     ours = _float_op(lib, name, a, b, ints, floats, shape)
-    expected = reference._float_op(kernel, a, b, np.array(ints, np.int32), np.array(floats or [0.0], np.float32)).reshape(shape)
+    expected = reference._float_op(
+        kernel, a, b, np.array(ints, np.int32), np.array(floats or [0.0], np.float32)
+    ).reshape(shape)
     return not np.array_equal(ours, expected)
 
 
@@ -122,29 +155,47 @@ def check_float_ops(lib, rng) -> str | None:
     rows, cols = int(rng.integers(1, 9)), int(rng.integers(1, 260))
     x = (rng.normal(0, 1, (rows, cols)) * rng.choice([0.1, 4.0, 30.0])).astype(np.float32)
     e = np.exp(x.astype(np.float64) - x.max(1, keepdims=True))
-    if np.abs(_float_op(lib, "edgeq_softmax", x, None, [rows, cols], [], x.shape) - e / e.sum(1, keepdims=True)).max() > 2e-6:
+    if (
+        np.abs(_float_op(lib, "edgeq_softmax", x, None, [rows, cols], [], x.shape) - e / e.sum(1, keepdims=True)).max()
+        > 2e-6
+    ):
         return f"softmax {rows}x{cols}: differs from NumPy"
-    gelu = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.reshape(-1).astype(np.float64)]).reshape(x.shape)
-    if np.any(np.abs(_float_op(lib, "edgeq_gelu", x, None, [x.size], [], x.shape) - gelu) > 2e-6 * np.maximum(1.0, np.abs(gelu))):
+    gelu = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.reshape(-1).astype(np.float64)]).reshape(
+        x.shape
+    )
+    if np.any(
+        np.abs(_float_op(lib, "edgeq_gelu", x, None, [x.size], [], x.shape) - gelu)
+        > 2e-6 * np.maximum(1.0, np.abs(gelu))
+    ):
         return f"gelu {x.size}: differs from the erf form"
     gamma_beta = rng.normal(0, 1, 2 * cols).astype(np.float32)
     x64 = x.astype(np.float64)
-    norm = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5) * gamma_beta[:cols] + gamma_beta[cols:]
+    norm = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5) * gamma_beta[
+        :cols
+    ] + gamma_beta[cols:]
     if np.abs(_float_op(lib, "edgeq_layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape) - norm).max() > 1e-4:
         return f"layer_norm {rows}x{cols}: differs from NumPy"
     k, n = int(rng.integers(1, 80)), int(rng.integers(1, 40))
     b = rng.normal(0, 1, (k, n)).astype(np.float32)
     a = rng.normal(0, 1, (rows, k)).astype(np.float32)
     bound = 4 * k * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b)) + 1e-30
-    if np.any(np.abs(_float_op(lib, "edgeq_matmul", a, b, [1, rows, k, n], [1.0], (rows, n)) - a.astype(np.float64) @ b) > bound):
+    if np.any(
+        np.abs(_float_op(lib, "edgeq_matmul", a, b, [1, rows, k, n], [1.0], (rows, n)) - a.astype(np.float64) @ b)
+        > bound
+    ):
         return f"matmul {rows}x{k}x{n}: differs from NumPy"
     batch = int(rng.integers(1, 4))
-    left, right = rng.normal(0, 1, (batch, rows, k)).astype(np.float32), rng.normal(0, 1, (batch, k, n)).astype(np.float32)
-    exact = [("edgeq_softmax", "softmax", x, None, [rows, cols], [], x.shape),
-             ("edgeq_gelu", "gelu", x, None, [x.size], [], x.shape),
-             ("edgeq_layer_norm", "layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape),
-             ("edgeq_matmul", "matmul", left, right, [batch, rows, k, n], [0.125], (batch, rows, n)),
-             ("edgeq_binary", "binary", x, gamma_beta[:cols], [x.size, cols, 1], [-3.0e38, 3.0e38], x.shape)]
+    left, right = (
+        rng.normal(0, 1, (batch, rows, k)).astype(np.float32),
+        rng.normal(0, 1, (batch, k, n)).astype(np.float32),
+    )
+    exact = [
+        ("edgeq_softmax", "softmax", x, None, [rows, cols], [], x.shape),
+        ("edgeq_gelu", "gelu", x, None, [x.size], [], x.shape),
+        ("edgeq_layer_norm", "layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape),
+        ("edgeq_matmul", "matmul", left, right, [batch, rows, k, n], [0.125], (batch, rows, n)),
+        ("edgeq_binary", "binary", x, gamma_beta[:cols], [x.size, cols, 1], [-3.0e38, 3.0e38], x.shape),
+    ]
     for name, kernel, a, b, ints, floats, shape in exact:
         if _differs_from_reference(lib, name, kernel, a, b, ints, floats, shape):
             return f"{kernel} {shape}: not bit for bit the reference's"

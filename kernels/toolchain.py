@@ -1,5 +1,6 @@
 """Building the C kernels for a target: compiler flags per instruction set, object files for
 linking into a TVM module, and cached shared libraries for ctypes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,10 @@ def build_object(compiler: str, flags: list[str], out_dir: Path) -> list[Path]:
 def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
     """A shared library of the C kernels (for ctypes), cached by source and flags."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"libedgeq_kernels-{hashlib.sha256(repr((source_digest(), compiler, flags)).encode()).hexdigest()[:16]}.so"
+    path = (
+        cache
+        / f"libedgeq_kernels-{hashlib.sha256(repr((source_digest(), compiler, flags)).encode()).hexdigest()[:16]}.so"
+    )
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             partial = Path(tmp) / path.name
@@ -88,5 +92,3 @@ def host_cpu_features() -> set[str]:
         if line.startswith(("flags", "Features")):
             return set(line.split(":", 1)[1].split())
     return set()
-
-

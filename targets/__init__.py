@@ -9,6 +9,7 @@ board is adding a JSON file; no code changes.
 (:func:`host_target_name`, from the architecture and the /proc/cpuinfo flags). It is
 resolved when parsed, so manifests, reports and stage folders name the concrete target.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,8 +85,10 @@ def host_target_name(arch: str, cpu_flags) -> str:
     for name in HOST_PREFERENCE.get(arch, ()):
         if set(targets[name].cpu_features) <= flags:
             return name
-    raise EdgeqError(f"no edgeq target runs on this CPU ({arch or 'unknown architecture'})",
-                     f"pass --target with one of: {', '.join(sorted(targets))} (cross-compiles)")
+    raise EdgeqError(
+        f"no edgeq target runs on this CPU ({arch or 'unknown architecture'})",
+        f"pass --target with one of: {', '.join(sorted(targets))} (cross-compiles)",
+    )
 
 
 def host_target() -> Target:

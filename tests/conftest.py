@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random generator, a synth folder and quantized folders, built once per session."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,12 @@ def builtin_model():
 def synth_dir(tmp_path_factory, tiny_generator, builtin_model):
     from edgeq.stages import synth
 
-    return synth.run(tiny_generator, builtin_model.classes, tmp_path_factory.mktemp("synth") / "calib",
-                     synth.SynthOptions(num_images=16, seed=3, steps=4))
+    return synth.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path_factory.mktemp("synth") / "calib",
+        synth.SynthOptions(num_images=16, seed=3, steps=4),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +53,8 @@ def quantized_dirs(tmp_path_factory):
 
 
 requires_emulator = pytest.mark.skipif(
-    not emulation.is_ready(), reason="arm64 emulation environment not built (scripts/setup.sh builds it; needs root and network)"
+    not emulation.is_ready(),
+    reason="arm64 emulation environment not built (scripts/setup.sh builds it; needs root and network)",
 )
 
 
@@ -59,5 +65,8 @@ def libraries(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("kernels")
     compiler, flags = toolchain.host_flags()
-    built = {"host": native.Library(toolchain.build_shared(compiler, flags, cache)), "portable": native.Library(toolchain.build_shared(compiler, PORTABLE_FLAGS, cache))}
+    built = {
+        "host": native.Library(toolchain.build_shared(compiler, flags, cache)),
+        "portable": native.Library(toolchain.build_shared(compiler, PORTABLE_FLAGS, cache)),
+    }
     return built

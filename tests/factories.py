@@ -1,7 +1,11 @@
 """Model factories for tests, loaded as ``tests.factories:NAME``. Seeded: a factory must give the same model every call."""
+
 import torch
 
-FMNIST_META = {"classes": [f"class {i}" for i in range(10)], "preprocess": {"channels": 1, "height": 28, "width": 28, "mean": [0.5], "std": [0.5]}}
+FMNIST_META = {
+    "classes": [f"class {i}" for i in range(10)],
+    "preprocess": {"channels": 1, "height": 28, "width": 28, "mean": [0.5], "std": [0.5]},
+}
 
 
 def tiny_vit():
@@ -9,8 +13,17 @@ def tiny_vit():
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1, num_classes=10,
-                              depth=2, embed_dim=64, num_heads=2)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=7,
+        in_chans=1,
+        num_classes=10,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+    )
     return model, FMNIST_META
 
 

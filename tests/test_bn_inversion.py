@@ -1,4 +1,5 @@
 """BatchNorm inversion: optimized images match the running statistics far better than noise, deterministically."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,26 +29,36 @@ def test_inversion_lowers_the_batchnorm_statistics_gap(builtin_model):
 
 def test_bn_inversion_strategy_is_deterministic_and_records_the_model(tmp_path, builtin_model):
     settings = InversionSettings(iterations=5, batch_size=8)
-    first = synth.run("unused", builtin_model.classes, tmp_path / "a",
-                      synth.SynthOptions(strategy="bn-inversion", num_images=12, seed=2, inversion=settings),
-                      model=builtin_model)
-    again = synth.run("unused", builtin_model.classes, tmp_path / "b",
-                      synth.SynthOptions(strategy="bn-inversion", num_images=12, seed=2, inversion=settings),
-                      model=builtin_model)
+    first = synth.run(
+        "unused",
+        builtin_model.classes,
+        tmp_path / "a",
+        synth.SynthOptions(strategy="bn-inversion", num_images=12, seed=2, inversion=settings),
+        model=builtin_model,
+    )
+    again = synth.run(
+        "unused",
+        builtin_model.classes,
+        tmp_path / "b",
+        synth.SynthOptions(strategy="bn-inversion", num_images=12, seed=2, inversion=settings),
+        model=builtin_model,
+    )
     shard = synth.SHARD_PATTERN.format(0)
     assert (first / shard).read_bytes() == (again / shard).read_bytes()
     manifest = Manifest.load(first, "synth")
     assert manifest.inputs[0]["role"] == "model" and manifest.params["inversion"]["iterations"] == 5
     with pytest.raises(EdgeqError, match="needs the model"):
-        synth.run("unused", builtin_model.classes, tmp_path / "c",
-                  synth.SynthOptions(strategy="bn-inversion", num_images=4))
+        synth.run(
+            "unused", builtin_model.classes, tmp_path / "c", synth.SynthOptions(strategy="bn-inversion", num_images=4)
+        )
 
 
 def test_a_model_without_batchnorm_is_refused(tmp_path):
     vit = load_model("zoo:fmnist-vit")
     with pytest.raises(EdgeqError, match="no BatchNorm"):
-        synth.run("unused", vit.classes, tmp_path / "v", synth.SynthOptions(strategy="bn-inversion", num_images=4),
-                  model=vit)
+        synth.run(
+            "unused", vit.classes, tmp_path / "v", synth.SynthOptions(strategy="bn-inversion", num_images=4), model=vit
+        )
     assert not (tmp_path / "v").exists()
 
 

@@ -1,4 +1,5 @@
 """The command line: help with examples, and one-line errors with non-zero exits."""
+
 import sys
 
 import pytest
@@ -16,7 +17,22 @@ def run_cli(monkeypatch, capsys, *args):
     return info.value.code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["synth", "inspect"], ["quantize"], ["export"], ["compile"], ["verify"], ["regress"], ["bundle"], ["sweep"], ["mixed"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["synth"],
+        ["synth", "inspect"],
+        ["quantize"],
+        ["export"],
+        ["compile"],
+        ["verify"],
+        ["regress"],
+        ["bundle"],
+        ["sweep"],
+        ["mixed"],
+    ],
+)
 def test_help_explains_with_an_example(monkeypatch, capsys, command):
     code, out, _ = run_cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Example" in out
@@ -41,34 +57,72 @@ def test_unknown_target(monkeypatch, capsys):
 
 
 def test_missing_model_file(monkeypatch, capsys, tmp_path):
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", "missing.pt", "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")), "not found")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "quantize", "missing.pt", "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")),
+        "not found",
+    )
     assert not (tmp_path / "q").exists()
 
 
 def test_corrupt_model_file(monkeypatch, capsys, tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"PK\x03\x04 truncated zip")
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", str(path), "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")), "cannot read")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "quantize", str(path), "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")),
+        "cannot read",
+    )
     assert not (tmp_path / "q").exists()
 
 
 def test_pickle_without_opt_in(monkeypatch, capsys, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(TinyResNet(), path)
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", str(path), "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")), "--allow-pickle")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "quantize", str(path), "--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")),
+        "--allow-pickle",
+    )
 
 
 def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
     path = tmp_path / "model.pt"
     torch.save(TinyResNet(), path)
-    code, _out, _ = run_cli(monkeypatch, capsys, "quantize", str(path), "--allow-pickle", "--calib", "fashion-mnist:A", "--num-images", "8",
-                             "--method", "qdrop", "--iters", "5", "--lr-rounding", "0.03", "-o", str(tmp_path / "q"))
+    code, _out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "quantize",
+        str(path),
+        "--allow-pickle",
+        "--calib",
+        "fashion-mnist:A",
+        "--num-images",
+        "8",
+        "--method",
+        "qdrop",
+        "--iters",
+        "5",
+        "--lr-rounding",
+        "0.03",
+        "-o",
+        str(tmp_path / "q"),
+    )
     assert code == 0 and (tmp_path / "q" / "manifest.json").is_file()
     assert '"lr_rounding": 0.03' in (tmp_path / "q" / "manifest.json").read_text()
 
 
 def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "quantize", "builtin:tiny-fmnist", "--calib", str(tmp_path / "nowhere"), "-o", str(tmp_path / "q")), "not found")
+    _assert_one_line_error(
+        run_cli(
+            monkeypatch,
+            capsys,
+            "quantize",
+            "builtin:tiny-fmnist",
+            "--calib",
+            str(tmp_path / "nowhere"),
+            "-o",
+            str(tmp_path / "q"),
+        ),
+        "not found",
+    )
 
 
 def test_targets_lists_boards(monkeypatch, capsys):
@@ -80,7 +134,9 @@ def test_targets_lists_boards(monkeypatch, capsys):
 
 
 def test_unknown_sweep_target_lists_choices_with_host(monkeypatch, capsys, tmp_path):
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "sweep", "--targets", "x86,pi4", "-o", str(tmp_path / "s")), "pi4", "rpi4", "host")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "sweep", "--targets", "x86,pi4", "-o", str(tmp_path / "s")), "pi4", "rpi4", "host"
+    )
 
 
 def test_synth_inspect_reports_json_and_draws_a_chart(monkeypatch, capsys, tmp_path, synth_dir):
@@ -88,22 +144,51 @@ def test_synth_inspect_reports_json_and_draws_a_chart(monkeypatch, capsys, tmp_p
 
     from PIL import Image
 
-    code, out, _ = run_cli(monkeypatch, capsys, "synth", "inspect", str(synth_dir), "--model", "builtin:tiny-fmnist", "--json", "--png", str(tmp_path / "i.png"))
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "synth",
+        "inspect",
+        str(synth_dir),
+        "--model",
+        "builtin:tiny-fmnist",
+        "--json",
+        "--png",
+        str(tmp_path / "i.png"),
+    )
     report = json.loads(out)
-    assert code == 0 and report["images"] == 16 and report["strategy"] == "mixup" and sum(report["predicted_histogram"]) == 16
+    assert (
+        code == 0
+        and report["images"] == 16
+        and report["strategy"] == "mixup"
+        and sum(report["predicted_histogram"]) == 16
+    )
     assert 0 <= report["mean_entropy_normalized"] <= 1 and report["feature_diversity"] > 0
     assert Image.open(tmp_path / "i.png").size == (720, 300)
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "inspect", str(synth_dir)), "records no model", "--model")
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "inspect", str(tmp_path), "--model", "builtin:tiny-fmnist"), "manifest.json")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "synth", "inspect", str(synth_dir)), "records no model", "--model"
+    )
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "synth", "inspect", str(tmp_path), "--model", "builtin:tiny-fmnist"),
+        "manifest.json",
+    )
 
 
 def test_synth_without_a_generator_for_the_model(monkeypatch, capsys, tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("cat\ndog\n")
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "--strategy", "mixup", "--classes", str(classes), "-o", str(tmp_path / "o")),
-                           "needs a text-to-image generator", "--generator")
+    _assert_one_line_error(
+        run_cli(
+            monkeypatch, capsys, "synth", "--strategy", "mixup", "--classes", str(classes), "-o", str(tmp_path / "o")
+        ),
+        "needs a text-to-image generator",
+        "--generator",
+    )
     # Class names alone say nothing of which generator knows them: no default model or generator is assumed.
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "synth", "--classes", str(classes), "-o", str(tmp_path / "o")), "needs a text-to-image generator")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "synth", "--classes", str(classes), "-o", str(tmp_path / "o")),
+        "needs a text-to-image generator",
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -1,5 +1,6 @@
 """Runners: a TVM RPC server on loopback, natively and under qemu-aarch64 (a rehearsal of a
 board), gives the same outputs as the local and emulated runs."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,14 @@ def rpc_server():
 
     def start(python: list[str], env=None, wait_s: float = 30.0) -> str:
         port = devices.free_port()
-        process = subprocess.Popen([*python, *RPC_SERVER, "--port", str(port), "--port-end", str(port + 1)], env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+        process = subprocess.Popen(
+            [*python, *RPC_SERVER, "--port", str(port), "--port-end", str(port + 1)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         started.append(process)
         _wait_for_port(port, process, wait_s)
         return f"127.0.0.1:{port}"
@@ -69,7 +76,9 @@ def test_verify_over_loopback_rpc_matches_the_local_run(tmp_path, tiny_export, r
     compiled = compile_stage.run(tiny_export, tmp_path / "compiled", target="x86")
     local = verify_stage.run(compiled, tmp_path / "local", data="fashion-mnist:test", num_images=40, latency_runs=3)
     address = rpc_server([sys.executable])
-    remote = verify_stage.run(compiled, tmp_path / "remote", data="fashion-mnist:test", num_images=40, latency_runs=5, rpc=address)
+    remote = verify_stage.run(
+        compiled, tmp_path / "remote", data="fashion-mnist:test", num_images=40, latency_runs=5, rpc=address
+    )
     assert remote["ran"] == f"rpc {address}" and local["ran"] == "native"
     assert remote["compiled_top1"] == local["compiled_top1"]
     assert remote["max_abs_diff_vs_onnxruntime"] == local["max_abs_diff_vs_onnxruntime"] < 1e-4
@@ -82,7 +91,9 @@ def test_verify_over_rpc_to_an_emulated_raspberry_pi(tmp_path, tiny_export, rpc_
     compiled = compile_stage.run(tiny_export, tmp_path / "compiled", target="rpi4")
     command, env = emulation.python_command("cortex-a72")
     address = rpc_server(command, env=env, wait_s=120.0)
-    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=20, latency_runs=2, rpc=address)
+    report = verify_stage.run(
+        compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=20, latency_runs=2, rpc=address
+    )
     assert report["ran"] == f"rpc {address}"
     assert report["agreement_with_onnxruntime"] == 1.0 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
 
@@ -99,14 +110,25 @@ def test_rpc_errors_are_one_line_with_a_fix(tmp_path, tiny_export):
 
 
 def _selftest(bundle: Path, python: list[str], env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*python, str(bundle / "selftest.py")], env=env, capture_output=True, text=True, check=False, cwd=str(bundle))
+    return subprocess.run(
+        [*python, str(bundle / "selftest.py")], env=env, capture_output=True, text=True, check=False, cwd=str(bundle)
+    )
 
 
 def test_bundle_selftest_passes_and_catches_a_wrong_result(tmp_path, tiny_export):
     compiled = compile_stage.run(tiny_export, tmp_path / "compiled", target="x86")
     made = bundle_stage.run(compiled, tmp_path / "bundle", num_samples=6, tar=True)
     names = {p.name for p in made.iterdir()}
-    assert {"module.so", "runner.py", "selftest.py", "rpc_server.py", "preprocess.json", "selftest.json", "README.md", "manifest.json"} <= names
+    assert {
+        "module.so",
+        "runner.py",
+        "selftest.py",
+        "rpc_server.py",
+        "preprocess.json",
+        "selftest.json",
+        "README.md",
+        "manifest.json",
+    } <= names
     with tarfile.open(tmp_path / "bundle.tar.gz") as archive:
         assert "bundle/module.so" in archive.getnames()
     preprocess = json.loads((made / "preprocess.json").read_text())

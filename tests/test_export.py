@@ -1,4 +1,5 @@
 """Export: QDQ ONNX in true low-bit types, matching torch fake-quant in quantization steps."""
+
 import numpy as np
 import onnx
 import pytest
@@ -16,12 +17,15 @@ def test_inputs(builtin_model):
     return builtin_model.preprocess(load_fashion_mnist("test").images[:64])
 
 
-@pytest.mark.parametrize("bits,opset,weight_type,act_type", [
-    ("w2a4", 25, TensorProto.INT2, TensorProto.UINT4),
-    ("w4a4", 21, TensorProto.INT4, TensorProto.UINT4),
-    ("w3a3", 21, TensorProto.INT4, TensorProto.UINT4),
-    ("w8a8", 21, TensorProto.INT8, TensorProto.UINT8),
-])
+@pytest.mark.parametrize(
+    "bits,opset,weight_type,act_type",
+    [
+        ("w2a4", 25, TensorProto.INT2, TensorProto.UINT4),
+        ("w4a4", 21, TensorProto.INT4, TensorProto.UINT4),
+        ("w3a3", 21, TensorProto.INT4, TensorProto.UINT4),
+        ("w8a8", 21, TensorProto.INT8, TensorProto.UINT8),
+    ],
+)
 def test_qdq_types_and_agreement_in_steps(quantized_dirs, test_inputs, bits, opset, weight_type, act_type):
     model, *_ = quantized.load(quantized_dirs(bits))
     onnx_model, records = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
@@ -63,7 +67,9 @@ def test_weights_are_the_quantized_codes(quantized_dirs):
 
     model, *_ = quantized.load(quantized_dirs("w2a4"))
     onnx_model, _ = export.build_qdq_model(model, torch.zeros(2, 1, 28, 28))
-    codes = numpy_helper.to_array(next(t for t in onnx_model.graph.initializer if t.name == "edgeq.block_conv1.0.weight_q"))
+    codes = numpy_helper.to_array(
+        next(t for t in onnx_model.graph.initializer if t.name == "edgeq.block_conv1.0.weight_q")
+    )
     assert np.array_equal(codes.astype(np.int8), model.get_submodule("block_conv1.0").weight_int.numpy())
     assert codes.min() >= -2 and codes.max() <= 1
 
@@ -77,7 +83,10 @@ def test_lowering_keeps_the_numbers(quantized_dirs, test_inputs, bits):
     model, *_ = quantized.load(quantized_dirs(bits))
     onnx_model, _ = export.build_qdq_model(model, torch.from_numpy(test_inputs[:2]))
     lowered = lower_low_bit_qdq(onnx_model)
-    assert all(t.data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT64) for t in lowered.graph.initializer)
+    assert all(
+        t.data_type in (TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT64)
+        for t in lowered.graph.initializer
+    )
     assert np.array_equal(_ort(onnx_model, test_inputs), _ort(lowered, test_inputs))
 
 
@@ -86,9 +95,17 @@ def test_lowering_needs_the_clip():
     from onnx import helper, numpy_helper
 
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [numpy_helper.from_array(np.array(0.5, np.float32), "s"), qdq.integer_tensor("z", np.array(2), 4, signed=False)],
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [
+            numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+            qdq.integer_tensor("z", np.array(2), 4, signed=False),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     x = np.array([-3.0, 0.0, 6.5, 40.0], np.float32)

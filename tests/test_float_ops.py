@@ -1,6 +1,7 @@
 """The float operators of the kernel library (edgeq_float.c) against NumPy, in the host's
 SIMD build and the portable C build. Moves (copy, concat, dequantize, add, multiply) are
 exact; arithmetic is held to float32 rounding of a float64 reference (stated per test)."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,13 @@ def call(library, name, a, b, ints, floats, out_shape):
     out = np.zeros(out_shape, np.float32)
     ptr = library._ptr
     second = None if b is None else np.ascontiguousarray(b, np.float32)
-    getattr(library.lib, name)(ptr(np.ascontiguousarray(a)), ptr(second), ptr(np.array(ints, np.int32)), ptr(np.array(floats or [0.0], np.float32)), ptr(out))
+    getattr(library.lib, name)(
+        ptr(np.ascontiguousarray(a)),
+        ptr(second),
+        ptr(np.array(ints, np.int32)),
+        ptr(np.array(floats or [0.0], np.float32)),
+        ptr(out),
+    )
     return out
 
 
@@ -55,8 +62,14 @@ def test_layer_norm_matches_numpy(libraries, build):
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=st.integers(1, 3), m=st.integers(1, 13), k=st.integers(1, 70), n=st.integers(1, 40), build=st.sampled_from(BUILDS),
-       seed=st.integers(0, 2**31 - 1))
+@given(
+    batch=st.integers(1, 3),
+    m=st.integers(1, 13),
+    k=st.integers(1, 70),
+    n=st.integers(1, 40),
+    build=st.sampled_from(BUILDS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_matmul_matches_numpy(libraries, batch, m, k, n, build, seed):
     rng = np.random.default_rng(seed)
     a = rng.normal(0, 1, (batch, m, k)).astype(np.float32)
@@ -64,7 +77,9 @@ def test_matmul_matches_numpy(libraries, batch, m, k, n, build, seed):
     ours = call(libraries[build], "edgeq_matmul", a, b, [batch, m, k, n], [0.5], (batch, m, n))
     reference = 0.5 * np.matmul(a.astype(np.float64), b.astype(np.float64))
     # float32 accumulation over k terms: a few ulp of the sum of |products|
-    bound = 4 * k * np.finfo(np.float32).eps * 0.5 * np.matmul(np.abs(a).astype(np.float64), np.abs(b).astype(np.float64))
+    bound = (
+        4 * k * np.finfo(np.float32).eps * 0.5 * np.matmul(np.abs(a).astype(np.float64), np.abs(b).astype(np.float64))
+    )
     assert np.all(np.abs(ours - reference) <= bound + 1e-30)
 
 
@@ -81,7 +96,11 @@ def test_binary_broadcasts_a_period_and_clamps_exactly(libraries, build):
 
 
 @settings(max_examples=30, deadline=None)
-@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=6), build=st.sampled_from(BUILDS), seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    build=st.sampled_from(BUILDS),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_strided_copy_transposes_and_slices_exactly(libraries, shape, build, seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(0, 1, shape).astype(np.float32)
@@ -105,4 +124,3 @@ def test_concat_and_dequantize_exactly(libraries, build):
     codes = rng.integers(0, 16, 300).astype(np.uint8)
     ours = call(libraries[build], "edgeq_dequantize", codes, None, [codes.size, 7], [0.37], codes.shape)
     assert np.array_equal(ours, (codes.astype(np.int32) - 7).astype(np.float32) * np.float32(0.37))
-

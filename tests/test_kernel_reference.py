@@ -1,4 +1,5 @@
 """The kernel references agree with each other bit for bit, and requantization with onnxruntime's QDQ graph."""
+
 import numpy as np
 import onnx
 from edgeq.kernels import reference
@@ -49,12 +50,22 @@ def test_requantize_matches_onnxruntime_qdq_within_one_step():
         helper.make_node("QuantizeLinear", ["r", "o_s", "o_z"], ["out"]),
     ]
     inits = [
-        numpy_helper.from_array(np.float32(a_scale), "a_s"), numpy_helper.from_array(np.uint8(a_zero), "a_z"),
-        numpy_helper.from_array(w.T.astype(np.int8), "w_q"), numpy_helper.from_array(w_scale, "w_s"), numpy_helper.from_array(np.zeros(n, np.int8), "w_z"),
-        numpy_helper.from_array(bias, "bias"), numpy_helper.from_array(np.float32(out_scale), "o_s"), numpy_helper.from_array(np.uint8(out_zero), "o_z"),
+        numpy_helper.from_array(np.float32(a_scale), "a_s"),
+        numpy_helper.from_array(np.uint8(a_zero), "a_z"),
+        numpy_helper.from_array(w.T.astype(np.int8), "w_q"),
+        numpy_helper.from_array(w_scale, "w_s"),
+        numpy_helper.from_array(np.zeros(n, np.int8), "w_z"),
+        numpy_helper.from_array(bias, "bias"),
+        numpy_helper.from_array(np.float32(out_scale), "o_s"),
+        numpy_helper.from_array(np.uint8(out_zero), "o_z"),
     ]
-    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("a_q", TensorProto.UINT8, [m, k])],
-                              [helper.make_tensor_value_info("out", TensorProto.UINT8, [m, n])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("a_q", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, [m, n])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     onnx.checker.check_model(model)
     theirs = onnxruntime_session(model).run(None, {"a_q": a.astype(np.uint8)})[0]

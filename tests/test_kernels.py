@@ -1,6 +1,7 @@
 """The C kernels: bit-exact against the NumPy references, natively (property-based) and under
 qemu for Cortex-A72 (NEON) and Cortex-A76 (dot product); kernel plans and compiled modules
 against onnxruntime's QDQ model."""
+
 from __future__ import annotations
 
 import json
@@ -61,14 +62,25 @@ def test_panel_places_each_weight_where_the_microkernel_reads_it(layout):
     k_padded = layouts.round_up(k, layouts.K_ALIGN)
     for row, col in [(0, 0), (5, 17), (n - 1, k - 1), (layout.block, 3)]:
         block, within = divmod(row, layout.block)
-        index = block * layout.block * k_padded + (col // layout.group) * layout.block * layout.group + within * layout.group + col % layout.group
+        index = (
+            block * layout.block * k_padded
+            + (col // layout.group) * layout.block * layout.group
+            + within * layout.group
+            + col % layout.group
+        )
         assert values[index] == weights[row, col]
     assert values.size == layouts.round_up(n, layout.block) * k_padded
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 30), k=st.integers(1, 600), n=st.integers(1, 70), bits=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**31 - 1),
-       which=st.sampled_from(["host", "portable"]))
+@given(
+    m=st.integers(1, 30),
+    k=st.integers(1, 600),
+    n=st.integers(1, 70),
+    bits=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 2**31 - 1),
+    which=st.sampled_from(["host", "portable"]),
+)
 def test_microkernel_accumulators_equal_the_integer_gemm(libraries, m, k, n, bits, seed, which):
     rng = np.random.default_rng(seed)
     a = rng.integers(0, 16, (m, k)).astype(np.uint8)
@@ -98,7 +110,9 @@ def test_table_lookup_layout_stores_two_bits_per_weight_and_is_chosen_for_wide_l
     packed = layouts.pack_weights(weights, lut)
     assert packed.data.size == 512 * 576 // 4 and packed.layout == lut.id
     assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights, rows=196) == lut
-    assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights[:64], rows=196).name == "avx2"  # tables cost more than they save
+    assert (
+        layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights[:64], rows=196).name == "avx2"
+    )  # tables cost more than they save
     assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 255, weights, rows=196).name == "avx2-wide"
     assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights * 2, rows=196).name == "avx2"  # not 2-bit
     with pytest.raises(ValueError, match="2-bit"):
@@ -113,20 +127,33 @@ def test_convolutions_with_fused_epilogue_match_the_reference(libraries, seed, w
 
 
 def test_selfcheck_script_passes_natively(libraries):
-    result = subprocess.run([sys.executable, str(Path(selfcheck.__file__)), str(libraries["host"].path), "--cases", "10"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, str(Path(selfcheck.__file__)), str(libraries["host"].path), "--cases", "10"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout)["failures"] == []
 
 
 @pytest.mark.qemu
 @requires_emulator
-@pytest.mark.parametrize("target_name, qemu_cpu, layout", [("rpi4", "cortex-a72", "neon"), ("jetson-orin", "cortex-a76", "sdot")])
+@pytest.mark.parametrize(
+    "target_name, qemu_cpu, layout", [("rpi4", "cortex-a72", "neon"), ("jetson-orin", "cortex-a76", "sdot")]
+)
 def test_arm64_kernels_are_bit_exact_under_qemu(tmp_path, target_name, qemu_cpu, layout):
     target = get_target(target_name)
     c_compiler, _, flags = compile_stage.kernel_toolchain(target)
     library = toolchain.build_shared(c_compiler, flags, tmp_path)
     command, env = emulation.python_command(qemu_cpu)
-    result = subprocess.run([*command, str(Path(selfcheck.__file__)), str(library), "--cases", "12", "--seed", "1"], env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [*command, str(Path(selfcheck.__file__)), str(library), "--cases", "12", "--seed", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"layout": layout, "cases": 12, "failures": []}
@@ -139,7 +166,13 @@ def test_dot_product_build_does_not_run_on_cortex_a72(tmp_path):
     c_compiler, _, flags = compile_stage.kernel_toolchain(get_target("jetson-orin"))
     library = toolchain.build_shared(c_compiler, flags, tmp_path)
     command, env = emulation.python_command("cortex-a72")
-    result = subprocess.run([*command, str(Path(selfcheck.__file__)), str(library), "--cases", "2"], env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [*command, str(Path(selfcheck.__file__)), str(library), "--cases", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode in (132, -4)
 
 
@@ -151,7 +184,9 @@ def test_dot_product_build_does_not_run_on_cortex_a72(tmp_path):
 def exports(tmp_path_factory, quantized_dirs, tiny_zoo_vit_export):
     root = tmp_path_factory.mktemp("kernel-exports")
     made = {"tiny": export_stage.run(quantized_dirs("w2a4"), root / "tiny"), "vit": tiny_zoo_vit_export}
-    mobilenet = quantize_stage.run("zoo:fmnist-mobilenet", "fashion-mnist:A", root / "mobilenet-q", bits="w2a4", num_images=16)
+    mobilenet = quantize_stage.run(
+        "zoo:fmnist-mobilenet", "fashion-mnist:A", root / "mobilenet-q", bits="w2a4", num_images=16
+    )
     made["mobilenet"] = export_stage.run(mobilenet, root / "mobilenet")
     return made
 
@@ -163,7 +198,9 @@ def timm_vit_model(tmp_path_factory) -> onnx.ModelProto:
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, num_classes=10
+    ).eval()
     calibration = np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32)
     quantized = quantize_module(model, calibration, "w2a4")
     qdq, _ = export_stage.build_qdq_model(quantized, torch.from_numpy(calibration[:1]))
@@ -183,7 +220,11 @@ def _code_disagreement(model: onnx.ModelProto, plan: kernel_plan.Plan, env: dict
     DequantizeLinear after each QuantizeLinear: (code - zero) * scale, exactly invertible.
     """
     dequantized = {node.input[0]: node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
-    quantized = [node.output[0] for node in model.graph.node if node.op_type == "QuantizeLinear" and node.output[0] in env and node.output[0] in dequantized]
+    quantized = [
+        node.output[0]
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and node.output[0] in env and node.output[0] in dequantized
+    ]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
@@ -207,7 +248,9 @@ def _assert_equals_reference(plan: kernel_plan.Plan, env: dict, x: np.ndarray) -
     expected = reference.run_plan(plan, x)
     for step in plan.steps:
         ours, theirs = np.asarray(env[step.output]).reshape(expected[step.output].shape), expected[step.output]
-        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), f"{step.kernel} {step.output}: differs from the reference"
+        assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), (
+            f"{step.kernel} {step.output}: differs from the reference"
+        )
 
 
 @pytest.mark.parametrize("name", ["tiny", "mobilenet", "vit"])
@@ -231,7 +274,9 @@ def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
         # Same integers; the float epilogue differs from onnxruntime's float conv only in rounding.
         assert np.abs(ours - theirs).max() < 1e-4
         worst, share = _code_disagreement(model, plan, env, x)
-        if name == "vit":  # layer norm, softmax and GELU round differently: a code on a rounding boundary may move one step
+        if (
+            name == "vit"
+        ):  # layer norm, softmax and GELU round differently: a code on a rounding boundary may move one step
             assert worst <= 1 and share < 1e-3
         else:  # integer layers only: every code equal
             assert (worst, share) == (0, 0.0)
@@ -256,7 +301,10 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
         assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
 
 
-@pytest.mark.parametrize("name, target_name", [("tiny", "x86"), ("tiny", "x86-avx2"), ("mobilenet", "x86-avx2"), ("vit", "x86-avx2"), ("vit", "x86")])
+@pytest.mark.parametrize(
+    "name, target_name",
+    [("tiny", "x86"), ("tiny", "x86-avx2"), ("mobilenet", "x86-avx2"), ("vit", "x86-avx2"), ("vit", "x86")],
+)
 def test_compiled_module_equals_the_reference_and_matches_onnxruntime(tmp_path, exports, name, target_name):
     target = get_target(target_name)
     if target.missing_host_features():
@@ -296,8 +344,12 @@ def test_unsupported_graph_falls_back_or_fails_clearly(tmp_path, exports):
     logits = model.graph.output[0].name
     for node in model.graph.node:
         node.output[:] = [f"{name}/before" if name == logits else name for name in node.output]
-    model.graph.node.extend([onnx.helper.make_node("Neg", [f"{logits}/before"], [f"{logits}/negated"], name="negate"),
-                             onnx.helper.make_node("Neg", [f"{logits}/negated"], [logits], name="negate_back")])
+    model.graph.node.extend(
+        [
+            onnx.helper.make_node("Neg", [f"{logits}/before"], [f"{logits}/negated"], name="negate"),
+            onnx.helper.make_node("Neg", [f"{logits}/negated"], [logits], name="negate_back"),
+        ]
+    )
     onnx.save(model, str(export / MODEL_FILE))
     compiled = compile_stage.run(export, tmp_path / "auto", target="x86")
     build = Manifest.load(compiled, "compile").extra["build"]
@@ -312,7 +364,6 @@ def tiny_zoo_vit_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("vit-export")
     quantized = quantize_stage.run("zoo:fmnist-vit", "fashion-mnist:A", root / "q", bits="w4a4", num_images=8)
     return export_stage.run(quantized, root / "x")
-
 
 
 def test_conv_params_struct_has_one_layout(libraries):

@@ -5,6 +5,7 @@ synth folder reader) lives in library modules, so a stage can change without rea
 into the modules that read its output. Every library file is parsed, imports inside
 functions and relative imports included.
 """
+
 from __future__ import annotations
 
 import ast
@@ -67,27 +68,37 @@ def _library_files() -> list[str]:
 def test_only_the_pipeline_sweep_and_cli_import_stages():
     files = _library_files()
     assert "edgeq/stages/export.py" in files and "kernels/native.py" in files  # the walk sees the tree
-    offences = [f"{relative}:{line}: imports {module}" for relative in files if relative not in STAGE_IMPORTERS
-                for line, module in stage_imports((ROOT / relative).read_text(), relative)]
+    offences = [
+        f"{relative}:{line}: imports {module}"
+        for relative in files
+        if relative not in STAGE_IMPORTERS
+        for line, module in stage_imports((ROOT / relative).read_text(), relative)
+    ]
     hint = "move what they share into a library module (edgeq.quantized, edgeq.qdq, edgeq.folders, edgeq.data)"
     assert not offences, "library modules import stage modules:\n" + "\n".join(offences) + "\n" + hint
 
 
-@pytest.mark.parametrize("relative, source, expected", [
-    ("edgeq/mixed.py", "from .stages import quantize\n", [(1, "edgeq.stages.quantize")]),
-    ("edgeq/mixed.py", "from .stages.quantize import load\n", [(1, "edgeq.stages.quantize")]),
-    ("edgeq/mixed.py", "from . import stages\n", [(1, "edgeq.stages")]),
-    ("edgeq/stages/export.py", "from . import quantize as q\n", [(1, "edgeq.stages.quantize")]),
-    ("edgeq/stages/verify.py", "from .compile import MODULE_FILE\n", [(1, "edgeq.stages.compile")]),
-    ("edgeq/reconstruction/cache.py", "from ..stages import synth\n", [(1, "edgeq.stages.synth")]),
-    ("edgeq/data.py", "def f():\n    from edgeq.stages.synth import run\n", [(2, "edgeq.stages.synth")]),
-    ("kernels/plan.py", "import edgeq.stages.compile as c\n", [(1, "edgeq.stages.compile")]),
-    ("edgeq/reports.py", "import importlib\nimportlib.import_module('edgeq.stages.verify')\n",
-     [(2, "edgeq.stages.verify")]),
-    ("edgeq/stages/export.py", "from .. import quant, quantized\nfrom ..folders import MODEL_FILE\n", []),
-    ("edgeq/stages/quantize.py", "from ..quantized import QuantizedLayer\n", []),
-    ("kernels/plan.py", "from . import native\nfrom edgeq.kernels.packing import pack\n", []),
-    ("edgeq/data.py", "from edgeq import stagesque\n", []),
-])
+@pytest.mark.parametrize(
+    "relative, source, expected",
+    [
+        ("edgeq/mixed.py", "from .stages import quantize\n", [(1, "edgeq.stages.quantize")]),
+        ("edgeq/mixed.py", "from .stages.quantize import load\n", [(1, "edgeq.stages.quantize")]),
+        ("edgeq/mixed.py", "from . import stages\n", [(1, "edgeq.stages")]),
+        ("edgeq/stages/export.py", "from . import quantize as q\n", [(1, "edgeq.stages.quantize")]),
+        ("edgeq/stages/verify.py", "from .compile import MODULE_FILE\n", [(1, "edgeq.stages.compile")]),
+        ("edgeq/reconstruction/cache.py", "from ..stages import synth\n", [(1, "edgeq.stages.synth")]),
+        ("edgeq/data.py", "def f():\n    from edgeq.stages.synth import run\n", [(2, "edgeq.stages.synth")]),
+        ("kernels/plan.py", "import edgeq.stages.compile as c\n", [(1, "edgeq.stages.compile")]),
+        (
+            "edgeq/reports.py",
+            "import importlib\nimportlib.import_module('edgeq.stages.verify')\n",
+            [(2, "edgeq.stages.verify")],
+        ),
+        ("edgeq/stages/export.py", "from .. import quant, quantized\nfrom ..folders import MODEL_FILE\n", []),
+        ("edgeq/stages/quantize.py", "from ..quantized import QuantizedLayer\n", []),
+        ("kernels/plan.py", "from . import native\nfrom edgeq.kernels.packing import pack\n", []),
+        ("edgeq/data.py", "from edgeq import stagesque\n", []),
+    ],
+)
 def test_stage_imports_finds_every_form(relative, source, expected):
     assert stage_imports(source, relative) == expected

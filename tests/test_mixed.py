@@ -1,5 +1,6 @@
 """Mixed precision on the tiny model: sensitivities, the allocation under a size budget,
 and a mixed spec through quantize, export and compile."""
+
 import dataclasses
 import json
 
@@ -60,12 +61,25 @@ def test_allocation_fits_the_budget_and_lowers_the_cheap_layers_first(tiny_sensi
 
 def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, tiny_generator):
     _, _, layers = tiny_sensitivity
-    spec, lowered = mixed.allocate(layers, HIGH, (mixed.weight_bytes(layers, HIGH) + mixed.weight_bytes(layers, LOW)) / 2)
+    spec, lowered = mixed.allocate(
+        layers, HIGH, (mixed.weight_bytes(layers, HIGH) + mixed.weight_bytes(layers, LOW)) / 2
+    )
     path = mixed.write_spec(spec, layers, lowered, tmp_path / "mixed.json", budget_bytes=1.0)
     assert QuantSpec.load(str(path)) == spec
     assert json.loads(path.read_text())["allocation"]["lowered"] == lowered
-    summary = run(TINY, RunOptions(target=get_target("x86"), spec=QuantSpec.load(str(path)), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn",
-                                   eval_images=50, latency_runs=2))
+    summary = run(
+        TINY,
+        RunOptions(
+            target=get_target("x86"),
+            spec=QuantSpec.load(str(path)),
+            run_dir=str(tmp_path / "run"),
+            generator=tiny_generator,
+            num_images=16,
+            method="rtn",
+            eval_images=50,
+            latency_runs=2,
+        ),
+    )
     assert summary["bits"] == str(spec) and summary["agreement_with_onnxruntime"] >= 0.98
     from edgeq.quantized import QuantizedLayer, load
 
@@ -75,7 +89,9 @@ def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, t
     assert all(bits[layer.name] == (4, 4) for layer in layers[1:-1] if layer.name not in lowered)
 
 
-def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_target(monkeypatch, capsys, tmp_path, tiny_sensitivity, tiny_generator):
+def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_target(
+    monkeypatch, capsys, tmp_path, tiny_sensitivity, tiny_generator
+):
     from edgeq.targets import host_target
 
     from edgeq.manifest import Manifest
@@ -86,8 +102,27 @@ def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_t
     spec = dataclasses.replace(LOW, first_last_bits=2, weight_observer="minmax", layers=((layers[1].name, 4, 4),))
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec.to_dict()))
-    code, out, err = run_cli(monkeypatch, capsys, "compile", TINY, "--bits", str(path), "--method", "rtn", "--generator", tiny_generator,
-                             "--num-images", "16", "--eval-images", "50", "--latency-runs", "2", "--run-dir", str(tmp_path / "run"), "--json")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "compile",
+        TINY,
+        "--bits",
+        str(path),
+        "--method",
+        "rtn",
+        "--generator",
+        tiny_generator,
+        "--num-images",
+        "16",
+        "--eval-images",
+        "50",
+        "--latency-runs",
+        "2",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--json",
+    )
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     host = host_target().name
@@ -95,7 +130,10 @@ def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_t
     assert summary["agreement_with_onnxruntime"] >= 0.98 and summary["latency_ms"] > 0
     dirs = summary["stage_dirs"]
     assert dirs["compile"].endswith(f"-rtn-{host}") and dirs["verify"].endswith(f"-rtn-{host}")
-    assert Manifest.load(dirs["compile"], "compile").target == host and Manifest.load(dirs["verify"], "verify").target == host
+    assert (
+        Manifest.load(dirs["compile"], "compile").target == host
+        and Manifest.load(dirs["verify"], "verify").target == host
+    )
     model, _, loaded_spec, _ = load(dirs["quantize"])
     assert loaded_spec == spec
     bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
@@ -109,21 +147,63 @@ def test_a_spec_file_with_a_null_or_missing_field_is_a_one_line_error(monkeypatc
     data = LOW.to_dict()
     path = tmp_path / "null.json"
     path.write_text(json.dumps(data | {field: None}))
-    extra = ["--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")] if command == "quantize" else ["--run-dir", str(tmp_path / "run")]
-    _assert_one_line_error(run_cli(monkeypatch, capsys, command, TINY, "--bits", str(path), *extra), f"'{field}'", "null")
+    extra = (
+        ["--calib", "fashion-mnist:A", "-o", str(tmp_path / "q")]
+        if command == "quantize"
+        else ["--run-dir", str(tmp_path / "run")]
+    )
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, command, TINY, "--bits", str(path), *extra), f"'{field}'", "null"
+    )
     del data[field]
     path.write_text(json.dumps(data))
-    _assert_one_line_error(run_cli(monkeypatch, capsys, command, TINY, "--bits", str(path), *extra), f"'{field}'", "lacks")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, command, TINY, "--bits", str(path), *extra), f"'{field}'", "lacks"
+    )
     assert not (tmp_path / "q").exists() and not (tmp_path / "run").exists()
 
 
 def test_bad_mixed_specs_are_one_line_errors(monkeypatch, capsys, tmp_path):
     spec = tmp_path / "bad.json"
     spec.write_text(json.dumps(HIGH.to_dict() | {"layers": [["no.such.layer", 2, 4]]}))
-    code, _, err = run_cli(monkeypatch, capsys, "quantize", TINY, "--calib", "fashion-mnist:A", "--bits", str(spec), "--num-images", "8", "-o", str(tmp_path / "q"))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "quantize",
+        TINY,
+        "--calib",
+        "fashion-mnist:A",
+        "--bits",
+        str(spec),
+        "--num-images",
+        "8",
+        "-o",
+        str(tmp_path / "q"),
+    )
     errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]
-    assert code == 2 and len(errors) == 1 and "no.such.layer" in errors[0] and "stem.0" in errors[0] and "Traceback" not in err
+    assert (
+        code == 2
+        and len(errors) == 1
+        and "no.such.layer" in errors[0]
+        and "stem.0" in errors[0]
+        and "Traceback" not in err
+    )
     assert not (tmp_path / "q").exists()
     spec.write_text(json.dumps(HIGH.to_dict() | {"layers": [["stem.0", 9, 4]]}))
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "mixed", TINY, "--calib", "fashion-mnist:A", "--high", str(spec), "--budget-mb", "1", "-o",
-                                   str(tmp_path / "m.json")), "bit width 9")
+    _assert_one_line_error(
+        run_cli(
+            monkeypatch,
+            capsys,
+            "mixed",
+            TINY,
+            "--calib",
+            "fashion-mnist:A",
+            "--high",
+            str(spec),
+            "--budget-mb",
+            "1",
+            "-o",
+            str(tmp_path / "m.json"),
+        ),
+        "bit width 9",
+    )

@@ -1,4 +1,5 @@
 """Loading models: safe by default, with the metadata the pipeline needs."""
+
 import os
 import pickle
 
@@ -29,7 +30,9 @@ def test_builtin_model_has_metadata(builtin_model):
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_checkpoint_round_trip(tmp_path, suffix, builtin_model):
     path = tmp_path / f"model{suffix}"
-    save_checkpoint(path, builtin_model.module, "edgeq.tiny_resnet", ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"], PRE)
+    save_checkpoint(
+        path, builtin_model.module, "edgeq.tiny_resnet", ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"], PRE
+    )
     loaded = load_model(str(path))
     assert loaded.classes[0] == "a" and loaded.preprocess == PRE
     assert loaded.digest() == builtin_model.digest()
@@ -87,7 +90,9 @@ def test_bare_state_dict_is_explained(tmp_path, builtin_model):
 
 def test_exported_program_loads_with_modules(tmp_path, builtin_model):
     batch = torch.export.Dim("batch")
-    program = torch.export.export(builtin_model.module.eval(), (torch.randn(2, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    program = torch.export.export(
+        builtin_model.module.eval(), (torch.randn(2, 1, 28, 28),), dynamic_shapes=({0: batch},)
+    )
     path = tmp_path / "model.pt2"
     torch.export.save(program, path)
     loaded = load_model(str(path), classes_file=None)

@@ -1,5 +1,6 @@
 """benchmarks/paper.py --quick: every calibration source through the same quantizer, the
 table, plot and conclusions written into results.md between its markers, and resumable."""
+
 import importlib.util
 import json
 import subprocess
@@ -33,15 +34,38 @@ def test_quick_mode_writes_the_table_and_resumes(tmp_path):
     assert "kept as it is" in text and text.count(paper.BEGIN) == 1 and text.count(paper.END) == 1
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in paper.SOURCES]
     assert len(rows) == len(paper.SOURCES)
-    assert "mixup-embedding against single-class prompts" in text and (tmp_path / "results-paper.png").stat().st_size > 10_000
+    assert (
+        "mixup-embedding against single-class prompts" in text
+        and (tmp_path / "results-paper.png").stat().st_size > 10_000
+    )
     began = time.perf_counter()
     assert paper.main(["--quick", "--out", str(tmp_path)]) == 0  # everything measured: only the document is rewritten
     assert time.perf_counter() - began < 60
     assert (tmp_path / "results.md").read_text().count(paper.BEGIN) == 1
     assert "Incomplete" not in (tmp_path / "results.md").read_text()
     # A stopped run's document says which cells are missing; --report-only measures nothing.
-    assert paper.main(["--teachers", "fmnist-resnet", "--bits", "w4a4", "--seeds", "0,1", "--num-images", "128", "--iters", "50",
-                       "--inversion-iters", "50", "--out", str(tmp_path), "--report-only"]) == 0
+    assert (
+        paper.main(
+            [
+                "--teachers",
+                "fmnist-resnet",
+                "--bits",
+                "w4a4",
+                "--seeds",
+                "0,1",
+                "--num-images",
+                "128",
+                "--iters",
+                "50",
+                "--inversion-iters",
+                "50",
+                "--out",
+                str(tmp_path),
+                "--report-only",
+            ]
+        )
+        == 0
+    )
     text = (tmp_path / "results.md").read_text()
     assert "**Incomplete:** 6 of 12 planned cells" in text and "fmnist-resnet/w4a4/real (seed 1)" in text
     assert "--report-only" not in text
@@ -49,12 +73,33 @@ def test_quick_mode_writes_the_table_and_resumes(tmp_path):
 
 def test_workers_fill_the_same_table_in_parallel(tmp_path):
     """--workers 2: cells run in worker processes, each calibration set made once, every cell saved."""
-    command = [sys.executable, str(SCRIPT), "--workers", "2", "--teachers", "fmnist-resnet", "--bits", "w4a4", "--sources", "real,noise",
-               "--seeds", "0,1", "--num-images", "16", "--iters", "2", "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--workers",
+        "2",
+        "--teachers",
+        "fmnist-resnet",
+        "--bits",
+        "w4a4",
+        "--sources",
+        "real,noise",
+        "--seeds",
+        "0,1",
+        "--num-images",
+        "16",
+        "--iters",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     results = json.loads((tmp_path / "results-paper.json").read_text())
-    assert set(results["entries"]) == {"fmnist-resnet/fp", *(f"fmnist-resnet/w4a4/{s}/{seed}" for s in ("real", "noise") for seed in (0, 1))}
+    assert set(results["entries"]) == {
+        "fmnist-resnet/fp",
+        *(f"fmnist-resnet/w4a4/{s}/{seed}" for s in ("real", "noise") for seed in (0, 1)),
+    }
     assert results["settings"]["workers"] == 2 and results["settings"]["threads_per_worker"] >= 1
     assert sorted(p.name for p in (tmp_path / "paper-work").iterdir()) == ["noise-28-n16-s0", "noise-28-n16-s1"]
     assert results["entries"]["fmnist-resnet/w4a4/real/0"]["top1"] > 0.85  # W4A4 barely moves a teacher on real images
@@ -71,8 +116,10 @@ def test_conclusions_are_computed_from_the_figures():
     for seed, (single, text, embedding) in enumerate([(0.80, 0.70, 0.81), (0.82, 0.72, 0.79), (0.84, 0.74, 0.80)]):
         for source, top1 in (("single", single), ("mixup-text", text), ("mixup-embedding", embedding)):
             entries[f"fmnist-resnet/w2a4/{source}/{seed}"] = entry(source, seed, top1)
-    efficientnet = {"w4a4/rtn": {"bits": "w4a4", "method": "rtn", "images": 32, "top1_agreement": 0.025, "top5_agreement": 0.1},
-                    "w4a4/qdrop": {"bits": "w4a4", "method": "qdrop", "images": 32, "top1_agreement": 0.4, "top5_agreement": 0.65}}
+    efficientnet = {
+        "w4a4/rtn": {"bits": "w4a4", "method": "rtn", "images": 32, "top1_agreement": 0.025, "top5_agreement": 0.1},
+        "w4a4/qdrop": {"bits": "w4a4", "method": "qdrop", "images": 32, "top1_agreement": 0.4, "top5_agreement": 0.65},
+    }
     lines = paper.conclusions({"entries": entries, "efficientnet": efficientnet})
     text_line = next(line for line in lines if line.startswith("**mixup-text"))
     # text: -10 points, standard error sqrt(2 * 0.02**2 / 3) * 100 = 1.63 -> beyond two standard errors
@@ -82,5 +129,8 @@ def test_conclusions_are_computed_from_the_figures():
     # embedding: -2 points, standard error sqrt((0.02**2 + 0.01**2) / 3) * 100 = 1.29 -> noise; its spread is lower
     assert "resnet W2A4 -2.00 ± 1.29" in embedding_line and "None of the differences exceeds" in embedding_line
     assert "spread over seeds is lower in 1 of 1 cells" in embedding_line
-    assert any(line.startswith("EfficientNet-Lite0 W4A4: qdrop agrees with full precision on 40.0%") and "round-to-nearest on 2.5%" in line
-               for line in lines)
+    assert any(
+        line.startswith("EfficientNet-Lite0 W4A4: qdrop agrees with full precision on 40.0%")
+        and "round-to-nearest on 2.5%" in line
+        for line in lines
+    )

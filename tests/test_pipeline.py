@@ -1,4 +1,5 @@
 """End to end on the tiny built-in model: stages, manifests, reuse, x86 natively and arm64 under qemu."""
+
 import dataclasses
 import json
 from pathlib import Path
@@ -31,10 +32,18 @@ def export_dir(tmp_path_factory, synth_dir):
 
 
 def test_synth_is_deterministic_and_records_every_image(tmp_path, tiny_generator, builtin_model, synth_dir):
-    again = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "again",
-                            synth_stage.SynthOptions(num_images=16, seed=3, steps=4))
-    other = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "other",
-                            synth_stage.SynthOptions(num_images=16, seed=4, steps=4))
+    again = synth_stage.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "again",
+        synth_stage.SynthOptions(num_images=16, seed=3, steps=4),
+    )
+    other = synth_stage.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "other",
+        synth_stage.SynthOptions(num_images=16, seed=4, steps=4),
+    )
     shard = synth_stage.SHARD_PATTERN.format(0)
     assert (synth_dir / shard).read_bytes() == (again / shard).read_bytes()
     assert (synth_dir / shard).read_bytes() != (other / shard).read_bytes()
@@ -56,8 +65,12 @@ def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_ge
     from edgeq.prompts import PromptOptions, PromptPlan
 
     options = PromptOptions(fusion="embedding", mix_k=3)
-    out = synth_stage.run(tiny_generator, builtin_model.classes, tmp_path / "embedding",
-                          synth_stage.SynthOptions(num_images=4, seed=1, steps=2, prompts=options))
+    out = synth_stage.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "embedding",
+        synth_stage.SynthOptions(num_images=4, seed=1, steps=2, prompts=options),
+    )
     manifest = Manifest.load(out, "synth")
     assert manifest.params["prompts"]["fusion"] == "embedding"
     record = manifest.extra["images"][0]
@@ -74,10 +87,18 @@ def test_embedding_fusion_generates_from_mixed_text_embeddings(tmp_path, tiny_ge
 
 
 def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builtin_model):
-    first = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "a",
-                            synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28))
-    again = synth_stage.run("no-such-generator", builtin_model.classes, tmp_path / "b",
-                            synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28))
+    first = synth_stage.run(
+        "no-such-generator",
+        builtin_model.classes,
+        tmp_path / "a",
+        synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28),
+    )
+    again = synth_stage.run(
+        "no-such-generator",
+        builtin_model.classes,
+        tmp_path / "b",
+        synth_stage.SynthOptions(strategy="noise", num_images=300, seed=5, size=28),
+    )
     shard = synth_stage.SHARD_PATTERN.format(1)
     assert (first / shard).read_bytes() == (again / shard).read_bytes()
     images = load_synth_images(first)
@@ -87,11 +108,13 @@ def test_noise_strategy_needs_no_generator_and_is_deterministic(tmp_path, builti
     assert pixels.mean() == pytest.approx(synth_stage.NOISE_MEAN, abs=0.5) and 58 < pixels.std() < 64
     assert Manifest.load(first, "synth").inputs == [] and Manifest.load(first, "synth").params["size"] == 28
     with pytest.raises(EdgeqError, match="image size"):
-        synth_stage.run("x", builtin_model.classes, tmp_path / "c",
-                        synth_stage.SynthOptions(strategy="noise", num_images=4))
+        synth_stage.run(
+            "x", builtin_model.classes, tmp_path / "c", synth_stage.SynthOptions(strategy="noise", num_images=4)
+        )
     with pytest.raises(EdgeqError, match="synthesis strategy"):
-        synth_stage.run("x", builtin_model.classes, tmp_path / "d",
-                        synth_stage.SynthOptions(strategy="uniform", num_images=4))
+        synth_stage.run(
+            "x", builtin_model.classes, tmp_path / "d", synth_stage.SynthOptions(strategy="uniform", num_images=4)
+        )
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
@@ -108,8 +131,14 @@ def test_x86_avx512_module_runs_the_avx2_kernels_and_matches_onnxruntime(tmp_pat
     # what 'host' resolves to on an AVX-512 VNNI machine, so what the default one-shot builds there
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86-avx512")
     manifest = Manifest.load(compiled, "compile")
-    assert manifest.target == "x86-avx512" and manifest.extra["build"]["path"] == "kernels" and manifest.extra["build"]["layout"] == "avx2"
-    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5)
+    assert (
+        manifest.target == "x86-avx512"
+        and manifest.extra["build"]["path"] == "kernels"
+        and manifest.extra["build"]["layout"] == "avx2"
+    )
+    report = verify_stage.run(
+        compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5
+    )
     assert report["target"] == "x86-avx512" and report["ran"] == "native"
     assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
     assert report["latency_ms"] > 0
@@ -120,7 +149,9 @@ def test_stage_folders_tell_apart_specs_with_the_same_widths():
     mixed = QuantSpec(4, 4, layers=(("layer1", 2, 4),))
     assert spec_folder_name(mixed) == str(mixed)
     uniform_edges = QuantSpec(2, 4, first_last_bits=2)
-    assert spec_folder_name(uniform_edges).startswith("w2a4-") and spec_folder_name(uniform_edges) != spec_folder_name(QuantSpec(2, 4, act_observer="minmax"))
+    assert spec_folder_name(uniform_edges).startswith("w2a4-") and spec_folder_name(uniform_edges) != spec_folder_name(
+        QuantSpec(2, 4, act_observer="minmax")
+    )
 
 
 def test_run_options_take_parsed_settings():
@@ -134,7 +165,9 @@ def test_run_options_take_parsed_settings():
 def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86")
     assert (compiled / MODULE_FILE).is_file()
-    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5)
+    report = verify_stage.run(
+        compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5
+    )
     assert report["agreement_with_reference"] == 1.0 and report["reference_images"] == 100  # every bit, every output
     assert report["agreement_with_onnxruntime"] >= 0.99
     assert report["max_abs_diff_vs_onnxruntime"] < 1e-3
@@ -146,13 +179,17 @@ def test_x86_compiled_module_matches_onnxruntime(tmp_path, export_dir):
 
 @pytest.mark.qemu
 @requires_emulator
-@pytest.mark.parametrize("target, qemu_cpu", [("rpi4", "cortex-a72"), ("rpi5", "cortex-a76"), ("jetson-orin", "cortex-a76")])
+@pytest.mark.parametrize(
+    "target, qemu_cpu", [("rpi4", "cortex-a72"), ("rpi5", "cortex-a76"), ("jetson-orin", "cortex-a76")]
+)
 def test_arm64_module_under_qemu_equals_the_reference(tmp_path, export_dir, target, qemu_cpu):
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target=target)
     assert Manifest.load(compiled, "compile").extra["build"]["path"] == "kernels"
     assert (compiled / MODULE_FILE).read_bytes()[:4] == b"\x7fELF"
     assert (compiled / MODULE_FILE).read_bytes()[18] == 183  # e_machine EM_AARCH64
-    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=100, latency_runs=5)
+    report = verify_stage.run(
+        compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=100, latency_runs=5
+    )
     assert report["ran"] == f"qemu-aarch64 -cpu {qemu_cpu}"
     assert report["agreement_with_reference"] == 1.0  # the same bits as the NumPy reference computed on x86
     assert report["agreement_with_onnxruntime"] >= 0.99
@@ -161,11 +198,29 @@ def test_arm64_module_under_qemu_equals_the_reference(tmp_path, export_dir, targ
 
 
 def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
-    options = RunOptions(target=get_target("x86"), spec=QuantSpec.parse("w4a4"), run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, eval_images=50, latency_runs=3,
-                         iters=20)
+    options = RunOptions(
+        target=get_target("x86"),
+        spec=QuantSpec.parse("w4a4"),
+        run_dir=str(tmp_path / "run"),
+        generator=tiny_generator,
+        num_images=16,
+        eval_images=50,
+        latency_runs=3,
+        iters=20,
+    )
     first = run(TINY, options)
     assert set(first["stages"].values()) == {"ran"}
-    for key in ("model", "target", "bits", "fp_top1", "quant_top1", "compiled_top1", "agreement_with_onnxruntime", "latency_ms", "artifact"):
+    for key in (
+        "model",
+        "target",
+        "bits",
+        "fp_top1",
+        "quant_top1",
+        "compiled_top1",
+        "agreement_with_onnxruntime",
+        "latency_ms",
+        "artifact",
+    ):
         assert key in first
     assert first["agreement_with_onnxruntime"] >= 0.99 and first["latency_ms"] > 0
     assert Path(first["artifact"]).is_file()
@@ -173,7 +228,13 @@ def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
     assert set(second["stages"].values()) == {"reused"}
     assert second["compiled_top1"] == first["compiled_top1"]
     third = run(TINY, dataclasses.replace(options, target=get_target("x86-avx2")))
-    assert third["stages"] == {"synth": "reused", "quantize": "reused", "export": "reused", "compile": "ran", "verify": "ran"}
+    assert third["stages"] == {
+        "synth": "reused",
+        "quantize": "reused",
+        "export": "reused",
+        "compile": "ran",
+        "verify": "ran",
+    }
 
 
 def test_interrupted_stage_leaves_nothing(tmp_path):

@@ -1,4 +1,5 @@
 """Prompt strategies: balance, distinct classes, soft labels, embedding mixing, determinism."""
+
 import json
 from collections import Counter
 
@@ -7,7 +8,15 @@ import pytest
 import torch
 
 from edgeq import EdgeqError
-from edgeq.prompts import ADJECTIVES, SINGLE_TEMPLATES, Fusion, PromptOptions, PromptPlan, mixed_embeddings, plan_prompts
+from edgeq.prompts import (
+    ADJECTIVES,
+    SINGLE_TEMPLATES,
+    Fusion,
+    PromptOptions,
+    PromptPlan,
+    mixed_embeddings,
+    plan_prompts,
+)
 
 CLASSES = ["t-shirt", "trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
@@ -29,7 +38,11 @@ def test_text_mixup_classes_are_distinct_balanced_and_soft(k):
     counts = Counter(c for p in plans for c in p.classes)
     assert max(counts.values()) - min(counts.values()) <= 1
     names = [CLASSES[c] for c in plans[0].classes]
-    expected = f"a photo of a {names[0]} and a {names[1]}" if k == 2 else f"a photo of a {names[0]}, a {names[1]} and a {names[2]}"
+    expected = (
+        f"a photo of a {names[0]} and a {names[1]}"
+        if k == 2
+        else f"a photo of a {names[0]}, a {names[1]} and a {names[2]}"
+    )
     assert plans[0].prompt == expected
     assert all(sum(p.weights) == pytest.approx(1.0) and len(p.weights) == k for p in plans)
 
@@ -53,14 +66,21 @@ def test_embedding_mixup_draws_beta_weights_over_single_class_components():
 
 
 def test_mixed_embeddings_are_the_weighted_sum_of_component_embeddings():
-    table = {"a photo of a bag": torch.full((4, 3), 2.0), "a photo of a coat": torch.arange(12.0).reshape(4, 3), "plain": torch.ones(4, 3)}
+    table = {
+        "a photo of a bag": torch.full((4, 3), 2.0),
+        "a photo of a coat": torch.arange(12.0).reshape(4, 3),
+        "plain": torch.ones(4, 3),
+    }
     calls = []
 
     def encode(texts):
         calls.append(list(texts))
         return torch.stack([table[t] for t in texts])
 
-    plans = [PromptPlan("mix", (8, 4), (0.25, 0.75), 0, ("a photo of a bag", "a photo of a coat")), PromptPlan("plain", (1,), (1.0,), 0)]
+    plans = [
+        PromptPlan("mix", (8, 4), (0.25, 0.75), 0, ("a photo of a bag", "a photo of a coat")),
+        PromptPlan("plain", (1,), (1.0,), 0),
+    ]
     out = mixed_embeddings(encode, plans)
     assert torch.equal(out[0], 0.25 * table["a photo of a bag"] + 0.75 * table["a photo of a coat"])
     assert torch.equal(out[1], table["plain"])
@@ -69,7 +89,9 @@ def test_mixed_embeddings_are_the_weighted_sum_of_component_embeddings():
 
 def test_plans_are_deterministic_per_seed():
     options = PromptOptions(fusion=Fusion.EMBEDDING)
-    assert plan_prompts(CLASSES, 40, "mixup", seed=7, options=options) == plan_prompts(CLASSES, 40, "mixup", seed=7, options=options)
+    assert plan_prompts(CLASSES, 40, "mixup", seed=7, options=options) == plan_prompts(
+        CLASSES, 40, "mixup", seed=7, options=options
+    )
     assert plan_prompts(CLASSES, 40, "mixup", seed=7) != plan_prompts(CLASSES, 40, "mixup", seed=8)
     assert len({p.seed for p in plan_prompts(CLASSES, 40, "single", seed=7)}) == 40
 

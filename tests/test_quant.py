@@ -34,7 +34,9 @@ def test_weight_scales_mse_beats_minmax(bits):
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     def error(scale):
-        return (quant.fake_quantize(weight, quant.channel_view(scale, weight), 0, qmin, qmax) - weight).pow(2).sum().item()
+        return (
+            (quant.fake_quantize(weight, quant.channel_view(scale, weight), 0, qmin, qmax) - weight).pow(2).sum().item()
+        )
 
     mse, minmax = quant.weight_scales(weight, bits, Observer.MSE), quant.weight_scales(weight, bits, Observer.MINMAX)
     assert mse.shape == (16,) and (mse > 0).all()
@@ -65,7 +67,9 @@ def test_activation_minmax_covers_the_range():
 
 
 def test_asymmetric_weights_use_every_level_on_lopsided_channels():
-    weight = torch.rand(16, 32, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 2.0, 16)[:, None]  # all positive
+    weight = (
+        torch.rand(16, 32, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 2.0, 16)[:, None]
+    )  # all positive
     qmin, qmax = -2, 1
     errors = {}
     for symmetric in (True, False):

@@ -1,4 +1,5 @@
 """Reconstruction: AdaRound, LSQ steps, QDrop, units, and the quantize stage's learned path end to end."""
+
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,9 @@ from .conftest import TINY
 
 def _two_layer_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)
+    )
 
 
 def _inputs(count=128, seed=1):
@@ -44,7 +47,9 @@ def test_adaround_lowers_a_layers_output_error_against_round_to_nearest():
     with torch.no_grad():
         reference = model(x)
     rtn = quantized.quantize_module(model, inputs, "w2a8")
-    learned = quantized.quantize_module(model, inputs, "w2a8", reconstruction=ReconstructionConfig(method="adaround", iters=400))
+    learned = quantized.quantize_module(
+        model, inputs, "w2a8", reconstruction=ReconstructionConfig(method="adaround", iters=400)
+    )
     with torch.no_grad():
         error_rtn = (rtn(x) - reference).pow(2).mean().item()
         error_learned = (learned(x) - reference).pow(2).mean().item()
@@ -58,9 +63,13 @@ def test_learned_steps_get_gradients_and_match_the_reference_quantizer():
     x = torch.linspace(-1, 3, 1000).reshape(10, 100)
     activation = LearnedActivation(0.2, 5, 15, learn_scale=True)
     out = activation(x)
-    assert torch.equal(out, quant.fake_quantize(x, torch.tensor(0.2), 5.0, 0, 15))  # the forward is the primitive, bit for bit
+    assert torch.equal(
+        out, quant.fake_quantize(x, torch.tensor(0.2), 5.0, 0, 15)
+    )  # the forward is the primitive, bit for bit
     (out - x).pow(2).sum().backward()
-    assert activation.scale.grad is not None and torch.isfinite(activation.scale.grad) and activation.scale.grad.abs() > 0
+    assert (
+        activation.scale.grad is not None and torch.isfinite(activation.scale.grad) and activation.scale.grad.abs() > 0
+    )
     fixed = LearnedActivation(0.2, 5, 15, learn_scale=False)
     assert not fixed.scale.requires_grad
 
@@ -95,7 +104,14 @@ def test_units_are_the_residual_blocks_of_each_teacher():
     mobilenet = _units(FmnistMobileNetV2())
     assert sum(u.kind == "block" for u in mobilenet.values()) == 8 and mobilenet["head.0"].kind == "layer"
     vit = _units(FmnistViT())
-    assert vit["blocks.0"].layers == ("blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.attn.proj", "blocks.0.fc1", "blocks.0.fc2")
+    assert vit["blocks.0"].layers == (
+        "blocks.0.attn.q",
+        "blocks.0.attn.k",
+        "blocks.0.attn.v",
+        "blocks.0.attn.proj",
+        "blocks.0.fc1",
+        "blocks.0.fc2",
+    )
     assert [u.kind for u in _units(FmnistResNet(), blocks=False).values()] == ["layer"] * 16
 
 
@@ -118,7 +134,13 @@ class Registered(nn.Module):
 
 
 def test_unregistered_blocks_are_found_by_structure_and_registered_ones_by_type():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Sequential(PlainStage(), PlainStage()), Registered(), nn.Flatten(), nn.LazyLinear(10))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.Sequential(PlainStage(), PlainStage()),
+        Registered(),
+        nn.Flatten(),
+        nn.LazyLinear(10),
+    )
     model(torch.zeros(1, 1, 28, 28))
     units = _units(model)
     assert units["1.0"].kind == "block" and units["1.1"].kind == "block" and units["2.inner.0"].kind == "layer"
@@ -156,10 +178,19 @@ def test_a_learned_model_saves_loads_and_exports_with_the_same_numbers(tmp_path)
     from edgeq.models import load_model
 
     config = ReconstructionConfig(method="qdrop", iters=20, batch_size=8)
-    folder = quantize.run(TINY, "fashion-mnist:A", tmp_path / "q", bits="w2a4", num_images=32, reconstruction=config, seed=4)
+    folder = quantize.run(
+        TINY, "fashion-mnist:A", tmp_path / "q", bits="w2a4", num_images=32, reconstruction=config, seed=4
+    )
     model, _loaded, _spec, manifest = quantized.load(folder)
     assert manifest.params["method"] == "qdrop" and manifest.params["reconstruction"]["iters"] == 20
-    assert [r["unit"] for r in manifest.extra["reconstruction"]] == ["stem.0", "block_conv1.0", "block_conv2.0", "down1.0", "down2.0", "classifier"]
+    assert [r["unit"] for r in manifest.extra["reconstruction"]] == [
+        "stem.0",
+        "block_conv1.0",
+        "block_conv2.0",
+        "down1.0",
+        "down2.0",
+        "classifier",
+    ]
     tiny = load_model(TINY)
     calibration = tiny.preprocess(resolve_dataset("fashion-mnist:A").subset(32).images)
     in_memory = quantized.quantize_module(tiny.module, calibration, "w2a4", reconstruction=config, seed=4)
@@ -202,17 +233,30 @@ def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp
     from edgeq.stages import verify as verify_stage
 
     config = ReconstructionConfig(method="qdrop", iters=10, batch_size=8)
-    folder = quantize.run("tests.factories:tiny_zoo_vit", "fashion-mnist:A", tmp_path / "q", bits="w4a4", num_images=32, reconstruction=config)
+    folder = quantize.run(
+        "tests.factories:tiny_zoo_vit",
+        "fashion-mnist:A",
+        tmp_path / "q",
+        bits="w4a4",
+        num_images=32,
+        reconstruction=config,
+    )
     model, _loaded, _, manifest = quantized.load(folder)
     assert manifest.extra["matmuls"] == ["blocks.0.attn.scores", "blocks.0.attn.context"]
     scores = model.get_submodule("blocks.0.attn.scores")
-    assert scores.act_bits == 8 and torch.all(scores.act_scale > 0) and not torch.equal(scores.act_scale, torch.ones(2))  # attention_bits
+    assert (
+        scores.act_bits == 8 and torch.all(scores.act_scale > 0) and not torch.equal(scores.act_scale, torch.ones(2))
+    )  # attention_bits
     exported = export.run(folder, tmp_path / "e")
     from edgeq.manifest import Manifest
 
     onnx_records = [r for r in Manifest.load(exported, "export").extra["layers"] if "operand" in r]
-    assert [(r["layer"], r["operand"]) for r in onnx_records] == [("blocks.0.attn.scores", 0), ("blocks.0.attn.scores", 1),
-                                                                  ("blocks.0.attn.context", 0), ("blocks.0.attn.context", 1)]
+    assert [(r["layer"], r["operand"]) for r in onnx_records] == [
+        ("blocks.0.attn.scores", 0),
+        ("blocks.0.attn.scores", 1),
+        ("blocks.0.attn.context", 0),
+        ("blocks.0.attn.context", 1),
+    ]
     check = Manifest.load(exported, "export").extra["onnxruntime_check"]
     assert check["quantizer_max_lsb"] == 0 and check["layer_max_rel_error"] < 1e-5 and check["top1_agreement"] == 1.0
     compiled = compile_stage.run(exported, tmp_path / "c", target="x86")
@@ -227,7 +271,14 @@ def test_asymmetric_weights_learn_export_and_compile(tmp_path):
     from edgeq.stages import verify as verify_stage
 
     spec = dataclasses.replace(QuantSpec.parse("w2a4"), weight_symmetric=False)
-    folder = quantize.run(TINY, "fashion-mnist:A", tmp_path / "q", bits=spec, num_images=32, reconstruction=ReconstructionConfig(method="brecq", iters=20))
+    folder = quantize.run(
+        TINY,
+        "fashion-mnist:A",
+        tmp_path / "q",
+        bits=spec,
+        num_images=32,
+        reconstruction=ReconstructionConfig(method="brecq", iters=20),
+    )
     model, _, loaded_spec, _ = quantized.load(folder)
     assert loaded_spec.weight_symmetric is False
     zero_points = model.get_submodule("down1.0").weight_zero_point

@@ -1,4 +1,5 @@
 """The regression gate: exit codes, thresholds in points and percent, and bad input."""
+
 import json
 
 import pytest
@@ -7,7 +8,14 @@ from .test_cli import _assert_one_line_error, run_cli
 
 
 def _report(top1, latency_ms, bits="w2a4", target="x86-avx2"):
-    return {"schema": "edgeq.verify/1", "model": "zoo:fmnist-resnet", "target": target, "bits": bits, "compiled_top1": top1, "latency_ms": latency_ms}
+    return {
+        "schema": "edgeq.verify/1",
+        "model": "zoo:fmnist-resnet",
+        "target": target,
+        "bits": bits,
+        "compiled_top1": top1,
+        "latency_ms": latency_ms,
+    }
 
 
 def _write(path, report):
@@ -19,17 +27,32 @@ def _sweep(*entries):
     return {"schema": "edgeq.sweep/1", "entries": list(entries)}
 
 
-@pytest.mark.parametrize("top1, latency, code", [
-    (0.900, 10.0, 0),    # unchanged
-    (0.896, 10.9, 0),    # 0.4 points and 9%: inside 0.5 points and 10%
-    (0.894, 10.0, 1),    # 0.6 points
-    (0.900, 11.2, 1),    # 12%
-    (0.950, 5.0, 0),     # better on both
-])
+@pytest.mark.parametrize(
+    "top1, latency, code",
+    [
+        (0.900, 10.0, 0),  # unchanged
+        (0.896, 10.9, 0),  # 0.4 points and 9%: inside 0.5 points and 10%
+        (0.894, 10.0, 1),  # 0.6 points
+        (0.900, 11.2, 1),  # 12%
+        (0.950, 5.0, 0),  # better on both
+    ],
+)
 def test_gate_exit_codes(monkeypatch, capsys, tmp_path, top1, latency, code):
     baseline = _write(tmp_path / "base.json", _report(0.900, 10.0))
     current = _write(tmp_path / "new.json", _report(top1, latency))
-    result, out, _ = run_cli(monkeypatch, capsys, "regress", "--baseline", baseline, "--current", current, "--max-acc-drop", "0.5", "--max-latency-increase", "10%")
+    result, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "regress",
+        "--baseline",
+        baseline,
+        "--current",
+        current,
+        "--max-acc-drop",
+        "0.5",
+        "--max-latency-increase",
+        "10%",
+    )
     assert result == code
     assert "| zoo:fmnist-resnet | x86-avx2 | w2a4 |" in out
     assert ("FAIL" in out) == (code == 1)
@@ -38,7 +61,9 @@ def test_gate_exit_codes(monkeypatch, capsys, tmp_path, top1, latency, code):
 def test_gate_matches_sweep_entries_and_fails_on_a_missing_one(monkeypatch, capsys, tmp_path):
     baseline = _write(tmp_path / "base.json", _sweep(_report(0.9, 10.0), _report(0.8, 6.0, bits="w4a4")))
     same = _write(tmp_path / "same.json", _sweep(_report(0.8, 6.0, bits="w4a4"), _report(0.9, 10.0)))
-    code, out, _ = run_cli(monkeypatch, capsys, "regress", "--baseline", baseline, "--current", same, "--max-acc-drop", "0")
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "regress", "--baseline", baseline, "--current", same, "--max-acc-drop", "0"
+    )
     assert code == 0 and "all 2 entries within bounds" in out
     fewer = _write(tmp_path / "fewer.json", _sweep(_report(0.9, 10.0)))
     code, out, _ = run_cli(monkeypatch, capsys, "regress", "--baseline", baseline, "--current", fewer, "--json")
@@ -50,16 +75,28 @@ def test_gate_matches_sweep_entries_and_fails_on_a_missing_one(monkeypatch, caps
 def test_emulated_runs_are_not_gated_on_latency(monkeypatch, capsys, tmp_path):
     baseline = _write(tmp_path / "base.json", _report(0.9, None, target="rpi4"))
     current = _write(tmp_path / "new.json", _report(0.9, None, target="rpi4"))
-    code, _, _ = run_cli(monkeypatch, capsys, "regress", "--baseline", baseline, "--current", current, "--max-latency-increase", "1%")
+    code, _, _ = run_cli(
+        monkeypatch, capsys, "regress", "--baseline", baseline, "--current", current, "--max-latency-increase", "1%"
+    )
     assert code == 0
 
 
 def test_bad_reports_are_one_line_errors(monkeypatch, capsys, tmp_path):
     good = _write(tmp_path / "good.json", _report(0.9, 1.0))
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "regress", "--baseline", str(tmp_path / "none.json"), "--current", good), "does not exist")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "regress", "--baseline", str(tmp_path / "none.json"), "--current", good),
+        "does not exist",
+    )
     broken = tmp_path / "broken.json"
     broken.write_text("{")
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "regress", "--baseline", str(broken), "--current", good), "not JSON")
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "regress", "--baseline", str(broken), "--current", good), "not JSON"
+    )
     other = _write(tmp_path / "other.json", {"schema": "something/1"})
     _assert_one_line_error(run_cli(monkeypatch, capsys, "regress", "--baseline", other, "--current", good), "schema")
-    _assert_one_line_error(run_cli(monkeypatch, capsys, "regress", "--baseline", good, "--current", good, "--max-latency-increase", "fast"), "percentage")
+    _assert_one_line_error(
+        run_cli(
+            monkeypatch, capsys, "regress", "--baseline", good, "--current", good, "--max-latency-increase", "fast"
+        ),
+        "percentage",
+    )

@@ -48,7 +48,9 @@ def test_first_and_last_layer_bits_round_trip_and_load_from_a_file(tmp_path):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(QuantSpec(3, 4, first_last_bits=6).to_dict()))
     assert QuantSpec.load(str(path)) == QuantSpec(3, 4, first_last_bits=6)
-    assert QuantSpec.from_dict({"weight_bits": 2, "act_bits": 4}).first_last_bits == 8  # manifests made before the field
+    assert (
+        QuantSpec.from_dict({"weight_bits": 2, "act_bits": 4}).first_last_bits == 8
+    )  # manifests made before the field
     assert spec.matmul_act_bits == 8 and QuantSpec(2, 4, attention_bits=None).matmul_act_bits == 4
     asymmetric = QuantSpec(2, 4, weight_symmetric=False, attention_bits=6)
     assert QuantSpec.from_json(asymmetric.to_json()) == asymmetric and QuantSpec.parse("w2a4").weight_symmetric
@@ -61,22 +63,44 @@ def test_first_and_last_layer_bits_round_trip_and_load_from_a_file(tmp_path):
         QuantSpec(2, 4, first_last_bits=9)
 
 
-FULL_FILE = {"weight_bits": 2, "act_bits": 4, "weight_observer": "minmax", "act_observer": "mse", "first_last_bits": 6, "weight_symmetric": False,
-             "attention_bits": 8}
+FULL_FILE = {
+    "weight_bits": 2,
+    "act_bits": 4,
+    "weight_observer": "minmax",
+    "act_observer": "mse",
+    "first_last_bits": 6,
+    "weight_symmetric": False,
+    "attention_bits": 8,
+}
 
 
 def test_a_spec_file_loads_every_field_it_states(tmp_path):
     path = tmp_path / "spec.json"
-    path.write_text(json.dumps(FULL_FILE | {"layers": [["fc", 4, 4]], "allocation": {"budget_mb": 1}}))  # edgeq mixed adds "allocation"
+    path.write_text(
+        json.dumps(FULL_FILE | {"layers": [["fc", 4, 4]], "allocation": {"budget_mb": 1}})
+    )  # edgeq mixed adds "allocation"
     spec = QuantSpec.load(str(path))
-    assert spec == QuantSpec(2, 4, weight_observer="minmax", first_last_bits=6, weight_symmetric=False, layers=(("fc", 4, 4),))
+    assert spec == QuantSpec(
+        2, 4, weight_observer="minmax", first_last_bits=6, weight_symmetric=False, layers=(("fc", 4, 4),)
+    )
     assert spec.layer_bits(edge=True) == (6, 6) and spec.layer_bits(edge=False, name="fc") == (4, 4)
     # the documented way to keep the first and last layer at the spec's widths: the least bits there is 2
     path.write_text(json.dumps(FULL_FILE | {"first_last_bits": 2}))
     assert QuantSpec.load(str(path)).layer_bits(edge=True) == (2, 4)
 
 
-@pytest.mark.parametrize("field", ["weight_bits", "act_bits", "weight_observer", "act_observer", "first_last_bits", "weight_symmetric", "attention_bits"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "weight_bits",
+        "act_bits",
+        "weight_observer",
+        "act_observer",
+        "first_last_bits",
+        "weight_symmetric",
+        "attention_bits",
+    ],
+)
 @pytest.mark.parametrize("how", ["missing", "null"])
 def test_a_spec_file_with_a_missing_or_null_field_names_it(tmp_path, field, how):
     data = dict(FULL_FILE)
@@ -93,7 +117,9 @@ def test_a_spec_file_with_a_missing_or_null_field_names_it(tmp_path, field, how)
     assert "\n" not in info.value.message + info.value.hint
 
 
-@pytest.mark.parametrize("field, value", [("weight_symmetric", "false"), ("first_last_bits", 8.5), ("act_bits", "4"), ("layers", None)])
+@pytest.mark.parametrize(
+    "field, value", [("weight_symmetric", "false"), ("first_last_bits", 8.5), ("act_bits", "4"), ("layers", None)]
+)
 def test_a_spec_file_with_a_wrongly_typed_field_names_it(tmp_path, field, value):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(FULL_FILE | {field: value}))

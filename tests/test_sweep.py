@@ -1,4 +1,5 @@
 """Sweeps and their reports on the tiny model: entries, reuse, the Pareto front, the plots."""
+
 import json
 
 import numpy as np
@@ -21,10 +22,19 @@ def test_pareto_front_keeps_only_undominated_points():
 def test_sweep_writes_a_report_and_reuses_stages(tmp_path, tiny_generator):
     # evaluated on the calibration images: the tiny generator's images are far from Fashion-MNIST, so on real
     # images even w8a8 saturates; in distribution, the error reflects the bit widths alone
-    options = RunOptions(run_dir=str(tmp_path / "run"), generator=tiny_generator, num_images=16, method="rtn", eval_data=str(tmp_path / "run" / "synth"),
-                         eval_images=60, latency_runs=3)
+    options = RunOptions(
+        run_dir=str(tmp_path / "run"),
+        generator=tiny_generator,
+        num_images=16,
+        method="rtn",
+        eval_data=str(tmp_path / "run" / "synth"),
+        eval_images=60,
+        latency_runs=3,
+    )
     specs = [QuantSpec.parse("w8a8"), QuantSpec.parse("w2a4")]
-    report = sweep_stage.run(TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")] * 2, options=options, layer_error_images=8)
+    report = sweep_stage.run(
+        TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")] * 2, options=options, layer_error_images=8
+    )
     assert report["schema"] == "edgeq.sweep/1" and report["cost_axis"] == "latency_ms"
     entries = report["entries"]
     assert [e["bits"] for e in entries] == ["w8a8", "w2a4"]
@@ -39,9 +49,13 @@ def test_sweep_writes_a_report_and_reuses_stages(tmp_path, tiny_generator):
     assert mean["w8a8"] > mean["w2a4"] + 10
     summary = (tmp_path / "sweep" / "summary.md").read_text()
     rows = [line for line in summary.splitlines() if line.startswith("| ") and "| x86 | rtn |" in line]
-    assert len(rows) == 2 and any(row.startswith("| ★ |") for row in rows)  # at least one configuration is Pareto-optimal
+    assert len(rows) == 2 and any(
+        row.startswith("| ★ |") for row in rows
+    )  # at least one configuration is Pareto-optimal
     for png in (reports.PARETO_PNG, reports.LAYERS_PNG):
         with Image.open(tmp_path / "sweep" / png) as image:
             assert image.size[0] > 500 and image.size[1] > 300
-    again = sweep_stage.run(TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")], options=options, layer_error_images=8)
+    again = sweep_stage.run(
+        TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")], options=options, layer_error_images=8
+    )
     assert all(set(e["stages"].values()) == {"reused"} for e in again["entries"])

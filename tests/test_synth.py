@@ -1,4 +1,5 @@
 """Synthesis as a long job: resuming after a kill, GenQ-style filtering, the source defaults, and diagnostics."""
+
 import dataclasses
 import json
 import os
@@ -14,7 +15,14 @@ import torch
 from edgeq import EdgeqError
 from edgeq.bn_inversion import batchnorm_layers, statistics_loss
 from edgeq.data import load_synth_images
-from edgeq.diagnostics import FilterOptions, bn_sensitivity_scores, energy_scores, inspect_images, mean_pairwise_distance, select_lowest
+from edgeq.diagnostics import (
+    FilterOptions,
+    bn_sensitivity_scores,
+    energy_scores,
+    inspect_images,
+    mean_pairwise_distance,
+    select_lowest,
+)
 from edgeq.manifest import Manifest
 from edgeq.models import LoadedModel
 from edgeq.prompts import PromptOptions
@@ -24,16 +32,26 @@ from .conftest import TINY
 
 
 def _shard_hashes(folder):
-    return {o["path"]: o["sha256"] for o in Manifest.load(folder, "synth").outputs if o["path"].endswith(".safetensors")}
+    return {
+        o["path"]: o["sha256"] for o in Manifest.load(folder, "synth").outputs if o["path"].endswith(".safetensors")
+    }
 
 
 @pytest.mark.parametrize("strategy, fusion", [("single", "text"), ("mixup", "text"), ("mixup", "embedding")])
 def test_every_prompt_strategy_runs_on_a_tiny_pipeline(tmp_path, tiny_generator, builtin_model, strategy, fusion):
-    out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "s",
-                    synth.SynthOptions(strategy=strategy, num_images=6, seed=1, steps=2,
-                                       prompts=PromptOptions(fusion=fusion), shard_size=4))
+    out = synth.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "s",
+        synth.SynthOptions(
+            strategy=strategy, num_images=6, seed=1, steps=2, prompts=PromptOptions(fusion=fusion), shard_size=4
+        ),
+    )
     images = load_synth_images(out)
-    assert images.images.shape == (6, 64, 64, 3) and sorted(_shard_hashes(out)) == ["images-00000.safetensors", "images-00001.safetensors"]
+    assert images.images.shape == (6, 64, 64, 3) and sorted(_shard_hashes(out)) == [
+        "images-00000.safetensors",
+        "images-00001.safetensors",
+    ]
     per_image = 1 if strategy == "single" else 2
     assert ((images.soft_labels > 0).sum(1) == per_image).all() and np.allclose(images.soft_labels.sum(1), 1.0)
 
@@ -55,7 +73,10 @@ def test_an_interrupted_run_continues_where_it_stopped(tmp_path, tiny_generator,
     with pytest.raises(KeyboardInterrupt):
         synth.run(tiny_generator, builtin_model.classes, tmp_path / "resumed", synth.SynthOptions(**settings))
     work = synth.work_folder(tmp_path / "resumed")
-    assert not (tmp_path / "resumed").exists() and sorted(p.name for p in work.iterdir()) == ["images-00000.safetensors", synth.STATE_NAME]
+    assert not (tmp_path / "resumed").exists() and sorted(p.name for p in work.iterdir()) == [
+        "images-00000.safetensors",
+        synth.STATE_NAME,
+    ]
 
     monkeypatch.setattr(synth, "_save_shard", real_save)
     made = []
@@ -77,12 +98,17 @@ def test_the_planned_fingerprint_is_the_one_a_run_writes(tmp_path, builtin_model
     # the one-shot plans a stage to decide whether to reuse it: a plan that differs from the run never reuses
     from edgeq.bn_inversion import InversionSettings
 
-    options = synth.SynthOptions(strategy=strategy, num_images=2, seed=1, inversion=InversionSettings(iterations=1))  # size: the model's
+    options = synth.SynthOptions(
+        strategy=strategy, num_images=2, seed=1, inversion=InversionSettings(iterations=1)
+    )  # size: the model's
     out = synth.run(None, builtin_model.classes, tmp_path / strategy, options, model=builtin_model)
     written = Manifest.load(out, "synth")
     assert written.params["size"] == builtin_model.preprocess.height
     assert synth.plan(None, builtin_model.classes, options, model=builtin_model).fingerprint == written.fingerprint
-    assert synth.plan(None, builtin_model.classes, dataclasses.replace(options, seed=2), model=builtin_model).fingerprint != written.fingerprint
+    assert (
+        synth.plan(None, builtin_model.classes, dataclasses.replace(options, seed=2), model=builtin_model).fingerprint
+        != written.fingerprint
+    )
 
 
 def test_an_unfinished_run_with_other_settings_is_discarded(tmp_path, builtin_model):
@@ -91,20 +117,45 @@ def test_an_unfinished_run_with_other_settings_is_discarded(tmp_path, builtin_mo
     (work / synth.STATE_NAME).write_text(json.dumps({"fingerprint": "other", "candidates": 4}))
     (work / synth.SHARD_PATTERN.format(0)).write_bytes(b"not a shard")
     (work / ".images-00001.safetensors.partial-1234").write_bytes(b"half")
-    out = synth.run(None, builtin_model.classes, tmp_path / "out",
-                    synth.SynthOptions(strategy="noise", num_images=4, seed=0, size=8))
+    out = synth.run(
+        None,
+        builtin_model.classes,
+        tmp_path / "out",
+        synth.SynthOptions(strategy="noise", num_images=4, seed=0, size=8),
+    )
     assert len(load_synth_images(out)) == 4 and not work.exists()
 
 
 def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, tiny_generator):
-    command = [sys.executable, "-m", "edgeq.cli.main", "synth", TINY, "--generator", tiny_generator, "--strategy", "single", "--num-images", "48",
-               "--shard-size", "4", "--batch-size", "4", "--steps", "2", "--seed", "5"]
+    command = [
+        sys.executable,
+        "-m",
+        "edgeq.cli.main",
+        "synth",
+        TINY,
+        "--generator",
+        tiny_generator,
+        "--strategy",
+        "single",
+        "--num-images",
+        "48",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     whole = tmp_path / "whole"
     subprocess.run([*command, "-o", str(whole)], check=True, capture_output=True, env=env)
     killed = tmp_path / "killed"
     work = synth.work_folder(killed)
-    process = subprocess.Popen([*command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(
+        [*command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     deadline = time.monotonic() + 120
     while not (work.exists() and list(work.glob("images-*.safetensors"))) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -119,9 +170,13 @@ def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, ti
 
 def test_energy_filter_keeps_the_lowest_energy_candidates(tmp_path, tiny_generator, builtin_model):
     filtering = FilterOptions(method="energy", keep=0.5)
-    out = synth.run(tiny_generator, builtin_model.classes, tmp_path / "f",
-                    synth.SynthOptions(strategy="single", num_images=6, seed=2, steps=2, filtering=filtering,
-                                       shard_size=4), model=builtin_model)
+    out = synth.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "f",
+        synth.SynthOptions(strategy="single", num_images=6, seed=2, steps=2, filtering=filtering, shard_size=4),
+        model=builtin_model,
+    )
     manifest = Manifest.load(out, "synth")
     kept = manifest.extra["images"]
     assert len(kept) == 6 and manifest.extra["filter"]["candidates"] == 12
@@ -131,10 +186,17 @@ def test_energy_filter_keeps_the_lowest_energy_candidates(tmp_path, tiny_generat
     recomputed = energy_scores(builtin_model, images.images)
     assert np.allclose(recomputed, [r["score"] for r in kept], atol=1e-5)
     assert manifest.inputs[-1]["role"] == "model" and not (out / synth.CANDIDATES_DIR).exists()
-    unfiltered = load_synth_images(synth.run(tiny_generator, builtin_model.classes, tmp_path / "u",
-                                             synth.SynthOptions(strategy="single", num_images=12, seed=2, steps=2,
-                                                                shard_size=4)))
-    assert np.array_equal(unfiltered.images[[r["candidate"] for r in kept]], images.images)  # candidates are the unfiltered images
+    unfiltered = load_synth_images(
+        synth.run(
+            tiny_generator,
+            builtin_model.classes,
+            tmp_path / "u",
+            synth.SynthOptions(strategy="single", num_images=12, seed=2, steps=2, shard_size=4),
+        )
+    )
+    assert np.array_equal(
+        unfiltered.images[[r["candidate"] for r in kept]], images.images
+    )  # candidates are the unfiltered images
 
 
 def test_scores_match_their_definitions(builtin_model):
@@ -144,7 +206,10 @@ def test_scores_match_their_definitions(builtin_model):
         logits = builtin_model.module.eval()(x)
         expected_energy = -torch.logsumexp(logits, 1).numpy()
         # With one image a batch's statistics are the image's own: the inversion loss is the per-image score.
-        expected_bn = [statistics_loss(builtin_model.module, x[i : i + 1], batchnorm_layers(builtin_model.module)).item() for i in range(5)]
+        expected_bn = [
+            statistics_loss(builtin_model.module, x[i : i + 1], batchnorm_layers(builtin_model.module)).item()
+            for i in range(5)
+        ]
     assert np.allclose(energy_scores(builtin_model, images), expected_energy, atol=1e-5)
     assert np.allclose(bn_sensitivity_scores(builtin_model, images), expected_bn, rtol=1e-4)
     assert select_lowest(np.array([3.0, 1.0, 2.0, 1.0, 5.0]), 3).tolist() == [1, 2, 3]
@@ -157,8 +222,12 @@ def test_filter_options_are_checked(builtin_model):
     with pytest.raises(EdgeqError, match="filter-keep"):
         FilterOptions(method="energy", keep=1.5)
     with pytest.raises(EdgeqError, match="needs the model"):
-        synth.run(None, builtin_model.classes, "unused",
-                  synth.SynthOptions(strategy="noise", size=8, num_images=2, filtering=FilterOptions(method="energy")))
+        synth.run(
+            None,
+            builtin_model.classes,
+            "unused",
+            synth.SynthOptions(strategy="noise", size=8, num_images=2, filtering=FilterOptions(method="energy")),
+        )
 
 
 def test_source_defaults_follow_the_model(builtin_model):
@@ -167,7 +236,12 @@ def test_source_defaults_follow_the_model(builtin_model):
     assert synth.choose_source(builtin_model, "./sd", "noise") == (None, "noise")
     foreign = LoadedModel(builtin_model.module, "model.pt", builtin_model.classes, builtin_model.preprocess)
     assert synth.choose_source(foreign, None, None) == (None, "bn-inversion")
-    without_bn = LoadedModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), "mlp.pt", builtin_model.classes, builtin_model.preprocess)
+    without_bn = LoadedModel(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)),
+        "mlp.pt",
+        builtin_model.classes,
+        builtin_model.preprocess,
+    )
     with pytest.raises(EdgeqError, match="needs a text-to-image generator"):
         synth.choose_source(without_bn, None, None)
     with pytest.raises(EdgeqError, match="needs a text-to-image generator"):
@@ -177,22 +251,33 @@ def test_source_defaults_follow_the_model(builtin_model):
 def test_negative_prompt_reaches_the_pipeline(tmp_path, tiny_generator, builtin_model):
     plans = synth.plan_prompts(builtin_model.classes, 2, "single", 0)
     assert synth._conditioning(None, plans, 3.0, "blurry")["negative_prompt"] == ["blurry", "blurry"]
-    plain = synth.run(tiny_generator, builtin_model.classes, tmp_path / "a",
-                      synth.SynthOptions(strategy="single", num_images=2, steps=2))
-    steered = synth.run(tiny_generator, builtin_model.classes, tmp_path / "b",
-                        synth.SynthOptions(strategy="single", num_images=2, steps=2, negative_prompt="blurry"))
+    plain = synth.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "a",
+        synth.SynthOptions(strategy="single", num_images=2, steps=2),
+    )
+    steered = synth.run(
+        tiny_generator,
+        builtin_model.classes,
+        tmp_path / "b",
+        synth.SynthOptions(strategy="single", num_images=2, steps=2, negative_prompt="blurry"),
+    )
     assert _shard_hashes(plain) != _shard_hashes(steered)
     assert Manifest.load(steered, "synth").params["negative_prompt"] == "blurry"
     with pytest.raises(EdgeqError, match="half precision needs a GPU"):
-        synth.run(tiny_generator, builtin_model.classes, tmp_path / "c",
-                  synth.SynthOptions(num_images=2, dtype="float16"))
+        synth.run(
+            tiny_generator, builtin_model.classes, tmp_path / "c", synth.SynthOptions(num_images=2, dtype="float16")
+        )
 
 
 def test_pairwise_distance_matches_a_double_loop():
     features = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     pairs = [(i, j) for i in range(7) for j in range(7) if i != j]
     l2 = np.mean([torch.dist(features[i], features[j]).item() for i, j in pairs])
-    cosine = np.mean([1 - torch.nn.functional.cosine_similarity(features[i], features[j], dim=0).item() for i, j in pairs])
+    cosine = np.mean(
+        [1 - torch.nn.functional.cosine_similarity(features[i], features[j], dim=0).item() for i, j in pairs]
+    )
     assert mean_pairwise_distance(features) == pytest.approx((l2, cosine), rel=1e-9)
 
 

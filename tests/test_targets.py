@@ -6,7 +6,15 @@ from edgeq.targets import HOST_PREFERENCE, get_target, host_target, host_target_
 
 from edgeq import EdgeqError
 
-REQUIRED = {"x86": "x86_64", "x86-avx2": "x86_64", "x86-avx512": "x86_64", "arm64": "aarch64", "rpi4": "aarch64", "rpi5": "aarch64", "jetson-orin": "aarch64"}
+REQUIRED = {
+    "x86": "x86_64",
+    "x86-avx2": "x86_64",
+    "x86-avx512": "x86_64",
+    "arm64": "aarch64",
+    "rpi4": "aarch64",
+    "rpi5": "aarch64",
+    "jetson-orin": "aarch64",
+}
 
 
 def test_required_targets_exist():
@@ -51,18 +59,21 @@ PI4 = ["fp", "asimd", "evtstrm", "crc32", "cpuid"]
 PI5 = [*PI4, "aes", "pmull", "sha1", "sha2", "atomics", "fphp", "asimdhp", "asimdrdm", "lrcpc", "dcpop", "asimddp"]
 
 
-@pytest.mark.parametrize("arch, flags, expected", [
-    ("x86_64", ICE_LAKE, "x86-avx512"),
-    ("x86_64", SKYLAKE_X, "x86-avx2"),  # AVX-512 without VNNI: the VNNI target would not run
-    ("x86_64", HASWELL, "x86-avx2"),
-    ("x86_64", [f for f in HASWELL if f != "fma"], "x86"),  # AVX2 without FMA (x86-avx2 is x86-64-v3)
-    ("x86_64", ["fpu", "sse", "sse2"], "x86"),
-    ("x86_64", [], "x86"),
-    ("AMD64", HASWELL, "x86-avx2"),
-    ("aarch64", PI5, "jetson-orin"),
-    ("aarch64", PI4, "arm64"),
-    ("arm64", PI5, "jetson-orin"),  # macOS spelling
-])
+@pytest.mark.parametrize(
+    "arch, flags, expected",
+    [
+        ("x86_64", ICE_LAKE, "x86-avx512"),
+        ("x86_64", SKYLAKE_X, "x86-avx2"),  # AVX-512 without VNNI: the VNNI target would not run
+        ("x86_64", HASWELL, "x86-avx2"),
+        ("x86_64", [f for f in HASWELL if f != "fma"], "x86"),  # AVX2 without FMA (x86-avx2 is x86-64-v3)
+        ("x86_64", ["fpu", "sse", "sse2"], "x86"),
+        ("x86_64", [], "x86"),
+        ("AMD64", HASWELL, "x86-avx2"),
+        ("aarch64", PI5, "jetson-orin"),
+        ("aarch64", PI4, "arm64"),
+        ("arm64", PI5, "jetson-orin"),  # macOS spelling
+    ],
+)
 def test_host_resolves_to_the_best_target_the_flags_allow(arch, flags, expected):
     assert host_target_name(arch, flags) == expected
     target = get_target(expected)
@@ -90,11 +101,16 @@ def test_host_is_a_concrete_target_this_machine_runs():
     assert target.arch == platform.machine() and target.missing_host_features() == []
 
 
-@pytest.mark.parametrize("name, layout", [("x86", "portable"), ("x86-avx2", "avx2"), ("x86-avx512", "avx2"), ("arm64", "neon"), ("jetson-orin", "sdot")])
+@pytest.mark.parametrize(
+    "name, layout",
+    [("x86", "portable"), ("x86-avx2", "avx2"), ("x86-avx512", "avx2"), ("arm64", "neon"), ("jetson-orin", "sdot")],
+)
 def test_each_host_choice_gets_the_kernels_its_features_allow(name, layout):
     from edgeq.kernels import layouts, toolchain
 
     target = get_target(name)
     assert layouts.layout_for(target.arch, target.cpu_features).name == layout
     if layout == "avx2":
-        assert {"-mavx2", "-mfma"} <= set(toolchain.compile_flags(target.arch, target.cpu_features, target.tvm_target.get("mcpu")))
+        assert {"-mavx2", "-mfma"} <= set(
+            toolchain.compile_flags(target.arch, target.cpu_features, target.tvm_target.get("mcpu"))
+        )

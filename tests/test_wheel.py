@@ -11,6 +11,7 @@ extends ``sys.path``; the ``.pth`` files inside that folder are not run, so the 
 (a ``.pth`` hook pointing at the checkout) stays inactive, and ``import edgeq`` must find the wheel's copy.
 ``pip check`` in the fresh environment then confirms the wheel's declared requirements are met there.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,19 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT, source, ignore=_ignore)
     out = tmp_path_factory.mktemp("wheel")
     # No build isolation: the build uses this environment's setuptools, so it needs no network.
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-               "-w", out, source]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        out,
+        source,
+    ]
     result = subprocess.run([str(c) for c in command], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     (built,) = out.glob("edgeq-*.whl")
@@ -102,8 +114,9 @@ def test_installed_wheel_runs_the_stages_without_the_checkout(wheel, tmp_path):
     env["PYTHONNOUSERSITE"] = "1"
     work = tmp_path / "work"  # the current folder: not the checkout, so nothing of it is on sys.path
     work.mkdir()
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
-         work, env)
+    _run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel], work, env
+    )
     purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     fresh_site = Path(_run([python, "-c", purelib], work, env).strip())
     (fresh_site / "test_environment_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
@@ -116,8 +129,11 @@ def test_installed_wheel_runs_the_stages_without_the_checkout(wheel, tmp_path):
 
     model = "builtin:tiny-fmnist"
     _run([edgeq, "synth", model, "--strategy", "noise", "--num-images", "8", "-o", "calib"], work, env)
-    _run([edgeq, "quantize", model, "--calib", "calib", "--method", "rtn", "--bits", "w2a4", "-o", "quantized"],
-         work, env)
+    _run(
+        [edgeq, "quantize", model, "--calib", "calib", "--method", "rtn", "--bits", "w2a4", "-o", "quantized"],
+        work,
+        env,
+    )
     _run([edgeq, "export", "quantized", "-o", "exported"], work, env)
     _run([edgeq, "compile", "exported", "--target", "x86-avx2", "-o", "compiled"], work, env)
     module = work / "compiled" / "module.so"

@@ -1,4 +1,5 @@
 """The offline zoo: shipped teachers reach their accuracy, EfficientNet-Lite0 sees real photos, entries are listed."""
+
 import json
 import sys
 
@@ -70,7 +71,9 @@ def test_zoo_list_shows_five_entries(monkeypatch, capsys):
 def test_eval_prints_top1_json(monkeypatch, capsys):
     from edgeq.cli.main import main
 
-    monkeypatch.setattr(sys, "argv", ["edgeq", "eval", "builtin:tiny-fmnist", "--data", "fmnist-test", "--num-images", "500", "--json"])
+    monkeypatch.setattr(
+        sys, "argv", ["edgeq", "eval", "builtin:tiny-fmnist", "--data", "fmnist-test", "--num-images", "500", "--json"]
+    )
     with pytest.raises(SystemExit) as info:
         main()
     result = json.loads(capsys.readouterr().out)
@@ -80,7 +83,10 @@ def test_eval_prints_top1_json(monkeypatch, capsys):
 def test_eval_of_a_quantized_folder_reports_agreement(quantized_dirs):
     result = evaluate(str(quantized_dirs("w8a8")), "fmnist-test", num_images=300)
     assert result["bits"] == "w8a8"
-    assert result["agreement_with_fp"]["top1"] > 0.9 and result["agreement_with_fp"]["top5"] >= result["agreement_with_fp"]["top1"]
+    assert (
+        result["agreement_with_fp"]["top1"] > 0.9
+        and result["agreement_with_fp"]["top5"] >= result["agreement_with_fp"]["top1"]
+    )
 
 
 def test_generator_is_not_a_model():
@@ -109,7 +115,9 @@ def _gate():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("generator_gate", Path(__file__).parents[1] / "benchmarks" / "generator_gate.py")
+    spec = importlib.util.spec_from_file_location(
+        "generator_gate", Path(__file__).parents[1] / "benchmarks" / "generator_gate.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -14,6 +14,7 @@ full-precision one on the calibration images:
 Parts: ``rounding`` (AdaRound, β schedule), ``activation`` (LSQ, dropping), ``blocks``
 (units), ``cache`` (captured inputs and targets), ``layer`` (per-layer learned state).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,7 +85,10 @@ class ReconstructionConfig:
             except ValueError:
                 raise one_of(f"reconstruction {field}", str(value), [m.value for m in enum_type]) from None
         if self.iters < 1 or self.batch_size < 1:
-            raise EdgeqError(f"--iters and the batch size must be positive (got {self.iters}, {self.batch_size})", "pass e.g. --iters 2000")
+            raise EdgeqError(
+                f"--iters and the batch size must be positive (got {self.iters}, {self.batch_size})",
+                "pass e.g. --iters 2000",
+            )
         if not 0.0 <= self.drop_prob <= 1.0:
             raise EdgeqError(f"--drop-prob must be in [0, 1], not {self.drop_prob}", "pass e.g. 0.5")
         if self.time_budget is not None and self.time_budget <= 0:
@@ -117,7 +121,9 @@ def default_round_weight(model: nn.Module) -> float:
     return 0.1 if depthwise else 0.01
 
 
-def _reconstruction_error(module: nn.Module, learnings: list, inputs: torch.Tensor, targets: torch.Tensor, device, batch: int = 256) -> float:
+def _reconstruction_error(
+    module: nn.Module, learnings: list, inputs: torch.Tensor, targets: torch.Tensor, device, batch: int = 256
+) -> float:
     """Mean squared error per element of the unit with hard rounding, no dropping."""
     for learning in learnings:
         learning.active = False
@@ -140,8 +146,16 @@ def _output_error(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return error.sum(-1 if error.dim() == 3 else 1).mean()
 
 
-def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: ReconstructionConfig, *, seed: int = 0, device: str = "cpu",
-                matmuls: dict | None = None) -> list[dict]:
+def reconstruct(
+    model: nn.Module,
+    layers: dict,
+    inputs: torch.Tensor,
+    config: ReconstructionConfig,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    matmuls: dict | None = None,
+) -> list[dict]:
     """Learn the rounding (and activation steps) of ``layers`` unit by unit; returns a report per unit.
 
     ``model`` is a prepared, calibrated model (``edgeq.quantized.prepare`` then ``calibrate``) whose
@@ -157,7 +171,13 @@ def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: Re
     units = find_units(model, list(layers), blocks=config.by_block)
     order = execution_order(model, [u.name for u in units], inputs[:1])
     units = sorted(units, key=lambda u: order.index(u.name))
-    log.info("reconstructing %d units (%d blocks) with %s, %d iterations each", len(units), sum(u.kind == "block" for u in units), config.method, config.iters)
+    log.info(
+        "reconstructing %d units (%d blocks) with %s, %d iterations each",
+        len(units),
+        sum(u.kind == "block" for u in units),
+        config.method,
+        config.iters,
+    )
     frozen = {p: p.requires_grad for p in model.parameters()}
     for p in frozen:
         p.requires_grad_(False)
@@ -171,7 +191,21 @@ def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: Re
             share = None
             if config.time_budget is not None:
                 share = max(config.time_budget - (time.perf_counter() - started), 0.0) / (len(units) - position)
-            reports.append(_reconstruct_unit(model, layers, matmuls or {}, unit, inputs, config, round_weight, device, index_generator, drop_generator, share))
+            reports.append(
+                _reconstruct_unit(
+                    model,
+                    layers,
+                    matmuls or {},
+                    unit,
+                    inputs,
+                    config,
+                    round_weight,
+                    device,
+                    index_generator,
+                    drop_generator,
+                    share,
+                )
+            )
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
@@ -181,12 +215,25 @@ def reconstruct(model: nn.Module, layers: dict, inputs: torch.Tensor, config: Re
     return reports
 
 
-def _reconstruct_unit(model, layers, matmuls, unit: Unit, inputs, config: ReconstructionConfig, round_weight: float, device,
-                      index_generator: torch.Generator, drop_generator: torch.Generator, time_share: float | None) -> dict:
+def _reconstruct_unit(
+    model,
+    layers,
+    matmuls,
+    unit: Unit,
+    inputs,
+    config: ReconstructionConfig,
+    round_weight: float,
+    device,
+    index_generator: torch.Generator,
+    drop_generator: torch.Generator,
+    time_share: float | None,
+) -> dict:
     module = model.get_submodule(unit.name)
     unit_layers = [layers[name] for name in unit.layers]
     # Attention matmuls are learned with the block that holds them (module paths below the unit's).
-    unit_matmuls = [m for name, m in matmuls.items() if name.startswith(f"{unit.name}.")] if unit.kind == "block" else []
+    unit_matmuls = (
+        [m for name, m in matmuls.items() if name.startswith(f"{unit.name}.")] if unit.kind == "block" else []
+    )
     switchable = [*layers.values(), *matmuls.values()]
     for quantized in switchable:
         quantized.bypass = True
@@ -198,10 +245,22 @@ def _reconstruct_unit(model, layers, matmuls, unit: Unit, inputs, config: Recons
             quantized.bypass = False
     quant_inputs, _ = unit_io(model, module, inputs, 64, outputs=False, device=device)
 
-    learnings = [LayerLearning(layer, learn_rounding=True, learn_act=config.learns_steps, drop_prob=config.unit_drop_prob, generator=drop_generator).to(device)
-                 for layer in unit_layers]
-    matmul_learnings = [MatMulLearning(m, learn_act=config.learns_steps, drop_prob=config.unit_drop_prob, generator=drop_generator).to(device)
-                        for m in unit_matmuls]
+    learnings = [
+        LayerLearning(
+            layer,
+            learn_rounding=True,
+            learn_act=config.learns_steps,
+            drop_prob=config.unit_drop_prob,
+            generator=drop_generator,
+        ).to(device)
+        for layer in unit_layers
+    ]
+    matmul_learnings = [
+        MatMulLearning(m, learn_act=config.learns_steps, drop_prob=config.unit_drop_prob, generator=drop_generator).to(
+            device
+        )
+        for m in unit_matmuls
+    ]
     for quantized, learning in zip([*unit_layers, *unit_matmuls], [*learnings, *matmul_learnings]):
         quantized.learning = learning
     evaluation = slice(0, min(len(inputs), 256))
@@ -220,7 +279,11 @@ def _reconstruct_unit(model, layers, matmuls, unit: Unit, inputs, config: Recons
         index = torch.randint(len(inputs), (config.batch_size,), generator=index_generator)
         x = quant_inputs[index].to(device)
         if config.unit_drop_prob > 0:
-            x = torch.where(torch.rand(x.shape, generator=drop_generator, device=device) < config.unit_drop_prob, fp_inputs[index].to(device), x)
+            x = torch.where(
+                torch.rand(x.shape, generator=drop_generator, device=device) < config.unit_drop_prob,
+                fp_inputs[index].to(device),
+                x,
+            )
         out = module(x)
         loss = _output_error(out, fp_outputs[index].to(device), None if weights is None else weights[index].to(device))
         beta = beta_schedule(iteration, total, config.warmup, config.beta_start, config.beta_end)
@@ -248,10 +311,21 @@ def _reconstruct_unit(model, layers, matmuls, unit: Unit, inputs, config: Recons
             bar.set_postfix(loss=f"{loss.item():.4g}")
     bar.close()
     after = _reconstruction_error(module, everything, quant_inputs[evaluation], fp_outputs[evaluation], device)
-    changed = [float((learning.rounding.hard_codes() != layer.weight_int.float()).float().mean()) for layer, learning in zip(unit_layers, learnings)]
+    changed = [
+        float((learning.rounding.hard_codes() != layer.weight_int.float()).float().mean())
+        for layer, learning in zip(unit_layers, learnings)
+    ]
     for quantized, learning in zip([*unit_layers, *unit_matmuls], everything):
         learning.write_back(quantized)
         quantized.learning = None
     log.info("%s: output MSE %.4g -> %.4g over %d iterations", unit.name, before, after, iteration)
-    return {"unit": unit.name, "kind": unit.kind, "layers": list(unit.layers), "iterations": iteration, "mse_before": before, "mse_after": after,
-            "rounding_changed": changed, "seconds": round(time.perf_counter() - began, 2)}
+    return {
+        "unit": unit.name,
+        "kind": unit.kind,
+        "layers": list(unit.layers),
+        "iterations": iteration,
+        "mse_before": before,
+        "mse_after": after,
+        "rounding_changed": changed,
+        "seconds": round(time.perf_counter() - began, 2),
+    }

@@ -11,6 +11,7 @@ QDrop (Wei et al., ICLR 2022): while a block is reconstructed, each activation e
 skips quantization with probability p, so the learned rounding sees both quantized and
 full-precision inputs and settles in a flatter minimum.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,9 @@ class LearnedActivation:
         return self
 
 
-def drop_quantization(x: torch.Tensor, quantized: torch.Tensor, probability: float, generator: torch.Generator | None) -> torch.Tensor:
+def drop_quantization(
+    x: torch.Tensor, quantized: torch.Tensor, probability: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Each element is ``x`` (quantization dropped) with ``probability``, else ``quantized``."""
     if probability <= 0:
         return quantized

@@ -7,6 +7,7 @@ inverted residuals, ViT encoder blocks of the zoo, torchvision and timm), with a
 structural fallback for unregistered models: a module held by a Sequential or ModuleList
 (a stage of repeated blocks) that contains two or more quantized layers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,14 +61,23 @@ class Unit:
 
 
 def _quantized_inside(module: nn.Module, prefix: str, layer_names: set[str]) -> list[str]:
-    return [f"{prefix}.{name}" if name else prefix for name, _ in module.named_modules() if (f"{prefix}.{name}" if name else prefix) in layer_names]
+    return [
+        f"{prefix}.{name}" if name else prefix
+        for name, _ in module.named_modules()
+        if (f"{prefix}.{name}" if name else prefix) in layer_names
+    ]
 
 
 def is_block(module: nn.Module, parent: nn.Module | None, quantized_count: int) -> bool:
     if isinstance(module, block_types()):
         return True
     containers = (nn.Sequential, nn.ModuleList)
-    return parent is not None and isinstance(parent, containers) and not isinstance(module, containers) and quantized_count >= 2
+    return (
+        parent is not None
+        and isinstance(parent, containers)
+        and not isinstance(module, containers)
+        and quantized_count >= 2
+    )
 
 
 def find_units(model: nn.Module, layer_names: list[str], *, blocks: bool) -> list[Unit]:
@@ -76,6 +86,7 @@ def find_units(model: nn.Module, layer_names: list[str], *, blocks: bool) -> lis
     units: list[Unit] = []
     covered: set[str] = set()
     if blocks:
+
         def visit(module: nn.Module, prefix: str, parent: nn.Module | None) -> None:
             for child_name, child in module.named_children():
                 path = f"{prefix}.{child_name}" if prefix else child_name

@@ -4,6 +4,7 @@ Captured by hooks on the unit's module while the model runs over the calibration
 the forward pass stops at the unit (an exception from the hook), so later layers cost nothing.
 Tensors are kept on the CPU and moved to the reconstruction device a batch at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,9 @@ class UnitData:
     output_weights: torch.Tensor | None = None  # Fisher weights (squared task-loss gradients), when used
 
 
-def unit_io(model: nn.Module, module: nn.Module, inputs: torch.Tensor, batch_size: int, *, outputs: bool, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unit_io(
+    model: nn.Module, module: nn.Module, inputs: torch.Tensor, batch_size: int, *, outputs: bool, device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unit's inputs (and, with ``outputs``, its outputs) over ``inputs``, on the CPU."""
     seen_in: list[torch.Tensor] = []
     seen_out: list[torch.Tensor] = []
@@ -70,7 +73,9 @@ def fisher_weights(model: nn.Module, module: nn.Module, inputs: torch.Tensor, ba
     try:
         for start in range(0, len(inputs), batch_size):
             kept.clear()
-            x = inputs[start : start + batch_size].to(device).requires_grad_(True)  # parameters are frozen; this makes a graph
+            x = (
+                inputs[start : start + batch_size].to(device).requires_grad_(True)
+            )  # parameters are frozen; this makes a graph
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, logits.detach().argmax(1), reduction="sum")
             loss.backward()

@@ -1,4 +1,5 @@
 """What one quantized layer learns during reconstruction, and how it is written back."""
+
 from __future__ import annotations
 
 import torch
@@ -16,11 +17,23 @@ class LayerLearning:
     ``learn_act``. ``drop_prob``: QDrop's probability of skipping input quantization.
     """
 
-    def __init__(self, layer, *, learn_rounding: bool, learn_act: bool, drop_prob: float, generator: torch.Generator | None):
+    def __init__(
+        self, layer, *, learn_rounding: bool, learn_act: bool, drop_prob: float, generator: torch.Generator | None
+    ):
         weight = layer.layer.weight.detach()
-        self.rounding = (AdaRound(weight, quant.channel_view(layer.weight_scale, weight), *layer.weight_range, zero_point=layer.channel_zero_point())
-                         if learn_rounding else None)
-        self.activation = LearnedActivation(layer.act_scale.item(), int(layer.act_zero_point.item()), layer.act_range[1], learn_scale=learn_act)
+        self.rounding = (
+            AdaRound(
+                weight,
+                quant.channel_view(layer.weight_scale, weight),
+                *layer.weight_range,
+                zero_point=layer.channel_zero_point(),
+            )
+            if learn_rounding
+            else None
+        )
+        self.activation = LearnedActivation(
+            layer.act_scale.item(), int(layer.act_zero_point.item()), layer.act_range[1], learn_scale=learn_act
+        )
         self.drop_prob = drop_prob
         self.generator = generator
         self.active = True  # False: hard rounding and no dropping (evaluating the unit as it would be finalized)
@@ -62,7 +75,12 @@ class MatMulLearning:
 
     def __init__(self, matmul, *, learn_act: bool, drop_prob: float, generator: torch.Generator | None):
         qmax = matmul.act_range[1]
-        self.operands = [LearnedActivation(matmul.act_scale[i].item(), int(matmul.act_zero_point[i].item()), qmax, learn_scale=learn_act) for i in (0, 1)]
+        self.operands = [
+            LearnedActivation(
+                matmul.act_scale[i].item(), int(matmul.act_zero_point[i].item()), qmax, learn_scale=learn_act
+            )
+            for i in (0, 1)
+        ]
         self.drop_prob = drop_prob
         self.generator = generator
         self.active = True

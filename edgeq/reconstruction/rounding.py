@@ -13,6 +13,7 @@ w/s, so the soft weight starts at the float weight and the hard one at round-to-
 The regularizer Σ 1 - |2h - 1|^β pushes every h to 0 or 1; β anneals from large (only
 values near 1/2 are pushed) to small (all are).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,9 @@ GAMMA, ZETA = -0.1, 1.1
 class AdaRound:
     """The learned rounding of one weight tensor; ``v`` is the only trainable tensor."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, zero_point: torch.Tensor | float = 0.0):
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int, zero_point: torch.Tensor | float = 0.0
+    ):
         scaled = weight.detach() / scale
         rest = (scaled - torch.floor(scaled)).clamp(1e-6, 1 - 1e-6)
         self.floor = torch.floor(scaled) + zero_point  # codes are floor(w/s) + zero point + offset
@@ -64,4 +67,3 @@ def beta_schedule(iteration: int, total: int, warmup: float, start: float, end: 
         return None
     progress = (iteration - first) / max(total - first, 1)
     return end + (start - end) * max(0.0, 1.0 - progress)
-

@@ -11,6 +11,7 @@ The protocol has no authentication: keep the default host (localhost) and reach 
 over an SSH tunnel (``ssh -L 9090:localhost:9090 pi@board``), never bind 0.0.0.0 on a
 network you do not control.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def main() -> None:
         host, _, port = args.tracker.rpartition(":")
         tracker = (host, int(port))
     logging.basicConfig(level=logging.INFO)
-    state = server.PopenRPCServerState(args.host, args.port, args.port_end or args.port + 1, tracker_addr=tracker, key=args.key)
+    state = server.PopenRPCServerState(
+        args.host, args.port, args.port_end or args.port + 1, tracker_addr=tracker, key=args.key
+    )
     state.thread.join()
 
 

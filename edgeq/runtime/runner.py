@@ -9,6 +9,7 @@ INPUTS.npy holds (N, C, H, W) float32; the module takes one image at a time, and
 outputs are stacked to (N, classes). With ``--latency-runs`` the first input is also
 timed N times after warm-up, and the per-run milliseconds go to the JSON file.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ same quantized model). Needs only NumPy and the TVM runtime. Usage, in the bundl
 
 Prints PASS or FAIL with the figures, and exits 0 or 1.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,10 @@ def main() -> int:
     difference = float(np.abs(outputs - expected).max())
     agreement = float((outputs.argmax(1) == expected.argmax(1)).mean())
     ok = difference <= config["max_abs_diff"] and agreement >= config["min_top1_agreement"]
-    print(f"{'PASS' if ok else 'FAIL'}: {len(inputs)} inputs, top-1 agreement {agreement:.3f} (need {config['min_top1_agreement']}), "
-          f"max |difference| {difference:.3g} (allowed {config['max_abs_diff']:.3g})")
+    print(
+        f"{'PASS' if ok else 'FAIL'}: {len(inputs)} inputs, top-1 agreement {agreement:.3f} (need {config['min_top1_agreement']}), "
+        f"max |difference| {difference:.3g} (allowed {config['max_abs_diff']:.3g})"
+    )
     return 0 if ok else 1
 
 

@@ -6,6 +6,7 @@ TVM runtime (no torch, no edgeq); ``preprocess.json`` (input shape, normalizatio
 names); a few inputs with the outputs onnxruntime gives for them on the exported model
 (``selftest/``); a README; and a manifest. ``tar=True`` also writes ``<folder>.tar.gz``.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,9 @@ The RPC protocol has no authentication: keep the server on localhost and use the
 """
 
 
-def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_samples: int = 8, tar: bool = False) -> Path:
+def run(
+    compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_samples: int = 8, tar: bool = False
+) -> Path:
     """Write a bundle folder for ``compiled_dir`` (and ``<out>.tar.gz`` when ``tar``)."""
     compiled_dir, out = Path(compiled_dir), Path(out)
     compiled, export_dir, quantized_dir = upstream(compiled_dir)
@@ -85,8 +88,14 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
     inputs = loaded.preprocess(images.images).astype(np.float32)
     expected = onnxruntime_session(onnx.load(str(export_dir / MODEL_FILE))).run(None, {INPUT_NAME: inputs})[0]
     target = get_target(compiled.target)
-    manifest = Manifest(stage="bundle", inputs=[input_entry("compiled", compiled_dir)], params={"num_samples": num_samples, "data": data},
-                        spec=compiled.spec, target=compiled.target, seed=compiled.seed)
+    manifest = Manifest(
+        stage="bundle",
+        inputs=[input_entry("compiled", compiled_dir)],
+        params={"num_samples": num_samples, "data": data},
+        spec=compiled.spec,
+        target=compiled.target,
+        seed=compiled.seed,
+    )
     with staged_folder(out) as tmp:
         shutil.copy2(compiled_dir / MODULE_FILE, tmp / MODULE_FILE)
         for script in BOARD_SCRIPTS:  # copied, not imported: selftest.py imports runner.py from its own folder
@@ -94,15 +103,39 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
         (tmp / "selftest").mkdir()
         np.save(tmp / "selftest" / "inputs.npy", inputs)
         np.save(tmp / "selftest" / "expected.npy", expected)
-        check = {"module": MODULE_FILE, "inputs": "selftest/inputs.npy", "expected": "selftest/expected.npy", "min_top1_agreement": MIN_TOP1_AGREEMENT,
-                 "max_abs_diff": float(RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max())))}
+        check = {
+            "module": MODULE_FILE,
+            "inputs": "selftest/inputs.npy",
+            "expected": "selftest/expected.npy",
+            "min_top1_agreement": MIN_TOP1_AGREEMENT,
+            "max_abs_diff": float(RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()))),
+        }
         (tmp / "selftest.json").write_text(json.dumps(check, indent=2) + "\n")
-        preprocess = {"input_name": INPUT_NAME, "input_shape": list(loaded.preprocess.input_shape), **loaded.preprocess.to_dict(),
-                      "scale": "pixel / 255, then (x - mean) / std per channel", "classes": list(loaded.classes)}
+        preprocess = {
+            "input_name": INPUT_NAME,
+            "input_shape": list(loaded.preprocess.input_shape),
+            **loaded.preprocess.to_dict(),
+            "scale": "pixel / 255, then (x - mean) / std per channel",
+            "classes": list(loaded.classes),
+        }
         (tmp / "preprocess.json").write_text(json.dumps(preprocess, indent=2) + "\n")
-        (tmp / "README.md").write_text(README.format(model=loaded.source, bits=str(spec), target=target.name, description=target.description,
-                                                     channels=loaded.preprocess.channels, height=loaded.preprocess.height, width=loaded.preprocess.width))
-        manifest.extra = {"model": loaded.source, "bits": str(spec), "target": target.to_dict(), "files": sorted(p.name for p in tmp.iterdir())}
+        (tmp / "README.md").write_text(
+            README.format(
+                model=loaded.source,
+                bits=str(spec),
+                target=target.name,
+                description=target.description,
+                channels=loaded.preprocess.channels,
+                height=loaded.preprocess.height,
+                width=loaded.preprocess.width,
+            )
+        )
+        manifest.extra = {
+            "model": loaded.source,
+            "bits": str(spec),
+            "target": target.to_dict(),
+            "files": sorted(p.name for p in tmp.iterdir()),
+        }
         manifest.write(tmp)
     if tar:
         archive = out.parent / f"{out.name}.tar.gz"

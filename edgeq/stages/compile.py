@@ -11,6 +11,7 @@ Two paths, chosen per model:
 Both build at batch size 1 for the target's TVM target and link with the target's cross
 compiler for arm64.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,10 @@ def kernel_toolchain(target: Target) -> tuple[str, str, list[str]]:
         cxx_compiler = shutil.which("g++") or shutil.which("c++") or "c++"
     for tool in (c_compiler, cxx_compiler):
         if shutil.which(tool) is None:
-            raise EdgeqError(f"compiler {tool} not found", "install gcc and g++ (for arm64: sudo apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+            raise EdgeqError(
+                f"compiler {tool} not found",
+                "install gcc and g++ (for arm64: sudo apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)",
+            )
     mcpu = target.tvm_target.get("mcpu")
     return c_compiler, cxx_compiler, toolchain.compile_flags(target.arch, target.cpu_features, mcpu)
 
@@ -62,11 +66,25 @@ def build_with_kernels(plan, target: Target, out_path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         kernel_objects = toolchain.build_object(c_compiler, flags, Path(tmp))
         ffi_obj = Path(tmp) / "edgeq_ffi.o"
-        command = [cxx_compiler, *flags, "-std=c++17", "-I", tvm_ffi.libinfo.find_include_path(),
-                   "-I", str(toolchain.SOURCE_DIR), "-c", str(toolchain.FFI_SOURCE), "-o", str(ffi_obj)]
+        command = [
+            cxx_compiler,
+            *flags,
+            "-std=c++17",
+            "-I",
+            tvm_ffi.libinfo.find_include_path(),
+            "-I",
+            str(toolchain.SOURCE_DIR),
+            "-c",
+            str(toolchain.FFI_SOURCE),
+            "-o",
+            str(ffi_obj),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise EdgeqError(f"compiling the kernel entry points failed: {result.stderr.strip().splitlines()[-1:]}", "check the C++ compiler")
+            raise EdgeqError(
+                f"compiling the kernel entry points failed: {result.stderr.strip().splitlines()[-1:]}",
+                "check the C++ compiler",
+            )
         from tvm.support.cc import cross_compiler
 
         # linked by the C++ driver: the entry points need libstdc++, the kernels libgomp
@@ -74,7 +92,9 @@ def build_with_kernels(plan, target: Target, out_path: Path) -> None:
         executable.export_library(str(out_path), fcompile=fcompile, addons=[*map(str, kernel_objects), str(ffi_obj)])
 
 
-def build(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path, *, kernels: str = "auto") -> dict:
+def build(
+    onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path, *, kernels: str = "auto"
+) -> dict:
     """Build and link ``onnx_model`` for ``target`` into the shared library ``out_path``; returns how (kernels or generic)."""
     if kernels not in KERNEL_MODES:
         raise EdgeqError(f"unknown kernel mode {kernels!r}", f"choose one of: {', '.join(KERNEL_MODES)}")
@@ -86,7 +106,10 @@ def build(onnx_model: onnx.ModelProto, target: Target, input_name: str, input_sh
             plan = kernel_plan.build_plan(onnx_model, layouts.layout_for(target.arch, target.cpu_features))
         except kernel_plan.Unsupported as exc:
             if kernels == "on":
-                raise EdgeqError(f"the model cannot run on edgeq's kernels: {exc}", "compile with --kernels auto (falls back to TVM's generic code)") from None
+                raise EdgeqError(
+                    f"the model cannot run on edgeq's kernels: {exc}",
+                    "compile with --kernels auto (falls back to TVM's generic code)",
+                ) from None
             log.info("low-bit kernels not used (%s); compiling with TVM's generic code", exc)
             reason = str(exc)
         else:
@@ -107,11 +130,17 @@ def build_generic(onnx_model: onnx.ModelProto, target: Target, input_name: str, 
     try:
         mod = from_onnx(lowered, shape_dict={input_name: list(input_shape)}, keep_params_in_input=False)
     except Exception as exc:  # noqa: BLE001 - the frontend raises many kinds
-        raise EdgeqError(f"TVM could not import the ONNX model: {str(exc).splitlines()[0]}", "the model uses an operator TVM's ONNX frontend lacks") from None
+        raise EdgeqError(
+            f"TVM could not import the ONNX model: {str(exc).splitlines()[0]}",
+            "the model uses an operator TVM's ONNX frontend lacks",
+        ) from None
     executable = tvm.compile(mod, target=target.tvm())
     if target.cross_compiler:
         if shutil.which(target.cross_compiler) is None:
-            raise EdgeqError(f"cross compiler {target.cross_compiler} not found", "install it: sudo apt-get install gcc-aarch64-linux-gnu")
+            raise EdgeqError(
+                f"cross compiler {target.cross_compiler} not found",
+                "install it: sudo apt-get install gcc-aarch64-linux-gnu",
+            )
         from tvm.support.cc import cross_compiler
 
         executable.export_library(str(out_path), fcompile=cross_compiler(target.cross_compiler))
@@ -125,7 +154,14 @@ def plan(export_dir: str | Path, target: Target, kernels: str = "auto") -> Manif
     source = Manifest.load(export_dir, "export")
     # the kernel sources are part of the fingerprint: a changed kernel means a rebuild
     params = {"batch_size": 1, "kernels": kernels, "kernel_sources": toolchain.source_digest()}
-    return Manifest(stage="compile", inputs=[input_entry("export", export_dir)], params=params, spec=source.spec, target=target.name, seed=source.seed)
+    return Manifest(
+        stage="compile",
+        inputs=[input_entry("export", export_dir)],
+        params=params,
+        spec=source.spec,
+        target=target.name,
+        seed=source.seed,
+    )
 
 
 def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "host", kernels: str = "auto") -> Path:

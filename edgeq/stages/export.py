@@ -10,6 +10,7 @@ Widths with no ONNX type (3, 5, 6, 7 bits) use the next container and a Clip.
 
 Opset 21 is used (INT4/UINT4 QDQ), or 25 when a tensor is 2-bit (INT2/UINT2).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,9 @@ LAYER_TOLERANCE = 1e-4  # float32 rounding of one layer, relative to its output 
 
 
 def _digest(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes() + str(array.shape).encode()).hexdigest()
+    return hashlib.sha256(
+        np.ascontiguousarray(array, dtype=np.float32).tobytes() + str(array.shape).encode()
+    ).hexdigest()
 
 
 def _float_twin(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,11 +73,22 @@ def _torch_onnx(model: torch.nn.Module, example: torch.Tensor, opset: int) -> on
             logging.getLogger(chatty).setLevel(logging.WARNING)
         try:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},), external_data=False, optimize=True, verbose=False,
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                optimize=True,
+                verbose=False,
             )
         except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-            raise EdgeqError(f"torch could not export the model to ONNX: {str(exc).splitlines()[0]}", "the model must be exportable with torch.export") from None
+            raise EdgeqError(
+                f"torch could not export the model to ONNX: {str(exc).splitlines()[0]}",
+                "the model must be exportable with torch.export",
+            ) from None
         program.save(buffer)
     return onnx.load_from_string(buffer.getvalue())
 
@@ -89,7 +103,9 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
     layers = {name: m for name, m in model.named_modules() if isinstance(m, quantized.QuantizedLayer)}
     matmuls = quantized.quantized_matmuls(model)
     matmul_order = execution_order(model, list(matmuls), example) if matmuls else []
-    needs_2bit = any(min(m.weight_bits, m.act_bits) <= 2 for m in layers.values()) or any(m.act_bits <= 2 for m in matmuls.values())
+    needs_2bit = any(min(m.weight_bits, m.act_bits) <= 2 for m in layers.values()) or any(
+        m.act_bits <= 2 for m in matmuls.values()
+    )
     opset = 25 if needs_2bit else 21
     graph_model = _torch_onnx(eval_mode(_float_twin(model)), example, 21)
 
@@ -108,15 +124,37 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
         matched = None
         if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers:
             candidates = by_digest.get(_digest(numpy_helper.to_array(initializers[node.input[1]])), [])
-            matched = next((c for c in candidates if c[0] not in {r["layer"] for r in records}), candidates[0] if candidates else None)
+            matched = next(
+                (c for c in candidates if c[0] not in {r["layer"] for r in records}),
+                candidates[0] if candidates else None,
+            )
         elif node.op_type == "MatMul" and pending_matmuls and not set(node.input[:2]) & set(initializers):
             name = pending_matmuls.pop(0)
             matmul = matmuls[name]
             for index in (0, 1):
                 tag = f"edgeq.{name}.in{index}"
-                new_nodes.extend(_activation_qdq(node, index, float(matmul.act_scale[index]), int(matmul.act_zero_point[index]), matmul.act_bits, tag, graph))
-                records.append({"layer": name, "operand": index, "onnx_node": node.name, "op": "MatMul", "act_bits": matmul.act_bits,
-                                "act_scale": float(matmul.act_scale[index]), "act_zero_point": int(matmul.act_zero_point[index])})
+                new_nodes.extend(
+                    _activation_qdq(
+                        node,
+                        index,
+                        float(matmul.act_scale[index]),
+                        int(matmul.act_zero_point[index]),
+                        matmul.act_bits,
+                        tag,
+                        graph,
+                    )
+                )
+                records.append(
+                    {
+                        "layer": name,
+                        "operand": index,
+                        "onnx_node": node.name,
+                        "op": "MatMul",
+                        "act_bits": matmul.act_bits,
+                        "act_scale": float(matmul.act_scale[index]),
+                        "act_zero_point": int(matmul.act_zero_point[index]),
+                    }
+                )
             new_nodes.append(node)
             continue
         if matched is None:
@@ -128,25 +166,54 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             transposed = not trans_b
         tag = f"edgeq.{layer_name}"
-        new_nodes.extend(_activation_qdq(node, 0, float(layer.act_scale), int(layer.act_zero_point), layer.act_bits, tag, graph))
+        new_nodes.extend(
+            _activation_qdq(node, 0, float(layer.act_scale), int(layer.act_zero_point), layer.act_bits, tag, graph)
+        )
         weight_name = node.input[1]
         if weight_name not in replaced:
             codes = layer.weight_int.numpy()
             codes = codes.T if transposed else codes
             axis = 1 if transposed else 0
-            graph.initializer.extend([
-                integer_tensor(f"{tag}.weight_q", codes, layer.weight_bits, signed=True),
-                numpy_helper.from_array(layer.weight_scale.numpy().astype(np.float32), f"{tag}.weight_scale"),
-                integer_tensor(f"{tag}.weight_zero_point", layer.weight_zero_point.numpy().astype(np.int8), layer.weight_bits, signed=True),
-            ])
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.weight_q", f"{tag}.weight_scale", f"{tag}.weight_zero_point"], [weight_name], name=f"{tag}/weight_dq", axis=axis))
+            graph.initializer.extend(
+                [
+                    integer_tensor(f"{tag}.weight_q", codes, layer.weight_bits, signed=True),
+                    numpy_helper.from_array(layer.weight_scale.numpy().astype(np.float32), f"{tag}.weight_scale"),
+                    integer_tensor(
+                        f"{tag}.weight_zero_point",
+                        layer.weight_zero_point.numpy().astype(np.int8),
+                        layer.weight_bits,
+                        signed=True,
+                    ),
+                ]
+            )
+            new_nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{tag}.weight_q", f"{tag}.weight_scale", f"{tag}.weight_zero_point"],
+                    [weight_name],
+                    name=f"{tag}/weight_dq",
+                    axis=axis,
+                )
+            )
             replaced.add(weight_name)
         new_nodes.append(node)
-        records.append({"layer": layer_name, "onnx_node": node.name, "op": node.op_type, "weight_bits": layer.weight_bits, "act_bits": layer.act_bits,
-                        "act_scale": float(layer.act_scale), "act_zero_point": int(layer.act_zero_point)})
+        records.append(
+            {
+                "layer": layer_name,
+                "onnx_node": node.name,
+                "op": node.op_type,
+                "weight_bits": layer.weight_bits,
+                "act_bits": layer.act_bits,
+                "act_scale": float(layer.act_scale),
+                "act_zero_point": int(layer.act_zero_point),
+            }
+        )
     missing = sorted((set(layers) | set(matmuls)) - {r["layer"] for r in records})
     if missing:
-        raise EdgeqError(f"could not find the ONNX nodes of quantized layers {', '.join(missing)}", "the exporter changed these weights; report this model to edgeq")
+        raise EdgeqError(
+            f"could not find the ONNX nodes of quantized layers {', '.join(missing)}",
+            "the exporter changed these weights; report this model to edgeq",
+        )
     kept = [init for init in graph.initializer if init.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -162,26 +229,50 @@ def build_qdq_model(model: torch.nn.Module, example: torch.Tensor) -> tuple[onnx
 def _activation_qdq(node, input_index: int, scale: float, zero_point: int, bits: int, tag: str, graph) -> list:
     """Nodes that fake-quantize ``node``'s input ``input_index``, rewiring the node to their output."""
     qmin, qmax = quant.unsigned_range(bits)
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(scale, np.float32), f"{tag}.act_scale"),
-        integer_tensor(f"{tag}.act_zero_point", np.array(zero_point), bits, signed=False),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(scale, np.float32), f"{tag}.act_scale"),
+            integer_tensor(f"{tag}.act_zero_point", np.array(zero_point), bits, signed=False),
+        ]
+    )
     source, nodes = node.input[input_index], []
     if bits not in (2, 4, 8):  # no ONNX type: clip to the range, then use the wider container
-        graph.initializer.extend([
-            numpy_helper.from_array(np.array((qmin - zero_point) * scale, np.float32), f"{tag}.act_low"),
-            numpy_helper.from_array(np.array((qmax - zero_point) * scale, np.float32), f"{tag}.act_high"),
-        ])
-        nodes.append(helper.make_node("Clip", [source, f"{tag}.act_low", f"{tag}.act_high"], [f"{tag}.act_clipped"], name=f"{tag}/act_clip"))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array((qmin - zero_point) * scale, np.float32), f"{tag}.act_low"),
+                numpy_helper.from_array(np.array((qmax - zero_point) * scale, np.float32), f"{tag}.act_high"),
+            ]
+        )
+        nodes.append(
+            helper.make_node(
+                "Clip", [source, f"{tag}.act_low", f"{tag}.act_high"], [f"{tag}.act_clipped"], name=f"{tag}/act_clip"
+            )
+        )
         source = f"{tag}.act_clipped"
-    nodes.append(helper.make_node("QuantizeLinear", [source, f"{tag}.act_scale", f"{tag}.act_zero_point"], [f"{tag}.act_q"], name=f"{tag}/act_q"))
-    nodes.append(helper.make_node("DequantizeLinear", [f"{tag}.act_q", f"{tag}.act_scale", f"{tag}.act_zero_point"], [f"{tag}.act_dq"], name=f"{tag}/act_dq"))
+    nodes.append(
+        helper.make_node(
+            "QuantizeLinear",
+            [source, f"{tag}.act_scale", f"{tag}.act_zero_point"],
+            [f"{tag}.act_q"],
+            name=f"{tag}/act_q",
+        )
+    )
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{tag}.act_q", f"{tag}.act_scale", f"{tag}.act_zero_point"],
+            [f"{tag}.act_dq"],
+            name=f"{tag}/act_dq",
+        )
+    )
     node.input[input_index] = f"{tag}.act_dq"
     return nodes
 
 
 @torch.no_grad()
-def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto, records: list[dict], inputs: np.ndarray) -> dict:
+def compare_with_onnxruntime(
+    model: torch.nn.Module, onnx_model: onnx.ModelProto, records: list[dict], inputs: np.ndarray
+) -> dict:
     """How onnxruntime running the QDQ graph compares with torch fake-quant.
 
     Layer by layer, on onnxruntime's own tensors, so float rounding upstream cannot hide
@@ -212,8 +303,12 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
     ort_logits, ort = ort_outputs[0], dict(zip(wanted, ort_outputs[1:]))
 
     torch_acts = {}
-    hooks = [layers[r["layer"]].layer.register_forward_pre_hook(lambda _m, args, key=name: torch_acts.__setitem__(key, args[0].numpy().copy()))
-             for r, name in zip(records, dq_names)]
+    hooks = [
+        layers[r["layer"]].layer.register_forward_pre_hook(
+            lambda _m, args, key=name: torch_acts.__setitem__(key, args[0].numpy().copy())
+        )
+        for r, name in zip(records, dq_names)
+    ]
     try:
         torch_logits = model(torch.from_numpy(inputs)).numpy()
     finally:
@@ -224,7 +319,9 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
     for record, dq, pre, out in zip(records, dq_names, pre_names, out_names):
         layer = layers[record["layer"]]
         scale = record["act_scale"]
-        local = quant.fake_quantize(torch.from_numpy(ort[pre]), scale, record["act_zero_point"], *layer.act_range).numpy()
+        local = quant.fake_quantize(
+            torch.from_numpy(ort[pre]), scale, record["act_zero_point"], *layer.act_range
+        ).numpy()
         quantizer_lsb = max(quantizer_lsb, float(np.rint(np.abs(local - ort[dq]) / scale).max()))
         params = {"weight": layer.dequantized_weight()}
         if layer.layer.bias is not None:  # a MatMul's bias is a separate Add node, after the output compared here
@@ -236,7 +333,12 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
         differing += int((steps > 0).sum())
         total += steps.size
     for record, dq, pre in zip(operand_records, operand_dq, operand_pre):
-        local = quant.fake_quantize(torch.from_numpy(ort[pre]), record["act_scale"], record["act_zero_point"], *quant.unsigned_range(record["act_bits"])).numpy()
+        local = quant.fake_quantize(
+            torch.from_numpy(ort[pre]),
+            record["act_scale"],
+            record["act_zero_point"],
+            *quant.unsigned_range(record["act_bits"]),
+        ).numpy()
         quantizer_lsb = max(quantizer_lsb, float(np.rint(np.abs(local - ort[dq]) / record["act_scale"]).max()))
     return {
         "images": int(len(inputs)),
@@ -251,7 +353,13 @@ def compare_with_onnxruntime(model: torch.nn.Module, onnx_model: onnx.ModelProto
 
 def plan(quantized_dir: str | Path) -> Manifest:
     source = Manifest.load(quantized_dir, "quantize")
-    return Manifest(stage="export", inputs=[input_entry("quantized", quantized_dir)], params={"check_images": CHECK_IMAGES}, spec=source.spec, seed=source.seed)
+    return Manifest(
+        stage="export",
+        inputs=[input_entry("quantized", quantized_dir)],
+        params={"check_images": CHECK_IMAGES},
+        spec=source.spec,
+        seed=source.seed,
+    )
 
 
 def run(quantized_dir: str | Path, out: str | Path) -> Path:
@@ -260,18 +368,30 @@ def run(quantized_dir: str | Path, out: str | Path) -> Path:
     model, loaded, spec, source = quantized.load(quantized_dir)
     images = resolve_dataset(source.input("calibration")["path"]).subset(CHECK_IMAGES)
     inputs = loaded.preprocess(images.images)
-    log.info("exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images",
-             loaded.source, spec, len(inputs))
+    log.info(
+        "exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images", loaded.source, spec, len(inputs)
+    )
     example = torch.from_numpy(inputs[:2])
     onnx_model, records = build_qdq_model(model, example)
     check = compare_with_onnxruntime(model, onnx_model, records, inputs)
-    log.info("onnxruntime vs torch: quantizers within %.0f LSB, layers within %.1e relative, %.3f%% of activation codes differ end to end",
-             check["quantizer_max_lsb"], check["layer_max_rel_error"], 100 * check["activation_fraction_differing"])
+    log.info(
+        "onnxruntime vs torch: quantizers within %.0f LSB, layers within %.1e relative, %.3f%% of activation codes differ end to end",
+        check["quantizer_max_lsb"],
+        check["layer_max_rel_error"],
+        100 * check["activation_fraction_differing"],
+    )
     if check["quantizer_max_lsb"] > 1 or check["layer_max_rel_error"] > LAYER_TOLERANCE:
-        raise EdgeqError(f"onnxruntime disagrees with torch (quantizers {check['quantizer_max_lsb']:.0f} LSB, layers {check['layer_max_rel_error']:.1e})",
-                         "this is a bug in edgeq's exporter; please report it")
-    manifest.extra = {"model": source.extra["model"], "layers": records, "opset": onnx_model.opset_import[0].version,
-                      "input": {"name": INPUT_NAME, "shape": list(loaded.preprocess.input_shape)}, "onnxruntime_check": check}
+        raise EdgeqError(
+            f"onnxruntime disagrees with torch (quantizers {check['quantizer_max_lsb']:.0f} LSB, layers {check['layer_max_rel_error']:.1e})",
+            "this is a bug in edgeq's exporter; please report it",
+        )
+    manifest.extra = {
+        "model": source.extra["model"],
+        "layers": records,
+        "opset": onnx_model.opset_import[0].version,
+        "input": {"name": INPUT_NAME, "shape": list(loaded.preprocess.input_shape)},
+        "onnxruntime_check": check,
+    }
     with staged_folder(out) as tmp:
         onnx.save(onnx_model, str(tmp / MODEL_FILE))
         manifest.write(tmp)

@@ -5,6 +5,7 @@ weights file and its loader) lives in :mod:`edgeq.quantized`; this stage resolve
 calibration set, quantizes the model on it (round-to-nearest, or rounding learned by
 ``edgeq.reconstruction``: AdaRound, BRECQ, QDrop) and writes the folder with its manifest.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,16 @@ from ..spec import QuantSpec
 log = logging.getLogger(__name__)
 
 
-def plan(loaded: LoadedModel, calib: str | Path, spec: QuantSpec, *, num_images: int, seed: int, allow_pickle: bool,
-         reconstruction: ReconstructionConfig | None = None) -> Manifest:
+def plan(
+    loaded: LoadedModel,
+    calib: str | Path,
+    spec: QuantSpec,
+    *,
+    num_images: int,
+    seed: int,
+    allow_pickle: bool,
+    reconstruction: ReconstructionConfig | None = None,
+) -> Manifest:
     """The manifest a run with these inputs and settings writes (its fingerprint decides reuse)."""
     reconstruction = reconstruction or ReconstructionConfig(method=Method.RTN)
     params = {"num_images": num_images, "method": reconstruction.method.value, "allow_pickle": allow_pickle}
@@ -38,16 +47,33 @@ def plan(loaded: LoadedModel, calib: str | Path, spec: QuantSpec, *, num_images:
     )
 
 
-def run(model: str | LoadedModel | None, calib: str | Path, out: str | Path, *, bits: QuantSpec | str = "w4a4", num_images: int = 256,
-        seed: int = 0, allow_pickle: bool = False, classes_file=None, reconstruction: ReconstructionConfig | None = None, device: str = "cpu") -> Path:
+def run(
+    model: str | LoadedModel | None,
+    calib: str | Path,
+    out: str | Path,
+    *,
+    bits: QuantSpec | str = "w4a4",
+    num_images: int = 256,
+    seed: int = 0,
+    allow_pickle: bool = False,
+    classes_file=None,
+    reconstruction: ReconstructionConfig | None = None,
+    device: str = "cpu",
+) -> Path:
     """Quantize ``model`` calibrated on ``calib`` (a synth folder, fashion-mnist:A, or real) into folder ``out``.
 
     ``reconstruction`` None: round-to-nearest.
     """
     spec = QuantSpec.load(bits) if isinstance(bits, str) else bits
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file)
+    )
     calib = resolve_calibration(calib, loaded)
-    manifest = plan(loaded, calib, spec, num_images=num_images, seed=seed, allow_pickle=allow_pickle, reconstruction=reconstruction)
+    manifest = plan(
+        loaded, calib, spec, num_images=num_images, seed=seed, allow_pickle=allow_pickle, reconstruction=reconstruction
+    )
     images = resolve_dataset(str(calib)).subset(num_images)
     if len(images) == 0:
         raise EdgeqError(f"the calibration set {calib} is empty", "run 'edgeq synth' with --num-images > 0")
@@ -56,11 +82,21 @@ def run(model: str | LoadedModel | None, calib: str | Path, out: str | Path, *, 
     log.info("quantizing %s at %s (%s) on %d images from %s", loaded.source, spec, method, len(inputs), calib)
     began = time.perf_counter()
     units: list = []
-    quantized = quantize_module(loaded.module, inputs, spec, seed=seed, reconstruction=reconstruction, device=device, report=units)
+    quantized = quantize_module(
+        loaded.module, inputs, spec, seed=seed, reconstruction=reconstruction, device=device, report=units
+    )
     manifest.extra = {
-        "model": {"source": loaded.source, "arch": loaded.arch, "classes": list(loaded.classes), "preprocess": loaded.preprocess.to_dict(), "note": loaded.note},
+        "model": {
+            "source": loaded.source,
+            "arch": loaded.arch,
+            "classes": list(loaded.classes),
+            "preprocess": loaded.preprocess.to_dict(),
+            "note": loaded.note,
+        },
         "layers": quantized_layer_names(quantized),
-        "layer_bits": {name: [m.weight_bits, m.act_bits] for name, m in quantized.named_modules() if isinstance(m, QuantizedLayer)},
+        "layer_bits": {
+            name: [m.weight_bits, m.act_bits] for name, m in quantized.named_modules() if isinstance(m, QuantizedLayer)
+        },
         "matmuls": list(quantized_matmuls(quantized)),
         "calibration_images": len(inputs),
         "seconds": round(time.perf_counter() - began, 2),
@@ -78,7 +114,9 @@ def resolve_calibration(calib: str | Path, loaded: LoadedModel) -> str | Path:
         return calib
     if loaded.eval_data == "fashion-mnist:test":
         return "fashion-mnist:A"
-    raise EdgeqError(f"--calib real: no real calibration images are known for {loaded.source}", "pass an 'edgeq synth' folder")
+    raise EdgeqError(
+        f"--calib real: no real calibration images are known for {loaded.source}", "pass an 'edgeq synth' folder"
+    )
 
 
 def _calib_entry(calib) -> dict:

@@ -6,6 +6,7 @@ images; the quantized model for a second target) are reused, and a repeated swee
 rebuilds what changed. The report (``edgeq.sweep/1``) gathers the verify reports with
 the per-layer quantization error of each quantized model; see :mod:`edgeq.reports`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,15 @@ DEFAULT_BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 LAYER_ERROR_IMAGES = 64
 
 
-def run(model: str | None, out: str | Path, *, specs: Sequence[QuantSpec] | None = None, targets: Sequence[Target] | None = None,
-        options: pipeline.RunOptions | None = None, layer_error_images: int = LAYER_ERROR_IMAGES) -> dict:
+def run(
+    model: str | None,
+    out: str | Path,
+    *,
+    specs: Sequence[QuantSpec] | None = None,
+    targets: Sequence[Target] | None = None,
+    options: pipeline.RunOptions | None = None,
+    layer_error_images: int = LAYER_ERROR_IMAGES,
+) -> dict:
     """Run every (spec, target) configuration and write the report folder ``out``; returns the report.
 
     ``specs`` default to :data:`DEFAULT_BITS`, ``targets`` to the host's; a configuration named twice runs once.
@@ -39,7 +47,9 @@ def run(model: str | None, out: str | Path, *, specs: Sequence[QuantSpec] | None
     specs = list(dict.fromkeys(specs if specs is not None else [QuantSpec.parse(b) for b in DEFAULT_BITS]))
     targets = list({t.name: t for t in (targets if targets is not None else [host_target()])}.values())
     if not specs or not targets:
-        raise EdgeqError("a sweep needs at least one bit width and one target", "for example --bits w4a4,w2a4 --targets x86")
+        raise EdgeqError(
+            "a sweep needs at least one bit width and one target", "for example --bits w4a4,w2a4 --targets x86"
+        )
     loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
     entries, layer_errors = [], {}
     for spec in specs:
@@ -51,8 +61,15 @@ def run(model: str | None, out: str | Path, *, specs: Sequence[QuantSpec] | None
             if dirs["quantize"] not in layer_errors:
                 images = resolve_dataset(report["data"], layer_error_images)
                 layer_errors[dirs["quantize"]] = reports.layer_sqnr(dirs["quantize"], loaded.preprocess(images.images))
-            entries.append({**report, "method": summary["method"], "module_bytes": (Path(dirs["compile"]) / MODULE_FILE).stat().st_size,
-                            "layer_sqnr_db": layer_errors[dirs["quantize"]], "stages": summary["stages"]})
+            entries.append(
+                {
+                    **report,
+                    "method": summary["method"],
+                    "module_bytes": (Path(dirs["compile"]) / MODULE_FILE).stat().st_size,
+                    "layer_sqnr_db": layer_errors[dirs["quantize"]],
+                    "stages": summary["stages"],
+                }
+            )
     title = f"{entries[0]['model']}: {', '.join(map(str, specs))} on {', '.join(t.name for t in targets)}"
     with staged_folder(out) as tmp:
         report = reports.write(entries, tmp, title=title)

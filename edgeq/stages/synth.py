@@ -18,6 +18,7 @@ folder beside the output, ``.NAME.unfinished``; the folder is renamed to NAME wh
 shard is there. Running the same command after a kill keeps the finished shards and
 makes only the missing ones; different settings discard them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,7 +38,15 @@ from tqdm.auto import tqdm
 from ..diagnostics import FilterOptions, scorer, select_lowest
 from ..errors import EdgeqError, one_of
 from ..manifest import Manifest, atomic_write_bytes, input_entry, publish_folder, reusable
-from ..prompts import SINGLE_TEMPLATE, STRATEGIES, PromptOptions, PromptPlan, image_seeds, mixed_embeddings, plan_prompts  # noqa: F401 - SINGLE_TEMPLATE re-exported
+from ..prompts import (
+    SINGLE_TEMPLATE,
+    STRATEGIES,
+    PromptOptions,
+    PromptPlan,
+    image_seeds,
+    mixed_embeddings,
+    plan_prompts,
+)  # noqa: F401 - SINGLE_TEMPLATE re-exported
 
 if TYPE_CHECKING:
     from ..bn_inversion import InversionSettings
@@ -60,7 +69,9 @@ def resolve_generator(generator: str) -> str:
 
         name = generator.partition(":")[2]
         if zoo.entry(name).kind != "generator":
-            raise EdgeqError(f"zoo:{name} is not a generator", "use zoo:fmnist-generator, a diffusers folder, or a hub id")
+            raise EdgeqError(
+                f"zoo:{name} is not a generator", "use zoo:fmnist-generator, a diffusers folder, or a hub id"
+            )
         return zoo.generator_folder()
     return generator
 
@@ -70,7 +81,9 @@ def native_size(pipeline) -> int:
     return int(pipeline.unet.config.sample_size) * int(getattr(pipeline, "vae_scale_factor", 8))
 
 
-def load_generator(generator: str, *, device: str = "cpu", dtype: str = "auto", cache_dir: str | os.PathLike | None = None):
+def load_generator(
+    generator: str, *, device: str = "cpu", dtype: str = "auto", cache_dir: str | os.PathLike | None = None
+):
     """A diffusers pipeline from a local folder or a hub id (from the Hugging Face cache, ``cache_dir``
     or the default, when there; otherwise downloaded)."""
     import diffusers
@@ -86,7 +99,10 @@ def load_generator(generator: str, *, device: str = "cpu", dtype: str = "auto", 
     generator = resolve_generator(generator)
     local = os.path.isdir(generator)
     if not local and ("/" not in generator or generator.startswith((".", "/"))):
-        raise EdgeqError(f"generator not found: {generator}", "pass a diffusers pipeline folder or a hub id such as stabilityai/sd-turbo")
+        raise EdgeqError(
+            f"generator not found: {generator}",
+            "pass a diffusers pipeline folder or a hub id such as stabilityai/sd-turbo",
+        )
     keywords = {"dtype": getattr(torch, GenerationOptions(dtype=dtype).resolved_dtype(device))}
     if cache_dir is not None:
         keywords["cache_dir"] = str(cache_dir)
@@ -95,12 +111,17 @@ def load_generator(generator: str, *, device: str = "cpu", dtype: str = "auto", 
         pipeline = DiffusionPipeline.from_pretrained(generator, local_files_only=True, **keywords)
     except Exception as exc:  # noqa: BLE001 - hub and config errors come in many types
         if local:
-            raise EdgeqError(f"cannot load generator '{generator}': {str(exc).splitlines()[0]}", "pass a complete diffusers pipeline folder (with model_index.json)") from None
+            raise EdgeqError(
+                f"cannot load generator '{generator}': {str(exc).splitlines()[0]}",
+                "pass a complete diffusers pipeline folder (with model_index.json)",
+            ) from None
         try:
             pipeline = DiffusionPipeline.from_pretrained(generator, **keywords)
         except Exception as exc:  # noqa: BLE001
-            raise EdgeqError(f"cannot load generator '{generator}': {str(exc).splitlines()[0]}",
-                             "download it first (huggingface-cli download ID), or pass a local diffusers pipeline folder") from None
+            raise EdgeqError(
+                f"cannot load generator '{generator}': {str(exc).splitlines()[0]}",
+                "download it first (huggingface-cli download ID), or pass a local diffusers pipeline folder",
+            ) from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -154,11 +175,16 @@ def choose_source(model, generator: str | None, strategy: str | None) -> tuple[s
         from ..bn_inversion import batchnorm_layers
 
         if batchnorm_layers(model.module):
-            log.info("no generator given for %s: calibration images by bn-inversion (pass --generator for mixup prompting)", model.source)
+            log.info(
+                "no generator given for %s: calibration images by bn-inversion (pass --generator for mixup prompting)",
+                model.source,
+            )
             return None, "bn-inversion"
     if generator is None:
-        raise EdgeqError(f"--strategy {strategy or 'mixup'} needs a text-to-image generator",
-                         "pass --generator (a diffusers folder or hub id, e.g. stabilityai/sd-turbo), or --strategy noise|bn-inversion")
+        raise EdgeqError(
+            f"--strategy {strategy or 'mixup'} needs a text-to-image generator",
+            "pass --generator (a diffusers folder or hub id, e.g. stabilityai/sd-turbo), or --strategy noise|bn-inversion",
+        )
     return generator, strategy or "mixup"
 
 
@@ -223,11 +249,16 @@ def _resolved(generator: str | None, options: SynthOptions, model) -> SynthOptio
         if options.strategy == "bn-inversion" and model is None:
             raise EdgeqError("--strategy bn-inversion needs the model being quantized", "pass MODEL to edgeq synth")
         if size is None:
-            raise EdgeqError(f"--strategy {options.strategy} needs an image size", "pass --size, or a MODEL whose input size edgeq reads")
+            raise EdgeqError(
+                f"--strategy {options.strategy} needs an image size",
+                "pass --size, or a MODEL whose input size edgeq reads",
+            )
         return dataclasses.replace(options, size=size, dtype="float32")
     if generator is None:
-        raise EdgeqError(f"--strategy {options.strategy} needs a text-to-image generator",
-                         "pass --generator (zoo:fmnist-generator, a diffusers folder or a hub id)")
+        raise EdgeqError(
+            f"--strategy {options.strategy} needs a text-to-image generator",
+            "pass --generator (zoo:fmnist-generator, a diffusers folder or a hub id)",
+        )
     return dataclasses.replace(options, dtype=options.generation().resolved_dtype(options.device))
 
 
@@ -235,8 +266,13 @@ def plan(generator: str | None, class_names, options: SynthOptions = SynthOption
     """The manifest (so the fingerprint) that :func:`run` writes with these arguments, without making any image."""
     options = _resolved(generator, options, model)
     filtering = options.filtering or FilterOptions()
-    common = {"strategy": options.strategy, "num_images": options.num_images, "size": options.size, "classes": list(class_names),
-              "shard_size": options.shard_size}
+    common = {
+        "strategy": options.strategy,
+        "num_images": options.num_images,
+        "size": options.size,
+        "classes": list(class_names),
+        "shard_size": options.shard_size,
+    }
     if filtering.enabled:
         common["filter"] = filtering.to_json()
     inputs = []
@@ -248,13 +284,30 @@ def plan(generator: str | None, class_names, options: SynthOptions = SynthOption
 
             common["inversion"] = dataclasses.asdict(options.inversion or InversionSettings())
         return Manifest(stage="synth", inputs=inputs, params=common, seed=options.seed)
-    params = common | {"steps": options.steps, "guidance_scale": options.guidance_scale, "negative_prompt": options.negative_prompt,
-                       "dtype": options.dtype, "prompts": (options.prompts or PromptOptions()).to_json()}
-    return Manifest(stage="synth", inputs=[input_entry("generator", generator, _generator_digest(generator)), *inputs], params=params,
-                    seed=options.seed)
+    params = common | {
+        "steps": options.steps,
+        "guidance_scale": options.guidance_scale,
+        "negative_prompt": options.negative_prompt,
+        "dtype": options.dtype,
+        "prompts": (options.prompts or PromptOptions()).to_json(),
+    }
+    return Manifest(
+        stage="synth",
+        inputs=[input_entry("generator", generator, _generator_digest(generator)), *inputs],
+        params=params,
+        seed=options.seed,
+    )
 
 
-def run(generator: str | None, class_names, out: str | Path, options: SynthOptions = SynthOptions(), *, model=None, force: bool = False) -> Path:
+def run(
+    generator: str | None,
+    class_names,
+    out: str | Path,
+    options: SynthOptions = SynthOptions(),
+    *,
+    model=None,
+    force: bool = False,
+) -> Path:
     """Generate ``options.num_images`` calibration images into folder ``out``.
 
     ``model`` (a LoadedModel) is what bn-inversion optimizes against and what filtering scores
@@ -270,24 +323,43 @@ def run(generator: str | None, class_names, out: str | Path, options: SynthOptio
     score = scorer(model, filtering)
     manifest = plan(generator, class_names, options, model=model)
     if not force and reusable(out, manifest.fingerprint):
-        log.info("%s already holds these %d images; nothing to do (pass --force to make them again)", out, options.num_images)
+        log.info(
+            "%s already holds these %d images; nothing to do (pass --force to make them again)", out, options.num_images
+        )
         return Path(out)
     candidates = filtering.candidates(options.num_images)
     if options.strategy in GENERATOR_FREE:
         plans = [PromptPlan("", (), (), s) for s in image_seeds(options.seed, candidates)]
-        make = functools.partial(GENERATOR_FREE[options.strategy], size=options.size, model=model, inversion=options.inversion)
+        make = functools.partial(
+            GENERATOR_FREE[options.strategy], size=options.size, model=model, inversion=options.inversion
+        )
     else:
-        plans = plan_prompts(class_names, candidates, options.strategy, options.seed, options.prompts or PromptOptions())
+        plans = plan_prompts(
+            class_names, candidates, options.strategy, options.seed, options.prompts or PromptOptions()
+        )
         # Batched denoising rounds differently from one image at a time, so the pixels depend on
         # how images were batched; these do not change what the images show, so they are not
         # part of the fingerprint, but are recorded to reproduce the bytes.
         manifest.extra["batching"] = {"batch_size": options.batch_size, "device": options.device}
-        make = _diffusion_maker(generator, options.device, options.dtype, options.size, options.batch_size, options.generation())
-    return _write_resumable(out, manifest, plans, make, len(class_names), shard_size=options.shard_size, score=score, keep=options.num_images,
-                            label=options.strategy)
+        make = _diffusion_maker(
+            generator, options.device, options.dtype, options.size, options.batch_size, options.generation()
+        )
+    return _write_resumable(
+        out,
+        manifest,
+        plans,
+        make,
+        len(class_names),
+        shard_size=options.shard_size,
+        score=score,
+        keep=options.num_images,
+        label=options.strategy,
+    )
 
 
-def _diffusion_maker(generator: str, device: str, dtype: str, size: int | None, batch_size: int, generation: GenerationOptions):
+def _diffusion_maker(
+    generator: str, device: str, dtype: str, size: int | None, batch_size: int, generation: GenerationOptions
+):
     """A function (plans, progress) -> uint8 images that loads the pipeline on first use (a finished run needs none)."""
     import torch
 
@@ -302,10 +374,18 @@ def _diffusion_maker(generator: str, device: str, dtype: str, size: int | None, 
         for start in range(0, len(plans), batch_size):
             batch = plans[start : start + batch_size]
             generators = [torch.Generator(device).manual_seed(p.seed) for p in batch]
-            result = pipeline(**_conditioning(pipeline, batch, generation.guidance_scale, generation.negative_prompt),
-                              num_inference_steps=generation.steps, guidance_scale=generation.guidance_scale,
-                              height=side, width=side, generator=generators, output_type="np")
-            images[start : start + len(batch)] = np.clip(np.round(np.asarray(result.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+            result = pipeline(
+                **_conditioning(pipeline, batch, generation.guidance_scale, generation.negative_prompt),
+                num_inference_steps=generation.steps,
+                guidance_scale=generation.guidance_scale,
+                height=side,
+                width=side,
+                generator=generators,
+                output_type="np",
+            )
+            images[start : start + len(batch)] = np.clip(
+                np.round(np.asarray(result.images, dtype=np.float32) * 255.0), 0, 255
+            ).astype(np.uint8)
             if progress:
                 progress(len(batch))
         return images
@@ -364,8 +444,18 @@ def work_folder(out: str | Path) -> Path:
     return out.parent / f".{out.name}.unfinished"
 
 
-def _write_resumable(out: str | Path, manifest: Manifest, plans: list[PromptPlan], make, num_classes: int, *, shard_size: int, score, keep: int,
-                     label: str) -> Path:
+def _write_resumable(
+    out: str | Path,
+    manifest: Manifest,
+    plans: list[PromptPlan],
+    make,
+    num_classes: int,
+    *,
+    shard_size: int,
+    score,
+    keep: int,
+    label: str,
+) -> Path:
     """Make and save ``plans`` shard by shard into the work folder, skipping shards already there,
     then (with ``score``) keep the ``keep`` lowest-scoring images, and publish the folder."""
     from safetensors.numpy import load_file
@@ -378,7 +468,9 @@ def _write_resumable(out: str | Path, manifest: Manifest, plans: list[PromptPlan
             previous = json.loads((work / STATE_NAME).read_text())
         except (OSError, json.JSONDecodeError):
             previous = {}
-        if {k: previous.get(k) for k in ("fingerprint", "candidates")} != {k: state[k] for k in ("fingerprint", "candidates")}:
+        if {k: previous.get(k) for k in ("fingerprint", "candidates")} != {
+            k: state[k] for k in ("fingerprint", "candidates")
+        }:
             log.warning("discarding %s: an unfinished run with other settings", work)
             shutil.rmtree(work)
         else:
@@ -389,7 +481,9 @@ def _write_resumable(out: str | Path, manifest: Manifest, plans: list[PromptPlan
     atomic_write_bytes(work / STATE_NAME, json.dumps(state).encode())
     shard_dir = work / CANDIDATES_DIR if score else work
     shard_dir.mkdir(exist_ok=True)
-    spans = [(i, start, min(start + shard_size, len(plans))) for i, start in enumerate(range(0, len(plans), shard_size))]
+    spans = [
+        (i, start, min(start + shard_size, len(plans))) for i, start in enumerate(range(0, len(plans), shard_size))
+    ]
     done = {i for i, start, stop in spans if _complete_shard(shard_dir / SHARD_PATTERN.format(i), stop - start)}
     already = sum(stop - start for i, start, stop in spans if i in done)
     if already:
@@ -415,17 +509,31 @@ def _write_resumable(out: str | Path, manifest: Manifest, plans: list[PromptPlan
         soft = np.concatenate([s["soft_labels"] for s in shards])[kept]
         records = [records[k] | {"candidate": int(k), "score": float(scores[k])} for k in kept]
         for i, start in enumerate(range(0, keep, shard_size)):
-            _save_shard(work / SHARD_PATTERN.format(i), {"images": images[start : start + shard_size], "soft_labels": soft[start : start + shard_size]})
+            _save_shard(
+                work / SHARD_PATTERN.format(i),
+                {"images": images[start : start + shard_size], "soft_labels": soft[start : start + shard_size]},
+            )
         shutil.rmtree(shard_dir)
-        manifest.extra["filter"] = {"candidates": len(plans), "kept": keep, "kept_score_max": float(scores[kept].max()),
-                                    "dropped_score_min": float(np.delete(scores, kept).min()) if len(plans) > keep else None}
+        manifest.extra["filter"] = {
+            "candidates": len(plans),
+            "kept": keep,
+            "kept_score_max": float(scores[kept].max()),
+            "dropped_score_min": float(np.delete(scores, kept).min()) if len(plans) > keep else None,
+        }
         first = images[:PREVIEW_LIMIT]
     else:
-        first = np.concatenate([load_file(str(work / SHARD_PATTERN.format(i)))["images"] for i, _, _ in spans[: -(-PREVIEW_LIMIT // shard_size)]])
+        first = np.concatenate(
+            [
+                load_file(str(work / SHARD_PATTERN.format(i)))["images"]
+                for i, _, _ in spans[: -(-PREVIEW_LIMIT // shard_size)]
+            ]
+        )
     preview_grid(first).save(work / PREVIEW_NAME)
     # Time spent making (and scoring) images, summed over interrupted runs, loading the generator included.
     manifest.extra["seconds"] = round(state["seconds"], 3)
-    manifest.extra["images"] = [r | {"index": i, "shard": SHARD_PATTERN.format(i // shard_size)} for i, r in enumerate(records)]
+    manifest.extra["images"] = [
+        r | {"index": i, "shard": SHARD_PATTERN.format(i // shard_size)} for i, r in enumerate(records)
+    ]
     (work / STATE_NAME).unlink()
     manifest.write(work)
     publish_folder(work, out)
@@ -441,7 +549,10 @@ def _conditioning(pipeline, batch: list[PromptPlan], guidance_scale: float, nega
             keywords["negative_prompt"] = [negative_prompt] * len(batch)
         return keywords
     if not hasattr(pipeline, "encode_prompt"):
-        raise EdgeqError(f"{type(pipeline).__name__} cannot take prompt embeddings", "use --fusion text, or a Stable Diffusion 1.x/2.x pipeline")
+        raise EdgeqError(
+            f"{type(pipeline).__name__} cannot take prompt embeddings",
+            "use --fusion text, or a Stable Diffusion 1.x/2.x pipeline",
+        )
     import torch
 
     guided = guidance_scale > 1.0
@@ -455,4 +566,3 @@ def _conditioning(pipeline, batch: list[PromptPlan], guidance_scale: float, nega
     if guided:
         keywords["negative_prompt_embeds"] = encode([negative_prompt or ""]).expand_as(embeds)
     return keywords
-

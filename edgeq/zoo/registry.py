@@ -1,4 +1,5 @@
 """The zoo's provenance records (edgeq/zoo/zoo.json): how each entry was made and what it measured."""
+
 from __future__ import annotations
 
 import json

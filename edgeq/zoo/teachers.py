@@ -3,6 +3,7 @@
 All take (N, 1, 28, 28) inputs scaled to [-1, 1] and are traceable by torch.fx and
 exportable by torch.export, so BatchNorm folding and QDQ export work on them.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,14 @@ class InvertedResidual(nn.Module):
         hidden = cin * expansion
         self.use_residual = stride == 1 and cin == cout
         self.block = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
 
     def forward(self, x):
@@ -134,7 +140,16 @@ class EncoderBlock(nn.Module):
 class FmnistViT(nn.Module):
     """A small ViT: 4x4 patches (49 tokens) plus a class token, pre-norm encoder blocks, linear head."""
 
-    def __init__(self, num_classes: int = 10, dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2, patch: int = 4, image: int = 28):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: int = 2,
+        patch: int = 4,
+        image: int = 28,
+    ):
         super().__init__()
         self.patch_embed = nn.Conv2d(1, dim, patch, patch)
         tokens = (image // patch) ** 2

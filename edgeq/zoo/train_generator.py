@@ -12,6 +12,7 @@ calibration images never come from split A (the teachers' data) or the test set.
 
 Work is checkpointed in --out-dir/checkpoints and resumed on restart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,15 @@ IMAGE_SIZE = 32
 # 8x8x8 latents: with 4 channels the VAE blurred away enough detail that a classifier recognized 79% of reconstructions (92% of originals).
 LATENT_CHANNELS = 8
 MAX_PROMPT_TOKENS = 16
-TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a black and white photo of a {}", "a product photo of a {}", "{}")
+TEMPLATES = (
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a {}",
+    "a black and white photo of a {}",
+    "a product photo of a {}",
+    "{}",
+)
 EMPTY_CAPTION_FRACTION = 0.1
 SEED = 0
 
@@ -52,8 +61,15 @@ def make_vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=LATENT_CHANNELS, block_out_channels=(16, 32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16, sample_size=IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=LATENT_CHANNELS,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
     )
 
 
@@ -61,10 +77,16 @@ def make_unet():
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1, block_out_channels=(32, 64, 128),
+        sample_size=IMAGE_SIZE // 4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 128),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=384, attention_head_dim=32, norm_num_groups=16,
+        cross_attention_dim=384,
+        attention_head_dim=32,
+        norm_num_groups=16,
     )
 
 
@@ -75,7 +97,9 @@ def make_schedulers():
     # "leading" spacing starts sampling at t=951, not t=999: the cosine schedule's alpha_bar is
     # ~0 at t=999, where recovering x0 from predicted noise divides by ~0 and DPM-Solver++
     # (a data-prediction solver) then over-saturates every image (28% vs 65% recognized).
-    sampler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading", steps_offset=1)
+    sampler = DPMSolverMultistepScheduler(
+        **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading", steps_offset=1
+    )
     return DDPMScheduler(**common, clip_sample=False), sampler
 
 
@@ -179,7 +203,9 @@ def finetune_decoder(images: torch.Tensor, out: Path, minutes: float, batch_size
 def caption_table(tokenizer, encoder) -> tuple[torch.Tensor, list[str]]:
     """Embeddings of every (class, template) caption, then the empty caption last."""
     captions = [t.format(name) for name in FASHION_MNIST_CLASSES for t in TEMPLATES] + [""]
-    ids = tokenizer(captions, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        captions, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         return encoder(ids)[0], captions  # as StableDiffusionPipeline.encode_prompt: no attention mask for BERT
 
@@ -193,7 +219,10 @@ def train_unet(images, labels, out: Path, minutes: float, batch_size: int = 64, 
     empty_index = len(embeddings) - 1
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)]) * vae.config.scaling_factor
+        latents = (
+            torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
+            * vae.config.scaling_factor
+        )
     noise_scheduler, _ = make_schedulers()
     alphas = noise_scheduler.alphas_cumprod
 
@@ -208,7 +237,9 @@ def train_unet(images, labels, out: Path, minutes: float, batch_size: int = 64, 
         pick = torch.randint(len(latents), (batch_size,), generator=generator)
         templates = torch.randint(len(TEMPLATES), (batch_size,), generator=generator)
         caption = labels[pick] * len(TEMPLATES) + templates
-        caption = torch.where(torch.rand(batch_size, generator=generator) < EMPTY_CAPTION_FRACTION, empty_index, caption)
+        caption = torch.where(
+            torch.rand(batch_size, generator=generator) < EMPTY_CAPTION_FRACTION, empty_index, caption
+        )
         x0 = latents[pick]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, 1000, (batch_size,), generator=generator)
@@ -225,7 +256,13 @@ def train_unet(images, labels, out: Path, minutes: float, batch_size: int = 64, 
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if step % 200 == 0:
-            log.info("unet step %d loss %.4f (%.1f of %.0f minutes)", step, loss.item(), (time.time() - started) / 60, minutes)
+            log.info(
+                "unet step %d loss %.4f (%.1f of %.0f minutes)",
+                step,
+                loss.item(),
+                (time.time() - started) / 60,
+                minutes,
+            )
         if time.time() - last_save > 300:
             _save_state(checkpoint, {"unet": unet, "ema": ema}, optimizer, generator, step, time.time() - started)
             last_save = time.time()
@@ -248,7 +285,9 @@ def _resume(checkpoint: Path, modules: dict, optimizer, generator: torch.Generat
     return state["step"], state["seconds"]
 
 
-def _save_state(checkpoint: Path, modules: dict, optimizer, generator: torch.Generator, step: int, seconds: float) -> None:
+def _save_state(
+    checkpoint: Path, modules: dict, optimizer, generator: torch.Generator, step: int, seconds: float
+) -> None:
     state = {key: module.state_dict() for key, module in modules.items()}
     state |= {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step, "seconds": seconds}
     partial = checkpoint.with_suffix(".partial")
@@ -270,9 +309,14 @@ def assemble(out: Path, pipeline_dir: Path) -> Path:
     tokenizer, encoder = text_components()
     _, scheduler = make_schedulers()
     pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(str(out / "vae-decoder")).half(), text_encoder=encoder, tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(str(out / "unet")).half(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=AutoencoderKL.from_pretrained(str(out / "vae-decoder")).half(),
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        unet=UNet2DConditionModel.from_pretrained(str(out / "unet")).half(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     if pipeline_dir.exists():
         shutil.rmtree(pipeline_dir)
@@ -285,11 +329,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("build/generator"))
     parser.add_argument("--vae-epochs", type=int, default=4)
-    parser.add_argument("--decoder-minutes", type=float, default=50, help="total VAE decoder fine-tuning time (encoder frozen); a restart resumes")
-    parser.add_argument("--unet-minutes", type=float, default=150, help="total UNet training time; a restart resumes from the checkpoint")
-    parser.add_argument("--batch-size", type=int, default=64, help="UNet batch (small batches make more optimizer steps per CPU minute)")
+    parser.add_argument(
+        "--decoder-minutes",
+        type=float,
+        default=50,
+        help="total VAE decoder fine-tuning time (encoder frozen); a restart resumes",
+    )
+    parser.add_argument(
+        "--unet-minutes",
+        type=float,
+        default=150,
+        help="total UNet training time; a restart resumes from the checkpoint",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="UNet batch (small batches make more optimizer steps per CPU minute)"
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--package", type=Path, default=None, help="where to write the shipped pipeline folder (default: edgeq/zoo/fmnist-generator)")
+    parser.add_argument(
+        "--package",
+        type=Path,
+        default=None,
+        help="where to write the shipped pipeline folder (default: edgeq/zoo/fmnist-generator)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ and horizontal flips; batch 128; seed 0):
 Weights are written to edgeq/zoo/ as safetensors with their metadata, and the measured
 test top-1 to the zoo registry (edgeq/zoo/zoo.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,15 @@ log = logging.getLogger(__name__)
 PREPROCESS = Preprocess(1, 28, 28, (0.5,), (0.5,))
 SEED = 0
 RECIPES = {
-    "fmnist-resnet": dict(arch="edgeq.fmnist_resnet", optimizer="sgd", lr=0.1, weight_decay=5e-4, epochs=15, smoothing=0.0),
-    "fmnist-mobilenet": dict(arch="edgeq.fmnist_mobilenetv2", optimizer="sgd", lr=0.1, weight_decay=4e-5, epochs=12, smoothing=0.0),
-    "fmnist-vit": dict(arch="edgeq.fmnist_vit", optimizer="adamw", lr=2e-3, weight_decay=0.05, epochs=40, smoothing=0.1),
+    "fmnist-resnet": dict(
+        arch="edgeq.fmnist_resnet", optimizer="sgd", lr=0.1, weight_decay=5e-4, epochs=15, smoothing=0.0
+    ),
+    "fmnist-mobilenet": dict(
+        arch="edgeq.fmnist_mobilenetv2", optimizer="sgd", lr=0.1, weight_decay=4e-5, epochs=12, smoothing=0.0
+    ),
+    "fmnist-vit": dict(
+        arch="edgeq.fmnist_vit", optimizer="adamw", lr=2e-3, weight_decay=0.05, epochs=40, smoothing=0.1
+    ),
 }
 
 
@@ -71,7 +78,9 @@ def train(name: str) -> tuple[torch.nn.Module, float]:
     steps_per_epoch = len(inputs) // 128
     total = recipe["epochs"] * steps_per_epoch
     if recipe["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=0.9, nesterov=True, weight_decay=recipe["weight_decay"])
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=recipe["lr"], momentum=0.9, nesterov=True, weight_decay=recipe["weight_decay"]
+        )
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe["lr"], total_steps=total, pct_start=0.15)
@@ -81,12 +90,21 @@ def train(name: str) -> tuple[torch.nn.Module, float]:
         order = torch.randperm(len(inputs), generator=generator)
         for step in range(steps_per_epoch):
             pick = order[step * 128 : (step + 1) * 128]
-            loss = F.cross_entropy(model(_augment(inputs[pick], generator)), labels[pick], label_smoothing=recipe["smoothing"])
+            loss = F.cross_entropy(
+                model(_augment(inputs[pick], generator)), labels[pick], label_smoothing=recipe["smoothing"]
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-        log.info("%s epoch %d/%d loss %.3f (%.1f min)", name, epoch + 1, recipe["epochs"], loss.item(), (time.time() - started) / 60)
+        log.info(
+            "%s epoch %d/%d loss %.3f (%.1f min)",
+            name,
+            epoch + 1,
+            recipe["epochs"],
+            loss.item(),
+            (time.time() - started) / 60,
+        )
     accuracy = evaluate(model, test_set.images, test_set.labels)
     log.info("%s test top-1 %.4f", name, accuracy)
     return model.eval(), accuracy
@@ -94,7 +112,9 @@ def train(name: str) -> tuple[torch.nn.Module, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", default=list(RECIPES), help=f"teachers to train (default: all): {', '.join(RECIPES)}")
+    parser.add_argument(
+        "names", nargs="*", default=list(RECIPES), help=f"teachers to train (default: all): {', '.join(RECIPES)}"
+    )
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -105,8 +125,21 @@ def main() -> None:
     for name in args.names:
         model, accuracy = train(name)
         filename = f"{name}.safetensors"
-        save_checkpoint(resources.files("edgeq.zoo").joinpath(filename), model, RECIPES[name]["arch"], FASHION_MNIST_CLASSES, PREPROCESS)
-        registry.record_training(name, filename, accuracy, script="python -m edgeq.zoo.train_teachers " + name, seed=SEED, data="fashion-mnist:A")
+        save_checkpoint(
+            resources.files("edgeq.zoo").joinpath(filename),
+            model,
+            RECIPES[name]["arch"],
+            FASHION_MNIST_CLASSES,
+            PREPROCESS,
+        )
+        registry.record_training(
+            name,
+            filename,
+            accuracy,
+            script="python -m edgeq.zoo.train_teachers " + name,
+            seed=SEED,
+            data="fashion-mnist:A",
+        )
 
 
 if __name__ == "__main__":

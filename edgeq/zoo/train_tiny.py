@@ -4,6 +4,7 @@ Recipe: TinyResNet(width 16) on Fashion-MNIST split A (30k images), inputs scale
 [-1, 1], SGD with momentum 0.9 and Nesterov, lr 0.1 with one-cycle cosine schedule,
 weight decay 5e-4, batch 128, random horizontal flips, seed 0.
 """
+
 from __future__ import annotations
 
 import argparse
