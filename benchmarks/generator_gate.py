@@ -81,7 +81,8 @@ def main() -> None:
     for name, rate in result["per_class"].items():
         print(f"{name:<12} {100 * rate:6.1f}%")
     print(
-        f"{'overall':<12} {100 * result['overall']:6.1f}%   (gate {100 * GATE:.0f}%, {result['images_per_class']} images per class, "
+        f"{'overall':<12} {100 * result['overall']:6.1f}%   (gate {100 * GATE:.0f}%, "
+        f"{result['images_per_class']} images per class, "
         f"{result['steps']} steps, guidance {result['guidance_scale']})"
     )
     if args.json:
@@ -93,9 +94,8 @@ def main() -> None:
 
         records = registry.load()
         records["fmnist-generator"]["metrics"] = {
-            f"quality gate: share of {result['images_per_class']}/class single-class images zoo:fmnist-resnet classifies as prompted": result[
-                "overall"
-            ],
+            f"quality gate: share of {result['images_per_class']}/class single-class images "
+            "zoo:fmnist-resnet classifies as prompted": result["overall"],
         }
         registry.save(records)
     sys.exit(0 if result["overall"] >= GATE else 1)

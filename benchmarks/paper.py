@@ -338,7 +338,8 @@ def measure(args, out: Path) -> dict:
 
 
 def efficientnet(args, out: Path, figures: dict, save) -> dict:
-    """EfficientNet-Lite0 at W4A4 and W2A4 (first/last at 8 bits), calibrated by bn-inversion: agreement with fp on the photos.
+    """EfficientNet-Lite0 at W4A4 and W2A4 (first/last at 8 bits), calibrated by bn-inversion: agreement with fp
+    on the photos.
 
     Round-to-nearest beside the learned rounding, on the same images, shows what
     reconstruction adds. ``figures``: what an earlier run measured (kept), filled in and
@@ -537,7 +538,8 @@ def conclusions(results: dict) -> list[str]:
             synthetic = {s: m for s, m in here.items() if s != "real"}
             best = max(synthetic, key=synthetic.get)
             lines.append(
-                f"{_short(teacher, bits)}: real images {here['real']:.2f}; best other source {best} {synthetic[best]:.2f} "
+                f"{_short(teacher, bits)}: real images {here['real']:.2f}; "
+                f"best other source {best} {synthetic[best]:.2f} "
                 f"({synthetic[best] - here['real']:+.2f}); noise {here.get('noise', math.nan):.2f}"
                 + (f"; bn-inversion {here['bn-inversion']:.2f}" if "bn-inversion" in here else "")
                 + "."
@@ -549,7 +551,8 @@ def conclusions(results: dict) -> list[str]:
         if "rtn" in rows and learned:
             rtn, other = rows["rtn"], rows[learned[0]]
             lines.append(
-                f"EfficientNet-Lite0 {bits.upper()}: {other['method']} agrees with full precision on {other['top1_agreement']:.1%} "
+                f"EfficientNet-Lite0 {bits.upper()}: {other['method']} agrees with full precision on "
+                f"{other['top1_agreement']:.1%} "
                 f"of the photos (top-5 {other['top5_agreement']:.1%}), round-to-nearest on {rtn['top1_agreement']:.1%} "
                 f"(top-5 {rtn['top5_agreement']:.1%}), from the same {other['images']} bn-inversion images."
             )
@@ -608,7 +611,8 @@ def _missing(results: dict) -> list[str]:
         groups.setdefault(cell, []).append(seed)
     listed = "; ".join(f"{cell} (seed {', '.join(seeds)})" for cell, seeds in groups.items())
     return [
-        f"**Incomplete:** {len(results['planned']) - len(missing)} of {len(results['planned'])} planned cells are measured; "
+        f"**Incomplete:** {len(results['planned']) - len(missing)} of {len(results['planned'])} "
+        "planned cells are measured; "
         f"the same command measures the rest (it resumes from the JSON). Missing: {listed}.",
         "",
     ]
@@ -622,11 +626,11 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
         BEGIN,
         "## Calibration sources: mixup-class against single-class prompts",
         "",
-        f"Made by `{command}`. Every source gives the same number of images ({settings['num_images']}) to the same quantizer "
-        f"({settings['method']}, {settings['iters']} iterations per unit at batch 32 with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, "
-        "first and last layer at 8 bits); top-1 on the 10000 Fashion-MNIST test "
-        "images, mean ± standard deviation over seeds (the seed changes the calibration images and the quantizer's). Raw figures: "
-        "`results-paper.json`.",
+        f"Made by `{command}`. Every source gives the same number of images ({settings['num_images']}) "
+        f"to the same quantizer ({settings['method']}, {settings['iters']} iterations per unit at batch 32 "
+        f"with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, first and last layer at 8 bits); "
+        "top-1 on the 10000 Fashion-MNIST test images, mean ± standard deviation over seeds (the seed changes "
+        "the calibration images and the quantizer's). Raw figures: `results-paper.json`.",
         "",
         *_missing(results),
         table(results),
@@ -637,7 +641,8 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
     if results.get("efficientnet"):
         rows = list(results["efficientnet"].values())
         section += [
-            f"EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), calibrated on {rows[0]['images']} bn-inversion "
+            "EfficientNet-Lite0 (ImageNet weights, first and last layer at 8 bits), "
+            f"calibrated on {rows[0]['images']} bn-inversion "
             "images (no ImageNet data here): agreement of its predictions with full precision on the real photos "
             "(`edgeq eval --data photos`).",
             "",
@@ -645,7 +650,8 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
             "|---|---|---|---|---|",
         ]
         section += [
-            f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} | {r.get('seconds', '-')} |"
+            f"| {r['bits'].upper()} | {r['method']} | {r['top1_agreement']:.1%} | {r['top5_agreement']:.1%} "
+            f"| {r.get('seconds', '-')} |"
             for r in rows
         ] + [""]
     section += (
@@ -653,12 +659,13 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
         + [f"- {line}" for line in conclusions(results)]
         + [
             "",
-            "What limits the comparison: the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, "
-            "not Stable Diffusion; it learned from captions of the ten class names only, so polysemy (a class word meaning something "
-            "else, the failure mixup prompts address) barely arises, and mixed prompts can only blend those ten classes. Teachers, "
-            f"images and test set are small; {settings['num_images']} calibration images and {settings['iters']} iterations per unit are "
-            "far from the papers' settings (thousands of images, 20000 iterations), and three seeds give only a rough standard error, "
-            "so differences under about two standard errors are noise.",
+            "What limits the comparison: the generator is a small latent diffusion model trained on the other half "
+            "of Fashion-MNIST, not Stable Diffusion; it learned from captions of the ten class names only, so "
+            "polysemy (a class word meaning something else, the failure mixup prompts address) barely arises, and "
+            "mixed prompts can only blend those ten classes. Teachers, images and test set are small; "
+            f"{settings['num_images']} calibration images and {settings['iters']} iterations per unit are far from "
+            "the papers' settings (thousands of images, 20000 iterations), and three seeds give only a rough "
+            "standard error, so differences under about two standard errors are noise.",
             END,
         ]
     )
@@ -687,7 +694,10 @@ def main(argv=None) -> int:
         "--lr-rounding",
         type=float,
         default=3e-2,
-        help="Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; short schedules need more)",
+        help=(
+            "Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; "
+            "short schedules need more)"
+        ),
     )
     parser.add_argument("--inversion-iters", type=int, default=200, help="Adam steps per bn-inversion batch")
     parser.add_argument(

@@ -50,7 +50,8 @@ def host_target():
 
 
 def build(name: str, folder: Path) -> dict:
-    """fp32.onnx, int8.onnx and module.so for one timm model in ``folder`` (reused; the module is rebuilt when the kernels change)."""
+    """fp32.onnx, int8.onnx and module.so for one timm model in ``folder`` (reused; the module is rebuilt when the
+    kernels change)."""
     import onnx
     import timm
     import torch
@@ -416,15 +417,18 @@ def main(argv=None) -> int:
     if args.json:
         return 0
     print(
-        f"\nWhole models, 224x224, batch 1, median of {args.runs} interleaved runs (ms); edgeq path: kernels or generic TVM code"
+        f"\nWhole models, 224x224, batch 1, median of {args.runs} interleaved runs (ms); "
+        "edgeq path: kernels or generic TVM code"
     )
     print(
-        f"{'model':<24} {'thr':>3} {'edgeq W2A4':>11} {'ort fp32':>9} {'ort int8':>9} {'vs fp32':>8} {'vs int8':>8}  path"
+        f"{'model':<24} {'thr':>3} {'edgeq W2A4':>11} {'ort fp32':>9} {'ort int8':>9} "
+        f"{'vs fp32':>8} {'vs int8':>8}  path"
     )
     for entry in results:
         for count, t in entry["threads"].items():
             print(
-                f"{entry['model']:<24} {count:>3} {t['edgeq_w2a4_ms']:>11.2f} {t['ort_fp32_ms']:>9.2f} {t['ort_int8_ms']:>9.2f} "
+                f"{entry['model']:<24} {count:>3} {t['edgeq_w2a4_ms']:>11.2f} {t['ort_fp32_ms']:>9.2f} "
+                f"{t['ort_int8_ms']:>9.2f} "
                 f"{t['speedup_vs_ort_fp32']:>7.2f}x {t['speedup_vs_ort_int8']:>7.2f}x  {entry['build']['path']}"
             )
     rows, peak = [], None

@@ -1,6 +1,7 @@
 """Single-class vs mixup calibration sets on the zoo generator, as the ResNet teacher sees them.
 
-    python benchmarks/synthesis_compare.py [--num-images 1024] [--threads 1] [--work runs/synthesis-compare] [--json docs/synthesis.json]
+    python benchmarks/synthesis_compare.py [--num-images 1024] [--threads 1] [--work runs/synthesis-compare]
+        [--json docs/synthesis.json]
 
 Makes one synth folder per strategy (single; mixup with text fusion; mixup with embedding
 fusion) from zoo:fmnist-generator at edgeq synth's defaults and the same seed, then prints
@@ -62,15 +63,18 @@ def measure(num_images: int, work: Path, seed: int = 0) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| set | class coverage | top-1 balance | top-1 in prompted classes | prediction entropy / log C | feature diversity (L2) | feature diversity (cosine) | mean energy | generation (s) |",
+        "| set | class coverage | top-1 balance | top-1 in prompted classes | prediction entropy / log C "
+        "| feature diversity (L2) | feature diversity (cosine) | mean energy | generation (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in result["sets"].items():
         in_label = "-" if row["top1_in_label"] is None else f"{row['top1_in_label']:.1%}"
         seconds = "-" if row["seconds"] is None else f"{row['seconds']:.0f}"
         lines.append(
-            f"| {name} | {row['class_coverage']:.0%} | {row['predicted_balance']:.3f} | {in_label} | {row['mean_entropy_normalized']:.3f} | "
-            f"{row['feature_diversity']:.2f} | {row['feature_diversity_cosine']:.3f} | {row['mean_energy']:.2f} | {seconds} |"
+            f"| {name} | {row['class_coverage']:.0%} | {row['predicted_balance']:.3f} | {in_label} "
+            f"| {row['mean_entropy_normalized']:.3f} | "
+            f"{row['feature_diversity']:.2f} | {row['feature_diversity_cosine']:.3f} | {row['mean_energy']:.2f} "
+            f"| {seconds} |"
         )
     return "\n".join(lines)
 

@@ -86,7 +86,8 @@ def round_up(value: int, multiple: int) -> int:
 
 
 def storage(values: np.ndarray) -> tuple[int, int]:
-    """(bits, low): the narrowest field width in (2, 4, 8) that holds ``values`` and 0 (padding) as codes ``v - low``."""
+    """(bits, low): the narrowest field width in (2, 4, 8) that holds ``values`` and 0 (padding) as codes
+    ``v - low``."""
     low = min(int(values.min(initial=0)), 0)
     high = max(int(values.max(initial=0)), 0)
     for bits in (2, 4, 8):
@@ -96,7 +97,8 @@ def storage(values: np.ndarray) -> tuple[int, int]:
 
 
 def pack_fields(values: np.ndarray, bits: int, low: int) -> np.ndarray:
-    """Pack int8 ``values`` (length a multiple of 32·8/bits) as codes v - low, `bits` per field, 32-byte groups (see edgeq_kernels.h)."""
+    """Pack int8 ``values`` (length a multiple of 32·8/bits) as codes v - low, `bits` per field, 32-byte groups
+    (see edgeq_kernels.h)."""
     per_byte = 8 // bits
     codes = (np.asarray(values, np.int16).ravel() - low).astype(np.uint8)
     if codes.size % (GROUP_BYTES * per_byte):
@@ -139,7 +141,8 @@ class PackedWeights:
 
 
 def pack_lut(weights: np.ndarray) -> np.ndarray:
-    """2-bit weights (N, K) in [-2, 1] as table indices: per 16-channel block, group pair, half block, 16 bytes (edgeq_kernels.h)."""
+    """2-bit weights (N, K) in [-2, 1] as table indices: per 16-channel block, group pair, half block, 16 bytes
+    (edgeq_kernels.h)."""
     n, k = weights.shape
     padded = np.zeros((round_up(n, 16), round_up(k, K_ALIGN)), np.int16)
     padded[:n, :k] = weights

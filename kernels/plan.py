@@ -226,7 +226,8 @@ class _Planner:
     def _output_channel_axis(self, node, axis):
         if self.weight_axes[node.input[1]] not in (None, axis):
             raise Unsupported(
-                f"{node.op_type} {node.name}: weights quantized along axis {self.weight_axes[node.input[1]]}, not per output channel"
+                f"{node.op_type} {node.name}: weights quantized along axis {self.weight_axes[node.input[1]]}, "
+                "not per output channel"
             )
 
     def _conv_step(self, node, x, values, w_scale, bias, geometry, depthwise, out_shape=None):

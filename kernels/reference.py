@@ -104,7 +104,8 @@ def conv2d(
     pads: tuple[int, int, int, int],
     depthwise: bool = False,
 ) -> np.ndarray:
-    """acc (out_h, out_w, N) int32 of a convolution over NHWC codes ``x`` (H, W, C) and weights ``w`` (N, C or 1, kh, kw)."""
+    """acc (out_h, out_w, N) int32 of a convolution over NHWC codes ``x`` (H, W, C) and weights ``w``
+    (N, C or 1, kh, kw)."""
     x64 = np.asarray(x, np.int64) - int(x_zero)
     x64 = np.pad(
         x64, ((pads[0], pads[2]), (pads[1], pads[3]), (0, 0))

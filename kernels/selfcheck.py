@@ -103,7 +103,10 @@ def check_conv(lib, rng) -> str | None:
     )
     wsum = weights.reshape(n, -1).sum(1).astype(np.int32)
     y, codes = lib.conv2d(params, x, packed, wsum, multiplier, bias, residual, depthwise=depthwise)
-    what = f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits} layout {packed.layout}"
+    what = (
+        f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits} "
+        f"layout {packed.layout}"
+    )
     # The integer part is exact, so float results agree up to float32 rounding of the same expression.
     if not np.allclose(y, y_ref, rtol=1e-6, atol=1e-5):
         return f"{what}: float outputs differ by {np.abs(y - y_ref).max():.3g}"

@@ -34,7 +34,8 @@ def compile_flags(arch: str, cpu_features, mcpu: str | None = None) -> list[str]
 
 
 def source_digest() -> str:
-    """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for them."""
+    """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for
+    them."""
     hasher = hashlib.sha256()
     here = Path(__file__).resolve().parent
     for source in [*sorted(SOURCE_DIR.iterdir()), *sorted(here.glob("*.py"))]:

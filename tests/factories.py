@@ -1,4 +1,5 @@
-"""Model factories for tests, loaded as ``tests.factories:NAME``. Seeded: a factory must give the same model every call."""
+"""Model factories for tests, loaded as ``tests.factories:NAME``. Seeded: a factory must give the same model every
+call."""
 
 import torch
 
