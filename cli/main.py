@@ -386,7 +386,8 @@ def synth_inspect(folder, model, num_images, as_json, png, allow_pickle):
         ("images", f"{report.images} ({manifest.params.get('strategy')})"),
         (
             "class coverage",
-            f"{report.class_coverage:.0%} of {len(report.classes)} classes are some image's top-1 (balance {report.predicted_balance:.3f})",
+            f"{report.class_coverage:.0%} of {len(report.classes)} classes are some image's top-1 "
+            f"(balance {report.predicted_balance:.3f})",
         ),
         ("prediction entropy", f"{report.mean_entropy:.3f} nats ({report.mean_entropy_normalized:.3f} of log C)"),
         (
@@ -519,10 +520,10 @@ def quantize(
     adds, LayerNorm and softmax stay in floating point. --method picks how weights round.
     MODEL is zoo:NAME, a .pt/.pt2/.safetensors file, timm:NAME, or package.module:function.
     """
+    import dataclasses
+
     from edgeq.reconstruction import ReconstructionConfig
     from edgeq.stages import quantize as quantize_stage
-
-    import dataclasses
 
     if asymmetric_weights:
         bits = dataclasses.replace(bits, weight_symmetric=False)
@@ -566,7 +567,8 @@ def export(quantized, out):
 @cli.command(
     name="compile",
     epilog="\b\nExamples:\n  edgeq compile                                  # every stage, built-in model\n"
-    "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n  edgeq compile exported/ --target x86 -o compiled/   # compile stage only",
+    "  edgeq compile model.pt --target rpi4 --bits w2a4 --json\n"
+    "  edgeq compile exported/ --target x86 -o compiled/   # compile stage only",
 )
 @click.argument("model", required=False)
 @click.option(
@@ -622,8 +624,8 @@ def export(quantized, out):
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic code "
-    "otherwise; on fails instead of falling back; off always uses the generic code.",
+    help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic "
+    "code otherwise; on fails instead of falling back; off always uses the generic code.",
 )
 @click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
 @click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
@@ -699,7 +701,9 @@ def compile_command(
 
 
 @cli.command(
-    epilog="\b\nExamples:\n  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --high w4a4 --low w2a4 --budget-mb 0.25 -o mixed.json\n"
+    epilog="\b\nExamples:\n"
+    "  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --high w4a4 --low w2a4 --budget-mb 0.25 "
+    "-o mixed.json\n"
     "  edgeq compile zoo:fmnist-resnet --bits mixed.json\n  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4,mixed.json"
 )
 @click.argument("model", required=False)
@@ -752,10 +756,12 @@ def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickl
     for layer in layers:
         bits = spec.layer_bits(edge=layer.edge, name=layer.name)
         click.echo(
-            f"{layer.name:<{width}}  {layer.weights:>7}  {layer.sensitivity:>11.5f}  w{bits[0]}a{bits[1]}{'  (edge)' if layer.edge else ''}"
+            f"{layer.name:<{width}}  {layer.weights:>7}  {layer.sensitivity:>11.5f}  "
+            f"w{bits[0]}a{bits[1]}{'  (edge)' if layer.edge else ''}"
         )
     click.echo(
-        f"\n{len(lowered)} of {len(layers)} layers at {low}; weights {mixed_precision.weight_bytes(layers, spec) / 1e6:.4f} MB "
+        f"\n{len(lowered)} of {len(layers)} layers at {low}; "
+        f"weights {mixed_precision.weight_bytes(layers, spec) / 1e6:.4f} MB "
         f"(budget {budget_mb:g} MB); spec {spec} written to {out}"
     )
 
@@ -776,7 +782,8 @@ def _target_list(ctx, param, value):
 
 
 @cli.command(
-    epilog="\b\nExamples:\n  edgeq sweep                                           # zoo ResNet teacher, five bit widths, this CPU\n"
+    epilog="\b\nExamples:\n"
+    "  edgeq sweep                                           # zoo ResNet teacher, five bit widths, this CPU\n"
     "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
     "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5"
 )
@@ -886,7 +893,8 @@ def _print_summary(summary: dict) -> None:
         ("compiled top-1", _percent(summary["compiled_top1"])),
         (
             "agreement with full precision",
-            f"top-1 {_percent(summary['agreement_with_fp']['compiled']['top1'])}, top-5 {_percent(summary['agreement_with_fp']['compiled']['top5'])}",
+            f"top-1 {_percent(summary['agreement_with_fp']['compiled']['top1'])}, "
+            f"top-5 {_percent(summary['agreement_with_fp']['compiled']['top5'])}",
         ),
         (
             "bit-exact with reference",
@@ -944,7 +952,9 @@ def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json,
 
 
 @cli.command(
-    epilog="\b\nExample:\n  edgeq regress --baseline main/report.json --current verified/report.json --max-acc-drop 0.5 --max-latency-increase 10%"
+    epilog="\b\nExample:\n"
+    "  edgeq regress --baseline main/report.json --current verified/report.json --max-acc-drop 0.5 "
+    "--max-latency-increase 10%"
 )
 @click.option(
     "--baseline",
@@ -989,7 +999,9 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
 
 
 @cli.command(
-    epilog="\b\nExamples:\n  edgeq bundle compiled-rpi4/ -o rpi4-bundle/ --tar\n  scp rpi4-bundle.tar.gz pi@board: && ssh pi@board 'tar xzf rpi4-bundle.tar.gz && cd rpi4-bundle && python3 selftest.py'"
+    epilog="\b\nExamples:\n  edgeq bundle compiled-rpi4/ -o rpi4-bundle/ --tar\n"
+    "  scp rpi4-bundle.tar.gz pi@board: && "
+    "ssh pi@board 'tar xzf rpi4-bundle.tar.gz && cd rpi4-bundle && python3 selftest.py'"
 )
 @click.argument("compiled", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", help="Where the self-test inputs come from (default: the calibration images).")
@@ -1019,7 +1031,8 @@ def bundle(compiled, data, num_samples, make_tar, out):
 
 @cli.command(
     name="eval",
-    epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
+    epilog="\b\nExamples:\n  edgeq eval zoo:fmnist-vit --data fmnist-test --json\n"
+    "  edgeq eval runs/fmnist-resnet/quantize-w4a4 --data fmnist-test\n"
     "  edgeq eval quantized-effnet/ --data photos          # agreement with full precision, no labels",
 )
 @click.argument("model", required=False)

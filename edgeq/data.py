@@ -18,7 +18,10 @@ from .errors import EdgeqError
 from .manifest import Manifest
 
 FASHION_MNIST_DIR = Path(os.environ.get("EDGEQ_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-FASHION_MNIST_INSTALL = "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu), or set EDGEQ_FASHION_MNIST_DIR to a folder with the four IDX .gz files"
+FASHION_MNIST_INSTALL = (
+    "sudo apt-get install dataset-fashion-mnist (Debian/Ubuntu), "
+    "or set EDGEQ_FASHION_MNIST_DIR to a folder with the four IDX .gz files"
+)
 # Names as a prompt would say them (the dataset's own labels are "T-shirt/top", "Trouser", ...).
 FASHION_MNIST_CLASSES = (
     "t-shirt",

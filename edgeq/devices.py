@@ -121,7 +121,8 @@ class RpcRunner(Runner):
         except Exception as exc:  # noqa: BLE001 - TVM raises its own error kinds for refused, reset and timed-out sockets
             raise EdgeqError(
                 f"cannot reach the RPC server at {self.host}:{self.port}: {str(exc).splitlines()[-1]}",
-                "start it on the board (python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090) and forward the port over SSH",
+                "start it on the board (python -m tvm.exec.rpc_server --host 127.0.0.1 --port 9090) "
+                "and forward the port over SSH",
             ) from None
 
     def run(self, module_path, inputs, latency_runs):

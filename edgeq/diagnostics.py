@@ -304,7 +304,8 @@ def diagnostics_png(diagnostics: Diagnostics, path, title: str = "") -> None:
         [f"{i / 10:.1f}" for i in range(10)],
         half + margin,
         width - margin,
-        f"entropy / log C (mean {diagnostics.mean_entropy_normalized:.2f}); diversity {diagnostics.feature_diversity:.2f}",
+        f"entropy / log C (mean {diagnostics.mean_entropy_normalized:.2f}); "
+        f"diversity {diagnostics.feature_diversity:.2f}",
         (200, 120, 60),
     )
     image.save(path)

@@ -81,7 +81,8 @@ def setup(root: Path | None = None, *, force: bool = False) -> Path:
                 ],
                 "debootstrap",
             )
-            # --foreign skips the second stage (it would need the emulator as init): unpacking the debs is enough to run Python.
+            # --foreign skips the second stage (it would need the emulator as init): unpacking the debs is enough to run
+            # Python.
             for deb in sorted((rootfs / "var/cache/apt/archives").glob("*.deb")):
                 _run(["dpkg", "-x", str(deb), str(rootfs)], f"unpacking {deb.name}")
             shutil.rmtree(rootfs / "var/cache/apt/archives", ignore_errors=True)

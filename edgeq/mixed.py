@@ -94,13 +94,15 @@ def sensitivities(
 
 
 def allocate(layers: list[LayerSensitivity], high: QuantSpec, budget_bytes: float) -> tuple[QuantSpec, list[str]]:
-    """The high spec with the fewest-cost layers lowered until the weights fit ``budget_bytes``; and the lowered names."""
+    """The high spec with the fewest-cost layers lowered until the weights fit ``budget_bytes``; and the lowered
+    names."""
     size = sum(layer.weight_bytes(layer.high[0]) for layer in layers)
     candidates = [layer for layer in layers if not layer.edge and layer.low != layer.high]
     smallest = size - sum(layer.weight_bytes(layer.high[0]) - layer.weight_bytes(layer.low[0]) for layer in candidates)
     if budget_bytes < smallest:
         raise EdgeqError(
-            f"a budget of {budget_bytes / 1e6:.4f} MB is below the smallest allocation ({smallest / 1e6:.4f} MB, every middle layer at the low bits)",
+            f"a budget of {budget_bytes / 1e6:.4f} MB is below the smallest allocation "
+            f"({smallest / 1e6:.4f} MB, every middle layer at the low bits)",
             "raise --budget-mb or choose a lower --low",
         )
     order = sorted(

@@ -113,7 +113,8 @@ def load_model(
     else:
         raise EdgeqError(
             f"model file not found: {source}",
-            "pass a .pt/.pt2/.safetensors path, timm:NAME, package.module:function, or nothing for the built-in default",
+            "pass a .pt/.pt2/.safetensors path, timm:NAME, package.module:function, "
+            "or nothing for the built-in default",
         )
     if classes_file is not None:
         loaded.classes = read_classes(classes_file)
@@ -237,7 +238,8 @@ def _load_file(path: Path, allow_pickle: bool) -> LoadedModel:
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise EdgeqError(
             f"{path} holds a bare state_dict without its architecture",
-            "save it with edgeq.save_checkpoint(path, model, arch=...), or pass a package.module:function that builds the model",
+            "save it with edgeq.save_checkpoint(path, model, arch=...), "
+            "or pass a package.module:function that builds the model",
         )
     raise EdgeqError(
         f"{path} holds a {type(obj).__name__}, not a model",
@@ -309,7 +311,8 @@ def _load_timm(name: str) -> LoadedModel:
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types
         raise EdgeqError(
             f"cannot get pretrained weights for timm:{name} ({type(exc).__name__})",
-            "put them in the Hugging Face cache first, or save the model with edgeq.save_checkpoint() and pass the file",
+            "put them in the Hugging Face cache first, "
+            "or save the model with edgeq.save_checkpoint() and pass the file",
         ) from None
     return LoadedModel(
         module, f"timm:{name}", _default_classes(module), _default_preprocess(module), arch=f"timm:{name}"

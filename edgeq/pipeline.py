@@ -88,7 +88,8 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     if model is None:
         notes.insert(
             0,
-            f"no model given: using the default {zoo.DEFAULT_MODEL} ({zoo.entry(zoo.DEFAULT_MODEL.partition(':')[2]).description})",
+            f"no model given: using the default {zoo.DEFAULT_MODEL} "
+            f"({zoo.entry(zoo.DEFAULT_MODEL.partition(':')[2]).description})",
         )
     stages: dict[str, str] = {}
 
@@ -105,7 +106,8 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
     if generator is None:
         notes.append(
-            f"calibration images by {strategy} (no text-to-image generator for this model; pass --generator for mixup prompting)"
+            f"calibration images by {strategy} "
+            "(no text-to-image generator for this model; pass --generator for mixup prompting)"
         )
     synth_options = synth_stage.SynthOptions(strategy=strategy, num_images=options.num_images, seed=options.seed)
     synth_dir = stage(

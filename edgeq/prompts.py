@@ -72,7 +72,8 @@ class PromptOptions:
             if missing:
                 raise EdgeqError(
                     f"mix template {self.mix_template!r} lacks {', '.join(f'{{{i}}}' for i in missing)}",
-                    f"write one placeholder per mixed class, e.g. 'a photo of a {{0}} and a {{1}}' for --mix-k {self.mix_k}",
+                    f"write one placeholder per mixed class, e.g. 'a photo of a {{0}} and a {{1}}' "
+                    f"for --mix-k {self.mix_k}",
                 )
 
     def text_template(self) -> str:

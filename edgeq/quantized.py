@@ -283,7 +283,8 @@ def quantize_module(
     device: str = "cpu",
     report: list | None = None,
 ) -> nn.Module:
-    """In memory: BN-fold, wrap, calibrate and (with ``reconstruction``) reconstruct ``model`` on float ``inputs`` (N, C, H, W).
+    """In memory: BN-fold, wrap, calibrate and (with ``reconstruction``) reconstruct ``model`` on float ``inputs``
+    (N, C, H, W).
 
     ``report``, when given, receives one entry per reconstructed unit.
     """

@@ -124,7 +124,8 @@ def _fmt_ms(value):
 def table(rows: list[Row]) -> str:
     """A Markdown table of what moved."""
     lines = [
-        "| model | target | bits | top-1 base | top-1 now | Δ points | latency base (ms) | latency now (ms) | Δ latency | verdict |",
+        "| model | target | bits | top-1 base | top-1 now | Δ points | "
+        "latency base (ms) | latency now (ms) | Δ latency | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -140,7 +141,8 @@ def table(rows: list[Row]) -> str:
         )
         verdict = "ok" if row.ok else "FAIL: " + "; ".join(row.problems)
         lines.append(
-            f"| {row.model} | {row.target} | {row.bits} | {_fmt_top1(row.baseline_top1)} | {_fmt_top1(row.current_top1)} | {delta} | "
+            f"| {row.model} | {row.target} | {row.bits} | "
+            f"{_fmt_top1(row.baseline_top1)} | {_fmt_top1(row.current_top1)} | {delta} | "
             f"{_fmt_ms(row.baseline_latency_ms)} | {_fmt_ms(row.current_latency_ms)} | {change} | {verdict} |"
         )
     return "\n".join(lines)

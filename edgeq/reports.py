@@ -121,15 +121,18 @@ def summary_markdown(report: dict, front: set[int]) -> str:
         f"Schema `{report['schema']}`; figures from `{REPORT_FILE}`. Pareto-optimal rows (no other row is both "
         f"{'faster' if report['cost_axis'] == 'latency_ms' else 'smaller'} and more accurate) are marked ★.",
         "",
-        "| | bits | target | method | fp top-1 | compiled top-1 | agreement with fp | latency (ms) | module (MB) | worst layer SQNR (dB) | ran |",
+        "| | bits | target | method | fp top-1 | compiled top-1 | agreement with fp | latency (ms) | module (MB) | "
+        "worst layer SQNR (dB) | ran |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, e in enumerate(entries):
         worst = min((layer["sqnr_db"] for layer in e.get("layer_sqnr_db", [])), default=None)
         latency = "-" if e.get("latency_ms") is None else f"{e['latency_ms']:.2f}"
         lines.append(
-            f"| {'★' if i in front else ''} | {e['bits']} | {e['target']} | {e.get('method', '-')} | {_pct(e['fp_top1'])} | {_pct(e['compiled_top1'])} | "
-            f"{_pct(e['agreement_with_fp']['compiled']['top1'])} | {latency} | {e['module_bytes'] / 1e6:.2f} | {'-' if worst is None else f'{worst:.1f}'} | {e['ran']} |"
+            f"| {'★' if i in front else ''} | {e['bits']} | {e['target']} | {e.get('method', '-')} | "
+            f"{_pct(e['fp_top1'])} | {_pct(e['compiled_top1'])} | "
+            f"{_pct(e['agreement_with_fp']['compiled']['top1'])} | {latency} | {e['module_bytes'] / 1e6:.2f} | "
+            f"{'-' if worst is None else f'{worst:.1f}'} | {e['ran']} |"
         )
     lines += [
         "",

@@ -35,7 +35,8 @@ def main() -> int:
     agreement = float((outputs.argmax(1) == expected.argmax(1)).mean())
     ok = difference <= config["max_abs_diff"] and agreement >= config["min_top1_agreement"]
     print(
-        f"{'PASS' if ok else 'FAIL'}: {len(inputs)} inputs, top-1 agreement {agreement:.3f} (need {config['min_top1_agreement']}), "
+        f"{'PASS' if ok else 'FAIL'}: {len(inputs)} inputs, "
+        f"top-1 agreement {agreement:.3f} (need {config['min_top1_agreement']}), "
         f"max |difference| {difference:.3g} (allowed {config['max_abs_diff']:.3g})"
     )
     return 0 if ok else 1

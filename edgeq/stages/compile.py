@@ -95,7 +95,8 @@ def build_with_kernels(plan, target: Target, out_path: Path) -> None:
 def build(
     onnx_model: onnx.ModelProto, target: Target, input_name: str, input_shape, out_path: Path, *, kernels: str = "auto"
 ) -> dict:
-    """Build and link ``onnx_model`` for ``target`` into the shared library ``out_path``; returns how (kernels or generic)."""
+    """Build and link ``onnx_model`` for ``target`` into the shared library ``out_path``; returns how (kernels or
+    generic)."""
     if kernels not in KERNEL_MODES:
         raise EdgeqError(f"unknown kernel mode {kernels!r}", f"choose one of: {', '.join(KERNEL_MODES)}")
     if kernels != "off":

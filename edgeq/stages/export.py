@@ -375,14 +375,16 @@ def run(quantized_dir: str | Path, out: str | Path) -> Path:
     onnx_model, records = build_qdq_model(model, example)
     check = compare_with_onnxruntime(model, onnx_model, records, inputs)
     log.info(
-        "onnxruntime vs torch: quantizers within %.0f LSB, layers within %.1e relative, %.3f%% of activation codes differ end to end",
+        "onnxruntime vs torch: quantizers within %.0f LSB, layers within %.1e relative, "
+        "%.3f%% of activation codes differ end to end",
         check["quantizer_max_lsb"],
         check["layer_max_rel_error"],
         100 * check["activation_fraction_differing"],
     )
     if check["quantizer_max_lsb"] > 1 or check["layer_max_rel_error"] > LAYER_TOLERANCE:
         raise EdgeqError(
-            f"onnxruntime disagrees with torch (quantizers {check['quantizer_max_lsb']:.0f} LSB, layers {check['layer_max_rel_error']:.1e})",
+            f"onnxruntime disagrees with torch "
+            f"(quantizers {check['quantizer_max_lsb']:.0f} LSB, layers {check['layer_max_rel_error']:.1e})",
             "this is a bug in edgeq's exporter; please report it",
         )
     manifest.extra = {

