@@ -740,3 +740,22 @@ def _contiguous(shape) -> tuple[int, ...]:
 
 def build_plan(model: onnx.ModelProto, layout: layouts.Layout) -> Plan:
     return _Planner(model, layout).plan()
+
+
+def reference_outputs(
+    model: onnx.ModelProto, arch: str, cpu_features, inputs: np.ndarray, progress: str | None = None
+) -> np.ndarray:
+    """What a module compiled on the kernels for (``arch``, ``cpu_features``) must return for ``inputs``, bit for bit.
+
+    The plan is rebuilt as the compile stage builds it (same layout choices), then computed by
+    :func:`edgeq.kernels.reference.run_plan`, one input at a time (the plan has batch size 1).
+    """
+    from tqdm.auto import tqdm
+
+    from . import reference
+
+    plan = build_plan(model, layouts.layout_for(arch, cpu_features))
+    outputs = []
+    for x in tqdm(inputs, desc=progress, unit="img", leave=False, disable=progress is None):
+        outputs.append(reference.run_plan(plan, x[None])[plan.output_name].reshape(plan.output_shape))
+    return np.concatenate(outputs) if outputs else np.zeros((0, *plan.output_shape[1:]), np.float32)

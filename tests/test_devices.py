@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edgeq.targets import get_target
 
 from edgeq import devices, emulation
 from edgeq.errors import EdgeqError
@@ -22,7 +23,6 @@ from edgeq.stages import bundle as bundle_stage
 from edgeq.stages import compile as compile_stage
 from edgeq.stages import export as export_stage
 from edgeq.stages import verify as verify_stage
-from edgeq.targets import get_target
 
 from .conftest import requires_emulator
 
@@ -141,7 +141,16 @@ def test_bundle_selftest_passes_and_catches_a_wrong_result(tmp_path, tiny_export
     env = {**os.environ, "PYTHONPATH": str(blocked)}
     result = _selftest(made, [sys.executable], env)
     assert result.returncode == 0 and result.stdout.startswith("PASS"), result.stdout + result.stderr
+    check = json.loads((made / "selftest.json").read_text())
+    assert (
+        check["max_abs_diff"] == 0.0 and "bit-exact" in check["expected_from"]
+    )  # a kernels module: the reference's bits
     expected = np.load(made / "selftest" / "expected.npy")
+    off_by_one_ulp = expected.copy()
+    off_by_one_ulp[0, 0] = np.nextafter(off_by_one_ulp[0, 0], np.float32(np.inf))
+    np.save(made / "selftest" / "expected.npy", off_by_one_ulp)
+    result = _selftest(made, [sys.executable], env)
+    assert result.returncode == 1 and result.stdout.startswith("FAIL")
     np.save(made / "selftest" / "expected.npy", expected[::-1])  # another image's logits
     result = _selftest(made, [sys.executable], env)
     assert result.returncode == 1 and result.stdout.startswith("FAIL")

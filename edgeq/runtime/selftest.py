@@ -1,6 +1,8 @@
 """Self-test of an edgeq deploy bundle: run the module on the bundled inputs and compare
-with the expected outputs recorded when the bundle was made (onnxruntime's run of the
-same quantized model). Needs only NumPy and the TVM runtime. Usage, in the bundle folder::
+with the expected outputs recorded when the bundle was made: for a module on edgeq's
+kernels the bit-exact NumPy reference of its plan (allowed difference 0), otherwise
+onnxruntime's run of the same quantized model (selftest.json says which). Needs only NumPy
+and the TVM runtime. Usage, in the bundle folder::
 
     python selftest.py
 

@@ -73,17 +73,14 @@ def reference_agreement(
             "reference_images": 0,
             "reference_note": "TVM's generic code has no bit-exact reference; agreement with onnxruntime applies",
         }
-    from ..kernels import layouts, reference
-    from ..kernels import plan as kernel_plan
+    from ..kernels.plan import reference_outputs
 
     target = get_target(compiled.target)
-    kernel_steps = kernel_plan.build_plan(onnx_model, layouts.layout_for(target.arch, target.cpu_features))
     count = min(len(inputs), REFERENCE_IMAGES)
-    equal, worst = 0, 0.0
-    for x, ours in zip(inputs[:count], compiled_logits[:count]):
-        expected = reference.run_plan(kernel_steps, x[None])[kernel_steps.output_name].reshape(ours.shape)
-        equal += int(np.array_equal(ours, expected))
-        worst = max(worst, float(np.abs(ours.astype(np.float64) - expected).max()))
+    expected = reference_outputs(onnx_model, target.arch, target.cpu_features, inputs[:count], "bit-exact reference")
+    ours = compiled_logits[:count].reshape(expected.shape)
+    equal = sum(int(np.array_equal(a, b)) for a, b in zip(ours, expected))
+    worst = float(np.abs(ours.astype(np.float64) - expected).max()) if count else 0.0
     return {
         "agreement_with_reference": equal / count if count else None,
         "reference_images": count,
