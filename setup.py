@@ -76,6 +76,6 @@ setup(
         "scikit-image>=0.22",
         "scikit-learn>=1.3",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["edgeq=edgeq.cli.main:main"]},
 )

@@ -20,6 +20,7 @@ import numpy as np
 from edgeq.data import FASHION_MNIST_CLASSES
 from edgeq.evaluate import predict
 from edgeq.models import load_model
+from edgeq.prompts import SINGLE_TEMPLATE
 from edgeq.stages import synth
 
 GATE = 0.80
@@ -29,7 +30,7 @@ def measure(per_class: int, seed: int = 0) -> dict:
     teacher = load_model("zoo:fmnist-resnet")
     pipeline = synth.load_generator("zoo:fmnist-generator")
     size = synth.native_size(pipeline)
-    prompts = [synth.SINGLE_TEMPLATE.format(name) for name in FASHION_MNIST_CLASSES for _ in range(per_class)]
+    prompts = [SINGLE_TEMPLATE.format(name) for name in FASHION_MNIST_CLASSES for _ in range(per_class)]
     labels = np.repeat(np.arange(len(FASHION_MNIST_CLASSES)), per_class)
     import torch
 

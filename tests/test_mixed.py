@@ -4,7 +4,6 @@ and a mixed spec through quantize, export and compile."""
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 from edgeq.targets import get_target
 

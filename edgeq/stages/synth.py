@@ -39,14 +39,13 @@ from ..diagnostics import FilterOptions, scorer, select_lowest
 from ..errors import EdgeqError, one_of
 from ..manifest import Manifest, atomic_write_bytes, input_entry, publish_folder, reusable
 from ..prompts import (
-    SINGLE_TEMPLATE,
     STRATEGIES,
     PromptOptions,
     PromptPlan,
     image_seeds,
     mixed_embeddings,
     plan_prompts,
-)  # noqa: F401 - SINGLE_TEMPLATE re-exported
+)
 
 if TYPE_CHECKING:
     from ..bn_inversion import InversionSettings
