@@ -45,9 +45,8 @@ class RunOptions:
     strategy: str | None = None
     method: str = "qdrop"  # how weights round (edgeq.reconstruction.Method)
     iters: int = 2000  # reconstruction iterations per block or layer
-    kernels: str = (
-        "auto"  # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
-    )
+    # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
+    kernels: str = "auto"
     num_images: int = 256
     seed: int = 0
     eval_data: str | None = None

@@ -61,9 +61,8 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("act_zero_point", torch.tensor(0, dtype=torch.int32))
         self.bypass = False  # True: run the float layer (while observing calibration ranges)
-        self.learning = (
-            None  # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
-        )
+        # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
+        self.learning = None
 
     @property
     def weight_range(self) -> tuple[int, int]:

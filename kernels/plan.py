@@ -239,9 +239,8 @@ class _Planner:
             packed = layouts.pack_depthwise(values.reshape(n, geometry["kernel_h"], geometry["kernel_w"]))
             wsum = np.zeros(1, np.int32)
         else:
-            rows = (
-                values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values
-            )  # (N, kh·kw·C): im2col's order
+            # (N, kh·kw·C): im2col's order
+            rows = values.transpose(0, 2, 3, 1).reshape(n, -1) if values.ndim == 4 else values
             packed = layouts.pack_weights(
                 rows, layouts.conv_layout(self.layout, x.qmax, rows, geometry["out_h"] * geometry["out_w"])
             )
