@@ -101,6 +101,46 @@ def _target(_ctx, _param, value):
 METHODS = ("rtn", "adaround", "brecq", "qdrop")
 
 
+def _stacked(*decorators):
+    """One decorator applying ``decorators`` in order (options shared by the one-shot and the sweep)."""
+
+    def apply(function):
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+quantization_options = _stacked(
+    click.option(
+        "--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images."
+    ),
+    click.option(
+        "--method",
+        type=click.Choice(METHODS),
+        default="qdrop",
+        show_default=True,
+        help="How weights round, as in 'edgeq quantize'.",
+    ),
+    click.option(
+        "--iters",
+        type=click.IntRange(min=1),
+        default=2000,
+        show_default=True,
+        help="Reconstruction iterations per block or layer.",
+    ),
+)
+evaluation_options = _stacked(
+    click.option(
+        "--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder)."
+    ),
+    click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True),
+    click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+)
+
+
 def _output_option(help_text):
     return click.option(
         "-o", "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help=help_text
@@ -604,21 +644,7 @@ def export(quantized, out):
     type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
     help="Calibration images, as in 'edgeq synth' [default: mixup with a generator, else bn-inversion].",
 )
-@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
-@click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default="qdrop",
-    show_default=True,
-    help="How weights round, as in 'edgeq quantize'.",
-)
-@click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    default=2000,
-    show_default=True,
-    help="Reconstruction iterations per block or layer.",
-)
+@quantization_options
 @click.option(
     "--kernels",
     type=click.Choice(["auto", "on", "off"]),
@@ -627,10 +653,7 @@ def export(quantized, out):
     help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic "
     "code otherwise; on fails instead of falling back; off always uses the generic code.",
 )
-@click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
-@click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@evaluation_options
 @click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @classes_option
@@ -809,25 +832,8 @@ def _target_list(ctx, param, value):
     type=click.Path(file_okay=False),
     help="Run folder shared by every configuration (default: runs/<model>).",
 )
-@click.option("--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images.")
-@click.option(
-    "--method",
-    type=click.Choice(METHODS),
-    default="qdrop",
-    show_default=True,
-    help="How weights round, as in 'edgeq quantize'.",
-)
-@click.option(
-    "--iters",
-    type=click.IntRange(min=1),
-    default=2000,
-    show_default=True,
-    help="Reconstruction iterations per block or layer.",
-)
-@click.option("--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder).")
-@click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@quantization_options
+@evaluation_options
 @_output_option("Output folder for report.json, summary.md and the plots.")
 @allow_pickle_option
 @friendly_errors

@@ -18,25 +18,8 @@ def conv_struct(params: dict) -> native.ConvParams:
     packed: PackedWeights = params["packed"]
     quant = params["quant"] or {"scale": 1.0, "zero": 0, "qmax": 255}
     lo, hi = params["clamp"]
-    geometry = {
-        k: params[k]
-        for k in (
-            "in_h",
-            "in_w",
-            "in_c",
-            "out_h",
-            "out_w",
-            "out_c",
-            "kernel_h",
-            "kernel_w",
-            "stride_h",
-            "stride_w",
-            "pad_top",
-            "pad_left",
-            "x_zero",
-            "x_max",
-        )
-    }
+    # the step's geometry and input fields carry the struct's own names
+    geometry = {name: params[name] for name, _ in native.ConvParams._fields_ if name in params}
     return native.conv_params(
         **geometry,
         w_bits=packed.bits,
