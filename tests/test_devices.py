@@ -80,6 +80,7 @@ def test_verify_over_loopback_rpc_matches_the_local_run(tmp_path, tiny_export, r
         compiled, tmp_path / "remote", data="fashion-mnist:test", num_images=40, latency_runs=5, rpc=address
     )
     assert remote["ran"] == f"rpc {address}" and local["ran"] == "native"
+    assert remote["agreement_with_reference"] == local["agreement_with_reference"] == 1.0
     assert remote["compiled_top1"] == local["compiled_top1"]
     assert remote["max_abs_diff_vs_onnxruntime"] == local["max_abs_diff_vs_onnxruntime"] < 1e-4
     assert remote["latency_runs"] == 5 and remote["latency_ms"] > 0
@@ -94,7 +95,7 @@ def test_verify_over_rpc_to_an_emulated_raspberry_pi(tmp_path, tiny_export, rpc_
     report = verify_stage.run(
         compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=20, latency_runs=2, rpc=address
     )
-    assert report["ran"] == f"rpc {address}"
+    assert report["ran"] == f"rpc {address}" and report["agreement_with_reference"] == 1.0
     assert report["agreement_with_onnxruntime"] == 1.0 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
 
 

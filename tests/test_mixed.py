@@ -80,6 +80,7 @@ def test_mixed_spec_file_runs_through_the_pipeline(tmp_path, tiny_sensitivity, t
         ),
     )
     assert summary["bits"] == str(spec) and summary["agreement_with_onnxruntime"] >= 0.98
+    assert summary["agreement_with_reference"] == 1.0
     from edgeq.quantized import QuantizedLayer, load
 
     model, _, loaded_spec, _ = load(summary["stage_dirs"]["quantize"])
@@ -127,6 +128,7 @@ def test_compile_one_shot_takes_a_spec_file_and_records_the_host_as_a_concrete_t
     host = host_target().name
     assert summary["bits"] == str(spec) and summary["target"] == host != "host"
     assert summary["agreement_with_onnxruntime"] >= 0.98 and summary["latency_ms"] > 0
+    assert summary["agreement_with_reference"] == 1.0
     dirs = summary["stage_dirs"]
     assert dirs["compile"].endswith(f"-rtn-{host}") and dirs["verify"].endswith(f"-rtn-{host}")
     assert (

@@ -139,7 +139,7 @@ def test_x86_avx512_module_runs_the_avx2_kernels_and_matches_onnxruntime(tmp_pat
     report = verify_stage.run(
         compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5
     )
-    assert report["target"] == "x86-avx512" and report["ran"] == "native"
+    assert report["target"] == "x86-avx512" and report["ran"] == "native" and report["agreement_with_reference"] == 1.0
     assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
     assert report["latency_ms"] > 0
 
@@ -222,6 +222,7 @@ def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
         "artifact",
     ):
         assert key in first
+    assert first["agreement_with_reference"] == 1.0
     assert first["agreement_with_onnxruntime"] >= 0.99 and first["latency_ms"] > 0
     assert Path(first["artifact"]).is_file()
     second = run(TINY, options)
