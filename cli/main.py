@@ -1077,6 +1077,7 @@ def zoo():
 @click.option("--json", "as_json", is_flag=True)
 def zoo_list(as_json):
     """Each zoo entry with its provenance: script, seed, data, measured accuracy, sha256."""
+    from edgeq import assets
     from edgeq.zoo import ZOO, registry
 
     records = registry.load()
@@ -1084,12 +1085,16 @@ def zoo_list(as_json):
         {"name": f"zoo:{e.name}", "kind": e.kind, "description": e.description, **records.get(e.name, {})}
         for e in ZOO.values()
     ]
+    for row, e in zip(rows, ZOO.values()):
+        if e.asset:  # weights never shipped: say where they were found, or what to set
+            found = assets.find(e.asset)
+            row["weights"] = str(found) if found else f"not found, set {assets.ENV} (a folder holding {e.asset})"
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
         click.echo(f"{row['name']}  ({row['kind']})\n  {row['description']}")
-        for key in ("script", "seed", "data", "metrics", "source", "sha256"):
+        for key in ("script", "seed", "data", "metrics", "source", "sha256", "weights"):
             if key in row:
                 value = ", ".join(f"{k} {v}" for k, v in row[key].items()) if isinstance(row[key], dict) else row[key]
                 click.echo(f"  {key:<8} {value}")

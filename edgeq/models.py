@@ -144,6 +144,8 @@ def _load_builtin(name: str) -> LoadedModel:
 EFFICIENTNET_LITE_PREPROCESS = Preprocess(
     3, 224, 224, (127.0 / 255,) * 3, (128.0 / 255,) * 3
 )  # TF Lite models: (x - 127) / 128
+# The pretrained CIFAR-10 ResNets were trained on 32x32 inputs normalized with ImageNet's mean and std.
+CIFAR_RESNET_PREPROCESS = Preprocess(3, 32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def _load_zoo(name: str) -> LoadedModel:
@@ -162,6 +164,18 @@ def _load_zoo(name: str) -> LoadedModel:
             arch="efficientnet-lite0",
             note="no ImageNet here: accuracy figures are agreement with full precision on real photos",
             eval_data=entry.eval_data,
+        )
+    if name.startswith("cifar10-resnet"):
+        from . import assets
+
+        test_folder = assets.find("datasets/cifar10/test")
+        return LoadedModel(
+            zoo.load_cifar_resnet(name),
+            f"zoo:{name}",
+            zoo.CIFAR10_CLASSES,
+            CIFAR_RESNET_PREPROCESS,
+            arch="edgeq.cifar_resnet",
+            eval_data=str(test_folder) if test_folder else None,
         )
     with zoo.resources.as_file(zoo.weights_path(name)) as path:
         loaded = _load_safetensors(Path(path))

