@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import zoo
-from .data import Preprocess
+from .data import Preprocess, PreprocessOverrides
 from .errors import EdgeqError
 from .graph import eval_mode
 
@@ -96,7 +96,11 @@ def save_checkpoint(
 
 
 def load_model(
-    source: str | None = None, *, allow_pickle: bool = False, classes_file: str | os.PathLike | None = None
+    source: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    classes_file: str | os.PathLike | None = None,
+    preprocess: PreprocessOverrides | None = None,
 ) -> LoadedModel:
     """Load a model from any accepted source (see the module docstring)."""
     source = source or zoo.DEFAULT_MODEL
@@ -118,6 +122,10 @@ def load_model(
         )
     if classes_file is not None:
         loaded.classes = read_classes(classes_file)
+    if preprocess:
+        loaded.preprocess = preprocess.apply(loaded.preprocess)
+    if loaded.preprocess.guessed:
+        _announce_guess(loaded)
     eval_mode(loaded.module)
     return loaded
 
@@ -141,9 +149,10 @@ def _load_builtin(name: str) -> LoadedModel:
     return loaded
 
 
+# TF Lite's EfficientNet-Lite: shorter side to 256 (bicubic), center crop 224, (x - 127) / 128 on 0..255 values
 EFFICIENTNET_LITE_PREPROCESS = Preprocess(
-    3, 224, 224, (127.0 / 255,) * 3, (128.0 / 255,) * 3
-)  # TF Lite models: (x - 127) / 128
+    3, 224, 224, (127.0 / 255,) * 3, (128.0 / 255,) * 3, crop_pct=0.875, interpolation="bicubic", scaling="byte"
+)
 # The pretrained CIFAR-10 ResNets were trained on 32x32 inputs normalized with ImageNet's mean and std.
 CIFAR_RESNET_PREPROCESS = Preprocess(3, 32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -328,9 +337,7 @@ def _load_timm(name: str) -> LoadedModel:
             "put them in the Hugging Face cache first, "
             "or save the model with edgeq.save_checkpoint() and pass the file",
         ) from None
-    return LoadedModel(
-        module, f"timm:{name}", _default_classes(module), _default_preprocess(module), arch=f"timm:{name}"
-    )
+    return LoadedModel(module, f"timm:{name}", _default_classes(module), _timm_preprocess(module), arch=f"timm:{name}")
 
 
 def _load_factory(spec: str) -> LoadedModel:
@@ -356,23 +363,89 @@ def _load_factory(spec: str) -> LoadedModel:
     return LoadedModel(result, spec, classes, preprocess, arch=f"factory:{spec}")
 
 
+_GUESS_HINT = (
+    "pass --input-size, --mean and --std (and --crop-pct, --interpolation) as the model was trained, "
+    "or save it with edgeq.save_checkpoint(..., preprocess=Preprocess(...))"
+)
+_announced: set[str] = set()
+
+
+def _announce_guess(loaded: LoadedModel) -> None:
+    """One warning per model and process (stages reload the model), and a note for the one-shot summary."""
+    line = f"preprocessing of {loaded.source} is guessed: {loaded.preprocess.describe()}"
+    loaded.note = f"{loaded.note}; {line}" if loaded.note else line
+    if loaded.source not in _announced:
+        _announced.add(loaded.source)
+        log.warning("%s (%s)", line, _GUESS_HINT)
+
+
+def _timm_preprocess(module: nn.Module) -> Preprocess:
+    """timm's own evaluation transform for the model: input size, crop_pct, interpolation, mean and std."""
+    try:
+        from timm.data import resolve_model_data_config
+
+        cfg = resolve_model_data_config(module)
+    except Exception:  # noqa: BLE001 - an old timm or a model without a config: fall back to the guess
+        return _default_preprocess(module)
+    c, h, w = cfg["input_size"]
+    interpolation = cfg.get("interpolation", "bilinear")
+    return Preprocess(
+        int(c),
+        int(h),
+        int(w),
+        tuple(float(v) for v in cfg.get("mean", (0.5,) * c)),
+        tuple(float(v) for v in cfg.get("std", (0.5,) * c)),
+        crop_pct=float(cfg.get("crop_pct") or 1.0),
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
+    )
+
+
 def _default_preprocess(module: nn.Module) -> Preprocess:
+    """A model without metadata: timm's config when it has one, else a guess (``guessed=True``) from its first
+    convolution and output count, checked by running the model at the guessed size."""
     cfg = getattr(module, "pretrained_cfg", None)
     if cfg and "input_size" in cfg:
-        c, h, w = cfg["input_size"]
-        return Preprocess(c, h, w, tuple(cfg.get("mean", (0.5,) * c)), tuple(cfg.get("std", (0.5,) * c)))
+        return _timm_preprocess(module)
     first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels == 1:
-        return Preprocess(1, 28, 28, (0.5,), (0.5,))
-    return IMAGENET_PREPROCESS
+    channels = first_conv.in_channels if first_conv is not None else 3
+    if channels == 1:
+        return Preprocess(1, 28, 28, (0.5,), (0.5,), guessed=True)
+    if channels != 3:
+        return Preprocess(channels, 224, 224, (0.5,) * channels, (0.5,) * channels, guessed=True)
+    # 10 or 100 outputs: most likely CIFAR (32x32); the common CIFAR normalizations are near ImageNet's
+    size = 32 if _num_classes(module) in (10, 100) else 224
+    size = _runnable_size(module, channels, size)
+    return dataclasses.replace(IMAGENET_PREPROCESS, height=size, width=size, crop_pct=1.0, guessed=True)
+
+
+_PROBE_SIZES = (224, 32, 28, 64, 96, 128, 160, 192, 256, 299, 384)
+
+
+def _runnable_size(module: nn.Module, channels: int, first: int) -> int:
+    """``first`` if the model runs on it, else the first probe size it runs on (a model with a flatten before its
+    classifier runs at one size only); ``first`` when none does (the failure then shows where it belongs)."""
+    training = {sub: sub.training for sub in module.modules()}
+    eval_mode(module)  # a forward pass in training mode would move BatchNorm's running statistics
+    try:
+        for size in (first, *(s for s in _PROBE_SIZES if s != first)):
+            try:
+                with torch.no_grad():
+                    module(torch.zeros(1, channels, size, size))
+                return size
+            except Exception:  # noqa: BLE001 - a shape error of any kind means "not this size"
+                continue
+        return first
+    finally:
+        for sub, mode in training.items():
+            sub.training = mode
 
 
 def _preprocess_for_shape(shape) -> Preprocess:
     """A guess from the input shape (C, H, W): inputs scaled to [-1, 1]."""
     if shape is None or len(shape) != 3:
-        return IMAGENET_PREPROCESS
+        return dataclasses.replace(IMAGENET_PREPROCESS, guessed=True)
     c, h, w = shape
-    return Preprocess(int(c), int(h), int(w), (0.5,) * int(c), (0.5,) * int(c))
+    return Preprocess(int(c), int(h), int(w), (0.5,) * int(c), (0.5,) * int(c), guessed=True)
 
 
 def _default_classes(module: nn.Module) -> tuple[str, ...]:
