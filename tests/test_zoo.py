@@ -55,7 +55,7 @@ def test_efficientnet_lite0_sees_the_cat():
     assert len(model.classes) == 1000 and model.preprocess.input_shape == (1, 3, 224, 224)
 
 
-def test_zoo_list_shows_five_entries(monkeypatch, capsys):
+def test_zoo_list_shows_every_entry(monkeypatch, capsys):
     from edgeq.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["edgeq", "zoo", "list", "--json"])
@@ -63,9 +63,82 @@ def test_zoo_list_shows_five_entries(monkeypatch, capsys):
         main()
     rows = json.loads(capsys.readouterr().out)
     assert info.value.code == 0
-    assert [r["name"] for r in rows] == [f"zoo:{n}" for n in ZOO] and len(rows) == 5
+    assert [r["name"] for r in rows] == [f"zoo:{n}" for n in ZOO] and len(rows) == 7
     for row in rows:
         assert {"script", "seed", "data", "sha256"} <= set(row), row["name"]
+
+
+def _cifar_assets(name: str):
+    from edgeq import assets
+
+    weights, test = assets.find(ZOO[name].asset), assets.find("datasets/cifar10/test")
+    if weights is None or test is None:
+        pytest.skip(f"{ZOO[name].asset} or datasets/cifar10/test not in the assets folder (set EDGEQ_ASSETS)")
+    return test
+
+
+def test_cifar_resnet_option_a_shortcut_pads_channels_around_the_subsampled_identity():
+    import torch
+
+    from edgeq.zoo.cifar_resnet import CifarResNet
+
+    model = CifarResNet(20)
+    shortcut = model.layer2[0].shortcut
+    x = torch.randn(2, 16, 32, 32)
+    y = shortcut(x)
+    assert y.shape == (2, 32, 16, 16)
+    assert torch.equal(y[:, 8:24], x[:, :, ::2, ::2])
+    assert not y[:, :8].any() and not y[:, 24:].any()
+    # He et al. 2016, table 6: ResNet-20 has 0.27M parameters, ResNet-56 0.85M (the shortcuts have none).
+    assert sum(p.numel() for p in model.parameters()) == 269722
+    assert sum(p.numel() for p in CifarResNet(56).parameters()) == 853018
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["cifar10-resnet20", "cifar10-resnet56"])
+def test_cifar_resnet_loads_shared_weights_and_classifies_test_images(name):
+    from PIL import Image
+
+    test = _cifar_assets(name)
+    model = load_model(f"zoo:{name}")
+    assert model.classes == tuple(sorted(p.name for p in test.iterdir() if p.is_dir()))
+    assert model.preprocess.input_shape == (1, 3, 32, 32) and model.eval_data == str(test)
+    # The first image of each of the first eight classes: the models score 81-83% on this JPEG copy.
+    files = [sorted((test / c).iterdir())[0] for c in model.classes[:8]]
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    predicted = predict(model.module, model.preprocess(images)).argmax(1)
+    assert (predicted == np.arange(8)).sum() >= 6, [model.classes[i] for i in predicted]
+
+
+def test_cifar_resnet_without_weights_says_what_to_set(monkeypatch, tmp_path, capsys):
+    from edgeq.cli.main import main
+
+    monkeypatch.setenv("EDGEQ_ASSETS", str(tmp_path))
+    with pytest.raises(EdgeqError) as info:
+        load_model("zoo:cifar10-resnet20")
+    assert "EDGEQ_ASSETS" in str(info.value) and "models/cifar10-resnet20.safetensors" in str(info.value)
+    monkeypatch.setattr(sys, "argv", ["edgeq", "eval", "zoo:cifar10-resnet20", "--data", "fmnist-test"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code != 0 and len(err.splitlines()) == 1 and "set EDGEQ_ASSETS" in err
+    monkeypatch.setattr(sys, "argv", ["edgeq", "zoo", "list", "--json"])
+    with pytest.raises(SystemExit):
+        main()
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["zoo:cifar10-resnet56"]["weights"].startswith("not found, set EDGEQ_ASSETS")
+    assert "weights" not in rows["zoo:fmnist-resnet"]
+
+
+def test_assets_default_to_shared_beside_the_checkout(monkeypatch):
+    from pathlib import Path
+
+    from edgeq import assets
+
+    monkeypatch.delenv("EDGEQ_ASSETS", raising=False)
+    checkout = Path(assets.__file__).resolve().parent.parent
+    assert assets.checkout_default() == (checkout.parent / "shared").resolve()
+    assert assets.assets_dir() == (assets.checkout_default() if assets.checkout_default().is_dir() else None)
 
 
 def test_eval_prints_top1_json(monkeypatch, capsys):
