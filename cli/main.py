@@ -133,7 +133,11 @@ quantization_options = _stacked(
 )
 evaluation_options = _stacked(
     click.option(
-        "--data", "eval_data", help="Labelled evaluation data (fashion-mnist:test or an 'edgeq synth' folder)."
+        "--data",
+        "eval_data",
+        help="Evaluation data: fashion-mnist:test, an 'edgeq synth' folder, or a folder of images "
+        "(ROOT/<class>/<image> labelled, class index = sorted folder order; or flat, unlabelled: agreement with "
+        "full precision only).",
     ),
     click.option("--eval-images", type=click.IntRange(min=1), default=1000, show_default=True),
     click.option("--latency-runs", type=click.IntRange(min=0), default=100, show_default=True),
@@ -158,6 +162,80 @@ classes_option = click.option(
     type=click.Path(dir_okay=False),
     help="Text file with one class name per line (overrides the model's).",
 )
+
+
+def _store_preprocess(ctx, param, value):
+    """Collect --input-size, --crop-pct, --interpolation, --mean, --std into ctx.meta (see _preprocess_overrides)."""
+    if value is None:
+        return None
+    if param.name == "input_size":
+        parts = value.lower().replace("x", ",").split(",")
+        try:
+            sizes = [int(p) for p in parts if p.strip()]
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not a size: give N or HxW, e.g. 224 or 32x32") from None
+        if len(sizes) not in (1, 2) or min(sizes) < 1:
+            raise click.BadParameter(f"'{value}' is not a size: give N or HxW, e.g. 224 or 32x32")
+        value = (sizes[0], sizes[-1])
+    elif param.name in ("mean", "std"):
+        try:
+            value = tuple(float(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"'{value}' is not a list of numbers, e.g. 0.485,0.456,0.406") from None
+        if not value or (param.name == "std" and min(value) <= 0):
+            raise click.BadParameter(f"give one positive number per channel, e.g. {param.metavar}")
+    ctx.meta.setdefault("edgeq_preprocess", {})[param.name] = value
+    return value
+
+
+preprocess_options = _stacked(
+    click.option(
+        "--input-size",
+        metavar="N|HxW",
+        expose_value=False,
+        callback=_store_preprocess,
+        help="Model input size (overrides the model's or the guess).",
+    ),
+    click.option(
+        "--crop-pct",
+        type=click.FloatRange(0, 1, min_open=True),
+        expose_value=False,
+        callback=_store_preprocess,
+        help="Resize the shorter side to int(size / crop_pct), then center-crop (timm's convention; 1: no margin).",
+    ),
+    click.option(
+        "--interpolation",
+        type=click.Choice(["bilinear", "bicubic"]),
+        expose_value=False,
+        callback=_store_preprocess,
+        help="Resize filter.",
+    ),
+    click.option(
+        "--mean",
+        metavar="0.485,0.456,0.406",
+        expose_value=False,
+        callback=_store_preprocess,
+        help="Per-channel mean of pixels in [0, 1]; values above 1 are on 0..255 (--mean 127 --std 128: (x-127)/128).",
+    ),
+    click.option(
+        "--std",
+        metavar="0.229,0.224,0.225",
+        expose_value=False,
+        callback=_store_preprocess,
+        help="Per-channel std, in the same units as --mean.",
+    ),
+)
+
+
+def _preprocess_overrides():
+    """The --input-size/--crop-pct/--interpolation/--mean/--std given to the running command."""
+    from edgeq.data import PreprocessOverrides
+
+    given = click.get_current_context().meta.get("edgeq_preprocess", {})
+    return PreprocessOverrides(**given)
+
+
+DATA_FOLDER_HELP = "a folder of images (ROOT/<class>/<image> labelled, class index = sorted folder order; or flat)"
 
 
 class _Commands(click.Group):
@@ -295,6 +373,7 @@ A killed run continues where it stopped when the same command is run again.
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Make the images again even if OUT already holds them.")
+@preprocess_options
 @classes_option
 @allow_pickle_option
 @_output_option("Output folder for image shards, preview.png and manifest.")
@@ -344,7 +423,7 @@ def synth(
         or (strategy == "noise" and size is None)
         or filtering.enabled
     )
-    loaded = load_model(model, allow_pickle=allow_pickle) if needs_model else None
+    loaded = load_model(model, allow_pickle=allow_pickle, preprocess=_preprocess_overrides()) if needs_model else None
     classes = read_classes(classes_file) if classes_file else loaded.classes
     generator, strategy = synth_stage.choose_source(loaded, generator, strategy)
     settings = synth_stage.SynthOptions(
@@ -464,9 +543,16 @@ Examples:
 @click.option(
     "--calib",
     required=True,
-    help="Calibration images: an 'edgeq synth' folder, fashion-mnist:A, or real "
-    "(1024 real images the zoo's Fashion-MNIST models know: split A).",
+    help="Calibration images: an 'edgeq synth' folder, fashion-mnist:A, real "
+    "(1024 real images the zoo's Fashion-MNIST models know: split A), or " + DATA_FOLDER_HELP + ".",
 )
+@click.option(
+    "--calib-per-class",
+    type=click.IntRange(min=1),
+    help="From a labelled image folder, N images per class drawn with --seed (balanced few-shot); "
+    "--num-images still caps the total.",
+)
+@preprocess_options
 @click.option(
     "--bits",
     callback=_bits,
@@ -552,6 +638,7 @@ def quantize(
     classes_file,
     allow_pickle,
     out,
+    calib_per_class,
 ):
     """Quantize MODEL (default: the zoo ResNet) at --bits, calibrated on --calib.
 
@@ -587,6 +674,8 @@ def quantize(
         classes_file=classes_file,
         reconstruction=config,
         device=device,
+        calib_per_class=calib_per_class,
+        preprocess=_preprocess_overrides(),
     )
     click.echo(f"wrote {bits} model ({method}) to {out}")
 
@@ -644,6 +733,18 @@ def export(quantized, out):
     type=click.Choice(["mixup", "single", "noise", "bn-inversion"]),
     help="Calibration images, as in 'edgeq synth' [default: mixup with a generator, else bn-inversion].",
 )
+@click.option(
+    "--calib",
+    help="Calibrate on these images instead of synthesizing: fashion-mnist:A, real, an 'edgeq synth' folder, or "
+    + DATA_FOLDER_HELP
+    + ".",
+)
+@click.option(
+    "--calib-per-class",
+    type=click.IntRange(min=1),
+    help="With --calib FOLDER: N images per class drawn with --seed; --num-images still caps the total.",
+)
+@preprocess_options
 @quantization_options
 @click.option(
     "--kernels",
@@ -667,6 +768,8 @@ def compile_command(
     run_dir,
     generator,
     strategy,
+    calib,
+    calib_per_class,
     num_images,
     method,
     iters,
@@ -715,6 +818,9 @@ def compile_command(
         allow_pickle=allow_pickle,
         classes_file=classes_file,
         force=force,
+        calib=calib,
+        calib_per_class=calib_per_class,
+        preprocess=_preprocess_overrides(),
     )
     summary = run(model, options)
     if as_json:
@@ -754,6 +860,7 @@ def compile_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Spec file to write (JSON; pass it to --bits).",
 )
+@preprocess_options
 @allow_pickle_option
 @friendly_errors
 def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickle):
@@ -767,8 +874,8 @@ def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickl
     from edgeq.data import resolve_dataset
     from edgeq.models import load_model
 
-    loaded = load_model(model, allow_pickle=allow_pickle)
-    images = resolve_dataset(calib, num_images)
+    loaded = load_model(model, allow_pickle=allow_pickle, preprocess=_preprocess_overrides())
+    images = resolve_dataset(calib, num_images, preprocess=loaded.preprocess, seed=seed)
     if len(images) == 0:
         _fail(f"no images in {calib}", "pass an 'edgeq synth' folder or fashion-mnist:A")
     layers = mixed_precision.sensitivities(loaded.module, loaded.preprocess(images.images), high, low, seed=seed)
@@ -834,6 +941,7 @@ def _target_list(ctx, param, value):
 )
 @quantization_options
 @evaluation_options
+@preprocess_options
 @_output_option("Output folder for report.json, summary.md and the plots.")
 @allow_pickle_option
 @friendly_errors
@@ -871,6 +979,7 @@ def sweep(
         eval_images=eval_images,
         latency_runs=latency_runs,
         allow_pickle=allow_pickle,
+        preprocess=_preprocess_overrides(),
     )
     report = sweep_stage.run(model, out, specs=bits_list, targets=target_list, options=options)
     click.echo((Path(out) / "summary.md").read_text())
@@ -922,7 +1031,10 @@ def _print_summary(summary: dict) -> None:
 @cli.command(epilog="\b\nExample:\n  edgeq verify compiled/ --data fashion-mnist:test -o verified/")
 @click.argument("compiled", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "--data", help="Evaluation data: fashion-mnist:test, or an 'edgeq synth' folder (default: the calibration images)."
+    "--data",
+    help="Evaluation data: fashion-mnist:test, an 'edgeq synth' folder, or "
+    + DATA_FOLDER_HELP
+    + " (default: the calibration images). Without labels, top-1 is null: see agreement_with_fp.",
 )
 @click.option("--num-images", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
@@ -1046,9 +1158,16 @@ def bundle(compiled, data, num_samples, make_tar, out):
     "--data",
     default="fmnist-test",
     show_default=True,
-    help="fmnist-test (Fashion-MNIST test set), fashion-mnist:A, photos, or an 'edgeq synth' folder.",
+    help="fmnist-test (Fashion-MNIST test set), fashion-mnist:A, photos, an 'edgeq synth' folder, or "
+    + DATA_FOLDER_HELP
+    + ".",
 )
-@click.option("--num-images", type=click.IntRange(min=1), help="Evaluate the first N images only.")
+@click.option(
+    "--num-images",
+    type=click.IntRange(min=1),
+    help="Evaluate the first N images only (of a class folder: taken class by class in turn, so balanced).",
+)
+@preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @allow_pickle_option
 @friendly_errors
@@ -1060,7 +1179,7 @@ def eval_command(model, data, num_images, as_json, allow_pickle):
     """
     from edgeq.evaluate import evaluate
 
-    result = evaluate(model, data, num_images=num_images, allow_pickle=allow_pickle)
+    result = evaluate(model, data, num_images=num_images, allow_pickle=allow_pickle, preprocess=_preprocess_overrides())
     if as_json:
         _echo_json(result)
         return

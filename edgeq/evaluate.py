@@ -41,8 +41,11 @@ def agreement(logits: np.ndarray, reference_logits: np.ndarray) -> dict:
     }
 
 
-def evaluate(model: str | None, data: str, *, num_images: int | None = None, allow_pickle: bool = False) -> dict:
-    """``{"top1", "top5"}`` on labelled data; for a quantize folder also agreement with its float model."""
+def evaluate(
+    model: str | None, data: str, *, num_images: int | None = None, allow_pickle: bool = False, preprocess=None
+) -> dict:
+    """``{"top1", "top5"}`` on labelled data (null without labels); for a quantize folder also agreement with its
+    float model. ``preprocess``: command-line overrides for a model (a quantize folder keeps its recorded one)."""
     is_quantized = (
         model is not None and (Path(model) / MANIFEST_NAME).is_file() and Manifest.load(model).stage == "quantize"
     )
@@ -51,15 +54,16 @@ def evaluate(model: str | None, data: str, *, num_images: int | None = None, all
 
         module, loaded, spec, _ = load_quantized(model)
     else:
-        loaded = load_model(model, allow_pickle=allow_pickle)
+        loaded = load_model(model, allow_pickle=allow_pickle, preprocess=preprocess)
         module, spec = loaded.module, None
-    images = resolve_dataset(data, num_images)
+    images = resolve_dataset(data, num_images, preprocess=loaded.preprocess, classes=loaded.classes)
     logits = predict(module, loaded.preprocess(images.images), desc="evaluating")
     result = {
         "model": loaded.source if not is_quantized else str(model),
         "bits": str(spec) if spec else "fp32",
         "data": data,
         "images": len(images),
+        "labels": images.label_kind,
     }
     targets = images.targets
     result["top1"] = topk_accuracy(logits, targets, 1) if targets is not None else None

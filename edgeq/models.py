@@ -448,6 +448,13 @@ def _preprocess_for_shape(shape) -> Preprocess:
     return Preprocess(int(c), int(h), int(w), (0.5,) * int(c), (0.5,) * int(c), guessed=True)
 
 
+def adopt_folder_classes(loaded: LoadedModel, images) -> None:
+    """Class names from an image folder's class folders when the model has none of its own (only numbers)."""
+    names = tuple(images.class_names or ())
+    if names and len(names) == len(loaded.classes) and loaded.classes == tuple(f"class {i}" for i in range(len(names))):
+        loaded.classes = names
+
+
 def _default_classes(module: nn.Module) -> tuple[str, ...]:
     num_classes = _num_classes(module)
     if num_classes == 1000:  # ImageNet-1k in practice; --classes overrides

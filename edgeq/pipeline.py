@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from . import emulation, zoo
+from .data import PreprocessOverrides
 from .manifest import reusable
 from .models import load_model
 from .reconstruction import ReconstructionConfig
@@ -55,6 +56,9 @@ class RunOptions:
     allow_pickle: bool = False
     classes_file: str | None = None
     force: bool = False
+    calib: str | None = None  # real calibration images (a folder, fashion-mnist:A, real) instead of synth
+    calib_per_class: int | None = None  # a balanced subset of an image folder, drawn with the seed
+    preprocess: PreprocessOverrides | None = None  # command-line overrides of the model's preprocessing
 
     def __post_init__(self):
         if not isinstance(self.spec, QuantSpec):
@@ -81,7 +85,9 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     options = options or RunOptions()
     spec, target = options.spec, options.target
     spec_name = spec_folder_name(spec)
-    loaded = load_model(model, allow_pickle=options.allow_pickle, classes_file=options.classes_file)
+    loaded = load_model(
+        model, allow_pickle=options.allow_pickle, classes_file=options.classes_file, preprocess=options.preprocess
+    )
     run_dir = Path(options.run_dir or Path("runs") / loaded.name)
     notes = [loaded.note] if loaded.note else []
     if model is None:
@@ -102,19 +108,25 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         stages[name] = "ran"
         return folder
 
-    generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
-    if generator is None:
-        notes.append(
-            f"calibration images by {strategy} "
-            "(no text-to-image generator for this model; pass --generator for mixup prompting)"
+    if options.calib is not None:
+        synth_dir = quantize_stage.resolve_calibration(options.calib, loaded)
+        notes.append(f"calibrated on {options.calib} (no synthesis)")
+    else:
+        generator, strategy = synth_stage.choose_source(loaded, options.generator, options.strategy)
+        if generator is None:
+            notes.append(
+                f"calibration images by {strategy} "
+                "(no text-to-image generator for this model; pass --generator for mixup prompting)"
+            )
+        synth_options = synth_stage.SynthOptions(strategy=strategy, num_images=options.num_images, seed=options.seed)
+        synth_dir = stage(
+            "synth",
+            run_dir / "synth",
+            synth_stage.plan(generator, loaded.classes, synth_options, model=loaded).fingerprint,
+            lambda: synth_stage.run(
+                generator, loaded.classes, run_dir / "synth", synth_options, model=loaded, force=True
+            ),
         )
-    synth_options = synth_stage.SynthOptions(strategy=strategy, num_images=options.num_images, seed=options.seed)
-    synth_dir = stage(
-        "synth",
-        run_dir / "synth",
-        synth_stage.plan(generator, loaded.classes, synth_options, model=loaded).fingerprint,
-        lambda: synth_stage.run(generator, loaded.classes, run_dir / "synth", synth_options, model=loaded, force=True),
-    )
 
     quant_dir = run_dir / f"quantize-{spec_name}-{options.method}"
     reconstruction = ReconstructionConfig(method=options.method, iters=options.iters)
@@ -123,6 +135,7 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         "seed": options.seed,
         "allow_pickle": options.allow_pickle,
         "reconstruction": reconstruction,
+        "calib_per_class": options.calib_per_class,
     }
     stage(
         "quantize",
@@ -146,7 +159,7 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
 
     eval_data = options.eval_data or loaded.eval_data or str(synth_dir)
     if eval_data == str(synth_dir):
-        notes.append("accuracy measured on the synthetic calibration images (no labelled data given; pass --data)")
+        notes.append("accuracy measured on the calibration images (no labelled data given; pass --data)")
     elif eval_data == "photos":
         notes.append("top-1 figures are agreement with the full-precision model on real photos (no labels)")
     if not target.is_native_arch:
@@ -191,7 +204,8 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         "artifact": str(Path(report["artifact"]).resolve()),
         "run_dir": str(run_dir.resolve()),
         "stage_dirs": {
-            "synth": str(synth_dir),
+            "synth": str(synth_dir) if options.calib is None else None,
+            "calibration": str(synth_dir),
             "quantize": str(quant_dir),
             "export": str(export_dir),
             "compile": str(compile_dir),

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import quant
+from .data import Preprocess
 from .errors import EdgeqError
 from .graph import eval_mode, execution_order, fold_batchnorm
 from .layers import MatMul
@@ -336,6 +337,8 @@ def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, Loaded
         raise EdgeqError(f"model {model_entry['path']} changed since {folder} was made", "re-run 'edgeq quantize'")
     meta = manifest.extra["model"]
     loaded.classes = tuple(meta["classes"])
+    if meta.get("preprocess"):  # what calibration used, command-line overrides included
+        loaded.preprocess = Preprocess.from_dict(meta["preprocess"])
     model, layers = prepare(loaded.module, spec, torch.zeros(loaded.preprocess.input_shape))
     recorded = set(manifest.extra["layers"])
     if not recorded <= set(layers):

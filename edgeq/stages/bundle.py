@@ -62,7 +62,11 @@ outputs), `manifest.json`.
     python runner.py module.so inputs.npy outputs.npy --latency-runs 100 --timings timings.json
 
 `inputs.npy` is float32 (N, {channels}, {height}, {width}), normalized as `preprocess.json`
-says: pixel / 255, minus `mean`, divided by `std`, per channel.
+says: pixel / 255, minus `mean`, divided by `std`, per channel. Or give images, which
+`runner.py` resizes, crops and normalizes as edgeq did on the host (decoding image files
+needs Pillow; a uint8 (N, H, W, C) .npy does not):
+
+    python runner.py module.so photo1.jpg photos/ outputs.npy --preprocess preprocess.json
 
 ## Verify from a workstation over RPC
 
@@ -82,7 +86,7 @@ def run(
     compiled, export_dir, quantized_dir = upstream(compiled_dir)
     _, loaded, spec, quant_manifest = load_quantized(quantized_dir)
     data = data or quant_manifest.input("calibration")["path"]
-    images = resolve_dataset(data, num_samples)
+    images = resolve_dataset(data, num_samples, preprocess=loaded.preprocess)
     if len(images) == 0:
         raise EdgeqError(f"no images in {data}", "pass --data with a non-empty folder or fashion-mnist:test")
     inputs = loaded.preprocess(images.images).astype(np.float32)
@@ -126,7 +130,13 @@ def run(
             "input_name": INPUT_NAME,
             "input_shape": list(loaded.preprocess.input_shape),
             **loaded.preprocess.to_dict(),
-            "scale": "pixel / 255, then (x - mean) / std per channel",
+            "scale": "(x - 255 mean) / (255 std) on 0..255 pixels, per channel"
+            if loaded.preprocess.scaling == "byte"
+            else "pixel / 255, then (x - mean) / std per channel",
+            "geometry": "shorter side resized to int(max(height, width) / crop_pct) (Pillow's filter named by "
+            "interpolation), then the center height x width cropped"
+            if loaded.preprocess.crop_pct is not None
+            else "resized to height x width (Pillow's filter named by interpolation)",
             "classes": list(loaded.classes),
         }
         (tmp / "preprocess.json").write_text(json.dumps(preprocess, indent=2) + "\n")

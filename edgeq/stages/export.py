@@ -366,7 +366,7 @@ def run(quantized_dir: str | Path, out: str | Path) -> Path:
     """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime."""
     manifest = plan(quantized_dir)
     model, loaded, spec, source = quantized.load(quantized_dir)
-    images = resolve_dataset(source.input("calibration")["path"]).subset(CHECK_IMAGES)
+    images = resolve_dataset(source.input("calibration")["path"], CHECK_IMAGES, preprocess=loaded.preprocess)
     inputs = loaded.preprocess(images.images)
     log.info(
         "exporting %s at %s to QDQ ONNX, checked against onnxruntime on %d images", loaded.source, spec, len(inputs)

@@ -12,10 +12,10 @@ import logging
 import time
 from pathlib import Path
 
-from ..data import resolve_dataset
+from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
 from ..manifest import Manifest, input_entry
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, adopt_folder_classes, load_model
 from ..quantized import QuantizedLayer, quantize_module, quantized_layer_names, quantized_matmuls, save
 from ..reconstruction import Method, ReconstructionConfig
 from ..spec import QuantSpec
@@ -32,10 +32,18 @@ def plan(
     seed: int,
     allow_pickle: bool,
     reconstruction: ReconstructionConfig | None = None,
+    calib_per_class: int | None = None,
 ) -> Manifest:
     """The manifest a run with these inputs and settings writes (its fingerprint decides reuse)."""
     reconstruction = reconstruction or ReconstructionConfig(method=Method.RTN)
-    params = {"num_images": num_images, "method": reconstruction.method.value, "allow_pickle": allow_pickle}
+    params = {
+        "num_images": num_images,
+        "method": reconstruction.method.value,
+        "allow_pickle": allow_pickle,
+        "preprocess": loaded.preprocess.to_dict(),
+    }
+    if calib_per_class is not None:
+        params["calib_per_class"] = calib_per_class
     if reconstruction.learns:
         params["reconstruction"] = reconstruction.to_json()
     return Manifest(
@@ -59,22 +67,42 @@ def run(
     classes_file=None,
     reconstruction: ReconstructionConfig | None = None,
     device: str = "cpu",
+    calib_per_class: int | None = None,
+    preprocess=None,
 ) -> Path:
-    """Quantize ``model`` calibrated on ``calib`` (a synth folder, fashion-mnist:A, or real) into folder ``out``.
+    """Quantize ``model`` calibrated on ``calib`` (a synth folder, fashion-mnist:A, real, or a folder of images)
+    into folder ``out``.
 
-    ``reconstruction`` None: round-to-nearest.
+    ``reconstruction`` None: round-to-nearest. ``calib_per_class``: a balanced subset of an image folder, drawn
+    with ``seed``, before ``num_images`` caps it. ``preprocess``: command-line overrides
+    (:class:`edgeq.data.PreprocessOverrides`) when ``model`` is not loaded yet.
     """
     spec = QuantSpec.load(bits) if isinstance(bits, str) else bits
     loaded = (
         model
         if isinstance(model, LoadedModel)
-        else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file)
+        else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file, preprocess=preprocess)
     )
     calib = resolve_calibration(calib, loaded)
-    manifest = plan(
-        loaded, calib, spec, num_images=num_images, seed=seed, allow_pickle=allow_pickle, reconstruction=reconstruction
+    images = resolve_dataset(
+        str(calib),
+        num_images,
+        preprocess=loaded.preprocess,
+        per_class=calib_per_class,
+        seed=seed,
+        classes=loaded.classes,
     )
-    images = resolve_dataset(str(calib)).subset(num_images)
+    adopt_folder_classes(loaded, images)
+    manifest = plan(
+        loaded,
+        calib,
+        spec,
+        num_images=num_images,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        reconstruction=reconstruction,
+        calib_per_class=calib_per_class,
+    )
     if len(images) == 0:
         raise EdgeqError(f"the calibration set {calib} is empty", "run 'edgeq synth' with --num-images > 0")
     inputs = loaded.preprocess(images.images)
@@ -125,7 +153,7 @@ def _calib_entry(calib) -> dict:
         from ..data import FASHION_MNIST_DIR
 
         return input_entry("calibration", calib, _dataset_digest(FASHION_MNIST_DIR, calib))
-    return input_entry("calibration", calib)
+    return input_entry("calibration", calib, dataset_digest(calib))
 
 
 def _dataset_digest(folder, name) -> str:

@@ -59,7 +59,7 @@ def run(
             dirs = summary["stage_dirs"]
             report = verify_stage.load_report(dirs["verify"])
             if dirs["quantize"] not in layer_errors:
-                images = resolve_dataset(report["data"], layer_error_images)
+                images = resolve_dataset(report["data"], layer_error_images, preprocess=loaded.preprocess)
                 layer_errors[dirs["quantize"]] = reports.layer_sqnr(dirs["quantize"], loaded.preprocess(images.images))
             entries.append(
                 {

@@ -283,6 +283,7 @@ def plan(generator: str | None, class_names, options: SynthOptions = SynthOption
             from ..bn_inversion import InversionSettings
 
             common["inversion"] = dataclasses.asdict(options.inversion or InversionSettings())
+            common["preprocess"] = model.preprocess.to_dict()  # the images invert the model's own input
         return Manifest(stage="synth", inputs=inputs, params=common, seed=options.seed)
     params = common | {
         "steps": options.steps,

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .. import devices
-from ..data import resolve_dataset
+from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
 from ..evaluate import agreement, predict
 from ..folders import MODEL_FILE, MODULE_FILE, upstream
@@ -102,9 +102,7 @@ def plan(compiled_dir: str | Path, *, data: str, num_images: int, latency_runs: 
 
 
 def _data_digest(data: str) -> str:
-    if data.startswith("fashion-mnist"):
-        return f"builtin:{data}"
-    return input_entry("data", data)["sha256"]
+    return dataset_digest(data)
 
 
 def run(
@@ -127,7 +125,7 @@ def run(
     quantized_model, loaded, spec, quant_manifest = load_quantized(quantized_dir)
     data = data or quant_manifest.input("calibration")["path"]
     manifest = plan(compiled_dir, data=data, num_images=num_images, latency_runs=latency_runs)
-    images = resolve_dataset(data, num_images)
+    images = resolve_dataset(data, num_images, preprocess=loaded.preprocess, classes=loaded.classes)
     if len(images) == 0:
         raise EdgeqError(f"no images in {data}", "pass --data with a non-empty folder or fashion-mnist:test")
     inputs = loaded.preprocess(images.images)
@@ -151,7 +149,7 @@ def run(
         "bits": str(spec),
         "data": data,
         "images": int(len(inputs)),
-        "labels": "hard" if images.labels is not None else "argmax of soft labels",
+        "labels": images.label_kind,  # "none": top-1 figures are null, agreement_with_fp is what there is
         "fp_top1": _top1(float_logits, targets),
         "quant_top1": _top1(quant_logits, targets),
         "onnxruntime_top1": _top1(ort_logits, targets),
