@@ -76,7 +76,9 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
 
     import torch
 
-    module = loaded.module.eval()
+    from .graph import eval_mode
+
+    module = eval_mode(loaded.module)
     layers = batchnorm_layers(module)
     if not layers:
         raise EdgeqError(

@@ -78,7 +78,9 @@ def energy_scores(loaded, images: np.ndarray, temperature: float = 1.0) -> np.nd
     """Free energy -T·logsumexp(logits/T) per image (lower: more in-distribution)."""
     import torch
 
-    module = loaded.module.eval()
+    from .graph import eval_mode
+
+    module = eval_mode(loaded.module)
     out = []
     with torch.no_grad():
         for x in _inputs(loaded, images):
@@ -92,8 +94,9 @@ def bn_sensitivity_scores(loaded, images: np.ndarray) -> np.ndarray:
     import torch
 
     from .bn_inversion import batchnorm_layers
+    from .graph import eval_mode
 
-    module = loaded.module.eval()
+    module = eval_mode(loaded.module)
     layers = batchnorm_layers(module)
     if not layers:
         raise EdgeqError(
@@ -178,7 +181,9 @@ def _penultimate_and_logits(loaded, images: np.ndarray):
     import torch
     from torch import nn
 
-    module = loaded.module.eval()
+    from .graph import eval_mode
+
+    module = eval_mode(loaded.module)
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise EdgeqError(

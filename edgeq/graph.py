@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 
 import torch
 from torch import fx, nn
@@ -91,7 +92,25 @@ def modules_from_exported(program: torch.export.ExportedProgram) -> fx.GraphModu
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()
+    _allow_eval(gm)
     return gm
+
+
+def _allow_eval(gm: fx.GraphModule) -> None:
+    """Let ``eval()`` work on an exported program's module, as on any model a user passes.
+
+    ``ExportedProgram.module()`` makes ``train()`` and ``eval()`` raise, because the graph's
+    ops were fixed when it was exported. Once its BatchNorms are modules again, evaluation
+    mode means what it means elsewhere; training mode still cannot be honoured, so it raises.
+    """
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise NotImplementedError("an exported program's module runs as exported: it has no training mode")
+        return eval_mode(self)
+
+    gm.train = types.MethodType(train, gm)
+    gm.__dict__.pop("eval", None)  # nn.Module.eval calls train(False)
 
 
 class _LayerTracer(fx.Tracer):

@@ -69,8 +69,9 @@ def sensitivities(
 ) -> list[LayerSensitivity]:
     """Per quantizable layer, in execution order (``inputs``: float model inputs, N x C x H x W)."""
     from .evaluate import predict
+    from .graph import eval_mode
 
-    module = module.eval()
+    module = eval_mode(module)
     with torch.no_grad():
         reference = predict(module, inputs)
     base_logits, layers = _quantized_logits(module, inputs, high, seed)
