@@ -44,3 +44,26 @@ def chatty_tiny():
     torch.manual_seed(0)
     print("Loaded pretrained weights for chatty_tiny")
     return TinyResNet(), FMNIST_META
+
+
+def tiny_cifar():
+    """A 3-channel, 10-class convolutional model without metadata (random weights): its preprocessing is guessed."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+
+
+def fixed_size_rgb():
+    """A 3-channel model that runs at 64x64 only (a flatten before its classifier), without metadata."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(4 * 32 * 32, 7))
