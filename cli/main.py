@@ -1189,7 +1189,7 @@ def eval_command(model, data, num_images, as_json, allow_pickle):
 
 @cli.group()
 def zoo():
-    """The offline model zoo: trained Fashion-MNIST teachers, a text-to-image generator, EfficientNet-Lite0."""
+    """The model zoo: Fashion-MNIST teachers, a text-to-image generator, EfficientNet-Lite0, CIFAR-10 ResNets."""
 
 
 @zoo.command(name="list")
