@@ -158,7 +158,7 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     )
 
     eval_data = options.eval_data or loaded.eval_data or str(synth_dir)
-    if eval_data == str(synth_dir):
+    if not options.eval_data and not loaded.eval_data:
         notes.append("accuracy measured on the calibration images (no labelled data given; pass --data)")
     elif eval_data == "photos":
         notes.append("top-1 figures are agreement with the full-precision model on real photos (no labels)")

@@ -241,3 +241,17 @@ def test_shared_cifar_folder_reads_a_few_images():
     listing = list_image_folder(CIFAR_TEST)
     first = Image.open(listing.files[0]).convert("RGB")
     assert np.array_equal(pre.fit(first), np.asarray(first))  # 32x32 at crop_pct 1: taken as it is
+
+
+def test_one_shot_calibrates_on_a_folder_and_evaluates_with_labels(monkeypatch, capsys, folders, tmp_path):
+    folder = str(folders / "labelled")
+    args = ["compile", "builtin:tiny-fmnist", "--calib", folder, "--calib-per-class", "1", "--data", folder]
+    args += ["--bits", "w4a4", "--method", "rtn", "--eval-images", "20", "--latency-runs", "1", "--json"]
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--run-dir", str(tmp_path / "run"))
+    summary = json.loads(out)
+    assert code == 0, err
+    assert "synth" not in summary["stages"] and summary["stage_dirs"]["calibration"] == folder
+    assert summary["eval_images"] == 20 and summary["fp_top1"] is not None  # labelled: a top-1, not null
+    assert not any("no labelled data" in note for note in summary["notes"])
+    quantize = json.loads((tmp_path / "run" / "quantize-w4a4-rtn" / "manifest.json").read_text())
+    assert quantize["extra"]["calibration_images"] == 10
