@@ -100,9 +100,13 @@ def load_model(
     *,
     allow_pickle: bool = False,
     classes_file: str | os.PathLike | None = None,
-    preprocess: PreprocessOverrides | None = None,
+    preprocess: PreprocessOverrides | Preprocess | None = None,
 ) -> LoadedModel:
-    """Load a model from any accepted source (see the module docstring)."""
+    """Load a model from any accepted source (see the module docstring).
+
+    ``preprocess``: the user's overrides, or a whole :class:`Preprocess` an earlier stage recorded (it replaces
+    the model's own, so a guess the user already corrected is not announced again).
+    """
     source = source or zoo.DEFAULT_MODEL
     if source.startswith("builtin:"):
         loaded = _load_builtin(source.partition(":")[2])
@@ -122,7 +126,9 @@ def load_model(
         )
     if classes_file is not None:
         loaded.classes = read_classes(classes_file)
-    if preprocess:
+    if isinstance(preprocess, Preprocess):
+        loaded.preprocess = preprocess
+    elif preprocess:
         loaded.preprocess = preprocess.apply(loaded.preprocess)
     if loaded.preprocess.guessed:
         _announce_guess(loaded)

@@ -332,13 +332,13 @@ def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, Loaded
     model_entry = manifest.input("model")
     if allow_pickle is None:
         allow_pickle = bool(manifest.params.get("allow_pickle"))
-    loaded = load_model(model_entry["path"], allow_pickle=allow_pickle)
+    meta = manifest.extra["model"]
+    # what calibration used, command-line overrides included
+    recorded = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
+    loaded = load_model(model_entry["path"], allow_pickle=allow_pickle, preprocess=recorded)
     if loaded.digest() != model_entry["sha256"]:
         raise EdgeqError(f"model {model_entry['path']} changed since {folder} was made", "re-run 'edgeq quantize'")
-    meta = manifest.extra["model"]
     loaded.classes = tuple(meta["classes"])
-    if meta.get("preprocess"):  # what calibration used, command-line overrides included
-        loaded.preprocess = Preprocess.from_dict(meta["preprocess"])
     model, layers = prepare(loaded.module, spec, torch.zeros(loaded.preprocess.input_shape))
     recorded = set(manifest.extra["layers"])
     if not recorded <= set(layers):

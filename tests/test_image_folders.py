@@ -160,6 +160,24 @@ def test_guessed_preprocessing_is_announced_once_and_recorded(caplog, tmp_path, 
     assert load_model("tests.factories:fixed_size_rgb").preprocess.height == 64
 
 
+def test_preprocessing_given_at_quantize_is_what_later_stages_use(caplog, tmp_path, folders):
+    """The user's sizes and normalization replace the guess for good: export, eval and verify reload the model
+    with what calibration used, and say nothing of a guess."""
+    import edgeq.models
+    from edgeq import quantized
+    from edgeq.stages import quantize
+
+    given = PreprocessOverrides(input_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    out = quantize.run(
+        load_model(CIFAR_MODEL, preprocess=given), str(folders / "labelled"), tmp_path / "q", bits="w8a8", num_images=10
+    )
+    edgeq.models._announced.clear()
+    with caplog.at_level(logging.WARNING, logger="edgeq.models"):
+        _, loaded, _, _ = quantized.load(out)
+    assert not [r for r in caplog.records if "guessed" in r.getMessage()]
+    assert loaded.preprocess.mean == (0.5,) * 3 and not loaded.preprocess.guessed and not loaded.note
+
+
 def test_timm_models_take_timm_data_config():
     import timm
     from timm.data import resolve_model_data_config

@@ -132,7 +132,9 @@ def run(
     targets = images.targets
 
     float_model = load_model(
-        quant_manifest.input("model")["path"], allow_pickle=bool(quant_manifest.params.get("allow_pickle"))
+        quant_manifest.input("model")["path"],
+        allow_pickle=bool(quant_manifest.params.get("allow_pickle")),
+        preprocess=loaded.preprocess,
     ).module
     float_logits = predict(float_model, inputs, desc="full precision")
     quant_logits = predict(quantized_model, inputs, desc="fake-quant")
