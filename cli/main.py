@@ -130,6 +130,11 @@ quantization_options = _stacked(
         show_default=True,
         help="Reconstruction iterations per block or layer.",
     ),
+    click.option(
+        "--time-budget",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Seconds for all of reconstruction; caps --iters per unit (a budget per bit width in a sweep).",
+    ),
 )
 evaluation_options = _stacked(
     click.option(
@@ -773,6 +778,7 @@ def compile_command(
     num_images,
     method,
     iters,
+    time_budget,
     kernels,
     eval_data,
     eval_images,
@@ -811,6 +817,7 @@ def compile_command(
         seed=seed,
         method=method,
         iters=iters,
+        time_budget=time_budget,
         kernels=kernels,
         eval_data=eval_data,
         eval_images=eval_images,
@@ -953,6 +960,7 @@ def sweep(
     num_images,
     method,
     iters,
+    time_budget,
     eval_data,
     eval_images,
     latency_runs,
@@ -975,6 +983,7 @@ def sweep(
         seed=seed,
         method=method,
         iters=iters,
+        time_budget=time_budget,
         eval_data=eval_data,
         eval_images=eval_images,
         latency_runs=latency_runs,

@@ -206,3 +206,26 @@ def test_json_stdout_holds_only_the_object(monkeypatch, capsys):
     # Without --json the printed line stays where the model put it.
     code, out, _ = run_cli(monkeypatch, capsys, *command)
     assert code == 0 and out.startswith("Loaded pretrained weights for chatty_tiny")
+
+
+def test_one_shot_and_sweep_pass_the_time_budget_to_reconstruction(monkeypatch, capsys, tmp_path):
+    import edgeq.pipeline
+    from edgeq.stages import sweep as sweep_stage
+
+    seen = {}
+
+    def capture(name):
+        def record(model, *args, options=None, **kwargs):
+            seen[name] = options if options is not None else args[-1]
+            raise SystemExit(0)
+
+        return record
+
+    monkeypatch.setattr(edgeq.pipeline, "run", capture("compile"))
+    monkeypatch.setattr(sweep_stage, "run", capture("sweep"))
+    run_cli(monkeypatch, capsys, "compile", "--time-budget", "90", "--iters", "500")
+    run_cli(monkeypatch, capsys, "sweep", "--time-budget", "45", "-o", str(tmp_path / "s"))
+    assert (seen["compile"].time_budget, seen["compile"].iters) == (90.0, 500)
+    assert seen["sweep"].time_budget == 45.0
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--time-budget", "0")
+    assert code != 0 and "--time-budget" in err

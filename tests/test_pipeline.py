@@ -236,6 +236,10 @@ def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
         "compile": "ran",
         "verify": "ran",
     }
+    budgeted = run(TINY, dataclasses.replace(options, time_budget=30.0))
+    assert budgeted["stages"]["synth"] == "reused" and budgeted["stages"]["quantize"] == "ran"
+    quant_dir = Path(budgeted["stage_dirs"]["quantize"])
+    assert Manifest.load(quant_dir, "quantize").params["reconstruction"]["time_budget"] == 30.0
 
 
 def test_interrupted_stage_leaves_nothing(tmp_path):
