@@ -3,6 +3,7 @@
     python benchmarks/real.py [--quick] [--out docs] [--models cifar10-resnet20,cifar10-resnet56,efficientnet-lite0]
         [--bits w4a4,w3a3,w2a4] [--sources real,bn-inversion,noise] [--num-images N] [--eval-images N]
         [--method qdrop] [--iters 200] [--lr-rounding 1e-2] [--time-budget S] [--inversion-iters 200]
+        [--inversion-labels W] [--inversion-jitter PIXELS]
         [--workers N] [--fp-only] [--report-only]
 
 Models and data come from the assets folder (``$EDGEQ_ASSETS``, default ``../shared`` beside the
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -180,23 +182,22 @@ def _scores(module, inputs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray,
     return top5[:, 0] == labels, (top5 == labels[:, None]).any(1)
 
 
-def synthetic_folder(source: str, name: str, count: int, seed: int, work: Path, inversion_iters: int) -> Path:
+def synthetic_folder(source: str, name: str, count: int, seed: int, work: Path, inversion: InversionSettings) -> Path:
     if source == "noise":
         return work / f"noise-{name}-n{count}-s{seed}"
-    return work / f"bn-inversion-{name}-i{inversion_iters}-n{count}-s{seed}"
+    how = f"i{inversion.iterations}-l{inversion.label_weight:g}-j{inversion.jitter}"
+    return work / f"bn-inversion-{name}-{how}-n{count}-s{seed}"
 
 
-def make_synthetic(source: str, name: str, count: int, seed: int, work: Path, inversion_iters: int) -> float:
+def make_synthetic(source: str, name: str, count: int, seed: int, work: Path, inversion: InversionSettings) -> float:
     """Make (or find) a data-free calibration set; the seconds it took are kept beside it."""
     loaded = _loaded(name)
-    folder = synthetic_folder(source, name, count, seed, work, inversion_iters)
+    folder = synthetic_folder(source, name, count, seed, work, inversion)
     timing = folder.with_name(folder.name + ".seconds")
     began = time.perf_counter()
     options = synth.SynthOptions(strategy=source, num_images=count, seed=seed, size=loaded.preprocess.height)
     if source == "bn-inversion":
-        options = synth.SynthOptions(
-            strategy=source, num_images=count, seed=seed, inversion=InversionSettings(iterations=inversion_iters)
-        )
+        options = synth.SynthOptions(strategy=source, num_images=count, seed=seed, inversion=inversion)
     synth.run(None, loaded.classes, folder, options, model=loaded)
     if not timing.exists():
         timing.write_text(f"{time.perf_counter() - began:.1f}\n")
@@ -247,11 +248,17 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
         calibration = f"{len(chosen)} real images of {MODELS[name].calibration}, balanced over the classes"
         used = len(chosen)
     else:
-        synthesis_seconds = make_synthetic(source, name, count, seed, work, settings["inversion_iters"])
-        made = load_synth_images(synthetic_folder(source, name, count, seed, work, settings["inversion_iters"]))
+        inversion = InversionSettings(**settings["inversion"])
+        synthesis_seconds = make_synthetic(source, name, count, seed, work, inversion)
+        made = load_synth_images(synthetic_folder(source, name, count, seed, work, inversion))
         quantize_and_score(loaded.preprocess(made.images), slice(None))
         calibration = f"{len(made)} {source} images" + (
-            f" ({settings['inversion_iters']} steps)" if source == "bn-inversion" else ""
+            f" ({inversion.iterations} steps"
+            + (f", soft-label weight {inversion.label_weight:g}" if inversion.label_weight else "")
+            + (f", jitter {inversion.jitter} px" if inversion.jitter else "")
+            + ")"
+            if source == "bn-inversion"
+            else ""
         )
         used = len(made)
     return {
@@ -274,7 +281,7 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
         "threads": torch.get_num_threads(),
         "cpu": cpu_description(),
         "seed": seed,
-        "inversion_iters": settings["inversion_iters"] if source == "bn-inversion" else None,
+        "inversion": settings["inversion"] if source == "bn-inversion" else None,
     }
 
 
@@ -330,7 +337,7 @@ def _same_settings(entry: dict, settings: dict) -> bool:
             or (entry.get("iters"), entry.get("lr_rounding")) == (settings["iters"], settings["lr_rounding"])
         )
         and entry.get("time_budget") == settings["time_budget"]
-        and entry.get("inversion_iters") == (settings["inversion_iters"] if entry["source"] == "bn-inversion" else None)
+        and entry.get("inversion") == (settings["inversion"] if entry["source"] == "bn-inversion" else None)
         and _requested_images(entry, settings)
     )
 
@@ -349,7 +356,11 @@ def measure(args, out: Path) -> dict:
         "iters": args.iters,
         "lr_rounding": args.lr_rounding,
         "time_budget": args.time_budget,
-        "inversion_iters": args.inversion_iters,
+        "inversion": dataclasses.asdict(
+            InversionSettings(
+                iterations=args.inversion_iters, label_weight=args.inversion_labels, jitter=args.inversion_jitter
+            )
+        ),
         "seed": args.seed,
         "eval_images": args.eval_images,
         "num_images": {name: args.num_images or MODELS[name].calib_images for name in MODELS},
@@ -405,7 +416,15 @@ def measure(args, out: Path) -> dict:
     try:
         sets = {(s, n) for n, _, s in pending if s in DATA_FREE}
         made = [
-            executor.submit(make_synthetic, s, n, settings["num_images"][n], args.seed, work, args.inversion_iters)
+            executor.submit(
+                make_synthetic,
+                s,
+                n,
+                settings["num_images"][n],
+                args.seed,
+                work,
+                InversionSettings(**settings["inversion"]),
+            )
             for s, n in sorted(sets)
         ]
         for future in concurrent.futures.as_completed(made):
@@ -654,6 +673,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--time-budget", type=float, help="seconds of reconstruction per cell (caps the iterations)")
     parser.add_argument("--inversion-iters", type=int, default=200, help="Adam steps per bn-inversion batch")
+    parser.add_argument(
+        "--inversion-labels", type=float, default=0.0, help="bn-inversion's soft-label weight (0: statistics only)"
+    )
+    parser.add_argument("--inversion-jitter", type=int, default=0, help="bn-inversion's random shift in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp-only", action="store_true", help="measure full precision only (the page lists the rest)")
     parser.add_argument(

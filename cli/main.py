@@ -314,6 +314,21 @@ A killed run continues where it stopped when the same command is run again.
     help="bn-inversion: Adam steps per batch.",
 )
 @click.option(
+    "--inversion-labels",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="bn-inversion: weight of a soft label per image (two classes mixed, as mixup prompts do) beside the "
+    "BatchNorm statistics; 0 matches the statistics only.",
+)
+@click.option(
+    "--inversion-jitter",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="bn-inversion: random shift (and flip) of up to this many pixels at each step.",
+)
+@click.option(
     "--fusion",
     type=click.Choice(["text", "embedding"]),
     default="text",
@@ -388,6 +403,8 @@ def synth(
     generator,
     strategy,
     inversion_iters,
+    inversion_labels,
+    inversion_jitter,
     fusion,
     mix_k,
     mix_alpha,
@@ -441,7 +458,7 @@ def synth(
         batch_size=batch_size,
         device=device,
         prompts=options,
-        inversion=InversionSettings(iterations=inversion_iters),
+        inversion=InversionSettings(iterations=inversion_iters, label_weight=inversion_labels, jitter=inversion_jitter),
         negative_prompt=negative_prompt,
         dtype=dtype,
         filtering=filtering,

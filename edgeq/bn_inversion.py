@@ -4,7 +4,16 @@ A model trained with BatchNorm remembers, in each BatchNorm layer's running mean
 variance, the statistics its training data produced there. Starting from noise, the
 input pixels are optimized so that every BatchNorm layer sees a batch whose per-channel
 mean and standard deviation match the running ones. The images need no generator and no
-data; they carry no class label.
+data.
+
+Statistics alone give images that every class finds equally plausible, so the layers
+near the output are calibrated on ranges no real image produces. With ``label_weight``
+above zero each image also pulls the model's output toward a target drawn with its seed
+(DeepInversion, Yin et al. 2020): a soft label mixing two classes (weights drawn from
+Beta(1, 1)), as mixup-class prompting does for generated images, so the images carry
+softened decision boundaries, not the cleanest example of one class. ``jitter`` shifts
+the batch by a random offset of up to that many pixels (and flips it) at each step, so
+the pixels cannot overfit the statistics through one alignment of the receptive fields.
 
 Pixels are optimized in [0, 1] (projected after each step), so rounding to uint8 for the
 synth folder changes them by at most half a grey level.
@@ -25,11 +34,23 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class InversionSettings:
-    """How hard to optimize: Adam steps per batch, learning rate (in pixel units), batch size."""
+    """How hard to optimize: Adam steps per batch, learning rate (in pixel units, decayed by a cosine), batch size;
+    the weight of the soft-label term (0: statistics only) and the random shift in pixels at each step."""
 
     iterations: int = 200
     lr: float = 0.05
     batch_size: int = 32
+    label_weight: float = 0.0
+    jitter: int = 0
+
+    def __post_init__(self):
+        if self.iterations < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise EdgeqError(
+                "bn-inversion needs positive iterations, batch size and learning rate",
+                "pass e.g. --inversion-iters 200",
+            )
+        if self.label_weight < 0 or self.jitter < 0:
+            raise EdgeqError("bn-inversion's label weight and jitter cannot be negative", "pass 0 to switch them off")
 
 
 def batchnorm_layers(module) -> list:
@@ -42,8 +63,11 @@ def batchnorm_layers(module) -> list:
     ]
 
 
-def statistics_loss(module, x, layers):
-    """Sum over BatchNorm layers of the mean squared gap in per-channel mean and std, batch vs running."""
+def statistics_loss(module, x, layers, *, outputs: list | None = None):
+    """Sum over BatchNorm layers of the mean squared gap in per-channel mean and std, batch vs running.
+
+    ``outputs``, when given, receives the model's output of the same forward pass.
+    """
     import torch
 
     losses = []
@@ -59,11 +83,39 @@ def statistics_loss(module, x, layers):
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        module(x)
+        out = module(x)
     finally:
         for handle in handles:
             handle.remove()
+    if outputs is not None:
+        outputs.append(out)
     return torch.stack(losses).sum()
+
+
+def soft_targets(count: int, classes: int, generator):
+    """Per image, a probability vector over ``classes`` mixing two distinct classes with a Beta(1, 1) weight."""
+    import torch
+
+    first = torch.randint(classes, (count,), generator=generator)
+    second = (first + torch.randint(1, max(classes, 2), (count,), generator=generator)) % classes
+    weight = torch.rand(count, generator=generator)
+    targets = torch.zeros(count, classes)
+    rows = torch.arange(count)
+    targets[rows, first] += weight
+    targets[rows, second] += 1 - weight
+    return targets
+
+
+def _shifted(x, generator, jitter: int):
+    """``x`` rolled by a random offset of up to ``jitter`` pixels each way and flipped half the time (one draw for
+    the batch, as in DeepInversion)."""
+    import torch
+
+    dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=generator))
+    x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    if bool(torch.rand((), generator=generator) < 0.5):
+        x = torch.flip(x, dims=(3,))
+    return x
 
 
 def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSettings(), progress=None) -> np.ndarray:
@@ -108,13 +160,27 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                     .requires_grad_(True)
                 )
                 optimizer = torch.optim.Adam([pixels], lr=settings.lr)
+                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.iterations)
+                label_draws = torch.Generator().manual_seed(seeds[start] + 1)
+                shift_draws = torch.Generator().manual_seed(seeds[start] + 2)
+                targets = None
                 desc = f"bn-inversion batch {number}/{len(batches)}"
                 steps = tqdm(range(settings.iterations), desc=desc, unit="step", leave=False)
                 for step in steps:
-                    loss = statistics_loss(module, (pixels - mean) / std, layers)
+                    x = (pixels - mean) / std
+                    if settings.jitter:
+                        x = _shifted(x, shift_draws, settings.jitter)
+                    outputs: list = []
+                    loss = statistics_loss(module, x, layers, outputs=outputs)
+                    if settings.label_weight:
+                        log_probs = torch.log_softmax(outputs[0].reshape(count, -1), dim=1)
+                        if targets is None:
+                            targets = soft_targets(count, log_probs.shape[1], label_draws)
+                        loss = loss - settings.label_weight * (targets * log_probs).sum(1).mean()
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
+                    schedule.step()
                     with torch.no_grad():
                         pixels.clamp_(0, 1)
                     if step % 20 == 0:

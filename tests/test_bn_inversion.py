@@ -133,3 +133,45 @@ def test_bn_inversion_on_an_exported_program(tmp_path, monkeypatch):
     noise = synth.noise_images([synth.PromptPlan("", (), (), s) for s in range(8)], 16)
     assert images.shape == (8, 16, 16, 3)
     assert _loss(model, images) < 0.1 * _loss(model, noise)  # measured: about 0.0005 against 0.2
+
+
+def test_soft_targets_mix_two_distinct_classes():
+    from edgeq.bn_inversion import soft_targets
+
+    targets = soft_targets(500, 10, torch.Generator().manual_seed(0))
+    assert torch.allclose(targets.sum(1), torch.ones(500))
+    assert ((targets > 0).sum(1) <= 2).all() and (targets.max(1).values >= 0.5).all()
+    assert len(set(targets.argmax(1).tolist())) == 10  # every class is a target somewhere
+
+
+def test_soft_labels_pull_images_toward_their_targets(builtin_model):
+    """With the label term the model calls an image one of its two target classes; without, by chance only."""
+    from edgeq.bn_inversion import soft_targets
+
+    seeds = list(range(16))
+    targets = soft_targets(16, 10, torch.Generator().manual_seed(seeds[0] + 1))
+    hits = []
+    for weight in (0.0, 1.0):
+        settings = InversionSettings(iterations=60, batch_size=16, label_weight=weight, jitter=1)
+        images = invert(builtin_model, seeds, settings)
+        with torch.no_grad():
+            predicted = builtin_model.module.eval()(torch.from_numpy(builtin_model.preprocess(images))).argmax(1)
+        hits.append(float((targets[torch.arange(16), predicted] > 0).float().mean()))
+    assert hits[1] >= 0.9 and hits[1] > hits[0]  # two classes of ten: about 0.2 by chance
+
+
+def test_inversion_settings_are_checked_and_the_cli_defaults_match():
+    import click
+    from edgeq.cli.main import synth as synth_command
+
+    with pytest.raises(EdgeqError, match="cannot be negative"):
+        InversionSettings(jitter=-1)
+    with pytest.raises(EdgeqError, match="positive"):
+        InversionSettings(iterations=0)
+    defaults = {p.name: p.default for p in synth_command.params if isinstance(p, click.Option)}
+    settings = InversionSettings()
+    assert (defaults["inversion_iters"], defaults["inversion_labels"], defaults["inversion_jitter"]) == (
+        settings.iterations,
+        settings.label_weight,
+        settings.jitter,
+    )
