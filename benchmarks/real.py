@@ -308,18 +308,29 @@ def _init_worker(threads: int) -> None:
 
 
 class _InProcess:
-    """The executor's interface, run at submission: one worker needs no processes."""
+    """The executor's interface for one worker: a call runs when its result is asked for, so each cell is saved
+    as soon as it is measured, as with a pool."""
 
     def submit(self, function, *args):
-        future = concurrent.futures.Future()
-        try:
-            future.set_result(function(*args))
-        except BaseException as error:  # noqa: BLE001 - handed to the caller through the future, as a pool would
-            future.set_exception(error)
-        return future
+        return _Deferred(function, args)
 
     def shutdown(self, **_):
         pass
+
+
+class _Deferred:
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+
+    def result(self):
+        return self.function(*self.args)
+
+
+def _completed(executor, futures):
+    """Futures as they finish (a pool), or in order, each run when reached (in process)."""
+    if isinstance(executor, _InProcess):
+        return iter(futures)
+    return concurrent.futures.as_completed(futures)
 
 
 def cell_key(name: str, bits: str, source: str) -> str:
@@ -427,10 +438,10 @@ def measure(args, out: Path) -> dict:
             )
             for s, n in sorted(sets)
         ]
-        for future in concurrent.futures.as_completed(made):
+        for future in _completed(executor, made):
             future.result()
         futures = {executor.submit(measure_cell, *cell, settings, work): cell for cell in pending}
-        for future in concurrent.futures.as_completed(futures):
+        for future in _completed(executor, futures):
             entry = future.result()
             entry["requested_images"] = settings["num_images"][entry["model"]]
             key = cell_key(*futures[future])

@@ -191,3 +191,26 @@ def test_quick_mode_on_resnet20_and_resume(tmp_path):
     assert "Full precision: missing (not measured yet)" in page and "| W2A4 | real | missing |" in page
     assert "**Incomplete:** 26 planned cell(s) are missing" in page and "--report-only" not in page
     assert json.loads((out / "results-real.json").read_text())["entries"] == results["entries"]
+
+
+@pytest.mark.skipif(
+    any(assets.find(path) is None for path in NEEDED),
+    reason="the CIFAR-10 ResNet-20 weights and CIFAR-10 folders are not in the assets folder",
+)
+def test_an_interrupted_run_keeps_every_cell_measured_before(tmp_path, monkeypatch):
+    real = _real()
+    measured = real.measure_cell
+    calls = []
+
+    def stop_at_the_second(*args):
+        calls.append(args[:3])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measured(*args)
+
+    monkeypatch.setattr(real, "measure_cell", stop_at_the_second)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        real.main(["--quick", "--sources", "noise,real", "--out", str(out), "--work", str(tmp_path / "work")])
+    entries = json.loads((out / "results-real.json").read_text())["entries"]
+    assert set(entries) == {"cifar10-resnet20/fp", "cifar10-resnet20/w4a4/noise"}  # measured before the stop
