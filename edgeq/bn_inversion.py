@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class InversionSettings:
-    """How hard to optimize: Adam steps per batch, learning rate (in pixel units, decayed by a cosine), batch size;
+    """How hard to optimize: Adam steps per batch, learning rate (in pixel units), batch size;
     the weight of the soft-label term (0: statistics only) and the random shift in pixels at each step."""
 
     iterations: int = 200
@@ -160,7 +160,6 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                     .requires_grad_(True)
                 )
                 optimizer = torch.optim.Adam([pixels], lr=settings.lr)
-                schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.iterations)
                 label_draws = torch.Generator().manual_seed(seeds[start] + 1)
                 shift_draws = torch.Generator().manual_seed(seeds[start] + 2)
                 targets = None
@@ -180,7 +179,6 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
-                    schedule.step()
                     with torch.no_grad():
                         pixels.clamp_(0, 1)
                     if step % 20 == 0:
