@@ -96,8 +96,17 @@ DEFAULT_TIME_BUDGET = {"efficientnet-lite0": 1200.0}
 DEFAULT_INVERSION_ITERS = {"efficientnet-lite0": 50}
 
 
+DEFAULT_WINDOW: dict[str, int] = {}
+
+
 def time_budget(name: str, given: float | None) -> float | None:
     return given if given is not None else DEFAULT_TIME_BUDGET.get(name)
+
+
+def window(name: str, given: int | None) -> int | None:
+    """Reconstruction windows in pixels (0 given: whole inputs)."""
+    chosen = given if given is not None else DEFAULT_WINDOW.get(name)
+    return chosen or None
 
 
 # -- arithmetic the page is computed from ------------------------------------------------------------------------
@@ -225,6 +234,7 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
             iters=settings["iters"],
             lr_rounding=settings["lr_rounding"],
             time_budget=time_budget(name, settings["time_budget"]),
+            window=window(name, settings["window"]),
         )
     )
     spec = QuantSpec.load(bits)
@@ -277,6 +287,7 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
         "iters": None if config is None else settings["iters"],
         "lr_rounding": None if config is None else settings["lr_rounding"],
         "time_budget": time_budget(name, settings["time_budget"]),
+        "window": None if config is None else window(name, settings["window"]),
         "calibration_images": used,
         "calibration": calibration,
         "eval_images": len(labels),
@@ -356,6 +367,7 @@ def _same_settings(entry: dict, settings: dict) -> bool:
             or (entry.get("iters"), entry.get("lr_rounding")) == (settings["iters"], settings["lr_rounding"])
         )
         and entry.get("time_budget") == time_budget(entry["model"], settings["time_budget"])
+        and entry.get("window") == (window(entry["model"], settings["window"]) if learned else None)
         and entry.get("inversion")
         == (settings["inversion"][entry["model"]] if entry["source"] == "bn-inversion" else None)
         and _requested_images(entry, settings)
@@ -376,6 +388,7 @@ def measure(args, out: Path) -> dict:
         "iters": args.iters,
         "lr_rounding": args.lr_rounding,
         "time_budget": args.time_budget,
+        "window": args.window,
         "inversion": {
             name: dataclasses.asdict(
                 InversionSettings(
@@ -640,6 +653,7 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
                     continue
                 lost = f"{drop(fp['top1'], entry['top1']):.2f}" if fp else "no fp"
                 budget = f", budget {entry['time_budget']:g} s" if entry.get("time_budget") else ""
+                budget += f", {entry['window']}-px windows" if entry.get("window") else ""
                 lines.append(
                     f"| {bits.upper()} | {source} | {entry['top1']:.2%} | {lost} | {entry['top5']:.2%} "
                     f"| {entry['method']} | {entry['calibration']} | {entry['iters'] or '-'}{budget} "
@@ -701,6 +715,12 @@ def main(argv=None) -> int:
         type=float,
         help="seconds of reconstruction per cell (caps the iterations) [default: 1200 for EfficientNet-Lite0, none "
         "for the CIFAR ResNets]",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        help="reconstruct high-resolution blocks on random windows of this many pixels (0: whole inputs) "
+        "[default: whole inputs]",
     )
     parser.add_argument(
         "--inversion-iters",

@@ -135,6 +135,14 @@ quantization_options = _stacked(
         type=click.FloatRange(min=0, min_open=True),
         help="Seconds for all of reconstruction; caps --iters per unit (a budget per bit width in a sweep).",
     ),
+    click.option(
+        "--window",
+        type=click.IntRange(min=8),
+        metavar="PIXELS",
+        help="Reconstruct convolutional blocks whose inputs are larger than PIXELS on random PIXELS×PIXELS windows "
+        "of them (each block checked to commute with translation): several times the iterations in the same time "
+        "at ImageNet resolutions. [default: whole inputs]",
+    ),
 )
 evaluation_options = _stacked(
     click.option(
@@ -607,6 +615,14 @@ Examples:
     help="Seconds for all of reconstruction; caps --iters per unit.",
 )
 @click.option(
+    "--window",
+    type=click.IntRange(min=8),
+    metavar="PIXELS",
+    help="Reconstruct convolutional blocks whose inputs are larger than PIXELS on random PIXELS×PIXELS windows "
+    "of them (each block checked to commute with translation): several times the iterations in the same time "
+    "at ImageNet resolutions. [default: whole inputs]",
+)
+@click.option(
     "--loss",
     type=click.Choice(["mse", "fisher"]),
     default="mse",
@@ -650,6 +666,7 @@ def quantize(
     method,
     iters,
     time_budget,
+    window,
     loss,
     drop_prob,
     round_weight,
@@ -680,6 +697,7 @@ def quantize(
         method=method,
         iters=iters,
         time_budget=time_budget,
+        window=window,
         loss=loss,
         drop_prob=drop_prob,
         round_weight=round_weight,
@@ -796,6 +814,7 @@ def compile_command(
     method,
     iters,
     time_budget,
+    window,
     kernels,
     eval_data,
     eval_images,
@@ -835,6 +854,7 @@ def compile_command(
         method=method,
         iters=iters,
         time_budget=time_budget,
+        window=window,
         kernels=kernels,
         eval_data=eval_data,
         eval_images=eval_images,
@@ -978,6 +998,7 @@ def sweep(
     method,
     iters,
     time_budget,
+    window,
     eval_data,
     eval_images,
     latency_runs,
@@ -1001,6 +1022,7 @@ def sweep(
         method=method,
         iters=iters,
         time_budget=time_budget,
+        window=window,
         eval_data=eval_data,
         eval_images=eval_images,
         latency_runs=latency_runs,

@@ -47,6 +47,7 @@ class RunOptions:
     method: str = "qdrop"  # how weights round (edgeq.reconstruction.Method)
     iters: int = 2000  # reconstruction iterations per block or layer
     time_budget: float | None = None  # seconds for all of reconstruction (caps iters per unit)
+    window: int | None = None  # reconstruct large convolutional inputs on windows of this many pixels
     # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
     kernels: str = "auto"
     num_images: int = 256
@@ -130,7 +131,9 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         )
 
     quant_dir = run_dir / f"quantize-{spec_name}-{options.method}"
-    reconstruction = ReconstructionConfig(method=options.method, iters=options.iters, time_budget=options.time_budget)
+    reconstruction = ReconstructionConfig(
+        method=options.method, iters=options.iters, time_budget=options.time_budget, window=options.window
+    )
     quant_params = {
         "num_images": options.num_images,
         "seed": options.seed,

@@ -236,10 +236,11 @@ def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
         "compile": "ran",
         "verify": "ran",
     }
-    budgeted = run(TINY, dataclasses.replace(options, time_budget=30.0))
+    budgeted = run(TINY, dataclasses.replace(options, time_budget=30.0, window=16))
     assert budgeted["stages"]["synth"] == "reused" and budgeted["stages"]["quantize"] == "ran"
     quant_dir = Path(budgeted["stage_dirs"]["quantize"])
-    assert Manifest.load(quant_dir, "quantize").params["reconstruction"]["time_budget"] == 30.0
+    recorded = Manifest.load(quant_dir, "quantize").params["reconstruction"]
+    assert (recorded["time_budget"], recorded["window"]) == (30.0, 16)
 
 
 def test_interrupted_stage_leaves_nothing(tmp_path):

@@ -295,3 +295,66 @@ def test_asymmetric_weights_learn_export_and_compile(tmp_path):
     assert Manifest.load(compiled, "compile").extra["build"]["path"] == "generic"
     assert report["agreement_with_reference"] is None and "generic" in report["reference_note"]
     assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
+
+
+class _Pooled(nn.Module):
+    """A convolution scaled by its global mean: not translation-equivariant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * y.mean((2, 3), keepdim=True)
+
+
+def test_windows_are_planned_only_for_units_that_commute_with_translation():
+    from edgeq.reconstruction.crops import WindowPlan, plan_windows
+
+    torch.manual_seed(0)
+    images = torch.randn(3, 4, 40, 40)
+
+    def run_float(call):
+        with torch.no_grad():
+            return call()
+
+    strided = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    plan = plan_windows(strided, images, 17, run_float)
+    assert plan == WindowPlan(size=16, stride=2)  # rounded down to the stride
+    assert plan_windows(_Pooled(), images, 16, run_float) is None
+    assert plan_windows(strided, images, 40, run_float) is None  # no smaller than the input: whole inputs
+    assert plan_windows(nn.Flatten(), images, 16, run_float) is None
+
+    offsets = plan.offsets(3, 40, 40, torch.Generator().manual_seed(0))
+    assert (offsets % 2 == 0).all() and (offsets >= 0).all() and (offsets <= 24).all()
+    windows = plan.crop(images, offsets)
+    for image, window, (r, c) in zip(images, windows, offsets.tolist()):
+        assert torch.equal(window, image[:, r : r + 16, c : c + 16])
+    out = plan.crop(strided(images), offsets, scale=2)
+    assert out.shape == (3, 8, 8, 8)
+
+
+def test_reconstruction_on_windows_learns_and_is_deterministic():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)
+    )
+    inputs = torch.randn(32, 3, 24, 24, generator=torch.Generator().manual_seed(1)).numpy()
+    x = torch.from_numpy(inputs)
+    with torch.no_grad():
+        reference = model(x)
+    config = ReconstructionConfig(method="adaround", iters=300, batch_size=8, window=12)
+    report: list = []
+    learned = quantized.quantize_module(model, inputs, "w2a8", reconstruction=config, report=report)
+    again = quantized.quantize_module(model, inputs, "w2a8", reconstruction=config)
+    rtn = quantized.quantize_module(model, inputs, "w2a8")
+    assert [r["window"] for r in report] == [12, 12, 12]
+    assert all(r["mse_after"] < r["mse_before"] for r in report)  # measured on whole inputs
+    with torch.no_grad():
+        error_learned = (learned(x) - reference).pow(2).mean().item()
+        error_rtn = (rtn(x) - reference).pow(2).mean().item()
+        assert torch.equal(learned(x), again(x))
+    assert error_learned < 0.8 * error_rtn
+    with pytest.raises(EdgeqError, match="--window"):
+        ReconstructionConfig(window=4)

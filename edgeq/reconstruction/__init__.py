@@ -31,6 +31,7 @@ from ..errors import EdgeqError, one_of
 from ..graph import execution_order
 from .blocks import Unit, find_units, register_block  # noqa: F401 - register_block is public API
 from .cache import fisher_weights, unit_io
+from .crops import plan_windows
 from .layer import LayerLearning, MatMulLearning
 from .rounding import beta_schedule
 
@@ -61,7 +62,9 @@ class ReconstructionConfig:
     MobileNet-style networks (``round_weight=None`` picks by whether the model has
     depthwise convolutions), Adam at 1e-3 for the rounding and 4e-5 for activation steps.
     ``time_budget`` (seconds for the whole model) caps the iterations of each unit to its
-    share of what is left.
+    share of what is left. ``window`` (pixels) reconstructs convolutional units whose
+    inputs are larger on random ``window``×``window`` crops (:mod:`.crops`): many more
+    iterations in the same time at high resolution.
     """
 
     method: Method = Method.QDROP
@@ -76,6 +79,7 @@ class ReconstructionConfig:
     drop_prob: float = 0.5
     loss: Loss = Loss.MSE
     time_budget: float | None = None
+    window: int | None = None
 
     def __post_init__(self):
         for field, enum_type in (("method", Method), ("loss", Loss)):
@@ -93,6 +97,8 @@ class ReconstructionConfig:
             raise EdgeqError(f"--drop-prob must be in [0, 1], not {self.drop_prob}", "pass e.g. 0.5")
         if self.time_budget is not None and self.time_budget <= 0:
             raise EdgeqError(f"--time-budget must be positive, not {self.time_budget}", "pass seconds, e.g. 600")
+        if self.window is not None and self.window < 8:
+            raise EdgeqError(f"--window must be at least 8 pixels, not {self.window}", "pass e.g. --window 32")
 
     @property
     def learns(self) -> bool:
@@ -265,6 +271,20 @@ def _reconstruct_unit(
         quantized.learning = learning
     evaluation = slice(0, min(len(inputs), 256))
     everything = [*learnings, *matmul_learnings]
+
+    def run_float(call):
+        for quantized in [*unit_layers, *unit_matmuls]:
+            quantized.bypass = True
+        try:
+            with torch.no_grad():
+                return call()
+        finally:
+            for quantized in [*unit_layers, *unit_matmuls]:
+                quantized.bypass = False
+
+    windows = None
+    if config.window is not None:
+        windows = plan_windows(module, fp_inputs[:2].to(device), config.window, run_float)
     before = _reconstruction_error(module, everything, quant_inputs[evaluation], fp_outputs[evaluation], device)
 
     rounding_params = [p for learning in learnings for p in learning.rounding_parameters()]
@@ -277,15 +297,24 @@ def _reconstruct_unit(
     iteration = 0
     while iteration < total:
         index = torch.randint(len(inputs), (config.batch_size,), generator=index_generator)
-        x = quant_inputs[index].to(device)
+        x, x_float = quant_inputs[index], fp_inputs[index]
+        target = fp_outputs[index] if windows is None else None
+        target_weights = None if weights is None else weights[index]
+        if windows is not None:
+            offsets = windows.offsets(len(index), *x.shape[2:], generator=index_generator)
+            x, x_float = windows.crop(x, offsets), windows.crop(x_float, offsets)
+            target = run_float(lambda: module(x_float.to(device)))
+            if target_weights is not None:
+                target_weights = windows.crop(target_weights, offsets, scale=windows.stride)
+        x = x.to(device)
         if config.unit_drop_prob > 0:
             x = torch.where(
                 torch.rand(x.shape, generator=drop_generator, device=device) < config.unit_drop_prob,
-                fp_inputs[index].to(device),
+                x_float.to(device),
                 x,
             )
         out = module(x)
-        loss = _output_error(out, fp_outputs[index].to(device), None if weights is None else weights[index].to(device))
+        loss = _output_error(out, target.to(device), None if target_weights is None else target_weights.to(device))
         beta = beta_schedule(iteration, total, config.warmup, config.beta_start, config.beta_end)
         if beta is not None:
             loss = loss + round_weight * sum(learning.rounding.regularizer(beta) for learning in learnings)
@@ -318,12 +347,20 @@ def _reconstruct_unit(
     for quantized, learning in zip([*unit_layers, *unit_matmuls], everything):
         learning.write_back(quantized)
         quantized.learning = None
-    log.info("%s: output MSE %.4g -> %.4g over %d iterations", unit.name, before, after, iteration)
+    log.info(
+        "%s: output MSE %.4g -> %.4g over %d iterations%s",
+        unit.name,
+        before,
+        after,
+        iteration,
+        "" if windows is None else f" on {windows.size}-pixel windows",
+    )
     return {
         "unit": unit.name,
         "kind": unit.kind,
         "layers": list(unit.layers),
         "iterations": iteration,
+        "window": None if windows is None else windows.size,
         "mse_before": before,
         "mse_after": after,
         "rounding_changed": changed,
