@@ -723,13 +723,14 @@ def quantize(
 @cli.command(epilog="\b\nExample:\n  edgeq export quantized/ -o exported/")
 @click.argument("quantized", type=click.Path(exists=True, file_okay=False))
 @_output_option("Output folder for model.onnx.")
+@allow_pickle_option
 @friendly_errors
-def export(quantized, out):
+def export(quantized, out, allow_pickle):
     """Write QUANTIZED (an 'edgeq quantize' folder) as QDQ ONNX in true low-bit types, checked against onnxruntime."""
     from edgeq.folders import MODEL_FILE
     from edgeq.stages import export as export_stage
 
-    export_stage.run(quantized, out)
+    export_stage.run(quantized, out, allow_pickle=allow_pickle)
     click.echo(f"wrote {out / MODEL_FILE}")
 
 
@@ -1101,8 +1102,9 @@ def _print_summary(summary: dict) -> None:
 @click.option("--key", help="The device key the board registered with the tracker.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_output_option("Output folder for report.json.")
+@allow_pickle_option
 @friendly_errors
-def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json, out):
+def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json, out, allow_pickle):
     """Run COMPILED (an 'edgeq compile' folder) on data: top-1, agreement with onnxruntime, latency.
 
     Where it runs: on a board with --rpc (or --tracker and --key), figures measured there;
@@ -1112,7 +1114,15 @@ def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json,
     from edgeq.stages import verify as verify_stage
 
     report = verify_stage.run(
-        compiled, out, data=data, num_images=num_images, latency_runs=latency_runs, rpc=rpc, tracker=tracker, key=key
+        compiled,
+        out,
+        data=data,
+        num_images=num_images,
+        latency_runs=latency_runs,
+        rpc=rpc,
+        tracker=tracker,
+        key=key,
+        allow_pickle=allow_pickle,
     )
     _echo_json(report, indent=None if as_json else 2)
 
@@ -1180,8 +1190,9 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
 )
 @click.option("--tar", "make_tar", is_flag=True, help="Also write OUT.tar.gz beside the folder.")
 @_output_option("Output folder for the bundle.")
+@allow_pickle_option
 @friendly_errors
-def bundle(compiled, data, num_samples, make_tar, out):
+def bundle(compiled, data, num_samples, make_tar, out, allow_pickle):
     """Make a deploy bundle of COMPILED for its board: module, runner, self-test, RPC server.
 
     The scripts in it need only NumPy and the TVM runtime (no torch, no edgeq); its
@@ -1189,7 +1200,9 @@ def bundle(compiled, data, num_samples, make_tar, out):
     """
     from edgeq.stages import bundle as bundle_stage
 
-    folder = bundle_stage.run(compiled, out, data=data, num_samples=num_samples, tar=make_tar)
+    folder = bundle_stage.run(
+        compiled, out, data=data, num_samples=num_samples, tar=make_tar, allow_pickle=allow_pickle
+    )
     click.echo(
         f"bundle written to {folder}" + (f" and {folder.parent / (folder.name + '.tar.gz')}" if make_tar else "")
     )

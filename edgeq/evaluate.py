@@ -51,8 +51,9 @@ def evaluate(
     )
     if is_quantized:
         from .quantized import load as load_quantized
+        from .quantized import load_recorded_model
 
-        module, loaded, spec, _ = load_quantized(model)
+        module, loaded, spec, manifest = load_quantized(model, allow_pickle=allow_pickle)
     else:
         loaded = load_model(model, allow_pickle=allow_pickle, preprocess=preprocess)
         module, spec = loaded.module, None
@@ -69,7 +70,7 @@ def evaluate(
     result["top1"] = topk_accuracy(logits, targets, 1) if targets is not None else None
     result["top5"] = topk_accuracy(logits, targets, min(5, logits.shape[1])) if targets is not None else None
     if is_quantized:
-        float_module = load_model(loaded.source, allow_pickle=allow_pickle, preprocess=loaded.preprocess).module
+        float_module = load_recorded_model(manifest, allow_pickle=allow_pickle, preprocess=loaded.preprocess).module
         float_logits = predict(float_module, loaded.preprocess(images.images), desc="full precision")
         result["agreement_with_fp"] = agreement(logits, float_logits)
     return result

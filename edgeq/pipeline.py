@@ -150,7 +150,10 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
 
     export_dir = run_dir / f"export-{spec_name}-{options.method}"
     stage(
-        "export", export_dir, export_stage.plan(quant_dir).fingerprint, lambda: export_stage.run(quant_dir, export_dir)
+        "export",
+        export_dir,
+        export_stage.plan(quant_dir).fingerprint,
+        lambda: export_stage.run(quant_dir, export_dir, allow_pickle=options.allow_pickle),
     )
 
     compile_dir = run_dir / f"compile-{spec_name}-{options.method}-{target.name}"
@@ -175,7 +178,7 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         "verify",
         verify_dir,
         verify_stage.plan(compile_dir, **verify_params).fingerprint,
-        lambda: verify_stage.run(compile_dir, verify_dir, **verify_params),
+        lambda: verify_stage.run(compile_dir, verify_dir, **verify_params, allow_pickle=options.allow_pickle),
     )
     report = verify_stage.load_report(verify_dir)
     if report.get("agreement_with_reference") not in (None, 1.0):

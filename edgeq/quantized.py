@@ -29,7 +29,7 @@ from .data import Preprocess
 from .errors import EdgeqError
 from .graph import eval_mode, execution_order, fold_batchnorm
 from .layers import MatMul
-from .manifest import Manifest, staged_folder
+from .manifest import Manifest, sha256_file, staged_folder
 from .models import LoadedModel, load_model
 from .reconstruction import ReconstructionConfig, reconstruct
 from .spec import QuantSpec
@@ -322,22 +322,50 @@ def save(model: nn.Module, manifest: Manifest, out) -> Path:
     return out
 
 
-def load(folder, *, allow_pickle: bool | None = None) -> tuple[nn.Module, LoadedModel, QuantSpec, Manifest]:
-    """Rebuild the fake-quantized model of a quantize folder (from the float model it names)."""
+def load_recorded_model(manifest: Manifest, *, allow_pickle: bool = False, preprocess=None) -> LoadedModel:
+    """The float model a quantize manifest names, checked against what it records.
+
+    A model file's bytes are compared with the recorded hash before it is opened, so a
+    file swapped since quantization is never unpickled; the weights' digest is compared
+    after. Unpickling needs ``allow_pickle`` from the command line: the manifest cannot
+    grant it (a folder from elsewhere could then run any code).
+    """
+    model_entry = manifest.input("model")
+    path = model_entry["path"]
+    recorded_file = model_entry.get("file_sha256")
+    if Path(path).is_file():
+        if recorded_file is None and allow_pickle:
+            raise EdgeqError(
+                f"{manifest.stage} manifest records no file hash for model {path}, so it cannot be checked before "
+                "unpickling",
+                "re-run 'edgeq quantize' with this edgeq",
+            )
+        if recorded_file is not None and sha256_file(path) != recorded_file:
+            raise EdgeqError(
+                f"model {path} changed since it was quantized (its sha256 differs from the manifest's)",
+                "re-run 'edgeq quantize' on the model you mean",
+            )
+    loaded = load_model(path, allow_pickle=allow_pickle, preprocess=preprocess)
+    if loaded.digest() != model_entry["sha256"]:
+        raise EdgeqError(f"model {path} changed since it was quantized", "re-run 'edgeq quantize'")
+    return loaded
+
+
+def load(folder, *, allow_pickle: bool = False) -> tuple[nn.Module, LoadedModel, QuantSpec, Manifest]:
+    """Rebuild the fake-quantized model of a quantize folder (from the float model it names).
+
+    ``allow_pickle`` comes from the command line only (see :func:`load_recorded_model`).
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
     manifest = Manifest.load(folder, "quantize")
     spec = QuantSpec.from_dict(manifest.spec)
     model_entry = manifest.input("model")
-    if allow_pickle is None:
-        allow_pickle = bool(manifest.params.get("allow_pickle"))
     meta = manifest.extra["model"]
     # what calibration used, command-line overrides included
     recorded = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
-    loaded = load_model(model_entry["path"], allow_pickle=allow_pickle, preprocess=recorded)
-    if loaded.digest() != model_entry["sha256"]:
-        raise EdgeqError(f"model {model_entry['path']} changed since {folder} was made", "re-run 'edgeq quantize'")
+    loaded = load_recorded_model(manifest, allow_pickle=allow_pickle, preprocess=recorded)
     loaded.classes = tuple(meta["classes"])
     model, layers = prepare(loaded.module, spec, torch.zeros(loaded.preprocess.input_shape))
     recorded = set(manifest.extra["layers"])

@@ -79,12 +79,20 @@ The RPC protocol has no authentication: keep the server on localhost and use the
 
 
 def run(
-    compiled_dir: str | Path, out: str | Path, *, data: str | None = None, num_samples: int = 8, tar: bool = False
+    compiled_dir: str | Path,
+    out: str | Path,
+    *,
+    data: str | None = None,
+    num_samples: int = 8,
+    tar: bool = False,
+    allow_pickle: bool = False,
 ) -> Path:
-    """Write a bundle folder for ``compiled_dir`` (and ``<out>.tar.gz`` when ``tar``)."""
+    """Write a bundle folder for ``compiled_dir`` (and ``<out>.tar.gz`` when ``tar``).
+
+    ``allow_pickle``: the float model is a pickle and the command line allows it."""
     compiled_dir, out = Path(compiled_dir), Path(out)
     compiled, export_dir, quantized_dir = upstream(compiled_dir)
-    _, loaded, spec, quant_manifest = load_quantized(quantized_dir)
+    _, loaded, spec, quant_manifest = load_quantized(quantized_dir, allow_pickle=allow_pickle)
     data = data or quant_manifest.input("calibration")["path"]
     images = resolve_dataset(data, num_samples, preprocess=loaded.preprocess)
     if len(images) == 0:

@@ -362,10 +362,12 @@ def plan(quantized_dir: str | Path) -> Manifest:
     )
 
 
-def run(quantized_dir: str | Path, out: str | Path) -> Path:
-    """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime."""
+def run(quantized_dir: str | Path, out: str | Path, *, allow_pickle: bool = False) -> Path:
+    """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime.
+
+    ``allow_pickle``: the float model is a pickle and the command line allows it."""
     manifest = plan(quantized_dir)
-    model, loaded, spec, source = quantized.load(quantized_dir)
+    model, loaded, spec, source = quantized.load(quantized_dir, allow_pickle=allow_pickle)
     images = resolve_dataset(source.input("calibration")["path"], CHECK_IMAGES, preprocess=loaded.preprocess)
     inputs = loaded.preprocess(images.images)
     log.info(

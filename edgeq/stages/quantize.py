@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
-from ..manifest import Manifest, input_entry
+from ..manifest import Manifest, input_entry, sha256_file
 from ..models import LoadedModel, adopt_folder_classes, load_model
 from ..quantized import QuantizedLayer, quantize_module, quantized_layer_names, quantized_matmuls, save
 from ..reconstruction import Method, ReconstructionConfig
@@ -48,7 +48,7 @@ def plan(
         params["reconstruction"] = reconstruction.to_json()
     return Manifest(
         stage="quantize",
-        inputs=[input_entry("model", loaded.source, loaded.digest()), _calib_entry(calib)],
+        inputs=[_model_entry(loaded), _calib_entry(calib)],
         params=params,
         spec=spec.to_dict(),
         seed=seed,
@@ -156,10 +156,16 @@ def _calib_entry(calib) -> dict:
     return input_entry("calibration", calib, dataset_digest(calib))
 
 
+def _model_entry(loaded) -> dict:
+    """The model by its weights' digest, and a file by its bytes too: later stages check those before unpickling."""
+    entry = input_entry("model", loaded.source, loaded.digest())
+    if Path(loaded.source).is_file():
+        entry["file_sha256"] = sha256_file(loaded.source)
+    return entry
+
+
 def _dataset_digest(folder, name) -> str:
     import hashlib
-
-    from ..manifest import sha256_file
 
     digest = hashlib.sha256(name.encode())
     for file in sorted(Path(folder).glob("*.gz")):

@@ -22,9 +22,9 @@ from ..errors import EdgeqError
 from ..evaluate import agreement, predict
 from ..folders import MODEL_FILE, MODULE_FILE, upstream
 from ..manifest import Manifest, input_entry, staged_folder
-from ..models import load_model
 from ..qdq import INPUT_NAME, onnxruntime_session
 from ..quantized import load as load_quantized
+from ..quantized import load_recorded_model
 from ..targets import get_target
 
 log = logging.getLogger(__name__)
@@ -115,14 +115,16 @@ def run(
     rpc: str | None = None,
     tracker: str | None = None,
     key: str | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Verify a compile folder on ``data`` (default: the calibration folder); returns the report.
 
     ``rpc`` (HOST:PORT), or ``tracker`` and ``key``, run the module on a board over TVM RPC.
+    ``allow_pickle``: the float model is a pickle and the command line allows it.
     """
     compiled_dir = Path(compiled_dir)
     compiled, export_dir, quantized_dir = upstream(compiled_dir)
-    quantized_model, loaded, spec, quant_manifest = load_quantized(quantized_dir)
+    quantized_model, loaded, spec, quant_manifest = load_quantized(quantized_dir, allow_pickle=allow_pickle)
     data = data or quant_manifest.input("calibration")["path"]
     manifest = plan(compiled_dir, data=data, num_images=num_images, latency_runs=latency_runs)
     images = resolve_dataset(data, num_images, preprocess=loaded.preprocess, classes=loaded.classes)
@@ -131,11 +133,7 @@ def run(
     inputs = loaded.preprocess(images.images)
     targets = images.targets
 
-    float_model = load_model(
-        quant_manifest.input("model")["path"],
-        allow_pickle=bool(quant_manifest.params.get("allow_pickle")),
-        preprocess=loaded.preprocess,
-    ).module
+    float_model = load_recorded_model(quant_manifest, allow_pickle=allow_pickle, preprocess=loaded.preprocess).module
     float_logits = predict(float_model, inputs, desc="full precision")
     quant_logits = predict(quantized_model, inputs, desc="fake-quant")
     onnx_model = onnx.load(str(export_dir / MODEL_FILE))
