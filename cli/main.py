@@ -1149,7 +1149,10 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
     """Gate CI on accuracy and latency: compare two reports entry by entry.
 
     Prints what moved; exits 0 within the thresholds, 1 when an entry regressed (or
-    disappeared), 2 on bad input. Latency is compared only where both reports measured it.
+    disappeared, or lost a figure the baseline had), 2 on bad input: no threshold, a
+    malformed report, or a figure that cannot be gated (null top-1 in the baseline,
+    NaN or negative values). Latency missing from both reports (emulated runs) is not
+    compared, but an entry that no threshold could check fails.
     """
     import dataclasses
 
@@ -1159,19 +1162,23 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
         max_acc_drop, gate.parse_percent(max_latency_increase) if max_latency_increase is not None else None
     )
     rows = gate.compare(gate.load_entries(baseline), gate.load_entries(current), thresholds)
-    failed = [row for row in rows if not row.ok]
+    failed = [row for row in rows if row.problems]
+    ungated = [row for row in rows if row.errors and not row.problems]
     if as_json:
         rows_json = [dataclasses.asdict(r) | {"ok": r.ok} for r in rows]
-        _echo_json({"ok": not failed, "thresholds": dataclasses.asdict(thresholds), "rows": rows_json})
+        _echo_json({"ok": not failed and not ungated, "thresholds": dataclasses.asdict(thresholds), "rows": rows_json})
     else:
         click.echo(gate.table(rows))
-        click.echo(
-            f"\n{len(failed)} of {len(rows)} entries regressed"
-            if failed
-            else f"\nall {len(rows)} entries within bounds"
-        )
+        if failed:
+            click.echo(f"\n{len(failed)} of {len(rows)} entries regressed")
+        elif ungated:
+            click.echo(f"\n{len(ungated)} of {len(rows)} entries could not be gated")
+        else:
+            click.echo(f"\nall {len(rows)} entries within bounds")
     if failed:
         sys.exit(1)
+    if ungated:
+        sys.exit(2)
 
 
 @cli.command(

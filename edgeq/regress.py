@@ -5,14 +5,19 @@ or a sweep report (``edgeq.sweep/1``, a list of them under ``entries``). Entries
 matched by (model, target, bits). An entry regresses when its compiled top-1 drops by more
 than ``max_acc_drop`` percentage points, or its median latency rises by more than
 ``max_latency_increase`` (a fraction); an entry of the baseline missing from the current
-report also fails the gate. Latency is compared only where both reports measured it
-(emulated runs measure none).
+report also fails the gate, and so does a figure the baseline has and the current report
+lacks (null, NaN or negative). The gate fails closed: a threshold that no entry could be
+checked against (top-1 of unlabelled data, latency of emulated runs in both reports), a
+baseline without the gated figure, or no threshold at all is bad input, never a pass.
+Latency missing from both reports of an entry (emulated runs measure none) is not
+compared when another threshold gates that entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from .errors import EdgeqError
@@ -35,11 +40,13 @@ class Row:
     current_top1: float | None
     baseline_latency_ms: float | None
     current_latency_ms: float | None
-    problems: tuple[str, ...]
+    problems: tuple[str, ...]  # regressions: exit 1
+    errors: tuple[str, ...] = ()  # figures that cannot be gated: exit 2
+    notes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.errors
 
 
 def parse_percent(text: str) -> float:
@@ -75,10 +82,17 @@ def load_entries(path: str | Path) -> dict[tuple[str, str, str], dict]:
             f"{path} has schema {schema!r}, not one of {', '.join(SCHEMAS)}",
             "pass a report.json of 'edgeq verify' or 'edgeq sweep'",
         )
-    entries = report["entries"] if schema == "edgeq.sweep/1" else [report]
+    entries = report.get("entries") if schema == "edgeq.sweep/1" else [report]
+    if not isinstance(entries, list):
+        raise EdgeqError(f"{path} has no list of entries", "pass a report.json written by 'edgeq sweep'")
     keyed = {}
-    for entry in entries:
-        key = (str(entry["model"]), str(entry["target"]), str(entry["bits"]))
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("model", "target", "bits")):
+            raise EdgeqError(
+                f"{path}: entry {number} lacks a model, target or bits string",
+                "pass a report.json written by 'edgeq verify' or 'edgeq sweep'",
+            )
+        key = (entry["model"], entry["target"], entry["bits"])
         if key in keyed:
             raise EdgeqError(
                 f"{path} has two entries for {' '.join(key)}", "keep one verify run per model, target and bit width"
@@ -87,29 +101,65 @@ def load_entries(path: str | Path) -> dict[tuple[str, str, str], dict]:
     return keyed
 
 
+def _figure(entry: dict | None, field: str):
+    """(value, invalid): a finite, non-negative number, or None; ``invalid`` when present but not such a number."""
+    if entry is None or entry.get(field) is None:
+        return None, False
+    value = entry[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None, True
+    return float(value), False
+
+
 def compare(baseline: dict, current: dict, thresholds: Thresholds) -> list[Row]:
+    if thresholds.max_acc_drop is None and thresholds.max_latency_increase is None:
+        raise EdgeqError(
+            "no threshold given, so nothing would be gated",
+            "pass --max-acc-drop POINTS and/or --max-latency-increase %",
+        )
     rows = []
     for key in sorted(set(baseline) | set(current)):
         base, new = baseline.get(key), current.get(key)
-        problems = []
+        problems, errors, notes = [], [], []
         if new is None:
             problems.append("missing from the current report")
-        base_top1 = base.get("compiled_top1") if base else None
-        new_top1 = new.get("compiled_top1") if new else None
-        base_ms = base.get("latency_ms") if base else None
-        new_ms = new.get("latency_ms") if new else None
+        base_top1, base_top1_bad = _figure(base, "compiled_top1")
+        new_top1, new_top1_bad = _figure(new, "compiled_top1")
+        base_ms, base_ms_bad = _figure(base, "latency_ms")
+        new_ms, new_ms_bad = _figure(new, "latency_ms")
         if base is not None and new is not None:
-            if thresholds.max_acc_drop is not None and base_top1 is not None and new_top1 is not None:
-                drop = (base_top1 - new_top1) * 100.0
-                if drop > thresholds.max_acc_drop + 1e-9:
-                    problems.append(f"top-1 dropped {drop:.2f} points (limit {thresholds.max_acc_drop:g})")
-            if thresholds.max_latency_increase is not None and base_ms and new_ms:
-                increase = new_ms / base_ms - 1.0
-                if increase > thresholds.max_latency_increase + 1e-9:
-                    problems.append(
-                        f"latency rose {increase * 100:.1f}% (limit {thresholds.max_latency_increase * 100:g}%)"
-                    )
-        rows.append(Row(*key, base_top1, new_top1, base_ms, new_ms, tuple(problems)))
+            gated = False
+            if thresholds.max_acc_drop is not None:
+                if base_top1_bad or new_top1_bad:
+                    errors.append("compiled_top1 is not a finite, non-negative number")
+                elif base_top1 is None:
+                    errors.append("the baseline has no compiled top-1 (unlabelled data?) to gate on")
+                elif new_top1 is None:
+                    problems.append("compiled top-1 missing from the current report")
+                else:
+                    gated = True
+                    drop = (base_top1 - new_top1) * 100.0
+                    if drop > thresholds.max_acc_drop + 1e-9:
+                        problems.append(f"top-1 dropped {drop:.2f} points (limit {thresholds.max_acc_drop:g})")
+            if thresholds.max_latency_increase is not None:
+                if base_ms_bad or new_ms_bad or base_ms == 0 or new_ms == 0:
+                    errors.append("latency_ms is not a positive, finite number")
+                elif base_ms is None and new_ms is None:
+                    notes.append("latency measured in neither report (emulated runs measure none)")
+                elif base_ms is None:
+                    notes.append("the baseline measured no latency to compare with")
+                elif new_ms is None:
+                    problems.append("latency missing from the current report")
+                else:
+                    gated = True
+                    increase = new_ms / base_ms - 1.0
+                    if increase > thresholds.max_latency_increase + 1e-9:
+                        problems.append(
+                            f"latency rose {increase * 100:.1f}% (limit {thresholds.max_latency_increase * 100:g}%)"
+                        )
+            if not gated and not problems and not errors:
+                errors.append("no threshold could be checked: " + "; ".join(notes))
+        rows.append(Row(*key, base_top1, new_top1, base_ms, new_ms, tuple(problems), tuple(errors), tuple(notes)))
     return rows
 
 
@@ -139,7 +189,11 @@ def table(rows: list[Row]) -> str:
             if not (row.baseline_latency_ms and row.current_latency_ms)
             else f"{(row.current_latency_ms / row.baseline_latency_ms - 1) * 100:+.1f}%"
         )
-        verdict = "ok" if row.ok else "FAIL: " + "; ".join(row.problems)
+        verdict = (
+            "ok" + "".join(f" ({note})" for note in row.notes)
+            if row.ok
+            else ("FAIL: " if row.problems else "CANNOT GATE: ") + "; ".join([*row.problems, *row.errors])
+        )
         lines.append(
             f"| {row.model} | {row.target} | {row.bits} | "
             f"{_fmt_top1(row.baseline_top1)} | {_fmt_top1(row.current_top1)} | {delta} | "

@@ -66,19 +66,71 @@ def test_gate_matches_sweep_entries_and_fails_on_a_missing_one(monkeypatch, caps
     )
     assert code == 0 and "all 2 entries within bounds" in out
     fewer = _write(tmp_path / "fewer.json", _sweep(_report(0.9, 10.0)))
-    code, out, _ = run_cli(monkeypatch, capsys, "regress", "--baseline", baseline, "--current", fewer, "--json")
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "regress", "--baseline", baseline, "--current", fewer, "--max-acc-drop", "1", "--json"
+    )
     result = json.loads(out)
     assert code == 1 and not result["ok"]
     assert [row["problems"] for row in result["rows"] if not row["ok"]] == [["missing from the current report"]]
 
 
-def test_emulated_runs_are_not_gated_on_latency(monkeypatch, capsys, tmp_path):
+def test_emulated_runs_are_not_gated_on_latency_but_must_be_gated_on_something(monkeypatch, capsys, tmp_path):
     baseline = _write(tmp_path / "base.json", _report(0.9, None, target="rpi4"))
     current = _write(tmp_path / "new.json", _report(0.9, None, target="rpi4"))
-    code, _, _ = run_cli(
-        monkeypatch, capsys, "regress", "--baseline", baseline, "--current", current, "--max-latency-increase", "1%"
+    gate = ["regress", "--baseline", baseline, "--current", current, "--max-latency-increase", "1%"]
+    code, out, _ = run_cli(monkeypatch, capsys, *gate, "--max-acc-drop", "0.5")
+    assert code == 0 and "latency measured in neither report" in out
+    code, out, _ = run_cli(monkeypatch, capsys, *gate)  # latency alone: nothing could be checked
+    assert code == 2 and "CANNOT GATE" in out and "could not be gated" in out
+
+
+@pytest.mark.parametrize(
+    "base, new, code, words",
+    [
+        ((0.9, 10.0), (None, 10.0), 1, "compiled top-1 missing"),  # the baseline had one
+        ((0.9, 10.0), (float("nan"), 10.0), 2, "not a finite"),
+        ((0.9, 10.0), ("0.9", 10.0), 2, "not a finite"),
+        ((None, 10.0), (None, 10.0), 2, "baseline has no compiled top-1"),  # unlabelled data: nothing to gate
+        ((0.9, 10.0), (0.9, -1.0), 2, "latency_ms is not a positive"),
+        ((0.9, 10.0), (0.9, None), 1, "latency missing"),
+    ],
+)
+def test_missing_or_broken_figures_fail_closed(monkeypatch, capsys, tmp_path, base, new, code, words):
+    baseline = _write(tmp_path / "base.json", _report(*base))
+    current = tmp_path / "new.json"
+    current.write_text(json.dumps(_report(*new)))  # NaN written as JSON's NaN, as Python writes it
+    result, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "regress",
+        "--baseline",
+        baseline,
+        "--current",
+        str(current),
+        "--max-acc-drop",
+        "0.5",
+        "--max-latency-increase",
+        "10%",
     )
-    assert code == 0
+    assert result == code and words in out
+
+
+def test_no_threshold_and_malformed_entries_are_errors(monkeypatch, capsys, tmp_path):
+    good = _write(tmp_path / "good.json", _report(0.9, 1.0))
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "regress", "--baseline", good, "--current", good), "no threshold"
+    )
+    for broken in (
+        _sweep({"model": "m", "target": "t"}),
+        _sweep("not an entry"),
+        {"schema": "edgeq.sweep/1", "entries": {"a": 1}},
+        {**_report(0.9, 1.0), "model": None},
+    ):
+        path = _write(tmp_path / "broken.json", broken)
+        code, _, err = run_cli(
+            monkeypatch, capsys, "regress", "--baseline", good, "--current", path, "--max-acc-drop", "1"
+        )
+        assert code == 2 and err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_reports_are_one_line_errors(monkeypatch, capsys, tmp_path):
