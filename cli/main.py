@@ -1237,9 +1237,10 @@ def bundle(compiled, data, num_samples, make_tar, out, allow_pickle):
 )
 @preprocess_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@classes_option
 @allow_pickle_option
 @friendly_errors
-def eval_command(model, data, num_images, as_json, allow_pickle):
+def eval_command(model, data, num_images, as_json, classes_file, allow_pickle):
     """Top-1/top-5 of MODEL (a model, or an 'edgeq quantize' folder) on --data.
 
     For a quantize folder it also reports agreement with its full-precision model
@@ -1247,7 +1248,14 @@ def eval_command(model, data, num_images, as_json, allow_pickle):
     """
     from edgeq.evaluate import evaluate
 
-    result = evaluate(model, data, num_images=num_images, allow_pickle=allow_pickle, preprocess=_preprocess_overrides())
+    result = evaluate(
+        model,
+        data,
+        num_images=num_images,
+        allow_pickle=allow_pickle,
+        preprocess=_preprocess_overrides(),
+        classes_file=classes_file,
+    )
     if as_json:
         _echo_json(result)
         return

@@ -388,13 +388,31 @@ def resolve_dataset(
     source = DATA_ALIASES.get(source, source)
     if source.startswith("fashion-mnist"):
         split = source.partition(":")[2] or "test"
-        return load_fashion_mnist(split).subset(count)
+        return _labels_for(load_fashion_mnist(split).subset(count), classes, source)
     if source == "photos":
         return load_photos().subset(count)
     folder = Path(source)
     if folder.is_dir() and not (folder / MANIFEST_NAME).is_file():
         return load_image_folder(folder, preprocess, count=count, per_class=per_class, seed=seed, classes=classes)
-    return load_synth_images(source).subset(count)
+    return _labels_for(load_synth_images(source).subset(count), classes, source)
+
+
+def _labels_for(images: ImageSet, classes: tuple[str, ...] | None, source: str) -> ImageSet:
+    """``images`` without labels when they were made for another class list than the model's: a label index means
+    nothing for a model whose class at that index is another, and a top-1 against it would be a wrong figure."""
+    if classes is None or images.targets is None or tuple(images.class_names) == tuple(classes):
+        return images
+    unnamed = tuple(classes) == tuple(f"class {i}" for i in range(len(classes)))
+    if unnamed and len(classes) == len(images.class_names):
+        return images  # a model without class names: the data's names stand for its numbers
+    log.warning(
+        "%s is labelled for other classes (%s) than the model's (%s): top-1 is not measured, only agreement; "
+        "pass --classes with the data's class names if they are the same classes",
+        source,
+        ", ".join(images.class_names[:3]) + (", ..." if len(images.class_names) > 3 else ""),
+        ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else ""),
+    )
+    return dataclasses.replace(images, labels=None, soft_labels=None)
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

@@ -42,10 +42,17 @@ def agreement(logits: np.ndarray, reference_logits: np.ndarray) -> dict:
 
 
 def evaluate(
-    model: str | None, data: str, *, num_images: int | None = None, allow_pickle: bool = False, preprocess=None
+    model: str | None,
+    data: str,
+    *,
+    num_images: int | None = None,
+    allow_pickle: bool = False,
+    preprocess=None,
+    classes_file=None,
 ) -> dict:
-    """``{"top1", "top5"}`` on labelled data (null without labels); for a quantize folder also agreement with its
-    float model. ``preprocess``: command-line overrides for a model (a quantize folder keeps its recorded one)."""
+    """``{"top1", "top5"}`` on labelled data (null without labels, or labels for other classes than the model's);
+    for a quantize folder also agreement with its float model. ``preprocess`` and ``classes_file``: command-line
+    overrides for a model (a quantize folder keeps what it recorded)."""
     is_quantized = (
         model is not None and (Path(model) / MANIFEST_NAME).is_file() and Manifest.load(model).stage == "quantize"
     )
@@ -55,7 +62,7 @@ def evaluate(
 
         module, loaded, spec, manifest = load_quantized(model, allow_pickle=allow_pickle)
     else:
-        loaded = load_model(model, allow_pickle=allow_pickle, preprocess=preprocess)
+        loaded = load_model(model, allow_pickle=allow_pickle, preprocess=preprocess, classes_file=classes_file)
         module, spec = loaded.module, None
     images = resolve_dataset(data, num_images, preprocess=loaded.preprocess, classes=loaded.classes)
     logits = predict(module, loaded.preprocess(images.images), desc="evaluating")

@@ -212,6 +212,21 @@ def test_eval_flat_folder_has_no_top1(monkeypatch, capsys, folders):
     assert code == 0 and result["top1"] is None and result["labels"] == "none" and result["images"] == 5
 
 
+def test_labels_made_for_other_classes_give_no_top1(monkeypatch, capsys, tmp_path):
+    # Fashion-MNIST's labels index its own ten classes; a CIFAR model's ten are others.
+    names = tmp_path / "classes.txt"
+    names.write_text("airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n")
+    command = ["eval", CIFAR_MODEL, "--classes", str(names), "--data", "fashion-mnist:A", "--json"]
+    code, out, err = run_cli(monkeypatch, capsys, *command)
+    result = json.loads(out)
+    assert code == 0 and result["top1"] is None and result["labels"] == "none"
+    assert "labelled for other classes" in err
+    same = resolve_dataset("fashion-mnist:A", 4, classes=load_model(None).classes)
+    assert same.labels is not None  # the built-in model's own classes keep them
+    unnamed = resolve_dataset("fashion-mnist:A", 4, classes=tuple(f"class {i}" for i in range(10)))
+    assert unnamed.labels is not None  # a model without names takes the data's
+
+
 def test_quantize_calib_per_class_with_overrides(monkeypatch, capsys, folders, tmp_path):
     args = ["quantize", CIFAR_MODEL, "--calib", str(folders / "labelled"), "--calib-per-class", "2"]
     args += ["--bits", "w8a8", "--method", "rtn", "--input-size", "20", "--crop-pct", "0.9", "-o", str(tmp_path / "q")]
