@@ -182,7 +182,7 @@ class QuantSpec:
         """The short form (``w2a4``), or a JSON spec file with the fields of :meth:`to_dict`."""
         from pathlib import Path
 
-        if isinstance(text, str) and text.endswith(".json"):
+        if isinstance(text, str) and text.lower().endswith(".json"):
             path = Path(text)
             if not path.is_file():
                 raise EdgeqError(
@@ -207,6 +207,14 @@ class QuantSpec:
         """
         if not isinstance(data, dict):
             raise EdgeqError(f"{source} holds {type(data).__name__}, not a spec object", f"write {SPEC_FILE_EXAMPLE}")
+        # "bits" is the short name to_dict() writes; "allocation" the record 'edgeq mixed' keeps of its choice
+        unknown = sorted(set(data) - {*SPEC_FILE_FIELDS, "layers", "bits", "allocation"})
+        if unknown:
+            raise EdgeqError(
+                f"{source} has unknown field(s) {', '.join(repr(f) for f in unknown)} (a misspelt field would be "
+                "silently left at its default)",
+                f"a spec file has the fields {', '.join(SPEC_FILE_FIELDS)}, and optionally layers",
+            )
         for field in SPEC_FILE_FIELDS:
             if field not in data:
                 raise EdgeqError(

@@ -125,3 +125,12 @@ def test_a_spec_file_with_a_wrongly_typed_field_names_it(tmp_path, field, value)
     path.write_text(json.dumps(FULL_FILE | {field: value}))
     with pytest.raises(EdgeqError, match=f"'{field}'"):
         QuantSpec.load(str(path))
+
+
+def test_a_spec_file_with_an_unknown_field_names_it_and_any_case_of_json_loads(tmp_path):
+    path = tmp_path / "spec.JSON"
+    path.write_text(json.dumps(FULL_FILE | {"weight_symetric": False}))  # misspelt: would be ignored
+    with pytest.raises(EdgeqError, match="'weight_symetric'"):
+        QuantSpec.load(str(path))
+    path.write_text(json.dumps(FULL_FILE))
+    assert QuantSpec.load(str(path)).weight_bits == FULL_FILE["weight_bits"]
