@@ -15,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import platform
 from importlib import resources
 
 from edgeq.errors import EdgeqError, one_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +60,15 @@ def _load_all() -> dict[str, Target]:
     found = {}
     for entry in resources.files(__name__).iterdir():
         if entry.name.endswith(".json"):
-            data = json.loads(entry.read_text())
-            data["cpu_features"] = tuple(data.get("cpu_features", ()))
-            found[data["name"]] = Target(**data)
+            try:
+                data = json.loads(entry.read_text())
+                data["cpu_features"] = tuple(data.get("cpu_features", ()))
+                target = Target(**data)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # one broken board file must not take every other target down with it
+                log.warning("ignoring target file %s: %s (%s)", entry.name, type(exc).__name__, exc)
+                continue
+            found[target.name] = target
     return found
 
 
