@@ -133,7 +133,30 @@ def load_model(
     if loaded.preprocess.guessed:
         _announce_guess(loaded)
     eval_mode(loaded.module)
+    _check_runs(loaded)
     return loaded
+
+
+def _check_runs(loaded: LoadedModel) -> None:
+    """One forward pass of a zero image: metadata that does not fit the model fails here, in one line, and not
+    deep inside a stage after minutes of work."""
+    shape = loaded.preprocess.input_shape
+    try:
+        with torch.no_grad():
+            out = loaded.module(torch.zeros(shape))
+    except Exception as exc:  # noqa: BLE001 - any failure means the recorded input does not fit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgeqError(
+            f"{loaded.source} does not run on its input {'x'.join(map(str, shape[1:]))} "
+            f"({type(exc).__name__}: {first[:200]})",
+            "pass --input-size (and --mean/--std for other channels), or record the right preprocessing",
+        ) from None
+    outputs = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    if outputs is not None and loaded.classes and len(loaded.classes) != outputs:
+        raise EdgeqError(
+            f"{loaded.source} names {len(loaded.classes)} classes but has {outputs} outputs",
+            f"pass --classes with a file of {outputs} class names, one per line",
+        )
 
 
 def read_classes(path) -> tuple[str, ...]:
@@ -205,17 +228,35 @@ def _from_metadata(meta: dict, state_dict: dict, source: str) -> LoadedModel:
         raise EdgeqError(
             f"{source} does not name its architecture", "save it with edgeq.save_checkpoint(path, model, arch=...)"
         )
-    module = zoo.build_architecture(meta["arch"], meta.get("arch_kwargs"))
+    arch_kwargs = meta.get("arch_kwargs")
+    if arch_kwargs is not None and not isinstance(arch_kwargs, dict):
+        raise EdgeqError(f"{source}: arch_kwargs is {arch_kwargs!r}, not an object", "record keyword arguments or none")
+    try:
+        module = zoo.build_architecture(meta["arch"], arch_kwargs)
+    except TypeError as exc:
+        raise EdgeqError(
+            f"{source}: architecture {meta['arch']} does not take arch_kwargs {arch_kwargs}: {exc}",
+            "record the keyword arguments the architecture takes",
+        ) from None
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        # torch's first line only says that loading failed; the next names the key (and both shapes)
+        detail = lines[1] if len(lines) > 1 else lines[0]
         raise EdgeqError(
-            f"{source}: weights do not fit architecture {meta['arch']}: {first}",
+            f"{source}: weights do not fit architecture {meta['arch']}: {detail}",
             "check the checkpoint's arch and arch_kwargs",
         ) from None
     classes = tuple(meta.get("classes") or ())
-    preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _default_preprocess(module)
+    try:
+        preprocess = Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else _default_preprocess(module)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EdgeqError(
+            f"{source}: its recorded preprocessing is incomplete or malformed ({type(exc).__name__}: {exc})",
+            "record channels, height, width, mean and std (edgeq.save_checkpoint does), or pass --input-size, "
+            "--mean and --std",
+        ) from None
     return LoadedModel(module, source, classes or _default_classes(module), preprocess, arch=meta["arch"])
 
 
