@@ -67,9 +67,35 @@ def friendly_errors(command):
         except KeyboardInterrupt:
             _fail("interrupted; finished stages were kept and unfinished ones left nothing behind", code=130)
         except MemoryError:
-            _fail("out of memory", "use fewer --num-images")
+            _fail("out of memory", "use fewer images per batch (--batch-size, --num-images) or a smaller --size")
+        except OSError as exc:
+            import errno
+
+            hints = {
+                errno.ENOSPC: "free disk space, or choose an -o folder on another disk",
+                errno.EDQUOT: "free disk space, or choose an -o folder on another disk",
+                errno.EACCES: "choose an -o folder you can write to",
+                errno.EROFS: "choose an -o folder on a writable disk",
+            }
+            if exc.errno not in hints:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            _fail(f"{exc.strerror}{where}; nothing half-written was kept", hints[exc.errno])
 
     return wrapper
+
+
+def _given_options(applicable: set[str]) -> list[str]:
+    """The options the user set on the command line (not left at their defaults) outside ``applicable``."""
+    ctx = click.get_current_context()
+    given = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in applicable:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source not in (None, click.core.ParameterSource.DEFAULT):
+            given.append(max(param.opts, key=len))
+    return given
 
 
 def _bits(_ctx, _param, value):
@@ -164,6 +190,11 @@ def _output_option(help_text):
     )
 
 
+replace_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace -o even when it is not this command's output folder (never an input of the command).",
+)
 allow_pickle_option = click.option(
     "--allow-pickle",
     is_flag=True,
@@ -361,8 +392,8 @@ A killed run continues where it stopped when the same command is run again.
 )
 @click.option(
     "--size",
-    type=click.IntRange(min=8),
-    help="Generated image side in pixels (default: the generator's own). "
+    type=click.IntRange(min=8, max=2048),
+    help="Generated image side in pixels, 8 to 2048 (default: the generator's own). "
     "Images are resized to the model's input when quantizing.",
 )
 @click.option(
@@ -400,7 +431,11 @@ A killed run continues where it stopped when the same command is run again.
     help="Images per shard file (the unit of resuming).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Make the images again even if OUT already holds them.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Make the images again even if OUT already holds them, and replace OUT even when it is not a synth folder.",
+)
 @preprocess_options
 @classes_option
 @allow_pickle_option
@@ -657,6 +692,7 @@ Examples:
 @classes_option
 @allow_pickle_option
 @_output_option("Output folder for the quantized model.")
+@replace_option
 @friendly_errors
 def quantize(
     model,
@@ -678,6 +714,7 @@ def quantize(
     allow_pickle,
     out,
     calib_per_class,
+    force,
 ):
     """Quantize MODEL (default: the zoo ResNet) at --bits, calibrated on --calib.
 
@@ -716,6 +753,7 @@ def quantize(
         device=device,
         calib_per_class=calib_per_class,
         preprocess=_preprocess_overrides(),
+        force=force,
     )
     click.echo(f"wrote {bits} model ({method}) to {out}")
 
@@ -724,13 +762,14 @@ def quantize(
 @click.argument("quantized", type=click.Path(exists=True, file_okay=False))
 @_output_option("Output folder for model.onnx.")
 @allow_pickle_option
+@replace_option
 @friendly_errors
-def export(quantized, out, allow_pickle):
+def export(quantized, out, allow_pickle, force):
     """Write QUANTIZED (an 'edgeq quantize' folder) as QDQ ONNX in true low-bit types, checked against onnxruntime."""
     from edgeq.folders import MODEL_FILE
     from edgeq.stages import export as export_stage
 
-    export_stage.run(quantized, out, allow_pickle=allow_pickle)
+    export_stage.run(quantized, out, allow_pickle=allow_pickle, force=force)
     click.echo(f"wrote {out / MODEL_FILE}")
 
 
@@ -796,7 +835,12 @@ def export(quantized, out, allow_pickle):
     "code otherwise; on fails instead of falling back; off always uses the generic code.",
 )
 @evaluation_options
-@click.option("--force", is_flag=True, help="Redo every stage even when its inputs are unchanged.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Redo every stage even when its inputs are unchanged (with an export folder: replace -o even when it is "
+    "not a compile folder).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 @classes_option
 @allow_pickle_option
@@ -839,9 +883,20 @@ def compile_command(
 
         if out is None:
             _fail("compiling an export folder needs -o OUTPUT_FOLDER")
-        compile_stage.run(model, out, target=target, kernels=kernels)
+        ignored = _given_options({"target", "kernels", "force", "out"})
+        if ignored:
+            _fail(
+                f"{', '.join(ignored)} do(es) not apply to an export folder, which is already quantized",
+                "leave them out, or give the model itself to run every stage",
+            )
+        compile_stage.run(model, out, target=target, kernels=kernels, force=force)
         click.echo(f"wrote {out / MODULE_FILE}")
         return
+    if out is not None:
+        _fail(
+            "-o applies only when MODEL is an export folder; the one-shot writes its stages into --run-dir",
+            "pass --run-dir FOLDER, and find the module at 'artifact' in the printed summary",
+        )
     from edgeq.pipeline import RunOptions, run
 
     options = RunOptions(
@@ -989,6 +1044,7 @@ def _target_list(ctx, param, value):
 @preprocess_options
 @_output_option("Output folder for report.json, summary.md and the plots.")
 @allow_pickle_option
+@replace_option
 @friendly_errors
 def sweep(
     model,
@@ -1006,6 +1062,7 @@ def sweep(
     seed,
     out,
     allow_pickle,
+    force,
 ):
     """Run MODEL through the pipeline at several bit widths and targets; write one report.
 
@@ -1030,7 +1087,7 @@ def sweep(
         allow_pickle=allow_pickle,
         preprocess=_preprocess_overrides(),
     )
-    report = sweep_stage.run(model, out, specs=bits_list, targets=target_list, options=options)
+    report = sweep_stage.run(model, out, specs=bits_list, targets=target_list, options=options, force=force)
     click.echo((Path(out) / "summary.md").read_text())
     click.echo(f"report written to {out} ({len(report['entries'])} configurations)")
 
@@ -1103,8 +1160,9 @@ def _print_summary(summary: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_output_option("Output folder for report.json.")
 @allow_pickle_option
+@replace_option
 @friendly_errors
-def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json, out, allow_pickle):
+def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json, out, allow_pickle, force):
     """Run COMPILED (an 'edgeq compile' folder) on data: top-1, agreement with onnxruntime, latency.
 
     Where it runs: on a board with --rpc (or --tracker and --key), figures measured there;
@@ -1123,6 +1181,7 @@ def verify(compiled, data, num_images, latency_runs, rpc, tracker, key, as_json,
         tracker=tracker,
         key=key,
         allow_pickle=allow_pickle,
+        force=force,
     )
     _echo_json(report, indent=None if as_json else 2)
 
@@ -1198,8 +1257,9 @@ def regress(baseline, current, max_acc_drop, max_latency_increase, as_json):
 @click.option("--tar", "make_tar", is_flag=True, help="Also write OUT.tar.gz beside the folder.")
 @_output_option("Output folder for the bundle.")
 @allow_pickle_option
+@replace_option
 @friendly_errors
-def bundle(compiled, data, num_samples, make_tar, out, allow_pickle):
+def bundle(compiled, data, num_samples, make_tar, out, allow_pickle, force):
     """Make a deploy bundle of COMPILED for its board: module, runner, self-test, RPC server.
 
     The scripts in it need only NumPy and the TVM runtime (no torch, no edgeq); its
@@ -1208,7 +1268,7 @@ def bundle(compiled, data, num_samples, make_tar, out, allow_pickle):
     from edgeq.stages import bundle as bundle_stage
 
     folder = bundle_stage.run(
-        compiled, out, data=data, num_samples=num_samples, tar=make_tar, allow_pickle=allow_pickle
+        compiled, out, data=data, num_samples=num_samples, tar=make_tar, allow_pickle=allow_pickle, force=force
     )
     click.echo(
         f"bundle written to {folder}" + (f" and {folder.parent / (folder.name + '.tar.gz')}" if make_tar else "")

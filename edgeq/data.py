@@ -86,6 +86,14 @@ class Preprocess:
             raise EdgeqError(f"unknown scaling '{self.scaling}'", f"choose one of: {', '.join(SCALINGS)}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise EdgeqError(f"crop_pct must be in (0, 1], not {self.crop_pct}", "pass e.g. 0.875, or 1 for no margin")
+        if self.channels not in (1, 3) or self.height < 1 or self.width < 1:
+            raise EdgeqError(
+                f"input {self.channels}x{self.height}x{self.width} is not an image size (1 or 3 channels, at least "
+                "1x1 pixels)",
+                "record the model's input size, or pass --input-size",
+            )
+        if any(s <= 0 for s in self.std):
+            raise EdgeqError(f"std must be positive, not {self.std}", "pass one positive value per channel")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise EdgeqError(
                 f"mean and std need {self.channels} values (one per channel), not {len(self.mean)} and {len(self.std)}",
@@ -566,7 +574,11 @@ def load_synth_images(folder: str | Path) -> ImageSet:
             f"data folder not found: {folder}", "pass an output folder of 'edgeq synth', or fashion-mnist:test"
         )
     manifest = Manifest.load(folder, "synth")
-    shards = [load_file(str(folder / o["path"])) for o in manifest.outputs if o["path"].endswith(".safetensors")]
+    shards = [
+        load_file(str(manifest.checked_output(folder, o["path"])))
+        for o in manifest.outputs
+        if o["path"].endswith(".safetensors")
+    ]
     if not shards:
         raise EdgeqError(f"{folder} holds no image shards", "re-run 'edgeq synth'")
     return ImageSet(

@@ -15,8 +15,17 @@ MODULE_FILE = "module.so"  # a compile folder's TVM module
 
 
 def upstream(compiled_dir: str | Path) -> tuple[Manifest, Path, Path]:
-    """The compile manifest, and the export and quantize folders it was made from."""
+    """The compile manifest, and the export and quantize folders it was made from.
+
+    The module and the ONNX model are checked against the sha256 their manifests record before
+    anything uses them: a truncated ``module.so`` would crash the process that loads it, and
+    a swapped one would run someone else's native code (the quantize folder's weights are
+    checked when they are loaded).
+    """
     compiled = Manifest.load(compiled_dir, "compile")
+    compiled.checked_output(compiled_dir, MODULE_FILE)
     export_dir = Path(compiled.input("export")["path"])
-    quantized_dir = Path(Manifest.load(export_dir, "export").input("quantized")["path"])
+    exported = Manifest.load(export_dir, "export")
+    exported.checked_output(export_dir, MODEL_FILE)
+    quantized_dir = Path(exported.input("quantized")["path"])
     return compiled, export_dir, quantized_dir

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from . import emulation, zoo
 from .data import PreprocessOverrides
-from .manifest import reusable
+from .folders import MODULE_FILE
+from .manifest import holding, reusable
 from .models import load_model
 from .reconstruction import ReconstructionConfig
 from .spec import QuantSpec
@@ -85,12 +86,18 @@ def spec_folder_name(spec: QuantSpec) -> str:
 def run(model: str | None = None, options: RunOptions | None = None) -> dict:
     """Run the pipeline for ``model`` (None: the built-in default) and return the summary."""
     options = options or RunOptions()
-    spec, target = options.spec, options.target
-    spec_name = spec_folder_name(spec)
     loaded = load_model(
         model, allow_pickle=options.allow_pickle, classes_file=options.classes_file, preprocess=options.preprocess
     )
     run_dir = Path(options.run_dir or Path("runs") / loaded.name)
+    # Two one-shots in one run folder would replace each other's stages mid-chain.
+    with holding(run_dir, "'edgeq compile'"):
+        return _run_in(run_dir, model, loaded, options)
+
+
+def _run_in(run_dir: Path, model: str | None, loaded, options: RunOptions) -> dict:
+    spec, target = options.spec, options.target
+    spec_name = spec_folder_name(spec)
     notes = [loaded.note] if loaded.note else []
     if model is None:
         notes.insert(
@@ -208,7 +215,7 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
         "ran": report["ran"],
         "eval_data": report["data"],
         "eval_images": report["images"],
-        "artifact": str(Path(report["artifact"]).resolve()),
+        "artifact": str((compile_dir / MODULE_FILE).resolve()),  # this run's folder, wherever it was verified from
         "run_dir": str(run_dir.resolve()),
         "stage_dirs": {
             "synth": str(synth_dir) if options.calib is None else None,

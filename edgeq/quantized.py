@@ -347,6 +347,12 @@ def load_recorded_model(manifest: Manifest, *, allow_pickle: bool = False, prepr
             )
     loaded = load_model(path, allow_pickle=allow_pickle, preprocess=preprocess)
     if loaded.digest() != model_entry["sha256"]:
+        if loaded.arch and loaded.arch.startswith("factory:"):
+            raise EdgeqError(
+                f"factory {path} returned other weights than when it was quantized",
+                "a factory must return the same weights every call (load them from a file, or seed any random "
+                "initialization), then re-run 'edgeq quantize'",
+            )
         raise EdgeqError(f"model {path} changed since it was quantized", "re-run 'edgeq quantize'")
     return loaded
 
@@ -373,5 +379,5 @@ def load(folder, *, allow_pickle: bool = False) -> tuple[nn.Module, LoadedModel,
         raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
     for name in set(layers) - recorded:  # left unquantized at calibration
         _unwrap(model, name)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    model.load_state_dict(load_file(str(manifest.checked_output(folder, WEIGHTS_FILE))))
     return eval_mode(model), loaded, spec, manifest

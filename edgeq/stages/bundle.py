@@ -23,7 +23,7 @@ import onnx
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE, MODULE_FILE, upstream
-from ..manifest import Manifest, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, staged_folder
 from ..qdq import INPUT_NAME, onnxruntime_session
 from ..quantized import load as load_quantized
 from ..runtime import runner
@@ -86,12 +86,18 @@ def run(
     num_samples: int = 8,
     tar: bool = False,
     allow_pickle: bool = False,
+    force: bool = False,
 ) -> Path:
     """Write a bundle folder for ``compiled_dir`` (and ``<out>.tar.gz`` when ``tar``).
 
-    ``allow_pickle``: the float model is a pickle and the command line allows it."""
+    ``allow_pickle``: the float model is a pickle and the command line allows it. ``force``: replace ``out`` even
+    when it is not a bundle folder."""
     compiled_dir, out = Path(compiled_dir), Path(out)
     compiled, export_dir, quantized_dir = upstream(compiled_dir)
+    claim_output(out, "bundle", inputs=[compiled_dir, export_dir, quantized_dir, data], force=force)
+    archive = out.parent / f"{out.name}.tar.gz"
+    if tar and archive.exists() and not archive.is_file():
+        raise EdgeqError(f"{archive} is a folder, so the bundle archive cannot be written there", "choose another -o")
     _, loaded, spec, quant_manifest = load_quantized(quantized_dir, allow_pickle=allow_pickle)
     data = data or quant_manifest.input("calibration")["path"]
     images = resolve_dataset(data, num_samples, preprocess=loaded.preprocess)

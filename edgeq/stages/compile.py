@@ -24,7 +24,7 @@ import onnx
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE, MODULE_FILE
 from ..lowering import lower_low_bit_qdq
-from ..manifest import Manifest, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, staged_folder
 from ..targets import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,22 @@ def plan(export_dir: str | Path, target: Target, kernels: str = "auto") -> Manif
     )
 
 
-def run(export_dir: str | Path, out: str | Path, *, target: str | Target = "host", kernels: str = "auto") -> Path:
-    """Compile an export folder for ``target`` (default: the best this CPU runs) into ``out/module.so``."""
+def run(
+    export_dir: str | Path,
+    out: str | Path,
+    *,
+    target: str | Target = "host",
+    kernels: str = "auto",
+    force: bool = False,
+) -> Path:
+    """Compile an export folder for ``target`` (default: the best this CPU runs) into ``out/module.so``.
+
+    ``force``: replace ``out`` even when it is not a compile folder."""
+    claim_output(out, "compile", inputs=[export_dir], force=force)
     target = get_target(target)
     manifest = plan(export_dir, target, kernels)
     source = Manifest.load(export_dir, "export")
-    onnx_model = onnx.load(str(Path(export_dir) / MODEL_FILE))
+    onnx_model = onnx.load(str(source.checked_output(export_dir, MODEL_FILE)))
     input_info = source.extra["input"]
     log.info("compiling for %s (%s)", target.name, target.description)
     with staged_folder(out) as tmp:

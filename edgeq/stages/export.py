@@ -31,7 +31,7 @@ from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE
 from ..graph import eval_mode, execution_order
-from ..manifest import Manifest, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, staged_folder
 from ..qdq import INPUT_NAME, OUTPUT_NAME, integer_tensor, onnxruntime_session
 
 log = logging.getLogger(__name__)
@@ -362,10 +362,12 @@ def plan(quantized_dir: str | Path) -> Manifest:
     )
 
 
-def run(quantized_dir: str | Path, out: str | Path, *, allow_pickle: bool = False) -> Path:
+def run(quantized_dir: str | Path, out: str | Path, *, allow_pickle: bool = False, force: bool = False) -> Path:
     """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime.
 
-    ``allow_pickle``: the float model is a pickle and the command line allows it."""
+    ``allow_pickle``: the float model is a pickle and the command line allows it. ``force``: replace ``out`` even
+    when it is not an export folder."""
+    claim_output(out, "export", inputs=[quantized_dir], force=force)
     manifest = plan(quantized_dir)
     model, loaded, spec, source = quantized.load(quantized_dir, allow_pickle=allow_pickle)
     images = resolve_dataset(source.input("calibration")["path"], CHECK_IMAGES, preprocess=loaded.preprocess)

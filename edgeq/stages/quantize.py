@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
-from ..manifest import Manifest, input_entry, sha256_file
+from ..manifest import Manifest, claim_output, input_entry, sha256_file
 from ..models import LoadedModel, adopt_folder_classes, load_model
 from ..quantized import QuantizedLayer, quantize_module, quantized_layer_names, quantized_matmuls, save
 from ..reconstruction import Method, ReconstructionConfig
@@ -69,14 +69,18 @@ def run(
     device: str = "cpu",
     calib_per_class: int | None = None,
     preprocess=None,
+    force: bool = False,
 ) -> Path:
     """Quantize ``model`` calibrated on ``calib`` (a synth folder, fashion-mnist:A, real, or a folder of images)
     into folder ``out``.
 
     ``reconstruction`` None: round-to-nearest. ``calib_per_class``: a balanced subset of an image folder, drawn
     with ``seed``, before ``num_images`` caps it. ``preprocess``: command-line overrides
-    (:class:`edgeq.data.PreprocessOverrides`) when ``model`` is not loaded yet.
+    (:class:`edgeq.data.PreprocessOverrides`) when ``model`` is not loaded yet. ``force``: replace ``out`` even
+    when it is not a quantize folder.
     """
+    source = model.source if isinstance(model, LoadedModel) else model
+    claim_output(out, "quantize", inputs=[source, calib], force=force)
     spec = QuantSpec.load(bits) if isinstance(bits, str) else bits
     loaded = (
         model

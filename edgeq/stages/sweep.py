@@ -18,7 +18,7 @@ from .. import pipeline, reports
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..folders import MODULE_FILE
-from ..manifest import staged_folder
+from ..manifest import claim_output, staged_folder
 from ..models import load_model
 from ..spec import QuantSpec
 from ..targets import Target, host_target
@@ -38,12 +38,14 @@ def run(
     targets: Sequence[Target] | None = None,
     options: pipeline.RunOptions | None = None,
     layer_error_images: int = LAYER_ERROR_IMAGES,
+    force: bool = False,
 ) -> dict:
     """Run every (spec, target) configuration and write the report folder ``out``; returns the report.
 
     ``specs`` default to :data:`DEFAULT_BITS`, ``targets`` to the host's; a configuration named twice runs once.
     """
     options = options or pipeline.RunOptions()
+    claim_output(out, "sweep", inputs=[options.run_dir, model], force=force)
     specs = list(dict.fromkeys(specs if specs is not None else [QuantSpec.parse(b) for b in DEFAULT_BITS]))
     targets = list({t.name: t for t in (targets if targets is not None else [host_target()])}.values())
     if not specs or not targets:

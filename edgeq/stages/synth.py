@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 
 from ..diagnostics import FilterOptions, scorer, select_lowest
 from ..errors import EdgeqError, one_of
-from ..manifest import Manifest, atomic_write_bytes, input_entry, publish_folder, reusable
+from ..manifest import (
+    Manifest,
+    atomic_write_bytes,
+    claim_output,
+    input_entry,
+    publish_folder,
+    release,
+    reusable,
+)
 from ..prompts import (
     STRATEGIES,
     PromptOptions,
@@ -316,6 +324,7 @@ def run(
     stopped when run again with the same settings; a complete folder with the same settings
     is left as it is unless ``force``.
     """
+    claim_output(out, "synth", inputs=[generator], force=force)
     class_names = tuple(class_names)
     if not class_names:
         raise EdgeqError("no class names to prompt with", "pass --classes file.txt with one class per line")
@@ -327,6 +336,7 @@ def run(
         log.info(
             "%s already holds these %d images; nothing to do (pass --force to make them again)", out, options.num_images
         )
+        release(out)
         return Path(out)
     candidates = filtering.candidates(options.num_images)
     if options.strategy in GENERATOR_FREE:

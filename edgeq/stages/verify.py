@@ -21,7 +21,7 @@ from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
 from ..evaluate import agreement, predict
 from ..folders import MODEL_FILE, MODULE_FILE, upstream
-from ..manifest import Manifest, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, staged_folder
 from ..qdq import INPUT_NAME, onnxruntime_session
 from ..quantized import load as load_quantized
 from ..quantized import load_recorded_model
@@ -116,14 +116,17 @@ def run(
     tracker: str | None = None,
     key: str | None = None,
     allow_pickle: bool = False,
+    force: bool = False,
 ) -> dict:
     """Verify a compile folder on ``data`` (default: the calibration folder); returns the report.
 
     ``rpc`` (HOST:PORT), or ``tracker`` and ``key``, run the module on a board over TVM RPC.
-    ``allow_pickle``: the float model is a pickle and the command line allows it.
+    ``allow_pickle``: the float model is a pickle and the command line allows it. ``force``: replace ``out`` even
+    when it is not a verify folder.
     """
     compiled_dir = Path(compiled_dir)
     compiled, export_dir, quantized_dir = upstream(compiled_dir)
+    claim_output(out, "verify", inputs=[compiled_dir, export_dir, quantized_dir, data], force=force)
     quantized_model, loaded, spec, quant_manifest = load_quantized(quantized_dir, allow_pickle=allow_pickle)
     data = data or quant_manifest.input("calibration")["path"]
     manifest = plan(compiled_dir, data=data, num_images=num_images, latency_runs=latency_runs)
@@ -168,7 +171,7 @@ def run(
         "latency_note": None
         if timings
         else ("emulated: latency not measured" if how.startswith("qemu") else "latency not requested"),
-        "artifact": str(compiled_dir / MODULE_FILE),
+        "artifact": str((compiled_dir / MODULE_FILE).resolve()),  # absolute: read from anywhere
     }
     manifest.extra = {"report": report}
     with staged_folder(out) as tmp:
