@@ -414,8 +414,9 @@ def _labels_for(images: ImageSet, classes: tuple[str, ...] | None, source: str) 
     if unnamed and len(classes) == len(images.class_names):
         return images  # a model without class names: the data's names stand for its numbers
     log.warning(
-        "%s is labelled for other classes (%s) than the model's (%s): top-1 is not measured, only agreement; "
-        "pass --classes with the data's class names if they are the same classes",
+        "%s is labelled for other classes (%s) than the model's (%s): its labels are not used (no top-1, only "
+        "agreement; as calibration, images of other classes); pass --classes with the data's class names if they "
+        "are the same classes",
         source,
         ", ".join(images.class_names[:3]) + (", ..." if len(images.class_names) > 3 else ""),
         ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else ""),

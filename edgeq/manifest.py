@@ -10,6 +10,7 @@ inputs and settings) lets a later run reuse the folder instead of redoing the wo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import datetime
@@ -345,6 +346,14 @@ def holding(folder: str | os.PathLike, what: str):
         yield
     finally:
         release(resolved)
+
+
+def _release_all() -> None:
+    for held in list(_held_locks):
+        release(held)
+
+
+atexit.register(_release_all)  # a stage that failed leaves no lock file behind when its process ends
 
 
 def release(final: str | os.PathLike) -> None:

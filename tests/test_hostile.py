@@ -392,3 +392,33 @@ def test_options_that_would_be_ignored_are_errors(stage_chain, monkeypatch, caps
     _assert_one_line_error(run_cli(monkeypatch, capsys, *command), "--bits", "--method", "export folder")
     _assert_one_line_error(run_cli(monkeypatch, capsys, "compile", "-o", str(tmp_path / "new")), "--run-dir")
     assert not (tmp_path / "new").exists()
+
+
+def test_calibration_images_made_for_another_model_are_announced(synth_dir, monkeypatch, capsys, tmp_path):
+    names = tmp_path / "classes.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(10)))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "quantize",
+        "tests.factories:tiny_cifar",
+        "--classes",
+        str(names),
+        "--calib",
+        str(synth_dir),
+        "--method",
+        "rtn",
+        "-o",
+        str(tmp_path / "q"),
+    )
+    assert code == 0, err
+    assert "labelled for other classes" in err and "not the model's input 32x32" in err, err
+
+
+def test_a_bundle_archive_name_taken_by_a_folder(stage_chain, monkeypatch, capsys, tmp_path):
+    _, _, compiled = stage_chain(tmp_path)
+    (tmp_path / "b.tar.gz").mkdir()
+    _assert_one_line_error(
+        run_cli(monkeypatch, capsys, "bundle", str(compiled), "--tar", "-o", str(tmp_path / "b")), "is a folder"
+    )
+    assert not (tmp_path / "b").exists()

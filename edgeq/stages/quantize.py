@@ -109,6 +109,19 @@ def run(
     )
     if len(images) == 0:
         raise EdgeqError(f"the calibration set {calib} is empty", "run 'edgeq synth' with --num-images > 0")
+    pre = loaded.preprocess
+    made = images.images.shape[1:3]
+    if Path(str(calib)).is_dir() and made != (pre.height, pre.width):
+        # a synth folder made for another model: resizing changes what the images show to this one
+        log.warning(
+            "calibration images of %s are %dx%d, not the model's input %dx%d: they are resized to it (made for "
+            "another model?)",
+            calib,
+            made[1],
+            made[0],
+            pre.width,
+            pre.height,
+        )
     inputs = loaded.preprocess(images.images)
     method = reconstruction.method if reconstruction else Method.RTN
     log.info("quantizing %s at %s (%s) on %d images from %s", loaded.source, spec, method, len(inputs), calib)
