@@ -145,8 +145,10 @@ def test_overrides_replace_size_crop_and_normalization():
 
 
 def test_guessed_preprocessing_is_announced_once_and_recorded(caplog, tmp_path, folders):
+    import edgeq.models
     from edgeq.stages import quantize
 
+    edgeq.models._announced.clear()  # other tests may have loaded the model already
     with caplog.at_level(logging.WARNING, logger="edgeq.models"):
         loaded = load_model(CIFAR_MODEL)
         load_model(CIFAR_MODEL)
