@@ -621,7 +621,9 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
         )
         + " (none measured yet)" * (not any("cpu" in e for e in entries.values()))
         + ". Quantization seconds exclude evaluation; the seconds that made a data-free calibration set are "
-        "shown beside them.",
+        "shown beside them. Cells on one thread ran beside other work (two cells at once, `--workers 2`), so "
+        "their seconds overstate a quiet machine's, and a cell with a time budget got fewer iterations than it "
+        "would alone.",
         "",
     ]
     if missing:
