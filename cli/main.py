@@ -138,6 +138,14 @@ def _stacked(*decorators):
     return apply
 
 
+window_option = click.option(
+    "--window",
+    type=click.IntRange(min=8),
+    metavar="PIXELS",
+    help="Reconstruct convolutional blocks whose inputs are larger than PIXELS on random PIXELS×PIXELS windows "
+    "of them (each block checked to commute with translation): several times the iterations in the same time "
+    "at ImageNet resolutions. [default: whole inputs]",
+)
 quantization_options = _stacked(
     click.option(
         "--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images."
@@ -161,14 +169,7 @@ quantization_options = _stacked(
         type=click.FloatRange(min=0, min_open=True),
         help="Seconds for all of reconstruction; caps --iters per unit (a budget per bit width in a sweep).",
     ),
-    click.option(
-        "--window",
-        type=click.IntRange(min=8),
-        metavar="PIXELS",
-        help="Reconstruct convolutional blocks whose inputs are larger than PIXELS on random PIXELS×PIXELS windows "
-        "of them (each block checked to commute with translation): several times the iterations in the same time "
-        "at ImageNet resolutions. [default: whole inputs]",
-    ),
+    window_option,
 )
 evaluation_options = _stacked(
     click.option(
@@ -649,14 +650,7 @@ Examples:
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds for all of reconstruction; caps --iters per unit.",
 )
-@click.option(
-    "--window",
-    type=click.IntRange(min=8),
-    metavar="PIXELS",
-    help="Reconstruct convolutional blocks whose inputs are larger than PIXELS on random PIXELS×PIXELS windows "
-    "of them (each block checked to commute with translation): several times the iterations in the same time "
-    "at ImageNet resolutions. [default: whole inputs]",
-)
+@window_option
 @click.option(
     "--loss",
     type=click.Choice(["mse", "fisher"]),
