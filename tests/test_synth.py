@@ -124,6 +124,16 @@ def test_an_unfinished_run_with_other_settings_is_discarded(tmp_path, builtin_mo
         synth.SynthOptions(strategy="noise", num_images=4, seed=0, size=8),
     )
     assert len(load_synth_images(out)) == 4 and not work.exists()
+    # killed again with other settings after the folder was made: the same settings' rerun cleans that up
+    work.mkdir()
+    (work / synth.STATE_NAME).write_text(json.dumps({"fingerprint": "other", "candidates": 4}))
+    synth.run(
+        None,
+        builtin_model.classes,
+        tmp_path / "out",
+        synth.SynthOptions(strategy="noise", num_images=4, seed=0, size=8),
+    )
+    assert not work.exists()
 
 
 def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, tiny_generator):

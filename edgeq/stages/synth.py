@@ -336,6 +336,8 @@ def run(
         log.info(
             "%s already holds these %d images; nothing to do (pass --force to make them again)", out, options.num_images
         )
+        # an unfinished run with other settings, killed after this folder was made, will not be continued
+        shutil.rmtree(work_folder(Path(out)), ignore_errors=True)
         release(out)
         return Path(out)
     candidates = filtering.candidates(options.num_images)
