@@ -32,23 +32,7 @@ def pickled_quantize_folder(tmp_path, monkeypatch, capsys):
     model = tmp_path / "model.pt"
     torch.save(TinyResNet(), model)
     folder = tmp_path / "q"
-    code, _, err = run_cli(
-        monkeypatch,
-        capsys,
-        "quantize",
-        str(model),
-        "--allow-pickle",
-        "--calib",
-        "fashion-mnist:A",
-        "--num-images",
-        "8",
-        "--method",
-        "rtn",
-        "--bits",
-        "w4a4",
-        "-o",
-        str(folder),
-    )
+    code, _, err = _quantize(monkeypatch, capsys, folder, str(model), "--allow-pickle")
     assert code == 0, err
     return model, folder
 
