@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -252,8 +253,8 @@ def claim_output(final: str | os.PathLike, stage: str, *, inputs=(), force: bool
     edgeq did not write: an existing non-empty folder is replaced only when its manifest
     says it is this stage's output, or with ``force``. Never an input of the command (or a
     folder that holds one), the working directory, or a path under a file. The folder is
-    locked against other runs from here until it is published (:func:`release`; a stage
-    that fails keeps it until its process ends).
+    locked against other runs from here until it is published (:func:`release`); a stage
+    function wrapped in :func:`releases_on_failure` lets it go when it fails.
     """
     final = Path(final)
     resolved = final.resolve()
@@ -303,7 +304,7 @@ def _lock_path(resolved: Path) -> Path:
 
 
 def _lock(resolved: Path, stage: str) -> None:
-    """Hold an exclusive lock on ``resolved`` until it is published (or this process ends).
+    """Hold an exclusive lock on ``resolved`` until it is published, its stage fails, or this process ends.
 
     Two runs writing one folder would each replace the other's work, or mix two runs' files
     in one folder; the second stops at once and says which run holds the folder. The lock
@@ -348,12 +349,33 @@ def holding(folder: str | os.PathLike, what: str):
         release(resolved)
 
 
+def releases_on_failure(stage_function):
+    """Wrap a stage function so that the output folders it locked are let go if it fails.
+
+    Without it a failed stage would hold its folder (and leave ``.<name>.lock`` beside it)
+    until its process ends: a notebook or a test that carries on after the error could not
+    write there again.
+    """
+
+    @functools.wraps(stage_function)
+    def run(*args, **kwargs):
+        held_before = set(_held_locks)
+        try:
+            return stage_function(*args, **kwargs)
+        except BaseException:
+            for folder in set(_held_locks) - held_before:
+                release(folder)
+            raise
+
+    return run
+
+
 def _release_all() -> None:
     for held in list(_held_locks):
         release(held)
 
 
-atexit.register(_release_all)  # a stage that failed leaves no lock file behind when its process ends
+atexit.register(_release_all)  # what a run still holds when its process ends (no stage function to release it)
 
 
 def release(final: str | os.PathLike) -> None:

@@ -227,6 +227,20 @@ def test_a_folder_being_written_is_not_written_by_a_second_run(monkeypatch, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no lock or partial folder left behind
 
 
+def test_a_stage_that_fails_lets_its_output_folder_go(tmp_path):
+    from edgeq.errors import EdgeqError
+    from edgeq.manifest import _held_locks
+    from edgeq.stages import synth
+
+    out = tmp_path / "s"
+    options = synth.SynthOptions(strategy="noise", size=8, num_images=2)
+    with pytest.raises(EdgeqError, match="no class names"):
+        synth.run(None, (), out, options)  # fails after it locked the folder
+    assert out.resolve() not in _held_locks and list(tmp_path.iterdir()) == []
+    assert synth.run(None, ("a", "b"), out, options) == out  # a second try in the same process goes ahead
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
 def test_manifests_of_a_newer_edgeq_or_with_wrong_types(quantized_dirs, monkeypatch, capsys, tmp_path):
     import shutil
 

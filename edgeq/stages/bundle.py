@@ -23,7 +23,7 @@ import onnx
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE, MODULE_FILE, upstream
-from ..manifest import Manifest, claim_output, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, staged_folder
 from ..qdq import INPUT_NAME, onnxruntime_session
 from ..quantized import load as load_quantized
 from ..runtime import runner
@@ -78,6 +78,7 @@ The RPC protocol has no authentication: keep the server on localhost and use the
 """
 
 
+@releases_on_failure
 def run(
     compiled_dir: str | Path,
     out: str | Path,

@@ -24,7 +24,7 @@ import onnx
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE, MODULE_FILE
 from ..lowering import lower_low_bit_qdq
-from ..manifest import Manifest, claim_output, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, staged_folder
 from ..targets import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def plan(export_dir: str | Path, target: Target, kernels: str = "auto") -> Manif
     )
 
 
+@releases_on_failure
 def run(
     export_dir: str | Path,
     out: str | Path,

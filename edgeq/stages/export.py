@@ -31,7 +31,7 @@ from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE
 from ..graph import eval_mode, execution_order
-from ..manifest import Manifest, claim_output, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, staged_folder
 from ..qdq import INPUT_NAME, OUTPUT_NAME, integer_tensor, onnxruntime_session
 
 log = logging.getLogger(__name__)
@@ -362,6 +362,7 @@ def plan(quantized_dir: str | Path) -> Manifest:
     )
 
 
+@releases_on_failure
 def run(quantized_dir: str | Path, out: str | Path, *, allow_pickle: bool = False, force: bool = False) -> Path:
     """Export a quantize folder to ``out/model.onnx`` and check it against onnxruntime.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
-from ..manifest import Manifest, claim_output, input_entry, sha256_file
+from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, sha256_file
 from ..models import LoadedModel, adopt_folder_classes, load_model
 from ..quantized import QuantizedLayer, quantize_module, quantized_layer_names, quantized_matmuls, save
 from ..reconstruction import Method, ReconstructionConfig
@@ -55,6 +55,7 @@ def plan(
     )
 
 
+@releases_on_failure
 def run(
     model: str | LoadedModel | None,
     calib: str | Path,

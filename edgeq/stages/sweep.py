@@ -18,7 +18,7 @@ from .. import pipeline, reports
 from ..data import resolve_dataset
 from ..errors import EdgeqError
 from ..folders import MODULE_FILE
-from ..manifest import claim_output, staged_folder
+from ..manifest import claim_output, releases_on_failure, staged_folder
 from ..models import load_model
 from ..spec import QuantSpec
 from ..targets import Target, host_target
@@ -30,6 +30,7 @@ DEFAULT_BITS = ("w8a8", "w4a8", "w4a4", "w3a3", "w2a4")
 LAYER_ERROR_IMAGES = 64
 
 
+@releases_on_failure
 def run(
     model: str | None,
     out: str | Path,

@@ -44,6 +44,7 @@ from ..manifest import (
     input_entry,
     publish_folder,
     release,
+    releases_on_failure,
     reusable,
 )
 from ..prompts import (
@@ -308,6 +309,7 @@ def plan(generator: str | None, class_names, options: SynthOptions = SynthOption
     )
 
 
+@releases_on_failure
 def run(
     generator: str | None,
     class_names,

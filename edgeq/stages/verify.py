@@ -21,7 +21,7 @@ from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
 from ..evaluate import agreement, predict
 from ..folders import MODEL_FILE, MODULE_FILE, upstream
-from ..manifest import Manifest, claim_output, input_entry, staged_folder
+from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, staged_folder
 from ..qdq import INPUT_NAME, onnxruntime_session
 from ..quantized import load as load_quantized
 from ..quantized import load_recorded_model
@@ -105,6 +105,7 @@ def _data_digest(data: str) -> str:
     return dataset_digest(data)
 
 
+@releases_on_failure
 def run(
     compiled_dir: str | Path,
     out: str | Path,
