@@ -7,9 +7,12 @@ core, the hottest inner loop is cut out of the assembly (the innermost loop with
 multiply-accumulate instructions), and llvm-mca simulates it on that core's scheduling
 model. The baseline is the int8 dot-product sequence an int8 kernel would run on the same
 core (edgeq_int8_peak_loop: smull + smlal2 + sadalp without dot product, sdot with it),
-analysed the same way. The result is multiply-accumulates per cycle of each steady-state
-loop: an upper bound that ignores memory, so it compares instruction mixes, not whole
-models. Emulator timings mean nothing and are never used.
+analysed the same way. On cores without dot product the table-lookup kernel (micro_lut)
+is analysed too: each tbl looks up one bit plane of 16 channels' weights against 4
+activations, 32 multiply-accumulates' worth (two planes make a 2-bit weight). The result is
+multiply-accumulates per cycle of each steady-state loop: an upper bound that ignores
+memory and the tables' construction, so it compares instruction mixes, not whole models.
+Emulator timings mean nothing and are never used.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ CORES = [
     ("Cortex-A76 (Raspberry Pi 5; A78AE in Jetson Orin is alike): dot product", "cortex-a76", "cortex-a76"),
 ]
 # multiply-accumulates per instruction (16-byte vectors)
-MACS = {"smlal": 8, "smlal2": 8, "smull": 8, "smull2": 8, "sdot": 16}
-MAC_PATTERN = re.compile(r"^\s*(smlal2?|smull2?|sdot)\b")
+MACS = {"smlal": 8, "smlal2": 8, "smull": 8, "smull2": 8, "sdot": 16, "tbl": 32}
+MAC_PATTERN = re.compile(r"^\s*(smlal2?|smull2?|sdot|tbl)\b")
 
 
 def loops(assembly: str, function: str) -> list[list[str]]:
@@ -115,6 +118,17 @@ def analyse(gcc_cpu: str, mca_cpu: str, workdir: Path) -> dict:
     kernel_body, kernel_macs = hottest(assembly, "micro")
     baseline_body, baseline_macs = hottest(assembly, "edgeq_int8_peak_loop")
     kernel_cycles, baseline_cycles = mca(kernel_body, mca_cpu), mca(baseline_body, mca_cpu)
+    table_lookup = None
+    if re.search(r"^micro_lut(\.\w+)*:$", assembly, re.M):
+        lut_body, lut_macs = hottest(assembly, "micro_lut")
+        lut_cycles = mca(lut_body, mca_cpu)
+        table_lookup = {
+            "instructions": len(lut_body),
+            "macs": lut_macs,
+            "cycles": lut_cycles,
+            "macs_per_cycle": lut_macs / lut_cycles,
+            "ratio": (lut_macs / lut_cycles) / (baseline_macs / baseline_cycles),
+        }
     return {
         "kernel_loop": {
             "instructions": len(kernel_body),
@@ -129,6 +143,7 @@ def analyse(gcc_cpu: str, mca_cpu: str, workdir: Path) -> dict:
             "macs_per_cycle": baseline_macs / baseline_cycles,
         },
         "ratio": (kernel_macs / kernel_cycles) / (baseline_macs / baseline_cycles),
+        "table_lookup_loop": table_lookup,
     }
 
 
@@ -154,6 +169,12 @@ def main(argv=None) -> int:
             f"{b['macs_per_cycle']:>10.1f} ({b['macs']} in {b['cycles']:.1f} cyc) "
             f"{r['ratio']:>6.2f}x"
         )
+        lut = r["table_lookup_loop"]
+        if lut:
+            print(
+                f"{'  tbl loop':<12} {lut['macs_per_cycle']:>10.1f} ({lut['macs']} in {lut['cycles']:.1f} cyc) "
+                f"{'':>24} {lut['ratio']:>6.2f}x"
+            )
     return 0
 
 

@@ -36,22 +36,28 @@ LAYOUTS = {
     "avx2-wide": Layout("avx2-wide", 3, 16, 2),
     # table lookup: 16-channel blocks, groups of 4 k (see edgeq_kernels.h; not a panel)
     "avx2-lut": Layout("avx2-lut", 5, 16, 4),
+    "neon-lut": Layout("neon-lut", 6, 16, 4),  # the same stored bytes, read with tbl
 }
+TABLE_LOOKUP = {"avx2": "avx2-lut", "neon": "neon-lut"}  # the table-lookup kernel each build also has
 # When the table-lookup kernel is chosen: measured on Zen 3 against the vpmaddubsw kernel
 # (benchmarks/speed.py, docs/kernels.md), tables cost more than they save below ~512 output
 # channels (they are built per row and shared by the channels) and for few rows.
 LUT_MIN_ROWS = 9
 LUT_MIN_CHANNELS = 512
+# On NEON without dot product the tables win from the first block of 16 channels (an
+# estimate: benchmarks/arm_estimate.py; no A72 was at hand to time it): per group pair
+# and row the lookups take 10 instructions on two pipes for 128 multiply-adds, smlal 16 on
+# one, and the tables cost about one block's lookups per row. A tile holds 4 rows.
+NEON_LUT_MIN_ROWS = 4
 
 
 def candidate_layouts(layout: Layout, x_max: int, weights: np.ndarray) -> list[Layout]:
     """Every layout a build with its own ``layout`` can run one layer in (the tests try them all)."""
-    if layout.name != "avx2":
-        return [layout]
-    if x_max > 15:
+    if layout.name == "avx2" and x_max > 15:
         return [LAYOUTS["avx2-wide"]]
-    if weights.size and weights.min() >= -2 and weights.max() <= 1:
-        return [layout, LAYOUTS["avx2-lut"]]
+    lut = TABLE_LOOKUP.get(layout.name)
+    if lut and x_max <= 15 and weights.size and weights.min() >= -2 and weights.max() <= 1:
+        return [layout, LAYOUTS[lut]]
     return [layout]
 
 
@@ -60,14 +66,20 @@ def conv_layout(layout: Layout, x_max: int, weights: np.ndarray | None = None, r
 
     AVX2 builds run layers with 8-bit inputs on the wide (int16) kernel, and layers with
     4-bit inputs, 2-bit weights (values in [-2, 1]), many rows and many output channels
-    on the table-lookup kernel.
+    on the table-lookup kernel; NEON builds (no dot product) run such layers on theirs
+    from a few rows on.
     """
     if weights is None:
         return LAYOUTS["avx2-wide"] if layout.name == "avx2" and x_max > 15 else layout
     candidates = candidate_layouts(layout, x_max, weights)
-    lut = LAYOUTS["avx2-lut"]
-    if lut in candidates and (rows is None or rows < LUT_MIN_ROWS or weights.shape[0] < LUT_MIN_CHANNELS):
-        candidates.remove(lut)
+    if len(candidates) > 1:
+        lut = candidates[-1]
+        if lut.name == "avx2-lut":
+            loses = rows is None or rows < LUT_MIN_ROWS or weights.shape[0] < LUT_MIN_CHANNELS
+        else:
+            loses = rows is None or rows < NEON_LUT_MIN_ROWS
+        if loses:
+            candidates.remove(lut)
     return candidates[-1]
 
 
@@ -160,7 +172,7 @@ def pack_weights(weights: np.ndarray, layout: Layout) -> PackedWeights:
     weights = np.asarray(weights)
     if weights.min(initial=0) < -128 or weights.max(initial=0) > 127:
         raise ValueError("weight codes must fit int8")
-    if layout.name == "avx2-lut":
+    if layout.name in TABLE_LOOKUP.values():
         if weights.min(initial=0) < -2 or weights.max(initial=0) > 1:
             raise ValueError("the table-lookup layout takes 2-bit weights in [-2, 1]")
         return PackedWeights(

@@ -79,9 +79,20 @@ class Plan:
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
+        weight_layouts: dict[str, int] = {}  # which microkernel each convolution and dense layer runs on
+        names = {layout.id: name for name, layout in layouts.LAYOUTS.items()}
         for step in self.steps:
             counts[step.kernel] = counts.get(step.kernel, 0) + 1
-        return {"layout": self.layout.name, "steps": len(self.steps), "kernels": counts}
+            packed = step.params.get("packed")
+            if isinstance(packed, layouts.PackedWeights) and packed.layout >= 0:
+                name = names[packed.layout]
+                weight_layouts[name] = weight_layouts.get(name, 0) + 1
+        return {
+            "layout": self.layout.name,
+            "steps": len(self.steps),
+            "kernels": counts,
+            "weight_layouts": weight_layouts,
+        }
 
 
 def _attributes(node) -> dict:

@@ -44,6 +44,24 @@ def check_gemm(lib, rng) -> str | None:
     return None
 
 
+def check_table_lookup(lib, rng) -> str | None:
+    """The build's table-lookup kernel (if it has one) on 2-bit weights, with reductions long enough
+    (past 2048) to cross its 16-bit chunks."""
+    lut = layouts.TABLE_LOOKUP.get(lib.layout.name)
+    if lut is None:
+        return None
+    m, n = int(rng.integers(1, 12)), int(rng.integers(1, 50))
+    k = int(rng.choice([int(rng.integers(1, 300)), int(rng.integers(2040, 2400))]))
+    a = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    a[:, : min(k, 64)] = 15  # largest codes against the largest weights: the sums' worst case
+    w = rng.integers(-2, 2, (n, k))
+    w[: n // 2, : min(k, 64)] = -2
+    got = lib.gemm_raw(a, layouts.pack_weights(w, layouts.LAYOUTS[lut]))
+    if not np.array_equal(got, reference.int_gemm(a, w)):
+        return f"table lookup m={m} k={k} n={n} ({lut}): accumulators differ"
+    return None
+
+
 def check_conv(lib, rng) -> str | None:
     depthwise = bool(rng.integers(0, 4) == 0)
     kernel = int(rng.choice([1, 3, 5]))
@@ -210,7 +228,7 @@ def run(library_path: str, cases: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     failures = []
     for case in range(cases):
-        for check in (check_unpack, check_gemm, check_conv, check_float_ops):
+        for check in (check_unpack, check_gemm, check_table_lookup, check_conv, check_float_ops):
             problem = check(lib, rng)
             if problem:
                 failures.append(f"case {case}: {problem}")

@@ -117,6 +117,13 @@ def test_table_lookup_layout_stores_two_bits_per_weight_and_is_chosen_for_wide_l
     assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights * 2, rows=196).name == "avx2"  # not 2-bit
     with pytest.raises(ValueError, match="2-bit"):
         layouts.pack_weights(weights * 2, lut)
+    # NEON without dot product: the same bytes, chosen from a tile's rows on
+    neon, neon_lut = layouts.LAYOUTS["neon"], layouts.LAYOUTS["neon-lut"]
+    assert np.array_equal(layouts.pack_weights(weights, neon_lut).data, packed.data)
+    assert layouts.conv_layout(neon, 15, weights[:16], rows=4) == neon_lut
+    assert layouts.conv_layout(neon, 15, weights, rows=2) == neon  # a tile of 4 rows would be mostly empty
+    assert layouts.conv_layout(neon, 255, weights, rows=196) == neon  # 8-bit inputs
+    assert layouts.conv_layout(layouts.LAYOUTS["sdot"], 15, weights, rows=196).name == "sdot"
 
 
 @settings(max_examples=40, deadline=None)

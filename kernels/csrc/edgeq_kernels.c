@@ -193,6 +193,7 @@ static void micro_packed2(const uint8_t* const* a, const uint8_t* packed, int32_
  * instructions, against 32 per two for vpmaddubsw on unpacked weights. The tables are
  * built once per row and reused by every output channel. */
 #define EDGEQ_HAS_LUT 1
+#define EDGEQ_LUT_LAYOUT EDGEQ_LAYOUT_AVX2_LUT
 #define NB_LUT 16
 #define MR_LUT 4
 #define LUT_CHUNK_PAIRS 256 /* 256 group pairs: each int16 lane adds at most 120 per pair */
@@ -344,6 +345,93 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
     for (int j = 0; j < 8; ++j) {
       c[j] += vaddlvq_s16(r0[j]);
       c[NB + j] += vaddlvq_s16(r1[j]);
+    }
+  }
+}
+
+/* Table lookup (LAYOUT_NEON_LUT, see edgeq_kernels.h), for cores without a dot product
+ * (Cortex-A72): the same tables and indices as the AVX2 kernel. One tbl looks up one bit
+ * plane of 16 channels' weights against the subset sums of 4 activations (32 multiply-adds'
+ * worth); four lookups add up in bytes, uaddw widens them into uint16 lanes, and the planes
+ * are combined (b0 - 2 * b1) once per chunk. llvm-mca's A72 model puts this loop at 14
+ * multiply-adds per cycle, an int8 smull/smlal2/sadalp loop at 10.6 and smlal over unpacked
+ * weights (micro above) at 7.9 (benchmarks/arm_estimate.py); the 16-byte tbl, 1.5 cycles
+ * there, is what limits it. */
+#define EDGEQ_HAS_LUT 1
+#define EDGEQ_LUT_LAYOUT EDGEQ_LAYOUT_NEON_LUT
+#define NB_LUT 16
+#define MR_LUT 4
+#define LUT_CHUNK_PAIRS 256 /* each uint16 lane adds at most 120 per pair: 256 pairs stay below 2^15 */
+
+/* Stored [pair][half][16] (byte = i0 | i1 << 4) -> [pair][parity][plane][16 channels]. */
+static void lut_expand(const uint8_t* stored, int32_t pairs, uint8_t* out) {
+  const uint8x16_t nibble = vdupq_n_u8(0x0F);
+  for (int32_t gp = 0; gp < pairs; ++gp) {
+    const uint8x16_t half0 = vld1q_u8(stored + 32 * gp), half1 = vld1q_u8(stored + 32 * gp + 16);
+    const uint8x16_t even = vcombine_u8(vget_low_u8(half0), vget_low_u8(half1));
+    const uint8x16_t odd = vcombine_u8(vget_high_u8(half0), vget_high_u8(half1));
+    vst1q_u8(out + 64 * gp, vandq_u8(even, nibble));
+    vst1q_u8(out + 64 * gp + 16, vshrq_n_u8(even, 4));
+    vst1q_u8(out + 64 * gp + 32, vandq_u8(odd, nibble));
+    vst1q_u8(out + 64 * gp + 48, vshrq_n_u8(odd, 4));
+  }
+}
+
+/* Per group pair: the 16 subset sums of a[8gp..8gp+3], then those of a[8gp+4..8gp+7].
+ * T[p] = L[p & 3] + H[p >> 2], L = (0, a0, a1, a0+a1), H = (0, a2, a3, a2+a3); index 0xFF
+ * makes tbl write 0. */
+static void lut_tables(const uint8_t* row, int32_t pairs, uint8_t* out) {
+  static const uint8_t s1_bytes[16] = {0xFF, 0, 1, 0, 0xFF, 2, 3, 2, 0xFF, 4, 5, 4, 0xFF, 6, 7, 6};
+  static const uint8_t s2_bytes[16] = {0xFF, 0xFF, 0xFF, 1, 0xFF, 0xFF, 0xFF, 3, 0xFF, 0xFF, 0xFF, 5, 0xFF, 0xFF, 0xFF, 7};
+  static const uint8_t low_bytes[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+  static const uint8_t high_bytes[16] = {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7};
+  const uint8x16_t s1 = vld1q_u8(s1_bytes), s2 = vld1q_u8(s2_bytes);
+  const uint8x16_t even_low = vld1q_u8(low_bytes), even_high = vld1q_u8(high_bytes), eight = vdupq_n_u8(8);
+  const uint8x16_t odd_low = vaddq_u8(even_low, eight), odd_high = vaddq_u8(even_high, eight);
+  for (int32_t gp = 0; gp < pairs; ++gp) {
+    const uint8x16_t v = vcombine_u8(vld1_u8(row + 8 * gp), vdup_n_u8(0));
+    const uint8x16_t lh = vaddq_u8(vqtbl1q_u8(v, s1), vqtbl1q_u8(v, s2));  // L, H of the even group, then of the odd
+    vst1q_u8(out + 32 * gp, vaddq_u8(vqtbl1q_u8(lh, even_low), vqtbl1q_u8(lh, even_high)));
+    vst1q_u8(out + 32 * gp + 16, vaddq_u8(vqtbl1q_u8(lh, odd_low), vqtbl1q_u8(lh, odd_high)));
+  }
+}
+
+/* c[r][n] = sum_k a_r[k] * w[n][k] for 4 rows (their tables) and one 16-channel block. */
+static void micro_lut(const uint8_t* const* tables, const uint8_t* index, int32_t pairs, int32_t* c) {
+  for (int32_t g0 = 0; g0 < pairs; g0 += LUT_CHUNK_PAIRS) {
+    const int32_t g1 = g0 + LUT_CHUNK_PAIRS < pairs ? g0 + LUT_CHUNK_PAIRS : pairs;
+    uint16x8_t acc[MR_LUT][4];  // per row: plane 0 channels 0-7, 8-15; plane 1 channels 0-7, 8-15 (at most 240 per step)
+    for (int r = 0; r < MR_LUT; ++r)
+      for (int j = 0; j < 4; ++j) acc[r][j] = vdupq_n_u16(0);
+    // two group pairs per step (k_padded is a multiple of 16, so pairs and chunks are even):
+    // four lookups of at most 60 stay within a byte before they are widened
+    for (int32_t gp = g0; gp < g1; gp += 2) {
+      const uint8_t* ix = index + 64 * gp;
+      for (int plane = 0; plane < 2; ++plane) {  // one plane at a time: 4 index registers live, not 8
+        const uint8x16_t e = vld1q_u8(ix + 16 * plane), o = vld1q_u8(ix + 32 + 16 * plane);
+        const uint8x16_t f = vld1q_u8(ix + 64 + 16 * plane), q = vld1q_u8(ix + 96 + 16 * plane);
+        for (int r = 0; r < MR_LUT; ++r) {
+          const uint8_t* t = tables[r] + 32 * gp;
+          const uint8x16_t sum = vaddq_u8(vaddq_u8(vqtbl1q_u8(vld1q_u8(t), e), vqtbl1q_u8(vld1q_u8(t + 16), o)),
+                                          vaddq_u8(vqtbl1q_u8(vld1q_u8(t + 32), f), vqtbl1q_u8(vld1q_u8(t + 48), q)));
+          acc[r][2 * plane] = vaddw_u8(acc[r][2 * plane], vget_low_u8(sum));
+          acc[r][2 * plane + 1] = vaddw_high_u8(acc[r][2 * plane + 1], sum);
+        }
+      }
+    }
+    for (int r = 0; r < MR_LUT; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        int32_t* out = c + r * NB_LUT + 8 * h;
+        const uint16x8_t b0 = acc[r][h], b1 = acc[r][2 + h];
+        int32x4_t lo = vsubq_s32(vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(b0))), vreinterpretq_s32_u32(vshll_n_u16(vget_low_u16(b1), 1)));
+        int32x4_t hi = vsubq_s32(vreinterpretq_s32_u32(vmovl_high_u16(b0)), vreinterpretq_s32_u32(vshll_high_n_u16(b1, 1)));
+        if (g0 > 0) {
+          lo = vaddq_s32(lo, vld1q_s32(out));
+          hi = vaddq_s32(hi, vld1q_s32(out + 4));
+        }
+        vst1q_s32(out, lo);
+        vst1q_s32(out + 4, hi);
+      }
     }
   }
 }
@@ -550,7 +638,7 @@ int edgeq_supports_layout(int32_t layout) {
   if (layout == EDGEQ_LAYOUT_AVX2_WIDE) return 1;
 #endif
 #if defined(EDGEQ_HAS_LUT)
-  if (layout == EDGEQ_LAYOUT_AVX2_LUT) return 1;
+  if (layout == EDGEQ_LUT_LAYOUT) return 1;
 #endif
   return 0;
 }
@@ -559,7 +647,7 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
                    int32_t a_max, int32_t w_layout, int32_t* out) {
   if (k_padded % K_ALIGN || a_max > NIBBLE_MAX || !edgeq_supports_layout(w_layout) || w_layout == EDGEQ_LAYOUT_AVX2_WIDE) return -1;
 #if defined(EDGEQ_HAS_LUT)
-  if (w_layout == EDGEQ_LAYOUT_AVX2_LUT) return lut_products(a, m, k_padded, packed_weights, n, NULL, out);
+  if (w_layout == EDGEQ_LUT_LAYOUT) return lut_products(a, m, k_padded, packed_weights, n, NULL, out);
 #endif
   const int32_t chunk = int16_chunk(w_absmax);
   const int32_t blocks = (n + NB - 1) / NB;
@@ -593,7 +681,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
   if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255 || !edgeq_supports_layout(p->w_layout)) return -1;
   const int wide = p->w_layout == EDGEQ_LAYOUT_AVX2_WIDE;
-  const int lut = p->w_layout == EDGEQ_LAYOUT_AVX2_LUT;
+  const int lut = p->w_layout == EDGEQ_LAYOUT_AVX2_LUT || p->w_layout == EDGEQ_LAYOUT_NEON_LUT;
   if ((wide && p->x_max <= NIBBLE_MAX) || (lut && (p->x_max > NIBBLE_MAX || p->w_bits != 2))) return -1;
   const int split = !wide && p->x_max > NIBBLE_MAX;
   const int32_t nb = wide ? NB_WIDE_OR_NB : NB;

@@ -18,6 +18,7 @@
  *   LAYOUT_PORTABLE 16 1  any other CPU (plain C)      scalar
  *   LAYOUT_AVX2_WIDE 16 2   x86-64 AVX2, 8-bit inputs   vpmaddwd (s16 pairs -> s32)
  *   LAYOUT_AVX2_LUT  (see below) x86-64 AVX2, 2-bit weights  vpshufb table lookups
+ *   LAYOUT_NEON_LUT  (see below) AArch64 NEON, 2-bit weights tbl table lookups
  *
  * LAYOUT_AVX2_LUT (T-MAC style, 2-bit weights in [-2, 1], 4-bit inputs): weights are
  * bit planes, w = b0 - 2 * b1; for each output channel n and group g of 4 reduction
@@ -25,6 +26,11 @@
  * subset sums of the group's 4 activations. Stored per block of 16 channels, per pair of
  * groups (2gp, 2gp+1), per half-block of 8 channels: 16 bytes, byte j = i0 | i1 << 4 of
  * channel j in group 2gp, byte 8 + j the same in group 2gp+1 (still 2 bits per weight).
+ * LAYOUT_NEON_LUT stores the same bytes; only the kernel that reads them differs.
+ *
+ *   stored, one group pair of one 16-channel block (32 bytes):
+ *     half 0: | g=2gp: ch 0..7 | g=2gp+1: ch 0..7 |   half 1: | g=2gp: ch 8..15 | g=2gp+1: ch 8..15 |
+ *     each byte: | i1 (bits 7..4) | i0 (bits 3..0) |
  *
  * Stored (packed) weights: the panel's int8 values v are offset to codes c = v - low
  * (0 <= c < 2^bits) and packed `bits` per field in groups of 32 bytes:
@@ -45,7 +51,7 @@
 extern "C" {
 #endif
 
-enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4, EDGEQ_LAYOUT_AVX2_LUT = 5 };
+enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4, EDGEQ_LAYOUT_AVX2_LUT = 5, EDGEQ_LAYOUT_NEON_LUT = 6 };
 
 /* Which panel layout this build's microkernel reads. */
 int edgeq_layout(void);
