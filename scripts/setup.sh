@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up edgeq on a fresh Debian/Ubuntu machine. Idempotent: re-running installs only what is missing.
-#   - system packages: C/C++ compilers (for the kernels), the aarch64 cross compilers, qemu-user, debootstrap, Fashion-MNIST, opencv-doc's sample photos
+#   - system packages: C/C++ compilers (for the kernels), the aarch64 cross compilers, qemu-user, debootstrap, Fashion-MNIST, opencv-doc's sample photos, llvm (llvm-mca for benchmarks/arm_estimate.py)
 #   - a virtual environment in .venv (unless one is already active) with edgeq and its test extra
 #   - the arm64 emulation environment (Debian rootfs + aarch64 TVM runtime) in ~/.cache/edgeq
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="gcc g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user debootstrap dataset-fashion-mnist opencv-doc ca-certificates"
+APT_PACKAGES="gcc g++ gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user debootstrap dataset-fashion-mnist opencv-doc ca-certificates llvm"
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 
 missing=""

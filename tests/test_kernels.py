@@ -166,6 +166,21 @@ def test_arm64_kernels_are_bit_exact_under_qemu(tmp_path, target_name, qemu_cpu,
     assert report == {"layout": layout, "cases": 12, "failures": []}
 
 
+@pytest.mark.skipif(
+    shutil.which("llvm-mca") is None or shutil.which("aarch64-linux-gnu-gcc") is None,
+    reason="needs llvm-mca and the aarch64 cross compiler",
+)
+def test_arm_estimate_puts_the_a72_table_lookup_loop_ahead_of_int8():
+    """The instruction mix the A72 kernel choice rests on (benchmarks/arm_estimate.py, LLVM's scheduling model)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "arm_estimate.py"
+    result = subprocess.run([sys.executable, str(script), "--json"], capture_output=True, text=True, check=True)
+    a72 = json.loads(result.stdout)["cortex-a72"]
+    lookup = a72["table_lookup_loop"]
+    assert lookup["macs"] % 1024 == 0  # 32 lookups of 32 multiply-adds per two group pairs of 4 rows
+    assert lookup["ratio"] > 1.0 > a72["ratio"]  # measured 1.33 and 0.75
+    assert json.loads(result.stdout)["cortex-a76"]["table_lookup_loop"] is None  # dot-product builds keep sdot
+
+
 @pytest.mark.qemu
 @requires_emulator
 def test_dot_product_build_does_not_run_on_cortex_a72(tmp_path):
