@@ -652,9 +652,17 @@ class _Planner:
         strides = _contiguous(x.shape)
         self._copy(node.output[0], x, [x.shape[p] for p in perm], [strides[p] for p in perm], 0)
 
+    def _feature_map(self, name) -> Value | None:
+        """The float NHWC feature map ``name`` names, if it is one (shape and layout operators keep it NHWC)."""
+        value = self.values.get(name)
+        if value is not None and value.kind == "float" and value.layout == "nhwc" and len(value.shape) == 3:
+            return value
+        return None
+
     def op_Slice(self, node, attrs):
-        x = self._plain(node.input[0], node)
-        rank = len(x.shape)
+        source = self._feature_map(node.input[0])
+        x = source or self._plain(node.input[0], node)
+        rank = 4 if source else len(x.shape)
         starts, ends = self.const(node.input[1]).reshape(-1), self.const(node.input[2]).reshape(-1)
         axes = (
             self.const(node.input[3]).reshape(-1) if len(node.input) > 3 and node.input[3] else np.arange(len(starts))
@@ -664,15 +672,80 @@ class _Planner:
             if len(node.input) > 4 and node.input[4]
             else np.ones(len(starts), np.int64)
         )
+        # a feature map is sliced where it lies: ONNX axes (N, C, H, W) are NHWC memory dims (-, 2, 0, 1)
+        dims = {1: 2, 2: 0, 3: 1} if source else {axis: axis for axis in range(rank)}
         shape, strides, offset = list(x.shape), list(_contiguous(x.shape)), 0
         for start, end, axis, step in zip(starts.tolist(), ends.tolist(), axes.tolist(), steps.tolist()):
             axis = int(axis) % rank
-            indices = range(*slice(int(start), int(end), int(step)).indices(x.shape[axis]))
+            if axis not in dims:  # the batch axis of a feature map (batch 1): the slice must keep its one item
+                if len(range(*slice(int(start), int(end), int(step)).indices(1))) != 1:
+                    raise Unsupported(f"Slice {node.name}: empty result")
+                continue
+            dim = dims[axis]
+            indices = range(*slice(int(start), int(end), int(step)).indices(x.shape[dim]))
             if len(indices) == 0:
                 raise Unsupported(f"Slice {node.name}: empty result")
-            offset += indices.start * strides[axis]
-            shape[axis], strides[axis] = len(indices), strides[axis] * indices.step
+            offset += indices.start * strides[dim]
+            shape[dim], strides[dim] = len(indices), strides[dim] * indices.step
         self._copy(node.output[0], x, shape, strides, offset)
+        if source:
+            self.values[node.output[0]] = dataclasses.replace(self.values[node.output[0]], layout="nhwc")
+
+    def op_Pad(self, node, attrs):
+        """Constant padding (CIFAR ResNets' "option A" shortcuts pad channels with zeros), as concatenations
+        with constant blocks, in the layout the input lies in."""
+        mode = attrs.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            raise Unsupported(f"Pad {node.name}: mode {mode!r} (only constant padding has a kernel)")
+        source = self._feature_map(node.input[0])
+        x = source or self._plain(node.input[0], node)
+        rank = 4 if source else len(x.shape)
+        pads = self.const(node.input[1]).reshape(-1).astype(np.int64)
+        fill = float(self.const(node.input[2]).reshape(-1)[0]) if len(node.input) > 2 and node.input[2] else 0.0
+        axes = (
+            self.const(node.input[3]).reshape(-1).astype(np.int64) % rank
+            if len(node.input) > 3 and node.input[3]
+            else np.arange(rank)
+        )
+        if pads.size != 2 * axes.size or (pads < 0).any():
+            raise Unsupported(f"Pad {node.name}: pads {pads.tolist()} (cropping or malformed)")
+        dims = {1: 2, 2: 0, 3: 1} if source else {axis: axis for axis in range(rank)}
+        current = x
+        for index, axis in enumerate(axes.tolist()):
+            before, after = int(pads[index]), int(pads[index + axes.size])
+            if before == after == 0:
+                continue
+            if axis not in dims:
+                raise Unsupported(f"Pad {node.name}: padding the batch axis")
+            dim = dims[axis]
+            for side, width in (("before", before), ("after", after)):
+                if width == 0:
+                    continue
+                block_shape = list(current.shape)
+                block_shape[dim] = width
+                block = f"{node.output[0]}/{axis}/{side}"
+                self.values[block] = Value(block, "constant", tuple(block_shape), layout="plain")
+                self.steps.append(Step("constant", [], block, {"array": np.full(block_shape, fill, np.float32)}))
+                shape = list(current.shape)
+                shape[dim] += width
+                outer, inner = int(np.prod(shape[:dim])), int(np.prod(shape[dim + 1 :]))
+                parts = [self.values[block], current] if side == "before" else [current, self.values[block]]
+                name = f"{node.output[0]}/{axis}/{side}/padded"
+                self._float_op(
+                    "concat",
+                    _Named(name),
+                    parts,
+                    shape,
+                    [outer, parts[0].shape[dim] * inner, parts[1].shape[dim] * inner],
+                    [],
+                )
+                current = self.values[name] = dataclasses.replace(self.values[name], layout=x.layout)
+        if current is x:
+            self._copy(node.output[0], x, x.shape, _contiguous(x.shape), 0)
+        else:
+            self.steps.append(Step("alias", [current.name], node.output[0], {"shape": tuple(current.shape)}))
+        self.values[node.output[0]] = dataclasses.replace(current, name=node.output[0], layout=x.layout)
 
     def op_Gather(self, node, attrs):
         x = self._plain(node.input[0], node)

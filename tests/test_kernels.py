@@ -323,6 +323,53 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
         assert np.abs(ours - theirs).max() < 0.05 * np.abs(theirs).max()
 
 
+@pytest.fixture(scope="session")
+def option_a_resnet_model() -> onnx.ModelProto:
+    """A CIFAR ResNet-8 at W2A4 whose downsampling shortcuts slice and zero-pad channels (ONNX Slice + Pad)."""
+    import torch
+
+    from edgeq.zoo.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=8).eval()
+    calibration = np.random.default_rng(0).normal(0, 1, (4, 3, 32, 32)).astype(np.float32)
+    quantized = quantize_module(model, calibration, "w2a4")
+    qdq, _ = export_stage.build_qdq_model(quantized, torch.from_numpy(calibration[:1]))
+    return qdq
+
+
+@pytest.mark.parametrize("build", ["host", "portable"])
+def test_channel_padding_shortcuts_run_on_the_kernels(libraries, option_a_resnet_model, build):
+    """Slice and Pad of a feature map stay NHWC, so the shortcut feeds the residual add without layout copies."""
+    model = option_a_resnet_model
+    assert {"Pad", "Slice"} <= {node.op_type for node in model.graph.node}
+    lib = libraries[build]
+    plan = kernel_plan.build_plan(model, lib.layout)
+    assert plan.summary()["kernels"]["concat"] == 2 * 2  # zeros before and after, two shortcuts
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
+        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        ours = env[plan.output_name].reshape(plan.output_shape)
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_pad_modes_without_a_kernel_are_named():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 10, 10])],
+        [helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 1, 1, 0, 0, 1, 1])],
+    )
+    with pytest.raises(kernel_plan.Unsupported, match="mode 'reflect'"):
+        kernel_plan.build_plan(helper.make_model(graph), layouts.LAYOUTS["portable"])
+
+
 @pytest.mark.parametrize(
     "name, target_name",
     [("tiny", "x86"), ("tiny", "x86-avx2"), ("mobilenet", "x86-avx2"), ("vit", "x86-avx2"), ("vit", "x86")],
