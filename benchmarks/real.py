@@ -39,7 +39,6 @@ import logging
 import math
 import multiprocessing
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -157,18 +156,11 @@ def two_fold(labels: np.ndarray, count: int, seed: int) -> list[tuple[np.ndarray
 
 def cpu_description() -> str:
     """The processor's model name and the vector extensions that matter to quantized kernels."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.processor() or platform.machine()):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    present = [f for f in ("avx512_vnni", "avx2") if f in flags]
-    return f"{name} ({', '.join(present) if present else 'neither avx512_vnni nor avx2'}), {os.cpu_count()} cores"
+    from edgeq.targets import host_cpu
+
+    cpu = host_cpu()
+    present = [f for f in ("avx512_vnni", "avx2") if f in cpu["features"]]
+    return f"{cpu['model']} ({', '.join(present) if present else 'neither avx512_vnni nor avx2'}), {cpu['cores']} cores"
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------

@@ -356,16 +356,6 @@ def int8_peak(library) -> dict | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated timm model names")
@@ -416,8 +406,12 @@ def main(argv=None) -> int:
             print(json.dumps(entry), flush=True)
     if args.json:
         return 0
+    from edgeq.targets import host_cpu
+
+    cpu = host_cpu()
+    print(f"\nCPU: {cpu['model']}, {cpu['cores']} cores; SIMD: {', '.join(cpu['features']) or 'none of note'}")
     print(
-        f"\nWhole models, 224x224, batch 1, median of {args.runs} interleaved runs (ms); "
+        f"Whole models, 224x224, batch 1, median of {args.runs} interleaved runs (ms); "
         "edgeq path: kernels or generic TVM code"
     )
     print(
@@ -448,7 +442,12 @@ def main(argv=None) -> int:
         args.save.write_text(
             json.dumps(
                 {
-                    "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+                    "machine": {
+                        "cpu": host_cpu()["model"],
+                        "cores": os.cpu_count(),
+                        "cpu_features": host_cpu()["features"],
+                        "python": platform.python_version(),
+                    },
                     "runs": args.runs,
                     "models": results,
                     "kernels": rows,

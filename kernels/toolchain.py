@@ -85,11 +85,6 @@ def host_flags() -> tuple[str, list[str]]:
 
 
 def host_cpu_features() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    from edgeq.targets import host_cpu_flags
+
+    return set(host_cpu_flags())

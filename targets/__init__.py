@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import platform
 from importlib import resources
 
@@ -48,7 +49,7 @@ class Target:
         """Features this target needs that the CPU running edgeq lacks (native arch only)."""
         if not self.is_native_arch:
             return list(self.cpu_features)
-        flags = _host_cpu_flags()
+        flags = host_cpu_flags()
         return [f for f in self.cpu_features if f not in flags]
 
     def to_dict(self) -> dict:
@@ -102,7 +103,7 @@ def host_target_name(arch: str, cpu_flags) -> str:
 
 def host_target() -> Target:
     """The best target for the CPU running edgeq."""
-    return get_target(host_target_name(platform.machine(), _host_cpu_flags()))
+    return get_target(host_target_name(platform.machine(), host_cpu_flags()))
 
 
 def get_target(name: str) -> Target:
@@ -117,8 +118,42 @@ def get_target(name: str) -> Target:
     return targets[name]
 
 
+# The instruction-set extensions the kernels and onnxruntime choose code by: what a speed
+# figure depends on, so every benchmark records which of them its CPU had.
+SIMD_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "asimd",
+    "asimddp",
+    "i8mm",
+)
+
+
+def host_cpu() -> dict:
+    """The CPU running edgeq as benchmarks record it: model name, logical cores, and which of
+    :data:`SIMD_FEATURES` it has."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model") and value.strip():
+                    model = value.strip()
+                    break
+    except OSError:
+        pass
+    flags = host_cpu_flags()
+    return {"model": model, "cores": os.cpu_count(), "features": [f for f in SIMD_FEATURES if f in flags]}
+
+
 @functools.cache
-def _host_cpu_flags() -> frozenset[str]:
+def host_cpu_flags() -> frozenset[str]:
+    """Every /proc/cpuinfo flag of the CPU running edgeq (empty where there is no /proc)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

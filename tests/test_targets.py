@@ -114,3 +114,13 @@ def test_each_host_choice_gets_the_kernels_its_features_allow(name, layout):
         assert {"-mavx2", "-mfma"} <= set(
             toolchain.compile_flags(target.arch, target.cpu_features, target.tvm_target.get("mcpu"))
         )
+
+
+def test_host_cpu_records_the_simd_features_benchmarks_depend_on():
+    from edgeq.targets import SIMD_FEATURES, host_cpu, host_cpu_flags
+
+    cpu = host_cpu()
+    assert cpu["model"] and cpu["cores"] >= 1
+    assert cpu["features"] == [f for f in SIMD_FEATURES if f in host_cpu_flags()]
+    if platform.machine() == "x86_64" and "avx2" in host_cpu_flags():
+        assert "avx2" in cpu["features"]
