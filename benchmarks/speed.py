@@ -194,6 +194,55 @@ def _qdq_reference(path: Path, input_name: str, x: np.ndarray) -> np.ndarray:
 # Kernels alone
 
 
+def _conv_call(library, packed, a, w, m: int, k: int, n: int):
+    """A 1x1 convolution over m rows through edgeq_conv2d with codes out (the fused requantization)."""
+    from edgeq.kernels import native
+
+    params = native.conv_params(
+        in_h=m,
+        in_w=1,
+        in_c=k,
+        out_h=m,
+        out_w=1,
+        out_c=n,
+        kernel_h=1,
+        kernel_w=1,
+        stride_h=1,
+        stride_w=1,
+        x_zero=0,
+        x_max=15,
+        w_bits=packed.bits,
+        w_low=packed.low,
+        w_absmax=packed.absmax,
+        k_padded=packed.k_padded,
+        w_layout=packed.layout,
+        out_zero=0,
+        out_qmin=0,
+        out_qmax=15,
+        out_scale=1.0,
+        clamp_min=0.0,
+        clamp_max=3.0e38,
+    )
+    wsum, multiplier, bias = w.sum(1).astype(np.int32), np.full(n, 0.01, np.float32), np.zeros(n, np.float32)
+    out = np.zeros((m, n), np.uint8)
+    args = [
+        native.ctypes.byref(params),
+        library._ptr(a),
+        library._ptr(packed.data),
+        library._ptr(wsum),
+        library._ptr(multiplier),
+        library._ptr(bias),
+        None,
+        None,
+        library._ptr(out),
+    ]
+
+    def ours(args=args):
+        library.lib.edgeq_conv2d(*args)
+
+    return ours
+
+
 def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
     import onnxruntime as ort
     from edgeq.kernels import layouts, native, toolchain
@@ -206,51 +255,16 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
     peak = int8_peak(library)
     rng = np.random.default_rng(0)
     rows = []
-    for m, k, n in [(3136, 576, 64), (1, 4096, 4096)]:
+    # ResNet-18's 3x3 convolutions at 224x224 (rows = output pixels, k = 9 * input channels), and a classifier row
+    for m, k, n in [(3136, 576, 64), (784, 1152, 128), (196, 2304, 256), (49, 4608, 512), (1, 4096, 4096)]:
         a = rng.integers(0, 16, (m, k)).astype(np.uint8)
         w = rng.integers(-2, 2, (n, k))
-        packed = layouts.pack_weights(w, layouts.conv_layout(library.layout, 15, w, m))
-        params = native.conv_params(
-            in_h=m,
-            in_w=1,
-            in_c=k,
-            out_h=m,
-            out_w=1,
-            out_c=n,
-            kernel_h=1,
-            kernel_w=1,
-            stride_h=1,
-            stride_w=1,
-            x_zero=0,
-            x_max=15,
-            w_bits=packed.bits,
-            w_low=packed.low,
-            w_absmax=packed.absmax,
-            k_padded=packed.k_padded,
-            w_layout=packed.layout,
-            out_zero=0,
-            out_qmin=0,
-            out_qmax=15,
-            out_scale=1.0,
-            clamp_min=0.0,
-            clamp_max=3.0e38,
-        )
-        wsum, multiplier, bias = w.sum(1).astype(np.int32), np.full(n, 0.01, np.float32), np.zeros(n, np.float32)
-        out = np.zeros((m, n), np.uint8)
-        args = [
-            native.ctypes.byref(params),
-            library._ptr(a),
-            library._ptr(packed.data),
-            library._ptr(wsum),
-            library._ptr(multiplier),
-            library._ptr(bias),
-            None,
-            None,
-            library._ptr(out),
-        ]
-
-        def ours(args=args):
-            library.lib.edgeq_conv2d(*args)
+        chosen = layouts.conv_layout(library.layout, 15, w, m)
+        engines = {}
+        for layout in [chosen, *(c for c in layouts.candidate_layouts(library.layout, 15, w) if c != chosen)]:
+            engines[f"edgeq W2A4 {layout.name}{' (chosen)' if layout == chosen else ''}"] = _conv_call(
+                library, layouts.pack_weights(w, layout), a, w, m, k, n
+            )
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -302,8 +316,7 @@ def kernel_table(runs: int) -> tuple[list[dict], dict | None]:
             providers=["CPUExecutionProvider"],
         )
         a_float = a.astype(np.float32)
-        engines = {
-            "edgeq W2A4 (fused requant)": ours,
+        engines |= {
             "onnxruntime MatMulInteger u8s8": lambda session=integer_session, a=a: session.run(None, {"a": a}),
             "onnxruntime MatMulNBits 2-bit": lambda session=nbits_session, a=a_float: session.run(None, {"a": a}),
         }
@@ -346,7 +359,10 @@ def int8_peak(library) -> dict | None:
     return (
         {
             "gops": best,
-            "loop": "vpmaddubsw + vpmaddwd + vpaddd (AVX2)" if library.layout.name == "avx2" else "portable C",
+            "loop": {
+                "vnni": "vpdpbusd zmm (AVX-512 VNNI)",
+                "avx2": "vpmaddubsw + vpmaddwd + vpaddd (AVX2)",
+            }.get(library.layout.name, "portable C"),
         }
         if best
         else None

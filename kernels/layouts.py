@@ -37,6 +37,7 @@ LAYOUTS = {
     # table lookup: 16-channel blocks, groups of 4 k (see edgeq_kernels.h; not a panel)
     "avx2-lut": Layout("avx2-lut", 5, 16, 4),
     "neon-lut": Layout("neon-lut", 6, 16, 4),  # the same stored bytes, read with tbl
+    "vnni": Layout("vnni", 7, 32, 4),  # AVX-512 VNNI builds: every layer, 4- or 8-bit inputs
 }
 TABLE_LOOKUP = {"avx2": "avx2-lut", "neon": "neon-lut"}  # the table-lookup kernel each build also has
 # When the table-lookup kernel is chosen: measured on Zen 3 against the vpmaddubsw kernel
@@ -53,6 +54,8 @@ NEON_LUT_MIN_ROWS = 4
 
 def candidate_layouts(layout: Layout, x_max: int, weights: np.ndarray) -> list[Layout]:
     """Every layout a build with its own ``layout`` can run one layer in (the tests try them all)."""
+    if layout.name == "vnni":  # a VNNI build also has every AVX2 kernel
+        return [*candidate_layouts(LAYOUTS["avx2"], x_max, weights), layout]
     if layout.name == "avx2" and x_max > 15:
         return [LAYOUTS["avx2-wide"]]
     lut = TABLE_LOOKUP.get(layout.name)
@@ -69,6 +72,8 @@ def conv_layout(layout: Layout, x_max: int, weights: np.ndarray | None = None, r
     on the table-lookup kernel; NEON builds (no dot product) run such layers on theirs
     from a few rows on.
     """
+    if layout.name == "vnni":  # 64 multiply-adds per instruction at any input width: nothing beats it there
+        return layout
     if weights is None:
         return LAYOUTS["avx2-wide"] if layout.name == "avx2" and x_max > 15 else layout
     candidates = candidate_layouts(layout, x_max, weights)
@@ -87,6 +92,8 @@ def layout_for(arch: str, cpu_features) -> Layout:
     """The layout the C file compiles to for a target (see :func:`compile_flags`)."""
     features = set(cpu_features)
     if arch == "x86_64":
+        if {"avx512_vnni", "avx512bw"} <= features:
+            return LAYOUTS["vnni"]
         return LAYOUTS["avx2" if "avx2" in features else "portable"]
     if arch == "aarch64":
         return LAYOUTS["sdot" if "asimddp" in features else "neon"]

@@ -25,6 +25,8 @@ def compile_flags(arch: str, cpu_features, mcpu: str | None = None) -> list[str]
     if arch == "x86_64":
         if "avx2" in features:
             flags += ["-mavx2", "-mfma"]
+        if {"avx512_vnni", "avx512bw"} <= features:
+            flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
     elif arch == "aarch64":
         if mcpu and mcpu != "generic":
             flags.append(f"-mcpu={mcpu}")

@@ -60,7 +60,10 @@ requires_emulator = pytest.mark.skipif(
 
 @pytest.fixture(scope="session")
 def libraries(tmp_path_factory):
-    """The host's best build and the portable C build (different microkernels and layouts)."""
+    """The host's best build, the AVX2 build (the host's own on AVX2-only CPUs; on VNNI machines
+    the build those run) and the portable C build: different microkernels and layouts."""
+    import platform
+
     from edgeq.kernels import native, toolchain
 
     cache = tmp_path_factory.mktemp("kernels")
@@ -69,4 +72,7 @@ def libraries(tmp_path_factory):
         "host": native.Library(toolchain.build_shared(compiler, flags, cache)),
         "portable": native.Library(toolchain.build_shared(compiler, PORTABLE_FLAGS, cache)),
     }
+    if platform.machine() == "x86_64" and "avx2" in toolchain.host_cpu_features():
+        avx2_flags = toolchain.compile_flags("x86_64", {"avx2", "fma"})
+        built["avx2"] = native.Library(toolchain.build_shared(compiler, avx2_flags, cache))
     return built

@@ -127,14 +127,15 @@ def test_manifests_record_inputs_and_versions(export_dir):
 
 
 @pytest.mark.skipif(bool(get_target("x86-avx512").missing_host_features()), reason="this CPU lacks AVX-512 with VNNI")
-def test_x86_avx512_module_runs_the_avx2_kernels_and_matches_onnxruntime(tmp_path, export_dir):
+def test_x86_avx512_module_runs_the_vnni_kernel_and_matches_onnxruntime(tmp_path, export_dir):
     # what 'host' resolves to on an AVX-512 VNNI machine, so what the default one-shot builds there
     compiled = compile_stage.run(export_dir, tmp_path / "compiled", target="x86-avx512")
     manifest = Manifest.load(compiled, "compile")
     assert (
         manifest.target == "x86-avx512"
         and manifest.extra["build"]["path"] == "kernels"
-        and manifest.extra["build"]["layout"] == "avx2"
+        and manifest.extra["build"]["layout"] == "vnni"
+        and set(manifest.extra["build"]["weight_layouts"]) == {"vnni"}  # 8-bit edge layers too
     )
     report = verify_stage.run(
         compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=200, latency_runs=5

@@ -103,17 +103,17 @@ def test_host_is_a_concrete_target_this_machine_runs():
 
 @pytest.mark.parametrize(
     "name, layout",
-    [("x86", "portable"), ("x86-avx2", "avx2"), ("x86-avx512", "avx2"), ("arm64", "neon"), ("jetson-orin", "sdot")],
+    [("x86", "portable"), ("x86-avx2", "avx2"), ("x86-avx512", "vnni"), ("arm64", "neon"), ("jetson-orin", "sdot")],
 )
 def test_each_host_choice_gets_the_kernels_its_features_allow(name, layout):
     from edgeq.kernels import layouts, toolchain
 
     target = get_target(name)
     assert layouts.layout_for(target.arch, target.cpu_features).name == layout
-    if layout == "avx2":
-        assert {"-mavx2", "-mfma"} <= set(
-            toolchain.compile_flags(target.arch, target.cpu_features, target.tvm_target.get("mcpu"))
-        )
+    flags = set(toolchain.compile_flags(target.arch, target.cpu_features, target.tvm_target.get("mcpu")))
+    if layout in ("avx2", "vnni"):
+        assert {"-mavx2", "-mfma"} <= flags
+    assert ("-mavx512vnni" in flags) == (layout == "vnni")
 
 
 def test_host_cpu_records_the_simd_features_benchmarks_depend_on():

@@ -47,6 +47,11 @@
 #endif
 
 #define K_ALIGN 16
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TILE_ROWS_MAX 8 /* MR_VNNI */
+#else
+#define TILE_ROWS_MAX MR
+#endif
 #if defined(__AVX2__)
 #define NB_WIDE_OR_NB 16
 #else
@@ -54,7 +59,13 @@
 #endif
 #define NIBBLE_MAX 15
 
-int edgeq_layout(void) { return EDGEQ_THIS_LAYOUT; }
+int edgeq_layout(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return EDGEQ_LAYOUT_VNNI;
+#else
+  return EDGEQ_THIS_LAYOUT;
+#endif
+}
 
 /* The field width is a compile-time constant in each instance, so the loops vectorize
  * (shift, mask, add over 32 contiguous bytes) on every target. */
@@ -282,6 +293,65 @@ static void micro_wide(const uint16_t* const* a, const int8_t* panel, int32_t k_
     _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE + 8), rows[r][1]);
   }
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* AVX-512 VNNI (LAYOUT_VNNI, panel [k/4][32][4]): one vpdpbusd multiplies a row's 4
+ * activation codes (broadcast) by 16 channels' 4 weights and adds the four products into
+ * int32 lanes: 64 multiply-adds per instruction with no intermediate saturation, so 8-bit
+ * inputs need neither nibble planes nor a widening kernel. 8 rows x 32 channels: 16
+ * accumulators, two weight registers and a broadcast of the 32 zmm registers. */
+#define EDGEQ_HAS_VNNI 1
+#define MR_VNNI 8
+/* The 8 x 32 tile over k, with WEIGHTS(k) setting w0 (channels 0-15) and w1 (16-31) of quad k/4. */
+#define EDGEQ_VNNI_TILE(WEIGHTS)                                                                                            \
+  const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5], *a6 = a[6], *a7 = a[7];            \
+  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;        \
+  __m512i c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00, c61 = c00, c70 = c00, c71 = c00;                           \
+  for (int32_t k = 0; k < k_padded; k += 4) {                                                                              \
+    __m512i w0, w1, x;                                                                                                     \
+    int32_t quad;                                                                                                          \
+    WEIGHTS(k)                                                                                                             \
+    EDGEQ_VNNI_ROW(0) EDGEQ_VNNI_ROW(1) EDGEQ_VNNI_ROW(2) EDGEQ_VNNI_ROW(3)                                                 \
+    EDGEQ_VNNI_ROW(4) EDGEQ_VNNI_ROW(5) EDGEQ_VNNI_ROW(6) EDGEQ_VNNI_ROW(7)                                                 \
+  }                                                                                                                        \
+  const __m512i rows[MR_VNNI][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}, {c60, c61}, {c70, c71}}; \
+  for (int r = 0; r < MR_VNNI; ++r) {                                                                                      \
+    _mm512_storeu_si512((void*)(c + r * NB), rows[r][0]);                                                                  \
+    _mm512_storeu_si512((void*)(c + r * NB + 16), rows[r][1]);                                                             \
+  }
+#define EDGEQ_VNNI_ROW(r)                        \
+  memcpy(&quad, a##r + k, sizeof quad);          \
+  x = _mm512_set1_epi32(quad);                   \
+  c##r##0 = _mm512_dpbusd_epi32(c##r##0, x, w0); \
+  c##r##1 = _mm512_dpbusd_epi32(c##r##1, x, w1);
+
+/* Named accumulators throughout: GCC keeps an array of them in memory, storing all 16 every iteration. */
+static void micro_vnni(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
+#define EDGEQ_PANEL_WEIGHTS(k)                                              \
+  w0 = _mm512_loadu_si512((const void*)(panel + (int64_t)(k) * NB));      \
+  w1 = _mm512_loadu_si512((const void*)(panel + (int64_t)(k) * NB + 64));
+  EDGEQ_VNNI_TILE(EDGEQ_PANEL_WEIGHTS)
+#undef EDGEQ_PANEL_WEIGHTS
+}
+
+/* 2-bit weights unpacked in registers (no panel in memory: a quarter of the bytes to stream).
+ * The 32 stored bytes of quad k/4 hold its 128 codes in four 2-bit fields (edgeq_kernels.h):
+ * fields 0 and 1 are channels 0-15 (w0), fields 2 and 3 channels 16-31 (w1). Both 256-bit
+ * halves of a register get the 32 bytes, vpsrlvw shifts each half by its field's offset. */
+static void micro_vnni_packed2(const uint8_t* const* a, const uint8_t* packed, int32_t k_padded, int8_t low, int32_t* c) {
+  const __m512i shift01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+  const __m512i shift23 = _mm512_add_epi16(shift01, _mm512_set1_epi16(4));
+  const __m512i mask = _mm512_set1_epi8(3), offset = _mm512_set1_epi8(low);
+#define EDGEQ_PACKED2_WEIGHTS(k)                                                                           \
+  {                                                                                                        \
+    const __m512i bytes = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(packed + (int64_t)(k) * 8))); \
+    w0 = _mm512_add_epi8(_mm512_and_si512(_mm512_srlv_epi16(bytes, shift01), mask), offset);             \
+    w1 = _mm512_add_epi8(_mm512_and_si512(_mm512_srlv_epi16(bytes, shift23), mask), offset);             \
+  }
+  EDGEQ_VNNI_TILE(EDGEQ_PACKED2_WEIGHTS)
+#undef EDGEQ_PACKED2_WEIGHTS
+}
+#endif
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
 static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
   (void)chunk;
@@ -640,6 +710,10 @@ int edgeq_supports_layout(int32_t layout) {
 #if defined(EDGEQ_HAS_LUT)
   if (layout == EDGEQ_LUT_LAYOUT) return 1;
 #endif
+#if defined(EDGEQ_HAS_VNNI)
+  // the build has the instruction; the CPU running it must too (a module moved to an older machine)
+  if (layout == EDGEQ_LAYOUT_VNNI) return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#endif
   return 0;
 }
 
@@ -648,6 +722,26 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
   if (k_padded % K_ALIGN || a_max > NIBBLE_MAX || !edgeq_supports_layout(w_layout) || w_layout == EDGEQ_LAYOUT_AVX2_WIDE) return -1;
 #if defined(EDGEQ_HAS_LUT)
   if (w_layout == EDGEQ_LUT_LAYOUT) return lut_products(a, m, k_padded, packed_weights, n, NULL, out);
+#endif
+#if defined(EDGEQ_HAS_VNNI)
+  if (w_layout == EDGEQ_LAYOUT_VNNI) {
+    for (int32_t b = 0; b < (n + NB - 1) / NB; ++b) {
+      const int8_t* panel = w_bits == 2 ? NULL : block_panel(packed_weights, b, NB, k_padded, w_bits, w_low);
+      if (w_bits != 2 && !panel) return -2;
+      for (int64_t i = 0; i < m; i += MR_VNNI) {
+        int32_t tile[MR_VNNI * NB];
+        const uint8_t* rows[MR_VNNI];
+        for (int r = 0; r < MR_VNNI; ++r) rows[r] = a + (i + r < m ? i + r : m - 1) * k_padded;
+        if (w_bits == 2)  // the same choice as edgeq_conv2d
+          micro_vnni_packed2(rows, packed_weights + (int64_t)b * NB * k_padded / 4, k_padded, (int8_t)w_low, tile);
+        else
+          micro_vnni(rows, panel, k_padded, tile);
+        for (int r = 0; r < MR_VNNI && i + r < m; ++r)
+          for (int j = 0; j < NB && b * NB + j < n; ++j) out[(i + r) * n + b * NB + j] = tile[r * NB + j];
+      }
+    }
+    return 0;
+  }
 #endif
   const int32_t chunk = int16_chunk(w_absmax);
   const int32_t blocks = (n + NB - 1) / NB;
@@ -682,8 +776,9 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255 || !edgeq_supports_layout(p->w_layout)) return -1;
   const int wide = p->w_layout == EDGEQ_LAYOUT_AVX2_WIDE;
   const int lut = p->w_layout == EDGEQ_LAYOUT_AVX2_LUT || p->w_layout == EDGEQ_LAYOUT_NEON_LUT;
+  const int vnni = p->w_layout == EDGEQ_LAYOUT_VNNI;
   if ((wide && p->x_max <= NIBBLE_MAX) || (lut && (p->x_max > NIBBLE_MAX || p->w_bits != 2))) return -1;
-  const int split = !wide && p->x_max > NIBBLE_MAX;
+  const int split = !wide && !vnni && p->x_max > NIBBLE_MAX;
   const int32_t nb = wide ? NB_WIDE_OR_NB : NB;
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
   const int direct = !split && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
@@ -713,9 +808,13 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   }
 #endif
   const int32_t blocks = (p->out_c + nb - 1) / nb;
+#if defined(EDGEQ_HAS_VNNI)
+  const int rows_per_tile = vnni ? MR_VNNI : (wide ? 4 : MR);
+#else
   const int rows_per_tile = wide ? 4 : MR;
+#endif
 #if defined(EDGEQ_HAS_PACKED2)
-  const int in_registers = !wide && !split && p->w_bits == 2 && m_count <= 2 * MR;
+  const int in_registers = !wide && !vnni && !split && p->w_bits == 2 && m_count <= 2 * MR;
 #else
   const int in_registers = 0;
 #endif
@@ -736,16 +835,24 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
     const int32_t b = (int32_t)(item / parts);
     const int64_t m_begin = (item % parts) * tiles_per_part * rows_per_tile;
     const int64_t m_end = m_begin + tiles_per_part * rows_per_tile < m_count ? m_begin + tiles_per_part * rows_per_tile : m_count;
-    int8_t* panel = in_registers ? NULL : block_panel(packed_weights, b, nb, p->k_padded, p->w_bits, p->w_low);
-    if (!in_registers && !panel) {
+    const int unpacked_in_registers = in_registers || (vnni && p->w_bits == 2);
+    int8_t* panel = unpacked_in_registers ? NULL : block_panel(packed_weights, b, nb, p->k_padded, p->w_bits, p->w_low);
+    if (!unpacked_in_registers && !panel) {
       status = -2;
       continue;
     }
     const int32_t n0 = b * nb, count = p->out_c - n0 < nb ? p->out_c - n0 : nb;
     for (int64_t m = m_begin; m < m_end; m += rows_per_tile) {
-      int32_t tile[MR * NB], high[MR * NB];
-      const uint8_t* a[MR];
-      for (int r = 0; r < MR; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+      int32_t tile[TILE_ROWS_MAX * NB], high[MR * NB];
+      const uint8_t* a[TILE_ROWS_MAX];
+      for (int r = 0; r < TILE_ROWS_MAX; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+#if defined(EDGEQ_HAS_VNNI)
+      if (vnni && p->w_bits == 2)
+        micro_vnni_packed2(a, packed_weights + (int64_t)b * NB * p->k_padded / 4, p->k_padded, (int8_t)p->w_low, tile);
+      else if (vnni)
+        micro_vnni(a, panel, p->k_padded, tile);
+      else
+#endif
 #if defined(EDGEQ_HAS_WIDE)
       if (wide) {
         const uint16_t* a16[4];
@@ -927,7 +1034,20 @@ void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, fl
  * the exact u8 x s8 dot-product sequence this build's CPU offers, on 8 independent
  * accumulators. Returns the multiply-adds executed (0 where no such loop is written). */
 int64_t edgeq_int8_peak_loop(int64_t iterations) {
-#if defined(__AVX2__)
+#if defined(EDGEQ_HAS_VNNI)
+  __m512i a0 = _mm512_set1_epi8(1), a1 = _mm512_set1_epi8(2), a2 = _mm512_set1_epi8(3), a3 = _mm512_set1_epi8(4);
+  const __m512i b = _mm512_set1_epi8(1);
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  for (int64_t i = 0; i < iterations; ++i) {
+    __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3));
+    c0 = _mm512_dpbusd_epi32(c0, a0, b); c1 = _mm512_dpbusd_epi32(c1, a1, b); c2 = _mm512_dpbusd_epi32(c2, a2, b); c3 = _mm512_dpbusd_epi32(c3, a3, b);
+    c4 = _mm512_dpbusd_epi32(c4, a0, b); c5 = _mm512_dpbusd_epi32(c5, a1, b); c6 = _mm512_dpbusd_epi32(c6, a2, b); c7 = _mm512_dpbusd_epi32(c7, a3, b);
+  }
+  const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                       _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+  __asm__ volatile("" ::"v"(sum));
+  return iterations * 8 * 64;
+#elif defined(__AVX2__)
   __m256i a0 = _mm256_set1_epi8(1), a1 = _mm256_set1_epi8(2), a2 = _mm256_set1_epi8(3), a3 = _mm256_set1_epi8(4);
   const __m256i b = _mm256_set1_epi8(1), ones = _mm256_set1_epi16(1);
   __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;

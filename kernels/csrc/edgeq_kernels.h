@@ -19,6 +19,7 @@
  *   LAYOUT_AVX2_WIDE 16 2   x86-64 AVX2, 8-bit inputs   vpmaddwd (s16 pairs -> s32)
  *   LAYOUT_AVX2_LUT  (see below) x86-64 AVX2, 2-bit weights  vpshufb table lookups
  *   LAYOUT_NEON_LUT  (see below) AArch64 NEON, 2-bit weights tbl table lookups
+ *   LAYOUT_VNNI     32  4   x86-64 AVX-512 VNNI            vpdpbusd (u8 x s8 quads -> s32), 2-8 bit inputs
  *
  * LAYOUT_AVX2_LUT (T-MAC style, 2-bit weights in [-2, 1], 4-bit inputs): weights are
  * bit planes, w = b0 - 2 * b1; for each output channel n and group g of 4 reduction
@@ -51,11 +52,11 @@
 extern "C" {
 #endif
 
-enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4, EDGEQ_LAYOUT_AVX2_LUT = 5, EDGEQ_LAYOUT_NEON_LUT = 6 };
+enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4, EDGEQ_LAYOUT_AVX2_LUT = 5, EDGEQ_LAYOUT_NEON_LUT = 6, EDGEQ_LAYOUT_VNNI = 7 };
 
-/* Which panel layout this build's microkernel reads. */
+/* Which panel layout this build's microkernel reads (VNNI builds: LAYOUT_VNNI, also where the CPU lacks it). */
 int edgeq_layout(void);
-/* 1 when this build runs weights packed for `layout` (its own, or an AVX2 variant). */
+/* 1 when this build runs weights packed for `layout` (its own, or a variant) on this CPU. */
 int edgeq_supports_layout(int32_t layout);
 
 /* Quantized convolution (groups == 1; dense layers are 1x1 convolutions over rows):
