@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -273,6 +274,53 @@ def calibrate(
         layer.act_zero_point.fill_(zero_point)
 
 
+def layer_output_error(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the mean over a batch of what the layer's weight rounding adds to its
+    output: ``mean(x_q · (W_q − W))`` with the input quantized as the layer quantizes it."""
+    x = layer.quantize_input(x)
+    delta = layer.dequantized_weight() - layer.layer.weight
+    inner = layer.layer
+    if isinstance(inner, nn.Conv2d):
+        out = F.conv2d(x, delta, None, inner.stride, inner.padding, inner.dilation, inner.groups)
+        return out.mean(dim=(0, 2, 3))
+    return F.linear(x, delta).reshape(-1, delta.shape[0]).mean(0)
+
+
+@torch.no_grad()
+def correct_biases(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: np.ndarray) -> int:
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", section 4.2).
+
+    Rounding weights shifts each output channel's mean: with 4-bit depthwise weights the
+    shift alone takes EfficientNet-Lite0 to chance. Subtracting, from each layer's bias, the
+    mean error its rounding adds on the calibration images (synthetic ones keep it
+    data-free) removes that shift. One forward pass in execution order corrects every
+    layer: each layer is corrected, from the inputs the already corrected layers give it,
+    before it computes its own output. All ``inputs`` go through in one batch, so the means
+    are over all of them. Layers without a bias (no BatchNorm folded into them) are left as
+    they are, so the model keeps the parameters its float model has. Returns the number of
+    layers corrected.
+    """
+    corrected = 0
+
+    def correct(layer):
+        def hook(_module, args):
+            nonlocal corrected
+            if layer.layer.bias is not None and layer.learning is None:
+                layer.layer.bias.sub_(layer_output_error(layer, args[0]))
+                corrected += 1
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(correct(layer)) for layer in layers.values()]
+    try:
+        model(torch.from_numpy(inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    log.info("bias correction: %d of %d layers", corrected, len(layers))
+    return corrected
+
+
 def quantize_module(
     model: nn.Module,
     inputs: np.ndarray,
@@ -286,11 +334,18 @@ def quantize_module(
     """In memory: BN-fold, wrap, calibrate and (with ``reconstruction``) reconstruct ``model`` on float ``inputs``
     (N, C, H, W).
 
-    ``report``, when given, receives one entry per reconstructed unit.
+    ``report``, when given, receives one entry per reconstructed unit. With
+    ``reconstruction.bias_correction`` every layer's bias is corrected for the mean error of its
+    rounded weights (:func:`correct_biases`) after calibration, and again after reconstruction
+    (which changes the rounding); ``ReconstructionConfig(method="rtn", bias_correction=True)``
+    corrects round-to-nearest.
     """
     spec = QuantSpec.load(spec) if isinstance(spec, str) else spec
     prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
+    bias_correction = reconstruction is not None and reconstruction.bias_correction
+    if bias_correction:
+        correct_biases(prepared, layers, inputs)
     if reconstruction is not None and reconstruction.learns:
         units = reconstruct(
             prepared,
@@ -303,6 +358,8 @@ def quantize_module(
         )
         if report is not None:
             report.extend(units)
+        if bias_correction:
+            correct_biases(prepared, layers, inputs)
     return prepared
 
 

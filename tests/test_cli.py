@@ -109,6 +109,25 @@ def test_pickle_with_opt_in_quantizes(monkeypatch, capsys, tmp_path):
     assert '"lr_rounding": 0.03' in (tmp_path / "q" / "manifest.json").read_text()
 
 
+def test_bias_correction_is_recorded_and_changes_the_biases(monkeypatch, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from edgeq.manifest import Manifest
+
+    common = ["quantize", "zoo:fmnist-resnet", "--calib", "fashion-mnist:A", "--num-images", "16", "--bits", "w2a4"]
+    assert run_cli(monkeypatch, capsys, *common, "--method", "rtn", "-o", str(tmp_path / "plain"))[0] == 0
+    assert (
+        run_cli(monkeypatch, capsys, *common, "--method", "rtn", "--bias-correction", "-o", str(tmp_path / "bc"))[0]
+        == 0
+    )
+    assert Manifest.load(tmp_path / "bc", "quantize").params["bias_correction"] is True
+    assert "bias_correction" not in Manifest.load(tmp_path / "plain", "quantize").params
+    plain, corrected = (load_file(str(tmp_path / name / "quantized.safetensors")) for name in ("plain", "bc"))
+    biases = [key for key in plain if key.endswith("layer.bias")]
+    assert biases and any(not torch.equal(plain[key], corrected[key]) for key in biases)
+    assert all(torch.equal(plain[key], corrected[key]) for key in plain if not key.endswith("bias"))
+
+
 def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
     _assert_one_line_error(
         run_cli(

@@ -80,3 +80,59 @@ def test_asymmetric_weights_use_every_level_on_lopsided_channels():
         if symmetric:
             assert torch.all(zero_point == 0)
     assert errors[False] < 0.5 * errors[True]  # measured: about 0.2x
+
+
+def test_bias_correction_removes_each_layers_mean_rounding_error_and_helps():
+    """Nagel et al.'s empirical bias correction on a small BatchNorm CNN at W2A8: every corrected
+    layer's mean output shift (on the calibration images) goes to zero, and the quantized
+    model's outputs on other images get closer to the float model's."""
+    from torch import nn
+
+    from edgeq.quantized import QuantizedLayer, layer_output_error, quantize_module
+    from edgeq.reconstruction import ReconstructionConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+    with torch.no_grad():  # BatchNorm statistics that make the folded weights uneven, as trained ones are
+        for bn in (m for m in model if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.05, 2), bn.weight.uniform_(0.5, 2)
+    model.eval()
+    rng = np.random.default_rng(0)
+    calibration = rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32)
+    held_out = torch.from_numpy(rng.normal(0, 1, (64, 3, 16, 16)).astype(np.float32))
+    plain = quantize_module(model, calibration, "w2a8")
+    corrected = quantize_module(
+        model, calibration, "w2a8", reconstruction=ReconstructionConfig(method="rtn", bias_correction=True)
+    )
+
+    # each layer's shift, measured on the inputs the corrected model gives it
+    inputs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in corrected.named_modules()
+        if isinstance(m, QuantizedLayer)
+    ]
+    with torch.no_grad():
+        corrected(torch.from_numpy(calibration))
+    for hook in hooks:
+        hook.remove()
+    layers = dict(corrected.named_modules())
+    before = dict(plain.named_modules())
+    with torch.no_grad():
+        shifts_before = []
+        for name, x in inputs.items():
+            # the output mean moved by the rounding, plus the bias change: what is left of the shift
+            moved = layer_output_error(layers[name], x)
+            shift = (moved + layers[name].layer.bias - before[name].layer.bias).abs().max().item()
+            assert shift < 1e-4, (name, shift)
+            shifts_before.append(moved.abs().max().item())
+        assert sorted(shifts_before)[-2] > 1e-2  # the 2-bit layers' rounding did shift them (the edges are 8-bit)
+        reference = model(held_out)
+        error_plain = (plain(held_out) - reference).pow(2).mean().item()
+        error_corrected = (corrected(held_out) - reference).pow(2).mean().item()
+    assert error_corrected < 0.8 * error_plain, (error_corrected, error_plain)

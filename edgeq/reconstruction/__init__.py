@@ -64,7 +64,9 @@ class ReconstructionConfig:
     ``time_budget`` (seconds for the whole model) caps the iterations of each unit to its
     share of what is left. ``window`` (pixels) reconstructs convolutional units whose
     inputs are larger on random ``window``×``window`` crops (:mod:`.crops`): many more
-    iterations in the same time at high resolution.
+    iterations in the same time at high resolution. ``bias_correction`` corrects each layer's
+    bias for the mean output error of its rounded weights (Nagel et al. 2019), after
+    calibration and again after reconstruction; it applies to round-to-nearest too.
     """
 
     method: Method = Method.QDROP
@@ -80,6 +82,7 @@ class ReconstructionConfig:
     loss: Loss = Loss.MSE
     time_budget: float | None = None
     window: int | None = None
+    bias_correction: bool = False
 
     def __post_init__(self):
         for field, enum_type in (("method", Method), ("loss", Loss)):

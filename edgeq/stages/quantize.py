@@ -46,6 +46,8 @@ def plan(
         params["calib_per_class"] = calib_per_class
     if reconstruction.learns:
         params["reconstruction"] = reconstruction.to_json()
+    if reconstruction.bias_correction:  # recorded only when on: folders made before it existed stay reusable
+        params["bias_correction"] = True
     return Manifest(
         stage="quantize",
         inputs=[_model_entry(loaded), _calib_entry(calib)],
