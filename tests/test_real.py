@@ -181,6 +181,7 @@ def test_quick_mode_on_resnet20_and_resume(tmp_path):
         assert entry["top1"] > 0.3  # W4A4 with 8-bit ends keeps a CIFAR ResNet far above chance even at rtn
     assert results["entries"]["cifar10-resnet20/w4a4/bn-inversion"]["synthesis_seconds"] >= 0
     assert "Incomplete" not in page and "cifar10-resnet20 W4A4, on 40 test images: best source" in page
+    assert "Measured with other settings" not in page
     began = time.perf_counter()
     assert real.main(["--quick", "--out", str(out), "--work", str(work)]) == 0  # all measured: only the page
     assert time.perf_counter() - began < 30
@@ -190,6 +191,8 @@ def test_quick_mode_on_resnet20_and_resume(tmp_path):
     page = (out / "results-real.md").read_text()
     assert "Full precision: missing (not measured yet)" in page and "| W2A4 | real | missing |" in page
     assert "**Incomplete:** 26 planned cell(s) are missing" in page and "--report-only" not in page
+    # the quick cells used rtn; this command's settings (qdrop) would measure them again, and the page says so
+    assert "**Measured with other settings:** 3 cell(s)" in page
     assert json.loads((out / "results-real.json").read_text())["entries"] == results["entries"]
 
 
