@@ -682,7 +682,7 @@ Examples:
     "--bias-correction",
     is_flag=True,
     help="Correct each layer's bias for the mean output shift of its rounded weights (Nagel et al. 2019), "
-    "measured on the calibration images, after calibration and after reconstruction; cheap (one forward pass) "
+    "measured on the calibration images once rounding is final (after reconstruction); cheap (one forward pass) "
     "and data-free with synthetic images. It rescues depthwise networks at 4 bits (docs/quantization.md).",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

@@ -296,9 +296,10 @@ def correct_biases(model: nn.Module, layers: dict[str, QuantizedLayer], inputs: 
     data-free) removes that shift. One forward pass in execution order corrects every
     layer: each layer is corrected, from the inputs the already corrected layers give it,
     before it computes its own output. All ``inputs`` go through in one batch, so the means
-    are over all of them. Layers without a bias (no BatchNorm folded into them) are left as
-    they are, so the model keeps the parameters its float model has. Returns the number of
-    layers corrected.
+    are over all of them. The biases are changed in place, so this runs once, on final
+    rounding: a second run would subtract the first run's correction again. Layers without a
+    bias (no BatchNorm folded into them) are left as they are, so the model keeps the
+    parameters its float model has. Returns the number of layers corrected.
     """
     corrected = 0
 
@@ -336,16 +337,13 @@ def quantize_module(
 
     ``report``, when given, receives one entry per reconstructed unit. With
     ``reconstruction.bias_correction`` every layer's bias is corrected for the mean error of its
-    rounded weights (:func:`correct_biases`) after calibration, and again after reconstruction
-    (which changes the rounding); ``ReconstructionConfig(method="rtn", bias_correction=True)``
-    corrects round-to-nearest.
+    rounded weights (:func:`correct_biases`) once rounding is final (after reconstruction, if
+    any); ``ReconstructionConfig(method="rtn", bias_correction=True)`` corrects round-to-nearest.
+    The corrected bias replaces the float one inside the quantized model.
     """
     spec = QuantSpec.load(spec) if isinstance(spec, str) else spec
     prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
-    bias_correction = reconstruction is not None and reconstruction.bias_correction
-    if bias_correction:
-        correct_biases(prepared, layers, inputs)
     if reconstruction is not None and reconstruction.learns:
         units = reconstruct(
             prepared,
@@ -358,8 +356,11 @@ def quantize_module(
         )
         if report is not None:
             report.extend(units)
-        if bias_correction:
-            correct_biases(prepared, layers, inputs)
+    # Once, at the end: the biases are corrected in place, and reconstruction's float targets
+    # (the same layers run unquantized) must see the model's own biases, as must the error
+    # the correction subtracts from them.
+    if reconstruction is not None and reconstruction.bias_correction:
+        correct_biases(prepared, layers, inputs)
     return prepared
 
 

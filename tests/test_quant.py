@@ -136,3 +136,42 @@ def test_bias_correction_removes_each_layers_mean_rounding_error_and_helps():
         error_plain = (plain(held_out) - reference).pow(2).mean().item()
         error_corrected = (corrected(held_out) - reference).pow(2).mean().item()
     assert error_corrected < 0.8 * error_plain, (error_corrected, error_plain)
+
+
+def test_bias_correction_after_reconstruction_corrects_once_and_leaves_the_rounding_alone():
+    """Reconstruction learns against the float layers' own biases, so the correction comes after
+    it, once: the same rounding as without it, and each bias moved by exactly its layer's shift."""
+    from torch import nn
+
+    from edgeq.quantized import QuantizedLayer, layer_output_error, quantize_module
+    from edgeq.reconstruction import ReconstructionConfig
+
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    calibration = np.random.default_rng(1).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    learned = dict(method="adaround", iters=5, batch_size=8)
+    plain = quantize_module(model, calibration, "w2a8", reconstruction=ReconstructionConfig(**learned))
+    corrected = quantize_module(
+        model, calibration, "w2a8", reconstruction=ReconstructionConfig(**learned, bias_correction=True)
+    )
+    before, after = dict(plain.named_modules()), dict(corrected.named_modules())
+    inputs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, m in corrected.named_modules()
+        if isinstance(m, QuantizedLayer)
+    ]
+    with torch.no_grad():
+        corrected(torch.from_numpy(calibration))
+        for hook in hooks:
+            hook.remove()
+        for name, x in inputs.items():
+            assert torch.equal(after[name].weight_int, before[name].weight_int), name  # the same rounding learned
+            moved = layer_output_error(after[name], x)
+            left = (moved + after[name].layer.bias - before[name].layer.bias).abs().max().item()
+            assert left < 1e-4, (name, left)

@@ -65,8 +65,8 @@ class ReconstructionConfig:
     share of what is left. ``window`` (pixels) reconstructs convolutional units whose
     inputs are larger on random ``window``×``window`` crops (:mod:`.crops`): many more
     iterations in the same time at high resolution. ``bias_correction`` corrects each layer's
-    bias for the mean output error of its rounded weights (Nagel et al. 2019), after
-    calibration and again after reconstruction; it applies to round-to-nearest too.
+    bias for the mean output error of its rounded weights (Nagel et al. 2019) once rounding is
+    final; it applies to round-to-nearest too.
     """
 
     method: Method = Method.QDROP
