@@ -82,13 +82,40 @@ def test_asymmetric_weights_use_every_level_on_lopsided_channels():
     assert errors[False] < 0.5 * errors[True]  # measured: about 0.2x
 
 
+def _layer_inputs(model, inputs: np.ndarray) -> dict:
+    """What each quantized layer of ``model`` receives when it runs on ``inputs``."""
+    from edgeq.quantized import QuantizedLayer
+
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(name, args[0]))
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedLayer)
+    ]
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def _shift_left(corrected_layer, plain_layer, x) -> tuple[float, torch.Tensor]:
+    """(what is left of the layer's mean output shift after its bias change, the shift its rounding made)."""
+    from edgeq.quantized import layer_output_error
+
+    moved = layer_output_error(corrected_layer, x)
+    return (moved + corrected_layer.layer.bias - plain_layer.layer.bias).abs().max().item(), moved
+
+
 def test_bias_correction_removes_each_layers_mean_rounding_error_and_helps():
     """Nagel et al.'s empirical bias correction on a small BatchNorm CNN at W2A8: every corrected
     layer's mean output shift (on the calibration images) goes to zero, and the quantized
     model's outputs on other images get closer to the float model's."""
     from torch import nn
 
-    from edgeq.quantized import QuantizedLayer, layer_output_error, quantize_module
+    from edgeq.quantized import quantize_module
     from edgeq.reconstruction import ReconstructionConfig
 
     torch.manual_seed(0)
@@ -111,24 +138,13 @@ def test_bias_correction_removes_each_layers_mean_rounding_error_and_helps():
     )
 
     # each layer's shift, measured on the inputs the corrected model gives it
-    inputs = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
-        for name, m in corrected.named_modules()
-        if isinstance(m, QuantizedLayer)
-    ]
-    with torch.no_grad():
-        corrected(torch.from_numpy(calibration))
-    for hook in hooks:
-        hook.remove()
+    inputs = _layer_inputs(corrected, calibration)
     layers = dict(corrected.named_modules())
     before = dict(plain.named_modules())
     with torch.no_grad():
         shifts_before = []
         for name, x in inputs.items():
-            # the output mean moved by the rounding, plus the bias change: what is left of the shift
-            moved = layer_output_error(layers[name], x)
-            shift = (moved + layers[name].layer.bias - before[name].layer.bias).abs().max().item()
+            shift, moved = _shift_left(layers[name], before[name], x)
             assert shift < 1e-4, (name, shift)
             shifts_before.append(moved.abs().max().item())
         assert sorted(shifts_before)[-2] > 1e-2  # the 2-bit layers' rounding did shift them (the edges are 8-bit)
@@ -143,7 +159,7 @@ def test_bias_correction_after_reconstruction_corrects_once_and_leaves_the_round
     it, once: the same rounding as without it, and each bias moved by exactly its layer's shift."""
     from torch import nn
 
-    from edgeq.quantized import QuantizedLayer, layer_output_error, quantize_module
+    from edgeq.quantized import quantize_module
     from edgeq.reconstruction import ReconstructionConfig
 
     torch.manual_seed(1)
@@ -160,18 +176,8 @@ def test_bias_correction_after_reconstruction_corrects_once_and_leaves_the_round
         model, calibration, "w2a8", reconstruction=ReconstructionConfig(**learned, bias_correction=True)
     )
     before, after = dict(plain.named_modules()), dict(corrected.named_modules())
-    inputs = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
-        for name, m in corrected.named_modules()
-        if isinstance(m, QuantizedLayer)
-    ]
     with torch.no_grad():
-        corrected(torch.from_numpy(calibration))
-        for hook in hooks:
-            hook.remove()
-        for name, x in inputs.items():
+        for name, x in _layer_inputs(corrected, calibration).items():
             assert torch.equal(after[name].weight_int, before[name].weight_int), name  # the same rounding learned
-            moved = layer_output_error(after[name], x)
-            left = (moved + after[name].layer.bias - before[name].layer.bias).abs().max().item()
+            left, _ = _shift_left(after[name], before[name], x)
             assert left < 1e-4, (name, left)
