@@ -146,6 +146,13 @@ window_option = click.option(
     "of them (each block checked to commute with translation): several times the iterations in the same time "
     "at ImageNet resolutions. [default: whole inputs]",
 )
+bias_correction_option = click.option(
+    "--bias-correction",
+    is_flag=True,
+    help="Correct each layer's bias for the mean output shift of its rounded weights (Nagel et al. 2019), "
+    "measured on the calibration images once rounding is final (after reconstruction); cheap (one forward pass) "
+    "and data-free with synthetic images. It rescues depthwise networks at 4 bits (docs/quantization.md).",
+)
 quantization_options = _stacked(
     click.option(
         "--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images."
@@ -170,6 +177,7 @@ quantization_options = _stacked(
         help="Seconds for all of reconstruction; caps --iters per unit (a budget per bit width in a sweep).",
     ),
     window_option,
+    bias_correction_option,
 )
 evaluation_options = _stacked(
     click.option(
@@ -678,13 +686,7 @@ Examples:
     help="Adam learning rate of the rounding variables. The papers' 1e-3 suits long schedules; with a few hundred "
     "--iters it leaves 2-bit weights near round-to-nearest: use about 1e-2 for 200 and 3e-2 for 100 (docs/results.md).",
 )
-@click.option(
-    "--bias-correction",
-    is_flag=True,
-    help="Correct each layer's bias for the mean output shift of its rounded weights (Nagel et al. 2019), "
-    "measured on the calibration images once rounding is final (after reconstruction); cheap (one forward pass) "
-    "and data-free with synthetic images. It rescues depthwise networks at 4 bits (docs/quantization.md).",
-)
+@bias_correction_option
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
     "--num-images", type=click.IntRange(min=1), default=1024, show_default=True, help="Calibration images to use."
@@ -863,6 +865,7 @@ def compile_command(
     iters,
     time_budget,
     window,
+    bias_correction,
     kernels,
     eval_data,
     eval_images,
@@ -914,6 +917,7 @@ def compile_command(
         iters=iters,
         time_budget=time_budget,
         window=window,
+        bias_correction=bias_correction,
         kernels=kernels,
         eval_data=eval_data,
         eval_images=eval_images,
@@ -1059,6 +1063,7 @@ def sweep(
     iters,
     time_budget,
     window,
+    bias_correction,
     eval_data,
     eval_images,
     latency_runs,
@@ -1084,6 +1089,7 @@ def sweep(
         iters=iters,
         time_budget=time_budget,
         window=window,
+        bias_correction=bias_correction,
         eval_data=eval_data,
         eval_images=eval_images,
         latency_runs=latency_runs,

@@ -49,6 +49,7 @@ class RunOptions:
     iters: int = 2000  # reconstruction iterations per block or layer
     time_budget: float | None = None  # seconds for all of reconstruction (caps iters per unit)
     window: int | None = None  # reconstruct large convolutional inputs on windows of this many pixels
+    bias_correction: bool = False  # correct biases for the mean shift of the final rounding
     # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
     kernels: str = "auto"
     num_images: int = 256
@@ -139,7 +140,11 @@ def _run_in(run_dir: Path, model: str | None, loaded, options: RunOptions) -> di
 
     quant_dir = run_dir / f"quantize-{spec_name}-{options.method}"
     reconstruction = ReconstructionConfig(
-        method=options.method, iters=options.iters, time_budget=options.time_budget, window=options.window
+        method=options.method,
+        iters=options.iters,
+        time_budget=options.time_budget,
+        window=options.window,
+        bias_correction=options.bias_correction,
     )
     quant_params = {
         "num_images": options.num_images,

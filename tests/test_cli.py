@@ -227,7 +227,7 @@ def test_json_stdout_holds_only_the_object(monkeypatch, capsys):
     assert code == 0 and out.startswith("Loaded pretrained weights for chatty_tiny")
 
 
-def test_one_shot_and_sweep_pass_the_time_budget_and_windows_to_reconstruction(monkeypatch, capsys, tmp_path):
+def test_one_shot_and_sweep_pass_the_reconstruction_settings_on(monkeypatch, capsys, tmp_path):
     import edgeq.pipeline
     from edgeq.stages import sweep as sweep_stage
 
@@ -243,9 +243,13 @@ def test_one_shot_and_sweep_pass_the_time_budget_and_windows_to_reconstruction(m
     monkeypatch.setattr(edgeq.pipeline, "run", capture("compile"))
     monkeypatch.setattr(sweep_stage, "run", capture("sweep"))
     run_cli(monkeypatch, capsys, "compile", "--time-budget", "90", "--iters", "500", "--window", "32")
-    run_cli(monkeypatch, capsys, "sweep", "--time-budget", "45", "-o", str(tmp_path / "s"))
-    assert (seen["compile"].time_budget, seen["compile"].iters, seen["compile"].window) == (90.0, 500, 32)
-    assert (seen["sweep"].time_budget, seen["sweep"].window) == (45.0, None)
+    run_cli(monkeypatch, capsys, "sweep", "--time-budget", "45", "--bias-correction", "-o", str(tmp_path / "s"))
+    compile_options, sweep_options = seen["compile"], seen["sweep"]
+    assert (compile_options.time_budget, compile_options.iters, compile_options.window) == (90.0, 500, 32)
+    assert not compile_options.bias_correction
+    assert (sweep_options.time_budget, sweep_options.window, sweep_options.bias_correction) == (45.0, None, True)
+    run_cli(monkeypatch, capsys, "compile", "--bias-correction")
+    assert seen["compile"].bias_correction
     code, _, err = run_cli(monkeypatch, capsys, "compile", "--time-budget", "0")
     assert code != 0 and "--time-budget" in err
     code, _, err = run_cli(monkeypatch, capsys, "quantize", "--window", "4")

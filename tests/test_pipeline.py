@@ -240,11 +240,12 @@ def test_one_shot_reuses_unchanged_stages(tmp_path, tiny_generator):
         "compile": "ran",
         "verify": "ran",
     }
-    budgeted = run(TINY, dataclasses.replace(options, time_budget=30.0, window=16))
+    budgeted = run(TINY, dataclasses.replace(options, time_budget=30.0, window=16, bias_correction=True))
     assert budgeted["stages"]["synth"] == "reused" and budgeted["stages"]["quantize"] == "ran"
     quant_dir = Path(budgeted["stage_dirs"]["quantize"])
-    recorded = Manifest.load(quant_dir, "quantize").params["reconstruction"]
-    assert (recorded["time_budget"], recorded["window"]) == (30.0, 16)
+    params = Manifest.load(quant_dir, "quantize").params
+    recorded = params["reconstruction"]
+    assert (recorded["time_budget"], recorded["window"], params["bias_correction"]) == (30.0, 16, True)
 
 
 def test_interrupted_stage_leaves_nothing(tmp_path):
