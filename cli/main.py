@@ -836,8 +836,9 @@ def export(quantized, out, allow_pickle, force):
     type=click.Choice(["auto", "on", "off"]),
     default="auto",
     show_default=True,
-    help="edgeq's bit-packed low-bit kernels: auto uses them when every layer has one and falls back to TVM's generic "
-    "code otherwise; on fails instead of falling back; off always uses the generic code.",
+    help="edgeq's bit-packed low-bit kernels: auto runs every node that has one on them and the rest as TVM's generic "
+    "code in the same module (the whole model only when the graph does not fit the kernels at all); on fails "
+    "naming the first node without a kernel; off always uses the generic code.",
 )
 @evaluation_options
 @click.option(

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from . import native
-from .plan import Plan, Unsupported
+from .plan import Plan, Unsupported, run_generic
 from .relax_module import FLOAT_OPS, conv_struct, quantize_arguments
 
 
@@ -48,6 +48,8 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
                 depthwise=p["depthwise"],
             )
             out = (out_codes if step.out_kind == "codes" else out_float).reshape(value.shape)
+        elif step.kernel == "generic":
+            out = run_generic(p["model"], args).reshape(value.shape)
         elif step.kernel == "add_clamp":
             lo, hi = step.params["clamp"]
             out = np.clip(args[0] + (args[1] if len(args) > 1 else 0), lo, hi).astype(np.float32)

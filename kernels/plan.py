@@ -11,8 +11,10 @@ the layer in float on dequantized weights. The plan runs the same arithmetic in 
 
 Tensors between kernels are NHWC. What stays float (residual stream, pooling, a
 transformer's layer norm, softmax, GELU and attention) runs in small C operators of the
-same library. Graphs with operators outside this set raise :class:`Unsupported`, and the
-compile stage falls back to TVM's ONNX importer.
+same library. A node outside this set raises :class:`Unsupported`, or, when the plan is built
+with ``generic=True`` (the compile stage's ``--kernels auto``), becomes a ``generic`` step: the
+node alone as a small ONNX model that TVM's importer compiles into the same module. Graphs the
+plan cannot take at all still raise, and the compile stage falls back to TVM's ONNX importer.
 
 A plan is executed three ways, each in its own module: :mod:`.relax_module` emits the
 Relax module that the compile stage builds, :mod:`.execute` calls the C library through
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 
 # Activation zero-point types the kernels take (unsigned codes); value = largest code
 UNSIGNED_ACTIVATIONS = {onnx.TensorProto.UINT8: 255, onnx.TensorProto.UINT4: 15, onnx.TensorProto.UINT2: 3}
+
+
+# The opset of a generic step's small model: the one the compile stage gives TVM's ONNX importer
+GENERIC_OPSET = 21
 
 
 class Unsupported(Exception):
@@ -79,6 +85,7 @@ class Plan:
 
     def summary(self) -> dict:
         counts: dict[str, int] = {}
+        generic = [step.params["node"] for step in self.steps if step.kernel == "generic"]
         weight_layouts: dict[str, int] = {}  # which microkernel each convolution and dense layer runs on
         names = {layout.id: name for name, layout in layouts.LAYOUTS.items()}
         for step in self.steps:
@@ -92,6 +99,7 @@ class Plan:
             "steps": len(self.steps),
             "kernels": counts,
             "weight_layouts": weight_layouts,
+            **({"generic": generic} if generic else {}),
         }
 
 
@@ -106,10 +114,12 @@ def _scalar(array: np.ndarray, what: str) -> float:
 
 
 class _Planner:
-    def __init__(self, model: onnx.ModelProto, layout: layouts.Layout):
+    def __init__(self, model: onnx.ModelProto, layout: layouts.Layout, generic: bool = False):
         from ..lowering import LOW_BIT_TYPES, widen
 
         self.layout = layout
+        self.opsets = list(model.opset_import)
+        self.generic = generic  # nodes without a kernel become generic steps instead of failing the plan
         self.graph = model.graph
         self.initializers = {}
         self.types = {}
@@ -142,8 +152,16 @@ class _Planner:
                 continue
             handler = getattr(self, f"op_{node.op_type}", None)
             if handler is None or node.domain not in ("", "ai.onnx"):
-                raise Unsupported(f"operator {node.op_type} ({node.name}) has no kernel")
-            handler(node, _attributes(node))
+                self._generic(node, f"operator {node.op_type} ({node.name}) has no kernel")
+                continue
+            steps, values = len(self.steps), dict(self.values)
+            try:
+                handler(node, _attributes(node))
+            except Unsupported as exc:
+                # what the handler planned before it gave up is dropped; the node runs as generic code instead
+                del self.steps[steps:]
+                self.values = values
+                self._generic(node, str(exc))
         output = self.graph.output[0].name
         value = self.values.get(output)
         output_shape = tuple(d.dim_value or 1 for d in self.graph.output[0].type.tensor_type.shape.dim)
@@ -177,6 +195,91 @@ class _Planner:
         return True
 
     # -- quantization ------------------------------------------------------------------
+    # -- nodes without a kernel ------------------------------------------------------------
+    def _generic(self, node, reason: str) -> None:
+        """Plan ``node`` as a ``generic`` step: the node alone as an ONNX model over float tensors, which the
+        compiled module runs as TVM-generated code and the references run in onnxruntime. Feature maps
+        cross its boundary NHWC (transposed inside the small model), so the kernels around it are unchanged."""
+        if not self.generic or node.op_type in ("QuantizeLinear", "DequantizeLinear") or len(node.output) != 1:
+            raise Unsupported(reason)
+        from onnx import TensorProto, helper
+
+        graph_inputs, initializers, nodes, operands = [], [], [], []
+        inner = []
+        for index, name in enumerate(node.input):
+            if not name:
+                inner.append("")
+                continue
+            if name in self.weights:  # dequantized weights: the float values onnxruntime would compute
+                codes, scale, zero = self.weights[name]
+                axis = self.weight_axes[name]
+                shape = (-1,) + (1,) * (codes.ndim - 1) if axis == 0 else (1, -1) if axis == 1 else (1,) * codes.ndim
+                array = ((codes - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+                initializers.append(numpy_helper.from_array(array, f"const{index}"))
+                inner.append(f"const{index}")
+                continue
+            if name in self.initializers and name not in self.values:
+                initializers.append(numpy_helper.from_array(np.asarray(self.initializers[name]), f"const{index}"))
+                inner.append(f"const{index}")
+                continue
+            value = self._operand(name, node)
+            operands.append(value)
+            outer = f"in{len(operands) - 1}"
+            if value.layout == "nhwc":
+                h, w, c = value.shape
+                graph_inputs.append(helper.make_tensor_value_info(outer, TensorProto.FLOAT, [1, h, w, c]))
+                nodes.append(helper.make_node("Transpose", [outer], [f"{outer}/nchw"], perm=[0, 3, 1, 2]))
+                inner.append(f"{outer}/nchw")
+            else:
+                graph_inputs.append(helper.make_tensor_value_info(outer, TensorProto.FLOAT, list(value.shape)))
+                inner.append(outer)
+        copied = onnx.NodeProto()
+        copied.CopyFrom(node)
+        copied.input[:] = inner
+        copied.output[:] = ["result"]
+        nodes.append(copied)
+        opsets = [opset for opset in self.opsets if opset.domain not in ("", "ai.onnx")]
+        probe = helper.make_model(
+            helper.make_graph(
+                nodes,
+                "generic",
+                graph_inputs,
+                [helper.make_tensor_value_info("result", TensorProto.FLOAT, None)],
+                initializers,
+            ),
+            opset_imports=[helper.make_opsetid("", GENERIC_OPSET), *opsets],
+        )
+        zeros = [np.zeros(_outer_shape(v), np.float32) for v in operands]
+        try:  # the output's shape at batch size 1, from onnxruntime itself
+            shape = tuple(int(d) for d in run_generic(probe.SerializeToString(), zeros, keep=False).shape)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
+            problem = str(exc).splitlines()[0]
+            raise Unsupported(f"{reason}; onnxruntime cannot run it alone either ({problem})") from None
+        result = helper.make_tensor_value_info("result", TensorProto.FLOAT, list(shape))
+        feature_map = len(shape) == 4 and shape[0] == 1
+        if feature_map:  # kept NHWC, as the kernels' feature maps are
+            nodes.append(helper.make_node("Transpose", ["result"], ["result/nhwc"], perm=[0, 2, 3, 1]))
+            _, c, h, w = shape
+            result = helper.make_tensor_value_info("result/nhwc", TensorProto.FLOAT, [1, h, w, c])
+        model = helper.make_model(
+            helper.make_graph(nodes, "generic", graph_inputs, [result], initializers),
+            opset_imports=[helper.make_opsetid("", GENERIC_OPSET), *opsets],
+        )
+        output = node.output[0]
+        if feature_map:
+            self.values[output] = Value(output, "float", (shape[2], shape[3], shape[1]), layout="nhwc")
+        else:
+            self.values[output] = Value(output, "float", shape, layout="plain")
+        log.info("no kernel for %s %s (%s): TVM's generic code runs it", node.op_type, node.name, reason)
+        self.steps.append(
+            Step(
+                "generic",
+                [v.name for v in operands],
+                output,
+                {"model": model.SerializeToString(), "node": f"{node.op_type} {node.name}".strip(), "reason": reason},
+            )
+        )
+
     def op_QuantizeLinear(self, node, attrs):
         source = self.values.get(node.input[0])
         if source is None or source.kind == "codes":
@@ -544,13 +647,17 @@ class _Planner:
             )
         )
 
-    def _global_average(self, node):
+    def _global_average(self, node, keepdims: bool = True):
         x = self._float(node.input[0], node)
         if x.layout != "nhwc":
             raise Unsupported(f"{node.op_type} {node.name}: its input is not a feature map of the plan")
         h, w, c = x.shape
-        self.values[node.output[0]] = Value(node.output[0], "float", (1, 1, c))
-        self.steps.append(Step("global_average_pool", [x.name], node.output[0], {"ints": [h * w, c]}))
+        pooled = node.output[0] if keepdims else f"{node.output[0]}/keepdims"
+        self.values[pooled] = Value(pooled, "float", (1, 1, c))
+        self.steps.append(Step("global_average_pool", [x.name], pooled, {"ints": [h * w, c]}))
+        if not keepdims:  # x.mean((2, 3)): the pooled pixel is already the (1, c) row
+            self.values[node.output[0]] = Value(node.output[0], "float", (1, c), layout="plain")
+            self.steps.append(Step("alias", [pooled], node.output[0], {"shape": (1, c)}))
 
     def op_GlobalAveragePool(self, node, attrs):
         self._global_average(node)
@@ -559,9 +666,9 @@ class _Planner:
         axes = attrs.get("axes")
         if axes is None and len(node.input) > 1:
             axes = self.const(node.input[1]).tolist()
-        if sorted(int(a) % 4 for a in (axes or [])) != [2, 3] or not attrs.get("keepdims", 1):
-            raise Unsupported(f"ReduceMean {node.name}: only the spatial mean (keepdims)")
-        self._global_average(node)
+        if sorted(int(a) % 4 for a in (axes or [])) != [2, 3]:
+            raise Unsupported(f"ReduceMean {node.name}: only the spatial mean has a kernel")
+        self._global_average(node, keepdims=bool(attrs.get("keepdims", 1)))
 
     def op_LayerNormalization(self, node, attrs):
         x = self._plain(node.input[0], node)
@@ -813,6 +920,33 @@ class _Named:
         return [self.name]
 
 
+def _outer_shape(value: Value) -> tuple[int, ...]:
+    """A value's shape as a generic step's small model takes it (a feature map with its batch axis)."""
+    return (1, *value.shape) if value.layout == "nhwc" else tuple(value.shape)
+
+
+_GENERIC_SESSIONS: dict[bytes, object] = {}
+
+
+def run_generic(model: bytes, inputs: list[np.ndarray], keep: bool = True) -> np.ndarray:
+    """A generic step's small model run by onnxruntime (sessions are kept unless ``keep`` is false: plans run
+    image by image)."""
+    import onnxruntime
+
+    session = _GENERIC_SESSIONS.get(model)
+    if session is None:
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        if keep:
+            _GENERIC_SESSIONS[model] = session
+    feeds = {
+        spec.name: np.ascontiguousarray(array, np.float32).reshape([int(d) for d in spec.shape])
+        for spec, array in zip(session.get_inputs(), inputs)
+    }
+    return session.run(None, feeds)[0]
+
+
 def _contiguous(shape) -> tuple[int, ...]:
     strides, step = [], 1
     for d in reversed(tuple(shape)):
@@ -821,8 +955,10 @@ def _contiguous(shape) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def build_plan(model: onnx.ModelProto, layout: layouts.Layout) -> Plan:
-    return _Planner(model, layout).plan()
+def build_plan(model: onnx.ModelProto, layout: layouts.Layout, *, generic: bool = False) -> Plan:
+    """The kernel plan of ``model``. A node without a kernel raises :class:`Unsupported`, or with ``generic``
+    becomes a step of TVM's generated code in the same module (``Plan.summary()["generic"]`` lists them)."""
+    return _Planner(model, layout, generic).plan()
 
 
 def reference_outputs(
@@ -831,13 +967,15 @@ def reference_outputs(
     """What a module compiled on the kernels for (``arch``, ``cpu_features``) must return for ``inputs``, bit for bit.
 
     The plan is rebuilt as the compile stage builds it (same layout choices), then computed by
-    :func:`edgeq.kernels.reference.run_plan`, one input at a time (the plan has batch size 1).
+    :func:`edgeq.kernels.reference.run_plan`, one input at a time (the plan has batch size 1). Generic steps
+    (nodes without a kernel) are onnxruntime's float operators here and TVM's in the module, so behind them
+    outputs may differ by float rounding.
     """
     from tqdm.auto import tqdm
 
     from . import reference
 
-    plan = build_plan(model, layouts.layout_for(arch, cpu_features))
+    plan = build_plan(model, layouts.layout_for(arch, cpu_features), generic=True)
     outputs = []
     for x in tqdm(inputs, desc=progress, unit="img", leave=False, disable=progress is None):
         outputs.append(reference.run_plan(plan, x[None])[plan.output_name].reshape(plan.output_shape))

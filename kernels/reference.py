@@ -313,6 +313,10 @@ def run_plan(plan, x: np.ndarray) -> dict[str, np.ndarray]:
             out = _quantize_codes(source, p["scale"], p["zero"], p["qmax"])
         elif step.kernel == "conv2d":
             out = _conv(env, step, args[0])
+        elif step.kernel == "generic":  # TVM's code in the module; onnxruntime here (float, not bit for bit)
+            from .plan import run_generic
+
+            out = run_generic(p["model"], args).reshape(value.shape)
         elif step.kernel == "add_clamp":
             lo, hi = p["clamp"]
             total = args[0] + args[1] if len(args) > 1 else args[0]

@@ -61,6 +61,38 @@ def quantize_arguments(plan: Plan, step: Step) -> tuple[list[int], float]:
     return [channels, pixels, p["nchw"], p["zero"], 0, p["qmax"]], p["scale"]
 
 
+def generic_function(builder, step: Step):
+    """A generic step's small ONNX model imported by TVM's ONNX frontend, added to the module as a function
+    of its own (its operators are legalized and compiled with the rest of the module)."""
+    import onnx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = onnx.load_from_string(step.params["model"])
+    try:
+        imported = from_onnx(model, keep_params_in_input=False)
+    except Exception as exc:  # noqa: BLE001 - the frontend raises many kinds
+        raise Unsupported(f"{step.params['node']}: TVM's ONNX importer failed ({str(exc).splitlines()[0]})") from None
+    from tvm import relax
+
+    name = "generic_" + "".join(c if c.isalnum() else "_" for c in step.params["node"])
+    # the importer's helper functions (TIR kernels such as mirror_pad) join the module under names of their
+    # own, so that two generic steps with a helper of the same name stay apart
+    renamed = {}
+    for old, function in imported.functions_items():
+        if old.name_hint != "main":
+            renamed[old] = builder.add_func(function.without_attr("global_symbol"), f"{name}_{old.name_hint}")
+
+    @relax.expr_functor.mutator
+    class Rename(relax.PyExprMutator):
+        def visit_global_var_(self, op):
+            return renamed.get(op, op)
+
+    main = imported["main"].without_attr("global_symbol")
+    if renamed:
+        main = Rename().visit_expr(main)
+    return builder.add_func(main, name)
+
+
 def to_relax(plan: Plan):
     """A Relax IRModule whose ``main`` runs the plan through the edgeq kernels."""
     from tvm import relax
@@ -88,6 +120,16 @@ def to_relax(plan: Plan):
                     env[step.output] = (
                         args[0] if same else builder.emit(relax.op.reshape(args[0], step.params["shape"]))
                     )
+                    continue
+                if step.kernel == "generic":  # its model takes feature maps with their batch axis
+                    outer = [
+                        builder.emit(relax.op.reshape(arg, (1, *plan.values[name].shape)))
+                        if plan.values[name].layout == "nhwc"
+                        else arg
+                        for name, arg in zip(step.inputs, args)
+                    ]
+                    result = builder.emit(relax.Call(generic_function(builder, step), outer))
+                    env[step.output] = builder.emit(relax.op.reshape(result, value.shape))
                     continue
                 if step.kernel == "conv2d":
                     packed = step.params["packed"]

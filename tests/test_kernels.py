@@ -405,9 +405,10 @@ def test_arm64_vit_module_under_qemu_equals_the_reference(tmp_path, exports, tar
     assert report["agreement_with_reference"] == 1.0 and report["reference_images"] == 4
 
 
-def test_unsupported_graph_falls_back_or_fails_clearly(tmp_path, exports):
-    # the tiny model with its logits negated twice: Neg has no kernel, TVM's importer takes it
-    export = tmp_path / "export"
+@pytest.fixture(scope="session")
+def negated_export(tmp_path_factory, exports):
+    """The tiny model with its logits negated twice: Neg has no kernel."""
+    export = tmp_path_factory.mktemp("negated") / "export"
     shutil.copytree(exports["tiny"], export)
     model = onnx.load(str(export / MODEL_FILE))
     logits = model.graph.output[0].name
@@ -421,12 +422,119 @@ def test_unsupported_graph_falls_back_or_fails_clearly(tmp_path, exports):
     )
     onnx.save(model, str(export / MODEL_FILE))
     Manifest.load(export).write(export)  # record the edited model, as if export had written it
+    return export
+
+
+def test_operators_without_a_kernel_run_as_generic_code_in_the_same_module(tmp_path, negated_export):
+    # those two nodes (and only they) run as TVM's generated code while every layer stays on the kernels
+    export = negated_export
+    model = onnx.load(str(export / MODEL_FILE))
     compiled = compile_stage.run(export, tmp_path / "auto", target="x86")
     build = Manifest.load(compiled, "compile").extra["build"]
-    assert build["path"] == "generic" and "Neg" in build["reason"]
-    with pytest.raises(EdgeqError, match="cannot run on edgeq's kernels"):
+    assert build["path"] == "kernels" and build["generic"] == ["Neg negate", "Neg negate_back"]
+    assert build["kernels"]["conv2d"] >= 3
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / MODULE_FILE)), tvm.cpu())
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 2):
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(vm["main"](tvm.runtime.tensor(x)).numpy() - theirs).max() < 1e-4
+    with pytest.raises(EdgeqError, match="cannot run on edgeq's kernels.*Neg"):
         compile_stage.run(export, tmp_path / "on", target="x86", kernels="on")
     assert not (tmp_path / "on").exists()
+
+
+def test_graph_the_plan_cannot_take_falls_back_to_generic_code_whole(tmp_path, exports):
+    # a second graph output: the plan takes one input and one output, so the whole model is TVM's
+    export = tmp_path / "export"
+    shutil.copytree(exports["tiny"], export)
+    model = onnx.load(str(export / MODEL_FILE))
+    graph_input = model.graph.input[0]
+    model.graph.node.append(onnx.helper.make_node("Identity", [graph_input.name], ["input_copy"]))
+    copy = model.graph.output.add()
+    copy.CopyFrom(graph_input)
+    copy.name = "input_copy"
+    onnx.save(model, str(export / MODEL_FILE))
+    Manifest.load(export).write(export)
+    compiled = compile_stage.run(export, tmp_path / "auto", target="x86")
+    build = Manifest.load(compiled, "compile").extra["build"]
+    assert build["path"] == "generic" and "one output" in build["reason"]
+
+
+@pytest.mark.qemu
+@requires_emulator
+def test_arm64_module_with_generic_steps_under_qemu_equals_the_reference(tmp_path, negated_export):
+    """TVM's code for the generic nodes is cross-compiled and linked with the Arm kernels in one module.
+    Negation is exact, so the module still computes the reference's bits."""
+    from edgeq.stages import verify as verify_stage
+
+    compiled = compile_stage.run(negated_export, tmp_path / "compiled", target="rpi4")
+    assert Manifest.load(compiled, "compile").extra["build"]["generic"] == ["Neg negate", "Neg negate_back"]
+    report = verify_stage.run(compiled, tmp_path / "verified", data="fashion-mnist:test", num_images=4, latency_runs=0)
+    assert report["ran"].startswith("qemu-aarch64")
+    assert report["agreement_with_reference"] == 1.0 and report["reference_images"] == 4
+
+
+@pytest.fixture(scope="session")
+def timm_style_cnn_model() -> onnx.ModelProto:
+    """A W2A4 CNN with operators the kernels lack: SiLU (Sigmoid * x), reflection padding and HardSwish,
+    ending in x.mean((2, 3)) (ReduceMean without keepdims)."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.pad, self.conv, self.act = nn.ReflectionPad2d(1), nn.Conv2d(16, 16, 3), nn.Hardswish()
+            self.down, self.head = nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = nn.functional.silu(self.norm(self.stem(x)))
+            x = self.act(self.conv(self.pad(x)))
+            return self.head(torch.relu(self.down(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    calibration = np.random.default_rng(0).normal(0, 1, (4, 3, 16, 16)).astype(np.float32)
+    quantized = quantize_module(Net().eval(), calibration, "w2a4")
+    qdq, _ = export_stage.build_qdq_model(quantized, torch.from_numpy(calibration[:1]))
+    return qdq
+
+
+@pytest.mark.parametrize("build", ["host", "portable"])
+def test_generic_steps_keep_feature_maps_nhwc_between_kernels(libraries, timm_style_cnn_model, build):
+    model = timm_style_cnn_model
+    lib = libraries[build]
+    with pytest.raises(kernel_plan.Unsupported, match="Sigmoid"):
+        kernel_plan.build_plan(model, lib.layout)
+    plan = kernel_plan.build_plan(model, lib.layout, generic=True)
+    summary = plan.summary()
+    assert [name.split()[0] for name in summary["generic"]] == ["Sigmoid", "Pad", "HardSwish"]
+    assert summary["kernels"]["conv2d"] == 4 and summary["kernels"]["global_average_pool"] == 1
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
+        # the generic steps are onnxruntime's own float operators here, so every code is onnxruntime's
+        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        ours = env[plan.output_name].reshape(plan.output_shape)
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_compiled_module_with_generic_steps_matches_the_reference(tmp_path, timm_style_cnn_model):
+    """TVM's generated Sigmoid and HardSwish against onnxruntime's: float operators that may round apart, so
+    outputs are held to a small tolerance (here they agree in every bit)."""
+    model = timm_style_cnn_model
+    target = get_target("x86")
+    out = tmp_path / MODULE_FILE
+    how = compile_stage.build(model, target, model.graph.input[0].name, [1, 3, 16, 16], out, kernels="auto")
+    assert how["path"] == "kernels" and len(how["generic"]) == 3
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+    plan = kernel_plan.build_plan(model, layouts.layout_for(target.arch, target.cpu_features), generic=True)
+    for x in _inputs(model, 3):
+        ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+        expected = reference.run_plan(plan, x)[plan.output_name].reshape(ours.shape)
+        assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
 @pytest.fixture(scope="session")

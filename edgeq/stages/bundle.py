@@ -107,12 +107,19 @@ def run(
     inputs = loaded.preprocess(images.images).astype(np.float32)
     onnx_model = onnx.load(str(export_dir / MODEL_FILE))
     target = get_target(compiled.target)
-    if (compiled.extra or {}).get("build", {}).get("path") == "kernels":
+    build = (compiled.extra or {}).get("build", {})
+    if build.get("path") == "kernels":
         # the board must compute the reference's bits: any difference is a fault of the module or the board
         from ..kernels.plan import reference_outputs
 
         expected = reference_outputs(onnx_model, target.arch, target.cpu_features, inputs)
         max_abs_diff, expected_from = 0.0, "the bit-exact NumPy reference of the kernel plan"
+        if build.get("generic"):  # TVM's float code for those nodes rounds as it will, not as onnxruntime does
+            max_abs_diff = float(RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max())))
+            expected_from = (
+                f"the NumPy reference of the kernel plan, its {len(build['generic'])} node(s) without a kernel "
+                "computed by onnxruntime"
+            )
     else:
         expected = onnxruntime_session(onnx_model).run(None, {INPUT_NAME: inputs})[0]
         max_abs_diff = float(RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max())))

@@ -104,7 +104,9 @@ def build(
         from edgeq.kernels import plan as kernel_plan
 
         try:
-            plan = kernel_plan.build_plan(onnx_model, layouts.layout_for(target.arch, target.cpu_features))
+            plan = kernel_plan.build_plan(
+                onnx_model, layouts.layout_for(target.arch, target.cpu_features), generic=kernels == "auto"
+            )
         except kernel_plan.Unsupported as exc:
             if kernels == "on":
                 raise EdgeqError(
@@ -115,7 +117,10 @@ def build(
             reason = str(exc)
         else:
             build_with_kernels(plan, target, out_path)
-            return {"path": "kernels"} | plan.summary()
+            summary = plan.summary()
+            if summary.get("generic"):
+                log.info("on TVM's generic code (no kernel): %s", ", ".join(summary["generic"]))
+            return {"path": "kernels"} | summary
     else:
         reason = "disabled (--kernels off)"
     build_generic(onnx_model, target, input_name, input_shape, out_path)
