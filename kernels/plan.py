@@ -567,7 +567,49 @@ class _Planner:
         hi = float(self.const(node.input[2])) if len(node.input) > 2 and node.input[2] else INF
         self._clamp(node, lo, hi)
 
+    def _feature_map_binary(self, node, multiply: bool) -> bool:
+        """Add/Mul of two NHWC feature maps of one shape, or of a feature map and a per-channel (1, 1, c) one
+        (a squeeze-excitation gate): elementwise in NHWC memory too, so no layout copies. False if not such."""
+        values = [self.values.get(name) for name in node.input[:2]]
+        if any(v is None or v.kind != "float" or v.layout != "nhwc" for v in values):
+            return False
+        a, b = values
+        if a.shape[:2] == (1, 1) and b.shape[:2] != (1, 1):
+            a, b = b, a
+        if b.shape not in (a.shape, (1, 1, a.shape[2])):
+            return False
+        count = int(np.prod(a.shape))
+        self.values[node.output[0]] = dataclasses.replace(a, name=node.output[0])
+        params = {
+            "ints": np.array([count, int(np.prod(b.shape)), int(multiply)], np.int32),
+            "floats": np.array([-3.0e38, 3.0e38], np.float32),
+            "constant": None,
+        }
+        self.steps.append(Step("binary", [a.name, b.name], node.output[0], params))
+        return True
+
+    def _activation(self, node, kind: int, alpha: float = 0.0, beta: float = 0.0):
+        x = self._operand(node.input[0], node)
+        self.values[node.output[0]] = dataclasses.replace(x, name=node.output[0], kind="float")
+        params = {
+            "ints": np.array([int(np.prod(x.shape)), kind], np.int32),
+            "floats": np.array([alpha, beta], np.float32),
+            "constant": None,
+        }
+        self.steps.append(Step("activation", [x.name], node.output[0], params))
+
+    def op_Sigmoid(self, node, attrs):
+        self._activation(node, 0)
+
+    def op_HardSigmoid(self, node, attrs):
+        self._activation(node, 1, attrs.get("alpha", 0.2), attrs.get("beta", 0.5))
+
+    def op_HardSwish(self, node, attrs):
+        self._activation(node, 2, 1.0 / 6.0, 0.5)
+
     def _binary(self, node, multiply: bool):
+        if self._feature_map_binary(node, multiply):
+            return
         first, second = node.input[0], node.input[1]
         if first in self.initializers and first not in self.values:  # both operators commute
             first, second = second, first

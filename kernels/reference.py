@@ -246,7 +246,7 @@ def _conv(env: dict, step, x: np.ndarray) -> np.ndarray:
     return y
 
 
-def _float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
+def float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray, floats: np.ndarray) -> np.ndarray:
     ints = [int(i) for i in np.asarray(ints).reshape(-1)]
     floats = np.asarray(floats, F32).reshape(-1)
     if kernel == "copy":
@@ -281,6 +281,12 @@ def _float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray
     if kernel == "gelu":
         x = np.asarray(a, F32).reshape(-1)[: ints[0]]
         return F32(0.5) * x * (F32(1.0) + erf_poly(x * F32(0.70710678118654752)))
+    if kernel == "activation":
+        x = np.asarray(a, F32).reshape(-1)[: ints[0]]
+        if ints[1] == 0:
+            return F32(1.0) / (F32(1.0) + exp_poly(-x))
+        gate = np.clip(F32(floats[0]) * x + F32(floats[1]), F32(0.0), F32(1.0))
+        return x * gate if ints[1] == 2 else gate
     if kernel == "matmul":
         batch, m, k, n = ints[:4]
         left, right = np.asarray(a, F32).reshape(batch, m, k), np.asarray(b, F32).reshape(batch, k, n)
@@ -340,6 +346,6 @@ def run_plan(plan, x: np.ndarray) -> dict[str, np.ndarray]:
             out = total / F32(pixels)
         else:
             second = args[1] if len(args) > 1 else p.get("constant")
-            out = _float_op(step.kernel, args[0], second, p["ints"], p["floats"])
+            out = float_op(step.kernel, args[0], second, p["ints"], p["floats"])
         env[step.output] = np.asarray(out).reshape(value.shape)
     return env

@@ -49,6 +49,7 @@ FLOAT_OPS = {
     "layer_norm": "edgeq_layer_norm",
     "softmax": "edgeq_softmax",
     "gelu": "edgeq_gelu",
+    "activation": "edgeq_activation",
     "matmul": "edgeq_matmul",
 }
 

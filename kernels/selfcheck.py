@@ -162,7 +162,7 @@ def _float_op(lib, name, a, b, ints, floats, shape):
 def _differs_from_reference(lib, name: str, kernel: str, a, b, ints, floats, shape) -> bool:
     """The C operator's output bits against reference.py's float32 sequence of the same operations."""
     ours = _float_op(lib, name, a, b, ints, floats, shape)
-    expected = reference._float_op(
+    expected = reference.float_op(
         kernel, a, b, np.array(ints, np.int32), np.array(floats or [0.0], np.float32)
     ).reshape(shape)
     return not np.array_equal(ours, expected)
@@ -216,6 +216,8 @@ def check_float_ops(lib, rng) -> str | None:
         ("edgeq_layer_norm", "layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape),
         ("edgeq_matmul", "matmul", left, right, [batch, rows, k, n], [0.125], (batch, rows, n)),
         ("edgeq_binary", "binary", x, gamma_beta[:cols], [x.size, cols, 1], [-3.0e38, 3.0e38], x.shape),
+        ("edgeq_activation", "activation", x, None, [x.size, 0], [0.0, 0.0], x.shape),  # sigmoid
+        ("edgeq_activation", "activation", x, None, [x.size, 2], [1 / 6, 0.5], x.shape),  # hard swish
     ]
     for name, kernel, a, b, ints, floats, shape in exact:
         if _differs_from_reference(lib, name, kernel, a, b, ints, floats, shape):

@@ -50,6 +50,25 @@ def test_gelu_matches_the_erf_form(libraries, build):
 
 
 @pytest.mark.parametrize("build", BUILDS)
+def test_activations_match_their_definitions(libraries, build):
+    """Sigmoid within the polynomial exp's few ulp; the hard ones are two roundings of a float64 reference."""
+    from edgeq.kernels import reference
+
+    x = np.concatenate([np.linspace(-100, 100, 4001), np.random.default_rng(3).normal(0, 4, 3001)]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    definitions = {
+        0: (0.0, 0.0, 1 / (1 + np.exp(-x64)), 1e-6),
+        1: (0.2, 0.5, np.clip(0.2 * x64 + 0.5, 0, 1), 2e-7),
+        2: (1 / 6, 0.5, x64 * np.clip(x64 / 6 + 0.5, 0, 1), 4e-7),
+    }
+    for kind, (alpha, beta, expected, tolerance) in definitions.items():
+        ours = call(libraries[build], "edgeq_activation", x, None, [x.size, kind], [alpha, beta], x.shape)
+        assert np.all(np.abs(ours - expected) <= tolerance * np.maximum(1.0, np.abs(expected))), kind
+        bits = reference.float_op("activation", x, None, [x.size, kind], np.array([alpha, beta], np.float32))
+        assert np.array_equal(ours, bits), kind  # the NumPy reference's bits, in every build
+
+
+@pytest.mark.parametrize("build", BUILDS)
 def test_layer_norm_matches_numpy(libraries, build):
     rng = np.random.default_rng(2)
     rows, cols = 9, 192

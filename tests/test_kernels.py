@@ -504,37 +504,40 @@ def timm_style_cnn_model() -> onnx.ModelProto:
 def test_generic_steps_keep_feature_maps_nhwc_between_kernels(libraries, timm_style_cnn_model, build):
     model = timm_style_cnn_model
     lib = libraries[build]
-    with pytest.raises(kernel_plan.Unsupported, match="Sigmoid"):
+    with pytest.raises(kernel_plan.Unsupported, match="reflect"):
         kernel_plan.build_plan(model, lib.layout)
     plan = kernel_plan.build_plan(model, lib.layout, generic=True)
     summary = plan.summary()
-    assert [name.split()[0] for name in summary["generic"]] == ["Sigmoid", "Pad", "HardSwish"]
-    assert summary["kernels"]["conv2d"] == 4 and summary["kernels"]["global_average_pool"] == 1
+    assert [name.split()[0] for name in summary["generic"]] == ["Pad"]
+    kernels = summary["kernels"]
+    assert (kernels["conv2d"], kernels["global_average_pool"], kernels["activation"], kernels["binary"]) == (4, 1, 2, 1)
+    assert "copy" not in kernels  # SiLU's multiply and the activations keep feature maps NHWC
     session = onnxruntime_session(model)
     for x in _inputs(model, 3):
         env = execute.run_plan(plan, lib, x)
         _assert_equals_reference(plan, env, x)
-        # the generic steps are onnxruntime's own float operators here, so every code is onnxruntime's
-        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        # the polynomial exp of Sigmoid rounds apart from onnxruntime's: a code on a boundary may move one step
+        worst, share = _code_disagreement(model, plan, env, x)
+        assert worst <= 1 and share < 0.01
         ours = env[plan.output_name].reshape(plan.output_shape)
         theirs = session.run(None, {model.graph.input[0].name: x})[0]
         assert np.abs(ours - theirs).max() < 1e-4
 
 
 def test_compiled_module_with_generic_steps_matches_the_reference(tmp_path, timm_style_cnn_model):
-    """TVM's generated Sigmoid and HardSwish against onnxruntime's: float operators that may round apart, so
-    outputs are held to a small tolerance (here they agree in every bit)."""
+    """TVM's generated reflection padding against onnxruntime's (the reference's): a move of values, so the
+    module still computes the reference's bits."""
     model = timm_style_cnn_model
     target = get_target("x86")
     out = tmp_path / MODULE_FILE
     how = compile_stage.build(model, target, model.graph.input[0].name, [1, 3, 16, 16], out, kernels="auto")
-    assert how["path"] == "kernels" and len(how["generic"]) == 3
+    assert how["path"] == "kernels" and len(how["generic"]) == 1
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
     plan = kernel_plan.build_plan(model, layouts.layout_for(target.arch, target.cpu_features), generic=True)
     for x in _inputs(model, 3):
         ours = vm["main"](tvm.runtime.tensor(x)).numpy()
         expected = reference.run_plan(plan, x)[plan.output_name].reshape(ours.shape)
-        assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+        assert np.array_equal(ours, expected)
 
 
 @pytest.fixture(scope="session")

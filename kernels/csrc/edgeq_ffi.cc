@@ -92,6 +92,7 @@ EDGEQ_FLOAT_OP_ENTRY(edgeq_binary)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_layer_norm)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_softmax)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_gelu)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_activation)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_matmul)
 
 }  // namespace
@@ -109,4 +110,5 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_binary, edgeq_binary_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_layer_norm, edgeq_layer_norm_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_softmax, edgeq_softmax_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_gelu, edgeq_gelu_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_activation, edgeq_activation_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_matmul, edgeq_matmul_entry);

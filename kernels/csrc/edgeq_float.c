@@ -281,6 +281,40 @@ void edgeq_gelu(const float* a, const float* b, const int32_t* ints, const float
   }
 }
 
+/* ints: count, kind (0 sigmoid, 1 hard sigmoid, 2 hard swish); floats: alpha, beta (the hard ones').
+ *   sigmoid:      1 / (1 + e^-x)                    (exp_poly)
+ *   hard sigmoid: clamp(alpha * x + beta, 0, 1)
+ *   hard swish:   x * clamp(alpha * x + beta, 0, 1)  (ONNX HardSwish: alpha 1/6, beta 1/2)
+ * Elementwise, so a feature map keeps its NHWC layout through them. */
+void edgeq_activation(const float* a, const float* b, const int32_t* ints, const float* floats, float* out) {
+  (void)b;
+  const int64_t count = ints[0];
+  const int kind = ints[1];
+  const float alpha = floats[0], beta = floats[1];
+  if (kind == 0) {
+    const int64_t chunk = 4096;
+#pragma omp parallel for schedule(static) if (count > 65536)
+    for (int64_t start = 0; start < count; start += chunk) {
+      const int64_t end = start + chunk < count ? start + chunk : count;
+      int64_t i = start;
+#if defined(__AVX2__) && defined(__FMA__)
+      for (; i + 8 <= end; i += 8) {
+        const __m256 e = exp_poly8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_loadu_ps(a + i)));
+        _mm256_storeu_ps(out + i, _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+      }
+#endif
+      for (; i < end; ++i) out[i] = 1.0f / (1.0f + exp_poly(-a[i]));
+    }
+    return;
+  }
+  const int swish = kind == 2;
+#pragma omp parallel for simd schedule(static) if (count > 65536)
+  for (int64_t i = 0; i < count; ++i) {
+    const float gate = clamp_float(alpha * a[i] + beta, 0.0f, 1.0f);
+    out[i] = swish ? a[i] * gate : gate;
+  }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 /* 4 rows x 16 columns of out, all of k: eight accumulators, b streamed two registers per step. Each output sums
  * its k products in order, multiply and add rounded separately, as matmul_rows does. */

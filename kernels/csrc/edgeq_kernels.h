@@ -117,6 +117,7 @@ EDGEQ_FLOAT_OP(edgeq_binary);
 EDGEQ_FLOAT_OP(edgeq_layer_norm);
 EDGEQ_FLOAT_OP(edgeq_softmax);
 EDGEQ_FLOAT_OP(edgeq_gelu);
+EDGEQ_FLOAT_OP(edgeq_activation);
 EDGEQ_FLOAT_OP(edgeq_matmul);
 
 #ifdef __cplusplus
