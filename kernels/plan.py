@@ -925,8 +925,12 @@ class _Planner:
         )
 
     def op_Concat(self, node, attrs):
-        parts = [self._plain(name, node) for name in node.input]
-        axis = attrs["axis"] % len(parts[0].shape)
+        maps = [self._feature_map(name) for name in node.input]
+        if all(maps) and attrs["axis"] % 4 != 0:  # feature maps are joined where they lie: ONNX (N, C, H, W) in NHWC
+            parts, axis, layout = maps, {1: 2, 2: 0, 3: 1}[attrs["axis"] % 4], "nhwc"
+        else:
+            parts = [self._plain(name, node) for name in node.input]
+            axis, layout = attrs["axis"] % len(parts[0].shape), "plain"
         current = parts[0]
         for index, part in enumerate(parts[1:], start=1):
             if len(part.shape) != len(current.shape) or any(
@@ -946,9 +950,10 @@ class _Planner:
                 [outer, current.shape[axis] * inner, part.shape[axis] * inner],
                 [],
             )
-            current = self.values[name]
+            current = self.values[name] = dataclasses.replace(self.values[name], layout=layout)
         if len(parts) == 1:
-            self._reshaped(node, current.shape)
+            self.values[node.output[0]] = dataclasses.replace(current, name=node.output[0])
+            self.steps.append(Step("alias", [current.name], node.output[0], {"shape": tuple(current.shape)}))
 
 
 @dataclasses.dataclass

@@ -524,6 +524,43 @@ def test_generic_steps_keep_feature_maps_nhwc_between_kernels(libraries, timm_st
         assert np.abs(ours - theirs).max() < 1e-4
 
 
+@pytest.mark.parametrize("build", ["host", "portable"])
+def test_channel_concatenation_of_feature_maps_stays_nhwc(libraries, build):
+    """GhostNet's ghost module: two convolutions' outputs joined along channels, then sliced; in NHWC memory a
+    channel concatenation is one concat over pixels, so no feature map is copied to NCHW and back."""
+    import torch
+    from torch import nn
+
+    class Ghost(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.primary, self.cheap = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.out = nn.Conv2d(12, 10, 3, padding=1)
+
+        def forward(self, x):
+            a = torch.relu(self.primary(x))
+            return self.out(torch.cat([a, torch.relu(self.cheap(a))], 1)[:, :12]).mean((2, 3))
+
+    torch.manual_seed(0)
+    calibration = np.random.default_rng(0).normal(0, 1, (4, 3, 12, 12)).astype(np.float32)
+    model, _ = export_stage.build_qdq_model(
+        quantize_module(Ghost().eval(), calibration, "w4a4"), torch.from_numpy(calibration[:1])
+    )
+    assert "Concat" in {node.op_type for node in model.graph.node}
+    lib = libraries[build]
+    plan = kernel_plan.build_plan(model, lib.layout)
+    kernels = plan.summary()["kernels"]
+    assert (kernels["concat"], kernels["copy"]) == (1, 1)  # the one copy is the channel slice, itself NHWC
+    assert all(v.layout == "nhwc" for v in plan.values.values() if v.kind == "float" and len(v.shape) == 3)
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
+        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+
+
 def test_compiled_module_with_generic_steps_matches_the_reference(tmp_path, timm_style_cnn_model):
     """TVM's generated reflection padding against onnxruntime's (the reference's): a move of values, so the
     module still computes the reference's bits."""
