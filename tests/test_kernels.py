@@ -181,6 +181,31 @@ def test_arm_estimate_puts_the_a72_table_lookup_loop_ahead_of_int8():
     assert json.loads(result.stdout)["cortex-a76"]["table_lookup_loop"] is None  # dot-product builds keep sdot
 
 
+@pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("llvm-mca", "aarch64-linux-gnu-gcc", "qemu-aarch64")),
+    reason="needs llvm-mca, the aarch64 cross compiler and qemu-aarch64",
+)
+def test_layer_estimate_counts_whole_layers_and_checks_its_int8_baseline():
+    """benchmarks/layer_estimate.py on ResNet-18's first two layers for the A72: every block that ran is
+    estimated, the int8 baseline computed the kernels' outputs (the script compares them and fails otherwise),
+    and the table-lookup kernel's 3x3 layer costs fewer cycles than the int8 baseline's."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "layer_estimate.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--models", "resnet18", "--cores", "a72", "--layers", "2", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    stem, layer1 = json.loads(result.stdout)["models"]["resnet18"]["a72"]
+    for row in (stem, layer1):
+        assert row["share_estimated"] > 0.99
+        # no core does more than 32 multiply-adds a cycle here: a floor that catches lost blocks
+        assert min(row["w2a4_cycles"], row["int8_cycles"]) > row["macs"] / 32
+    assert layer1["count"] == 4 and layer1["macs"] == 56 * 56 * 9 * 64 * 64
+    assert layer1["w2a4_cycles"] < layer1["int8_cycles"]  # 15.1 vs 35.0 Mcycles when written
+
+
 @pytest.mark.qemu
 @requires_emulator
 def test_dot_product_build_does_not_run_on_cortex_a72(tmp_path):
