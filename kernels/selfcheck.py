@@ -76,6 +76,8 @@ def check_conv(lib, rng) -> str | None:
     x = rng.integers(0, x_max + 1, (h, w, cin)).astype(np.uint8)
     x_zero = int(rng.integers(0, x_max + 1))
     weights = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, 1 if depthwise else cin, kernel, kernel))
+    if bits == 8 and rng.integers(0, 2):  # symmetric 8-bit weights (|w| <= 127): Arm's one-pass 8-bit-input path
+        weights = np.clip(weights, -127, 127)
     acc = reference.conv2d(x, weights, x_zero, (stride, stride), (pad,) * 4, depthwise=depthwise)
     out_h, out_w = acc.shape[:2]
     multiplier = rng.uniform(0.001, 0.05, n).astype(np.float32)

@@ -85,7 +85,8 @@ static int baseline_conv2d(const edgeq_conv_params* p, const uint8_t* x, const i
   int32_t* correction = (int32_t*)scratch(SCRATCH_CORRECTION, sizeof(int32_t) * (size_t)p->out_c);
   if (!rows || !correction) return -2;
   im2col(p, x, 0, rows);
-  for (int64_t i = 0; i < m_count * p->k_padded; ++i) rows[i] ^= 0x80;
+  const int64_t row_bytes = m_count * p->k_padded;
+  for (int64_t i = 0; i < row_bytes; ++i) rows[i] ^= 0x80;
   for (int32_t n = 0; n < p->out_c; ++n) correction[n] = (p->x_zero - 128) * wsum[n];
   const epilogue_args e = {multiplier, bias, NULL, NULL, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero,
                            p->out_qmin, p->out_qmax, correction};

@@ -379,6 +379,10 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) vst1q_s32(c + r * NB + 4 * j, acc[r][j]);
 }
+/* 8-bit inputs as signed codes (x ^ 0x80 = x - 128, corrected in the epilogue's zero-point
+ * term): sdot takes them as they are, one pass instead of two nibble planes. */
+#define EDGEQ_HAS_SIGNED8 1
+static void micro_s8(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) { micro(a, panel, k_padded, 0, c); }
 #elif defined(__aarch64__)
 /* 2 rows x 8 channels without dot product. Each row's 8 codes at k..k+7 are loaded once
  * (replicated into both halves) and multiplied lane by lane with a channel's 8 weights
@@ -416,6 +420,36 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
       c[j] += vaddlvq_s16(r0[j]);
       c[NB + j] += vaddlvq_s16(r1[j]);
     }
+  }
+}
+
+/* 8-bit inputs as signed codes (x ^ 0x80 = x - 128, corrected in the epilogue's zero-point
+ * term) over the same panel [k/8][8 channels][8 k], 2 rows x 8 channels: per channel and 16 k,
+ * smull + smlal (two products per int16 lane, |sum| <= 2 * 128 * 127 while |w| <= 127) and
+ * sadalp into int32, the int8 sequence of cores without dot product, in one pass where the
+ * nibble planes took two. A 16-byte load holds channels j and j+1 of one group of 8 k, so
+ * channel j+1 takes the high halves (smull2 / smlal2) of the rows' codes loaded twice. */
+#define EDGEQ_HAS_SIGNED8 1
+static void micro_s8(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
+  int32x4_t acc0[8], acc1[8];
+  for (int j = 0; j < 8; ++j) acc0[j] = acc1[j] = vdupq_n_s32(0);
+  for (int32_t k = 0; k < k_padded; k += 16) {
+    const int8x16_t l0 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[0] + k), vld1_u8(a[0] + k)));
+    const int8x16_t h0 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[0] + k + 8), vld1_u8(a[0] + k + 8)));
+    const int8x16_t l1 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[1] + k), vld1_u8(a[1] + k)));
+    const int8x16_t h1 = vreinterpretq_s8_u8(vcombine_u8(vld1_u8(a[1] + k + 8), vld1_u8(a[1] + k + 8)));
+    const int8_t* g = panel + (int64_t)k * NB;  // group k/8; group k/8 + 1 follows at 8 * NB
+    for (int j = 0; j < 8; j += 2) {
+      const int8x16_t g0 = vld1q_s8(g + 8 * j), g1 = vld1q_s8(g + 8 * NB + 8 * j);
+      acc0[j] = vpadalq_s16(acc0[j], vmlal_s8(vmull_s8(vget_low_s8(l0), vget_low_s8(g0)), vget_low_s8(h0), vget_low_s8(g1)));
+      acc0[j + 1] = vpadalq_s16(acc0[j + 1], vmlal_high_s8(vmull_high_s8(l0, g0), h0, g1));
+      acc1[j] = vpadalq_s16(acc1[j], vmlal_s8(vmull_s8(vget_low_s8(l1), vget_low_s8(g0)), vget_low_s8(h1), vget_low_s8(g1)));
+      acc1[j + 1] = vpadalq_s16(acc1[j + 1], vmlal_high_s8(vmull_high_s8(l1, g0), h1, g1));
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    c[j] = vaddvq_s32(acc0[j]);
+    c[NB + j] = vaddvq_s32(acc1[j]);
   }
 }
 
@@ -592,6 +626,28 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
       const __m256i q32 = _mm256_cvtps_epi32(q);
       const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
       _mm_storel_epi64((__m128i*)(codes + j), _mm_packus_epi16(q16, q16));
+    }
+  }
+#elif defined(__aarch64__)
+  /* the scalar loop's operations in its order, four lanes at a time (vrndnq: half to even, as rintf) */
+  const float32x4_t vlo = vdupq_n_f32(lo), vhi = vdupq_n_f32(hi), vscale = vdupq_n_f32(scale), vzero = vdupq_n_f32(zero);
+  const float32x4_t vqmin = vdupq_n_f32(qmin), vqmax = vdupq_n_f32(qmax);
+  for (; j + 8 <= count; j += 8) {
+    float32x4_t y[2];
+    for (int h = 0; h < 2; ++h) {
+      int32x4_t acc = vld1q_s32(raw + j + 4 * h);
+      if (high) acc = vaddq_s32(acc, vshlq_n_s32(vld1q_s32(high + j + 4 * h), 4));
+      if (correction) acc = vsubq_s32(acc, vld1q_s32(correction + j + 4 * h));
+      float32x4_t v = vaddq_f32(vmulq_f32(vcvtq_f32_s32(acc), vld1q_f32(mult + j + 4 * h)), vld1q_f32(bias + j + 4 * h));
+      if (res) v = vaddq_f32(v, vld1q_f32(res + j + 4 * h));
+      v = vminq_f32(vmaxq_f32(v, vlo), vhi);
+      if (out_float) vst1q_f32(out_float + j + 4 * h, v);
+      y[h] = v;
+    }
+    if (codes) {
+      const float32x4_t q0 = vminq_f32(vmaxq_f32(vaddq_f32(vrndnq_f32(vdivq_f32(y[0], vscale)), vzero), vqmin), vqmax);
+      const float32x4_t q1 = vminq_f32(vmaxq_f32(vaddq_f32(vrndnq_f32(vdivq_f32(y[1], vscale)), vzero), vqmin), vqmax);
+      vst1_u8(codes + j, vmovn_u16(vcombine_u16(vmovn_u32(vcvtq_u32_f32(q0)), vmovn_u32(vcvtq_u32_f32(q1)))));
     }
   }
 #endif
@@ -778,16 +834,25 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int lut = p->w_layout == EDGEQ_LAYOUT_AVX2_LUT || p->w_layout == EDGEQ_LAYOUT_NEON_LUT;
   const int vnni = p->w_layout == EDGEQ_LAYOUT_VNNI;
   if ((wide && p->x_max <= NIBBLE_MAX) || (lut && (p->x_max > NIBBLE_MAX || p->w_bits != 2))) return -1;
-  const int split = !wide && !vnni && p->x_max > NIBBLE_MAX;
+#if defined(EDGEQ_HAS_SIGNED8)
+  // 8-bit inputs as signed codes in one pass (Arm); int16 pair sums need |w| <= 127 without dot product
+  const int signed8 = !lut && p->x_max > NIBBLE_MAX && p->w_absmax <= 127;
+#else
+  const int signed8 = 0;
+#endif
+  const int split = !wide && !vnni && !signed8 && p->x_max > NIBBLE_MAX;
   const int32_t nb = wide ? NB_WIDE_OR_NB : NB;
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
-  const int direct = !split && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
+  const int direct = !split && !signed8 && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
                      p->in_c == p->k_padded && p->in_h == p->out_h && p->in_w == p->out_w;
   uint8_t* rows = NULL;
   if (!direct) {
     rows = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(m_count * p->k_padded * (split ? 2 : 1)));
     if (!rows) return -2;
     im2col(p, x, split, rows);
+    const int64_t row_bytes = m_count * p->k_padded;  // a local bound: rows may alias *p, which would stop vectorizing
+    if (signed8)
+      for (int64_t i = 0; i < row_bytes; ++i) rows[i] ^= 0x80;
   }
   const uint8_t* low_rows = direct ? x : rows;
   uint16_t* wide_rows = NULL;
@@ -799,7 +864,8 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int32_t chunk = int16_chunk(p->w_absmax);
   int32_t* correction = (int32_t*)scratch(SCRATCH_CORRECTION, sizeof(int32_t) * (size_t)p->out_c);
   if (!correction) return -2;
-  for (int32_t n = 0; n < p->out_c; ++n) correction[n] = p->x_zero * wsum[n];
+  const int32_t x_offset = p->x_zero - (signed8 ? 128 : 0);  // the rows hold x - 128 when signed8
+  for (int32_t n = 0; n < p->out_c; ++n) correction[n] = x_offset * wsum[n];
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
                            correction};
 #if defined(EDGEQ_HAS_LUT)
@@ -863,6 +929,11 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #if defined(EDGEQ_HAS_PACKED2)
       if (in_registers)
         micro_packed2(a, packed_weights + (int64_t)b * NB * p->k_padded / 4, p->k_padded, chunk, (int8_t)p->w_low, tile);
+      else
+#endif
+#if defined(EDGEQ_HAS_SIGNED8)
+      if (signed8)
+        micro_s8(a, panel, p->k_padded, tile);
       else
 #endif
         micro(a, panel, p->k_padded, chunk, tile);
