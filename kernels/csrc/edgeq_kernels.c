@@ -665,6 +665,15 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
   }
 }
 
+/* The epilogue of a layer whose only output is the next layer's codes (no residual, no float
+ * tensor, no nibble planes), the most common case: the same function with those arguments
+ * constant, so the compiler drops their branches from the vector loop. */
+static inline void epilogue_codes(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw) {
+  const epilogue_args codes_only = {e->multiplier, e->bias, NULL, NULL, e->clamp_min, e->clamp_max, e->out_scale, e->out_codes, e->out_c,
+                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction};
+  epilogue(&codes_only, m, n0, count, raw, NULL);
+}
+
 /* Rows of codes, k_padded wide: the receptive field of each output pixel (im2col), padded
  * spatially with the zero point and along k with zeros; one plane per nibble when split. */
 static void im2col(const edgeq_conv_params* p, const uint8_t* x, int split, uint8_t* rows) {
@@ -874,6 +883,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   }
 #endif
   const int32_t blocks = (p->out_c + nb - 1) / nb;
+  const int codes_only = !split && !residual && !out_float && out_codes;
 #if defined(EDGEQ_HAS_VNNI)
   const int rows_per_tile = vnni ? MR_VNNI : (wide ? 4 : MR);
 #else
@@ -938,7 +948,10 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #endif
         micro(a, panel, p->k_padded, chunk, tile);
       if (split) block_product(rows + m_count * p->k_padded, m_count, p->k_padded, panel, p->k_padded, chunk, m, high);
-      for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) epilogue(&e, m + r, n0, count, tile + r * nb, split ? high + r * nb : NULL);
+      if (codes_only)
+        for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) epilogue_codes(&e, m + r, n0, count, tile + r * nb);
+      else
+        for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) epilogue(&e, m + r, n0, count, tile + r * nb, split ? high + r * nb : NULL);
     }
   }
   return status;
