@@ -106,12 +106,15 @@ def round_up(value: int, multiple: int) -> int:
 
 def storage(values: np.ndarray) -> tuple[int, int]:
     """(bits, low): the narrowest field width in (2, 4, 8) that holds ``values`` and 0 (padding) as codes
-    ``v - low``."""
+    ``v - low``. At 8 bits low is 0: the codes are the values' two's complement bytes, which the kernels
+    read in place as their int8 panel."""
     low = min(int(values.min(initial=0)), 0)
     high = max(int(values.max(initial=0)), 0)
-    for bits in (2, 4, 8):
+    for bits in (2, 4):
         if high - low < 2**bits:
             return bits, low
+    if -128 <= low and high <= 127:
+        return 8, 0
     raise ValueError(f"weights span {low}..{high}: more than 8 bits")
 
 

@@ -91,6 +91,27 @@ def test_microkernel_accumulators_equal_the_integer_gemm(libraries, m, k, n, bit
         assert np.array_equal(lib.gemm_raw(a, layouts.pack_weights(w, layout)), expected), layout.name
 
 
+def test_eight_bit_weights_are_read_in_place_wherever_they_lie(libraries):
+    """8-bit weights are stored as their two's complement bytes, which the kernels use as the panel without a
+    copy when 64-byte aligned, and copy otherwise: both give the integer GEMM."""
+    import dataclasses
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 16, (9, 200)).astype(np.uint8)
+    w = rng.integers(-128, 128, (40, 200))
+    expected = reference.int_gemm(a, w)
+    for lib in libraries.values():
+        packed = layouts.pack_weights(w, lib.layout)
+        assert (packed.bits, packed.low) == (8, 0)
+        buffer = np.zeros(packed.data.size + 128, np.uint8)
+        start = (-buffer.ctypes.data) % 64
+        for offset in (start, start + 1):  # aligned: in place; one byte off: the unpacking copy
+            placed = buffer[offset : offset + packed.data.size]
+            placed[:] = packed.data
+            got = lib.gemm_raw(a, dataclasses.replace(packed, data=placed))
+            assert np.array_equal(got, expected), (lib.layout.name, offset - start)
+
+
 def test_int16_accumulation_survives_the_worst_case(libraries):
     """All codes at their extremes for a long reduction: the chunked int16 sums must not overflow."""
     k = 4096

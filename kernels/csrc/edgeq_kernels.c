@@ -550,8 +550,12 @@ static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded
  * thread's scratch memory (reused by the next block: no allocation per call). */
 static int8_t* block_panel(const uint8_t* packed, int32_t block, int32_t nb, int32_t k_padded, int32_t bits, int32_t low) {
   const int64_t values = (int64_t)nb * k_padded;
+  // 8-bit weights stored as two's complement bytes (low 0) are the panel already: no copy per call,
+  // where they are aligned as the scratch panel is (the kernels use aligned vector loads)
+  const uint8_t* stored = packed + block * values * bits / 8;
+  if (bits == 8 && low == 0 && (uintptr_t)stored % 64 == 0) return (int8_t*)stored;
   int8_t* panel = (int8_t*)scratch(SCRATCH_PANEL, (size_t)values);
-  if (panel) edgeq_unpack(packed + block * values * bits / 8, values, bits, low, panel);
+  if (panel) edgeq_unpack(stored, values, bits, low, panel);
   return panel;
 }
 

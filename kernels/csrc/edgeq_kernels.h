@@ -38,7 +38,7 @@
  *
  *   2 bits: byte i of a 32-byte group = | c[96+i] 7..6 | c[64+i] 5..4 | c[32+i] 3..2 | c[i] 1..0 |
  *   4 bits: byte i of a 32-byte group = | c[32+i] 7..4 | c[i] 3..0 |
- *   8 bits: byte i = c[i]
+ *   8 bits: byte i = c[i]    (low = 0: the two's complement byte of v, read in place as the panel)
  *
  * so unpacking a group is `bits`-wide shifts and masks over 32 contiguous bytes (one
  * AVX2 register, two NEON registers), with no shuffles.
