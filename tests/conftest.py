@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 
 from edgeq import emulation
+
+
+def _import_installed(name: str) -> None:
+    """Import the installed package ``name`` although a folder of the checkout has that name too.
+
+    The checkout keeps ``edgeq.kernels`` in a top-level ``kernels/`` folder, and pytest (tests are
+    a package) puts the checkout on ``sys.path``, where that folder would stand in for the PyPI
+    package ``kernels`` that transformers imports when it is installed (transformers >= 5.25
+    depends on it). Importing the real one first, with the checkout off the path, leaves it in
+    ``sys.modules`` for every later import.
+    """
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+    try:
+        importlib.import_module(name)
+    except ImportError:  # not installed: nothing can be shadowed
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed("kernels")
 
 TINY = "builtin:tiny-fmnist"  # the fast model for tests; the zoo teachers are bigger
 PORTABLE_FLAGS = ["-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]  # no SIMD flags: the portable C kernels
