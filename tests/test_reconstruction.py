@@ -291,9 +291,14 @@ def test_asymmetric_weights_learn_export_and_compile(tmp_path):
     assert check["quantizer_max_lsb"] == 0 and check["layer_max_rel_error"] < 1e-5 and check["top1_agreement"] == 1.0
     compiled = compile_stage.run(exported, tmp_path / "c", target="x86")
     report = verify_stage.run(compiled, tmp_path / "v", data="fashion-mnist:test", num_images=100, latency_runs=0)
-    # 8-bit asymmetric first/last layers span more than int8 after their zero point: TVM's generic code, no reference
-    assert Manifest.load(compiled, "compile").extra["build"]["path"] == "generic"
-    assert report["agreement_with_reference"] is None and "generic" in report["reference_note"]
+    # 8-bit asymmetric first/last layers span more than int8 after their zero point: those two nodes run as TVM's
+    # generic code in the module, the 2-bit layers between them on the kernels
+    build = Manifest.load(compiled, "compile").extra["build"]
+    assert build["path"] == "kernels" and build["kernels"]["conv2d"] >= 1
+    assert build["generic"] and all(node.split()[0] in ("Conv", "Gemm", "MatMul") for node in build["generic"])
+    # the last layer is TVM's float code, which sums in another order than the reference's onnxruntime: the
+    # logits' bits differ, their argmax does not
+    assert "without a kernel" in report["reference_note"]
     assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
 
 

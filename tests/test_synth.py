@@ -159,12 +159,14 @@ def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, ti
         "5",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # run from the test's folder: `python -m` puts the working directory first on sys.path, and the checkout's
+    # kernels/ folder would stand in for the installed `kernels` package transformers imports
     whole = tmp_path / "whole"
-    subprocess.run([*command, "-o", str(whole)], check=True, capture_output=True, env=env)
+    subprocess.run([*command, "-o", str(whole)], check=True, capture_output=True, env=env, cwd=tmp_path)
     killed = tmp_path / "killed"
     work = synth.work_folder(killed)
     process = subprocess.Popen(
-        [*command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        [*command, "-o", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=tmp_path
     )
     deadline = time.monotonic() + 120
     while not (work.exists() and list(work.glob("images-*.safetensors"))) and time.monotonic() < deadline:
@@ -173,7 +175,9 @@ def test_a_killed_command_continues_with_nothing_lost_or_duplicated(tmp_path, ti
     process.wait()
     finished_before_kill = len(list(work.glob("images-*.safetensors")))
     assert not killed.exists() and 1 <= finished_before_kill < 12
-    done = subprocess.run([*command, "-o", str(killed)], check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [*command, "-o", str(killed)], check=True, capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert "continuing an unfinished run" in done.stderr
     assert _shard_hashes(killed) == _shard_hashes(whole) and len(load_synth_images(killed)) == 48
 
