@@ -153,6 +153,28 @@ bias_correction_option = click.option(
     "measured on the calibration images once rounding is final (after reconstruction); cheap (one forward pass) "
     "and data-free with synthetic images. It rescues depthwise networks at 4 bits (docs/quantization.md).",
 )
+
+
+def _layer_bits(_ctx, _param, value):
+    from edgeq.errors import EdgeqError
+    from edgeq.spec import parse_layer_bits
+
+    if value is None:
+        return ()
+    try:
+        return parse_layer_bits(value)
+    except EdgeqError as exc:
+        raise click.BadParameter(f"{exc.message}; {exc.hint}") from None
+
+
+layer_bits_option = click.option(
+    "--layer-bits",
+    callback=_layer_bits,
+    metavar="NAME=BITS,...",
+    help="Per-layer bit widths over --bits, by module name with * and ? as globs (* spans dots): "
+    "'features.0=8,blocks.*.conv_dw=w4a4' (8: w8a8). A later entry wins; they beat the first/last-layer rule. "
+    "Recorded layer by layer in the spec of the manifest; a name that matches no layer is an error.",
+)
 quantization_options = _stacked(
     click.option(
         "--num-images", type=click.IntRange(min=1), default=256, show_default=True, help="Calibration images."
@@ -635,6 +657,7 @@ Examples:
     help="Bit widths as wWaA, W and A in 2..8 (w2a4, w4a4, w8a8...), or a JSON spec file "
     "(fields weight_bits, act_bits, weight_observer, act_observer, first_last_bits, weight_symmetric, attention_bits).",
 )
+@layer_bits_option
 @click.option(
     "--asymmetric-weights", is_flag=True, help="Per-channel weight zero points (default: symmetric, zero point 0)."
 )
@@ -701,6 +724,7 @@ def quantize(
     model,
     calib,
     bits,
+    layer_bits,
     asymmetric_weights,
     method,
     iters,
@@ -759,8 +783,10 @@ def quantize(
         calib_per_class=calib_per_class,
         preprocess=_preprocess_overrides(),
         force=force,
+        layer_bits=layer_bits,
     )
-    click.echo(f"wrote {bits} model ({method}) to {out}")
+    overridden = f" with {', '.join(map(str, layer_bits))}" if layer_bits else ""
+    click.echo(f"wrote {bits}{overridden} model ({method}) to {out}")
 
 
 @cli.command(epilog="\b\nExample:\n  edgeq export quantized/ -o exported/")
@@ -799,6 +825,7 @@ def export(quantized, out, allow_pickle, force):
     show_default=True,
     help="Bit widths as wWaA, or a JSON spec file such as 'edgeq mixed' writes (one-shot only).",
 )
+@layer_bits_option
 @click.option(
     "-o",
     "--out",
@@ -855,6 +882,7 @@ def compile_command(
     model,
     target,
     bits,
+    layer_bits,
     out,
     run_dir,
     generator,
@@ -929,6 +957,7 @@ def compile_command(
         calib=calib,
         calib_per_class=calib_per_class,
         preprocess=_preprocess_overrides(),
+        layer_bits=layer_bits,
     )
     summary = run(model, options)
     if as_json:

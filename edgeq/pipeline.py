@@ -24,7 +24,7 @@ from .folders import MODULE_FILE
 from .manifest import holding, reusable
 from .models import load_model
 from .reconstruction import ReconstructionConfig
-from .spec import QuantSpec
+from .spec import LayerOverride, QuantSpec
 from .stages import compile as compile_stage
 from .stages import export as export_stage
 from .stages import quantize as quantize_stage
@@ -63,6 +63,7 @@ class RunOptions:
     calib: str | None = None  # real calibration images (a folder, fashion-mnist:A, real) instead of synth
     calib_per_class: int | None = None  # a balanced subset of an image folder, drawn with the seed
     preprocess: PreprocessOverrides | None = None  # command-line overrides of the model's preprocessing
+    layer_bits: tuple[LayerOverride, ...] = ()  # per-layer bit widths by module-name glob (edgeq.spec)
 
     def __post_init__(self):
         if not isinstance(self.spec, QuantSpec):
@@ -97,7 +98,8 @@ def run(model: str | None = None, options: RunOptions | None = None) -> dict:
 
 
 def _run_in(run_dir: Path, model: str | None, loaded, options: RunOptions) -> dict:
-    spec, target = options.spec, options.target
+    spec = quantize_stage.resolve_layer_bits(options.spec, options.layer_bits, loaded)
+    target = options.target
     spec_name = spec_folder_name(spec)
     notes = [loaded.note] if loaded.note else []
     if model is None:

@@ -269,3 +269,78 @@ def _observer(value) -> Observer:
     except ValueError:
         choices = ", ".join(o.value for o in Observer)
         raise EdgeqError(f"unknown observer '{value}'", f"choose one of: {choices}") from None
+
+
+LAYER_BITS_FORM = "NAME=wWaA or NAME=N (N bits for both), comma-separated; NAME may hold * and ? (glob on module names)"
+LAYER_BITS_EXAMPLE = "features.0=8,blocks.*.conv_dw=w4a4"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOverride:
+    """Bit widths for the quantizable layers whose module names match ``pattern`` (fnmatch: ``*`` spans dots)."""
+
+    pattern: str
+    weight_bits: int
+    act_bits: int
+
+    def __str__(self) -> str:
+        return f"{self.pattern}=w{self.weight_bits}a{self.act_bits}"
+
+
+def parse_layer_bits(text: str) -> tuple[LayerOverride, ...]:
+    """``'features.0=8,blocks.*.conv_dw=w4a4'`` as overrides, in the order given (a later one wins)."""
+    overrides = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        pattern, equals, bits = (piece.strip() for piece in item.partition("="))
+        if not equals or not pattern:
+            raise EdgeqError(f"invalid --layer-bits entry '{item}'", f"expected {LAYER_BITS_FORM}, e.g. {LAYER_BITS_EXAMPLE}")
+        if bits.isdigit():
+            weight_bits = act_bits = int(bits)
+        else:
+            match = _SHORT_FORM.match(bits.lower())
+            if not match:
+                raise EdgeqError(
+                    f"invalid bits '{bits}' in --layer-bits entry '{item}'", f"expected {LAYER_BITS_FORM}"
+                )
+            weight_bits, act_bits = int(match.group(1)), int(match.group(2))
+        for bit_width in (weight_bits, act_bits):
+            if not MIN_BITS <= bit_width <= MAX_BITS:
+                raise EdgeqError(
+                    f"invalid bits '{bits}' in --layer-bits entry '{item}'",
+                    f"bit widths run from {MIN_BITS} to {MAX_BITS}",
+                )
+        overrides.append(LayerOverride(pattern, weight_bits, act_bits))
+    if not overrides:
+        raise EdgeqError("--layer-bits is empty", f"expected {LAYER_BITS_FORM}, e.g. {LAYER_BITS_EXAMPLE}")
+    return tuple(overrides)
+
+
+def apply_layer_bits(spec: QuantSpec, overrides, layer_names) -> QuantSpec:
+    """``spec`` with each override's bit widths on every layer of ``layer_names`` its pattern matches.
+
+    Overrides win over the spec's own per-layer entries and over first_last_bits; the result names layers
+    one by one, so the manifest records exactly which layer got which widths. A pattern that matches no
+    layer is an error naming the closest names (a typo would otherwise quantize the layer at the default).
+    """
+    import difflib
+    from fnmatch import fnmatchcase
+
+    if isinstance(overrides, str):
+        overrides = parse_layer_bits(overrides)
+    if not overrides:
+        return spec
+    names = list(layer_names)
+    chosen = {name: (weight_bits, act_bits) for name, weight_bits, act_bits in spec.layers}
+    for override in overrides:
+        matched = [name for name in names if fnmatchcase(name, override.pattern)]
+        if not matched:
+            close = difflib.get_close_matches(override.pattern, names, n=4, cutoff=0.3) or names[:4]
+            raise EdgeqError(
+                f"--layer-bits pattern '{override.pattern}' matches no quantizable layer",
+                f"close names: {', '.join(close)}",
+            )
+        for name in matched:
+            chosen[name] = (override.weight_bits, override.act_bits)
+    return dataclasses.replace(spec, layers=tuple((name, *bits) for name, bits in chosen.items()))

@@ -208,3 +208,89 @@ def test_bad_mixed_specs_are_one_line_errors(monkeypatch, capsys, tmp_path):
         ),
         "bit width 9",
     )
+
+
+def test_layer_bits_parse_globs_and_order():
+    from edgeq.spec import LayerOverride, apply_layer_bits, parse_layer_bits
+
+    overrides = parse_layer_bits("stem.0=8, block_*=w4a4,block_conv2.0=w3a4")
+    assert overrides == (
+        LayerOverride("stem.0", 8, 8),
+        LayerOverride("block_*", 4, 4),
+        LayerOverride("block_conv2.0", 3, 4),
+    )
+    names = ["stem.0", "block_conv1.0", "block_conv2.0", "down1.0", "classifier"]
+    spec = apply_layer_bits(LOW, overrides, names)
+    # a later entry wins; the first layer's override beats nothing, the last keeps the first/last rule
+    assert spec.layers == (("block_conv1.0", 4, 4), ("block_conv2.0", 3, 4), ("stem.0", 8, 8))
+    assert spec.layer_bits(edge=False, name="down1.0") == (2, 4)
+    assert spec.layer_bits(edge=True, name="classifier") == (8, 8)
+    # an override beats the first/last rule, and '*' spans dots
+    assert apply_layer_bits(LOW, "*=w2a4", names).layer_bits(edge=True, name="classifier") == (2, 4)
+    with pytest.raises(EdgeqError, match="'blok_\\*' matches no quantizable layer") as caught:
+        apply_layer_bits(LOW, "blok_*=4", names)
+    assert "block_conv1.0" in caught.value.hint
+    for bad, words in [("stem.0", "invalid --layer-bits entry"), ("stem.0=w9a4", "bit widths run"), ("x=abc", "bits")]:
+        with pytest.raises(EdgeqError, match=words):
+            parse_layer_bits(bad)
+
+
+def test_layer_bits_reach_the_quantized_layers_and_the_manifest(monkeypatch, capsys, tmp_path):
+    from edgeq.quantized import QuantizedLayer, load
+
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "quantize",
+        TINY,
+        "--calib",
+        "fashion-mnist:A",
+        "--bits",
+        "w2a4",
+        "--layer-bits",
+        "block_conv*=w4a4,classifier=w2a4",
+        "--method",
+        "rtn",
+        "--num-images",
+        "16",
+        "-o",
+        str(tmp_path / "q"),
+    )
+    assert code == 0, err
+    model, _, spec, _ = load(tmp_path / "q")
+    assert spec.layers == (("block_conv1.0", 4, 4), ("block_conv2.0", 4, 4), ("classifier", 2, 4))
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["spec"]["layers"] == [list(entry) for entry in spec.layers]
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    assert {name: (m.weight_bits, m.act_bits) for name, m in layers.items()} == {
+        "stem.0": (8, 8),
+        "block_conv1.0": (4, 4),
+        "block_conv2.0": (4, 4),
+        "down1.0": (2, 4),
+        "down2.0": (2, 4),
+        "classifier": (2, 4),
+    }
+    # the weights really are on those grids: integer codes within each layer's signed range, 4-bit ones beyond 2 bits
+    for name, layer in layers.items():
+        codes = layer.weight_int
+        low, high = -(2 ** (layer.weight_bits - 1)), 2 ** (layer.weight_bits - 1) - 1
+        assert low <= codes.min() and codes.max() <= high, name
+        if layer.weight_bits == 4:
+            assert codes.abs().max() > 2, name
+    _assert_one_line_error(
+        run_cli(
+            monkeypatch,
+            capsys,
+            "quantize",
+            TINY,
+            "--calib",
+            "fashion-mnist:A",
+            "--layer-bits",
+            "blocks.*=4",
+            "-o",
+            str(tmp_path / "bad"),
+        ),
+        "matches no quantizable layer",
+        "block_conv",
+    )
+    assert not (tmp_path / "bad").exists()

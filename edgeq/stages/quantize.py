@@ -16,9 +16,16 @@ from ..data import dataset_digest, resolve_dataset
 from ..errors import EdgeqError
 from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, sha256_file
 from ..models import LoadedModel, adopt_folder_classes, load_model
-from ..quantized import QuantizedLayer, quantize_module, quantized_layer_names, quantized_matmuls, save
+from ..quantized import (
+    QuantizedLayer,
+    quantizable_layers,
+    quantize_module,
+    quantized_layer_names,
+    quantized_matmuls,
+    save,
+)
 from ..reconstruction import Method, ReconstructionConfig
-from ..spec import QuantSpec
+from ..spec import QuantSpec, apply_layer_bits
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,21 @@ def plan(
     )
 
 
+def resolve_layer_bits(spec: QuantSpec, layer_bits, loaded: LoadedModel) -> QuantSpec:
+    """``spec`` with per-layer overrides applied to ``loaded``'s quantizable layers (logged, one line)."""
+    if not layer_bits:
+        return spec
+    resolved = apply_layer_bits(spec, layer_bits, quantizable_layers(loaded.module))
+    changed = sorted(set(resolved.layers) - set(spec.layers))
+    log.info(
+        "--layer-bits: %d layer(s) set (%s%s)",
+        len(changed),
+        ", ".join(f"{name}=w{w}a{a}" for name, w, a in changed[:4]),
+        ", ..." if len(changed) > 4 else "",
+    )
+    return resolved
+
+
 @releases_on_failure
 def run(
     model: str | LoadedModel | None,
@@ -73,6 +95,7 @@ def run(
     calib_per_class: int | None = None,
     preprocess=None,
     force: bool = False,
+    layer_bits=(),
 ) -> Path:
     """Quantize ``model`` calibrated on ``calib`` (a synth folder, fashion-mnist:A, real, or a folder of images)
     into folder ``out``.
@@ -80,7 +103,8 @@ def run(
     ``reconstruction`` None: round-to-nearest. ``calib_per_class``: a balanced subset of an image folder, drawn
     with ``seed``, before ``num_images`` caps it. ``preprocess``: command-line overrides
     (:class:`edgeq.data.PreprocessOverrides`) when ``model`` is not loaded yet. ``force``: replace ``out`` even
-    when it is not a quantize folder.
+    when it is not a quantize folder. ``layer_bits``: per-layer overrides (:func:`edgeq.spec.parse_layer_bits`
+    or its text), resolved on the model's layer names into the spec the manifest records.
     """
     source = model.source if isinstance(model, LoadedModel) else model
     claim_output(out, "quantize", inputs=[source, calib], force=force)
@@ -90,6 +114,7 @@ def run(
         if isinstance(model, LoadedModel)
         else load_model(model, allow_pickle=allow_pickle, classes_file=classes_file, preprocess=preprocess)
     )
+    spec = resolve_layer_bits(spec, layer_bits, loaded)
     calib = resolve_calibration(calib, loaded)
     images = resolve_dataset(
         str(calib),
