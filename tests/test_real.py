@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from edgeq import assets
 
@@ -190,7 +191,7 @@ def test_quick_mode_on_resnet20_and_resume(tmp_path):
     assert real.main(["--out", str(out), "--report-only"]) == 0
     page = (out / "results-real.md").read_text()
     assert "Full precision: missing (not measured yet)" in page and "| W2A4 | real | missing |" in page
-    assert "**Incomplete:** 26 planned cell(s) are missing" in page and "--report-only" not in page
+    assert "**Incomplete:** 29 planned cell(s) are missing" in page and "--report-only" not in page
     # the quick cells used rtn; this command's settings (qdrop) would measure them again, and the page says so
     assert "**Measured with other settings:** 3 cell(s)" in page
     assert json.loads((out / "results-real.json").read_text())["entries"] == results["entries"]
@@ -217,3 +218,17 @@ def test_an_interrupted_run_keeps_every_cell_measured_before(tmp_path, monkeypat
         real.main(["--quick", "--sources", "noise,real", "--out", str(out), "--work", str(tmp_path / "work")])
     entries = json.loads((out / "results-real.json").read_text())["entries"]
     assert set(entries) == {"cifar10-resnet20/fp", "cifar10-resnet20/w4a4/noise"}  # measured before the stop
+
+
+def test_the_mixed_variant_names_its_layers_and_belongs_to_its_model():
+    from edgeq.models import load_model
+
+    real = _real()
+    module = load_model("zoo:efficientnet-lite0").module
+    spec = real.cell_spec("efficientnet-lite0", "w2a4-dw8", module)
+    depthwise = [name for name, m in module.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 16 and spec.layers == tuple(sorted((name, 8, 4) for name in depthwise))
+    assert (spec.weight_bits, spec.act_bits) == (2, 4) and str(spec).startswith("w2a4-mixed-")
+    assert real.cell_spec("efficientnet-lite0", "w2a4", module).layers == ()
+    assert real.has_bits("efficientnet-lite0", "w2a4-dw8") and not real.has_bits("cifar10-resnet20", "w2a4-dw8")
+    assert real.has_bits("cifar10-resnet20", "w2a4")
