@@ -1362,6 +1362,59 @@ def eval_command(model, data, num_images, as_json, classes_file, allow_pickle):
         click.echo(f"{key:<18} {value}")
 
 
+@cli.command(
+    epilog="\b\nExamples:\n  edgeq debug runs/fmnist-resnet/quantize-w2a4-qdrop --data fmnist-test\n"
+    "  edgeq debug q-effnet/ --data photos/ --num-images 200 --html debug.html\n"
+    "  edgeq debug q-effnet/ --data calib/ --no-restore --json     # unlabelled: agreement only",
+)
+@click.argument("quantized", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--data",
+    default="fmnist-test",
+    show_default=True,
+    help="Images to measure on: fmnist-test, fashion-mnist:A, an 'edgeq synth' folder, or "
+    + DATA_FOLDER_HELP
+    + ". Labels are optional (agreement with full precision needs none).",
+)
+@click.option(
+    "--num-images",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Images to use (of a class folder: taken class by class in turn).",
+)
+@click.option(
+    "--restore/--no-restore",
+    default=True,
+    show_default=True,
+    help="Measure each layer's 8-bit gain (one pass over the images per layer: the slow part).",
+)
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a static HTML page.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@allow_pickle_option
+@friendly_errors
+def debug(quantized, data, num_images, restore, html_path, as_json, allow_pickle):
+    """Per-layer errors of an 'edgeq quantize' folder: which layers break accuracy.
+
+    For every quantized layer in execution order: its bits, the SQNR of its output with only
+    it quantized (its own error) and with everything up to it quantized (the error it
+    inherits), the share of its input clipped at either end of its range, its weight and
+    input ranges, and the change in agreement with full precision when it alone is raised
+    to 8 bits. Then the layers that lose the most; raise them with --layer-bits.
+    """
+    from edgeq.debug import debug_folder, table, write_html
+
+    report = debug_folder(quantized, data, num_images=num_images, restore=restore, allow_pickle=allow_pickle)
+    if html_path is not None:
+        write_html(report, html_path)
+    if as_json:
+        _echo_json(report.to_dict() | ({"html": str(html_path)} if html_path else {}))
+        return
+    click.echo(table(report))
+    if html_path is not None:
+        click.echo(f"wrote {html_path}")
+
+
 @cli.group()
 def zoo():
     """The model zoo: Fashion-MNIST teachers, a text-to-image generator, EfficientNet-Lite0, CIFAR-10 ResNets."""

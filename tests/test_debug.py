@@ -1,0 +1,160 @@
+"""edgeq debug: per-layer errors, checked against hand computations and on a deliberately damaged layer."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgeq import quant
+from edgeq.data import resolve_dataset
+from edgeq.debug import debug_model, raised_to_8_bits
+from edgeq.models import load_model
+from edgeq.quantized import QuantizedLayer, quantize_module
+from edgeq.spec import Observer, QuantSpec
+
+from .conftest import TINY
+from .test_cli import _assert_one_line_error, run_cli
+
+DAMAGED = "block_conv2.0"
+
+
+@pytest.fixture(scope="module")
+def tiny_w8a8():
+    loaded = load_model(TINY)
+    data = resolve_dataset("fashion-mnist:A", 96)
+    inputs = loaded.preprocess(data.images)
+    model = quantize_module(loaded.module, inputs[:48], QuantSpec(8, 8), seed=0).eval()
+    return model, inputs[48:], data.targets[48:]
+
+
+def _layers(model):
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(torch.from_numpy(inputs)).numpy()
+
+
+def test_the_damaged_layer_ranks_first_and_the_figures_match_hand_computation(tiny_w8a8):
+    model, inputs, labels = tiny_w8a8
+    layer = _layers(model)[DAMAGED]
+    saved = {name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)}
+    # the damage: 2-bit weights on the 8-bit steps, so every weight clips to at most two steps
+    layer.weight_bits = 2
+    layer.set_weight_qparams(layer.weight_scale.clone())
+    try:
+        before = _logits(model, inputs)
+        report = debug_model(model, inputs, labels=labels, progress=False)
+        # measuring leaves the model as it was, bit for bit (8-bit restores are undone)
+        assert np.array_equal(_logits(model, inputs), before)
+        by_name = {entry.name: entry for entry in report.layers}
+        damaged = by_name[DAMAGED]
+        assert [entry.name for entry in report.worst(1)] == [DAMAGED]
+        assert damaged.weight_bits == 2 and damaged.own_sqnr_db < 3.0
+        others = [entry for entry in report.layers if entry.name != DAMAGED]
+        assert min(entry.own_sqnr_db for entry in others) > 20.0  # 8 bits elsewhere
+        assert damaged.gain_at_8_bits > 0.2 and all(entry.gain_at_8_bits < damaged.gain_at_8_bits for entry in others)
+        # the inherited error cannot be smaller than what the damaged layer makes, downstream of it
+        assert damaged.inherited_sqnr_db <= damaged.own_sqnr_db + 0.5
+        assert report.agreement == pytest.approx(
+            float((before.argmax(1) == _float_logits(model, inputs).argmax(1)).mean())
+        )
+        assert report.top1 == pytest.approx(float((before.argmax(1) == labels).mean()))
+
+        # hand computation of the damaged layer's own SQNR and its input clipping
+        captured = {}
+        handle = layer.register_forward_hook(lambda m, a, o: captured.update(x=a[0].detach(), out=o.detach()))
+        _float_logits(model, inputs)
+        handle.remove()
+        quantized = torch.nn.functional.conv2d(
+            layer.quantize_input(captured["x"]),
+            layer.dequantized_weight(),
+            layer.layer.bias,
+            layer.layer.stride,
+            layer.layer.padding,
+            layer.layer.dilation,
+            layer.layer.groups,
+        )
+        error = (quantized.detach() - captured["out"]) ** 2
+        signal, noise = float((captured["out"] ** 2).sum()), float(error.sum())
+        assert damaged.own_sqnr_db == pytest.approx(10 * math.log10(signal / noise), abs=1e-3)
+        handle = layer.register_forward_hook(lambda m, a, o: captured.update(q=a[0].detach()))
+        _logits(model, inputs)
+        handle.remove()
+        low = float(layer.act_scale) * (0 - float(layer.act_zero_point))
+        high = float(layer.act_scale) * (255 - float(layer.act_zero_point))
+        assert damaged.clipped_low == pytest.approx(float((captured["q"] < low).float().mean()))
+        assert damaged.clipped_high == pytest.approx(float((captured["q"] > high).float().mean()))
+        assert (damaged.input_low, damaged.input_high) == pytest.approx((low, high))
+        # the first layer sees the same input either way: its own and inherited errors are one figure
+        first = report.layers[0]
+        assert first.own_sqnr_db == pytest.approx(first.inherited_sqnr_db, abs=1e-6)
+    finally:
+        layer.weight_bits = 8
+        for name, buffer in saved.items():
+            getattr(layer, name).copy_(buffer)
+
+
+def _float_logits(model, inputs):
+    layers = _layers(model).values()
+    for layer in layers:
+        layer.bypass = True
+    try:
+        return _logits(model, inputs)
+    finally:
+        for layer in layers:
+            layer.bypass = False
+
+
+def test_raising_a_layer_to_8_bits_keeps_its_input_range_and_rounds_weights_to_nearest(tiny_w8a8):
+    model, _, _ = tiny_w8a8
+    layer = _layers(model)[DAMAGED]
+    saved = {name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)}
+    layer.weight_bits, layer.act_bits = 2, 4  # as a W2A4 layer: 15 input steps over its range
+    layer.set_weight_qparams(quant.weight_qparams(layer.layer.weight.detach(), 2, Observer.MSE)[0])
+    layer.act_scale.mul_(255 / 15)
+    low = float(layer.act_scale) * -float(layer.act_zero_point)
+    high = float(layer.act_scale) * (15 - float(layer.act_zero_point))
+    as_w2a4 = {name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)}
+    try:
+        with raised_to_8_bits(layer):
+            assert (layer.weight_bits, layer.act_bits) == (8, 8)
+            weight = layer.layer.weight.detach()
+            step = quant.weight_qparams(weight, 8, Observer.MINMAX)[0]  # the full range, no clipping search
+            assert torch.equal(layer.weight_scale, step)
+            assert torch.equal(layer.weight_int.float(), torch.round(weight / step.view(-1, 1, 1, 1)).clamp(-128, 127))
+            new_low = float(layer.act_scale) * -float(layer.act_zero_point)
+            new_high = float(layer.act_scale) * (255 - float(layer.act_zero_point))
+            assert float(layer.act_scale) == pytest.approx((high - low) / 255)
+            assert new_low == pytest.approx(low, abs=float(layer.act_scale))  # within one 8-bit step
+            assert new_high == pytest.approx(high, abs=float(layer.act_scale))
+        assert (layer.weight_bits, layer.act_bits) == (2, 4)
+        assert all(torch.equal(buffer, as_w2a4[name]) for name, buffer in layer.named_buffers(recurse=False))
+    finally:
+        layer.weight_bits = layer.act_bits = 8
+        for name, buffer in saved.items():
+            getattr(layer, name).copy_(buffer)
+
+
+def test_debug_command_prints_a_table_json_and_html(monkeypatch, capsys, tmp_path, quantized_dirs):
+    folder = str(quantized_dirs("w2a4"))
+    page = tmp_path / "debug.html"
+    code, out, err = run_cli(
+        monkeypatch, capsys, "debug", folder, "--data", "fmnist-test", "--num-images", "32", "--html", str(page), "--json"
+    )
+    assert code in (0, None), err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["schema"] == "edgeq.debug/1" and result["images"] == 32 and result["ranked_by"] == "gain_at_8_bits"
+    names = [layer["name"] for layer in result["layers"]]
+    assert names[0] == "stem.0" and names[-1] == "classifier" and len(names) == 6
+    assert result["layers"][0]["weight_bits"] == 8 and result["layers"][1]["weight_bits"] == 2
+    assert set(result["worst"]) <= set(names) and 0 <= result["agreement_with_fp"] <= 1
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "data:image/png;base64," in text and "block_conv1.0" in text
+    code, out, err = run_cli(monkeypatch, capsys, "debug", folder, "--num-images", "16", "--no-restore")
+    assert code in (0, None), err
+    assert "layers that lose the most (by own SQNR)" in out and "stem.0" in out
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "debug", str(tmp_path)), "manifest")
