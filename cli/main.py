@@ -970,17 +970,64 @@ def compile_command(
     epilog="\b\nExamples:\n"
     "  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --high w4a4 --low w2a4 --budget-mb 0.25 "
     "-o mixed.json\n"
+    "  edgeq mixed zoo:fmnist-resnet --calib runs/zoo-fmnist-resnet/synth --min-agreement 0.98 --target x86-avx2 "
+    "-o mixed.json\n"
+    "  edgeq mixed model.pt --calib synth/ --min-top1 0.70 --data labelled/ --latency-budget-ms 20 -o mixed.json\n"
     "  edgeq compile zoo:fmnist-resnet --bits mixed.json\n  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4,mixed.json"
 )
 @click.argument("model", required=False)
 @click.option(
-    "--calib", required=True, help="Calibration images: an 'edgeq synth' folder (data-free), or fashion-mnist:A."
+    "--calib",
+    required=True,
+    help="Calibration images: an 'edgeq synth' folder (data-free), fashion-mnist:A, or a folder of images. With a "
+    "target, the first --num-images calibrate and the next --held-out images check (never the same ones).",
 )
 @click.option("--high", callback=_bits, default="w4a4", show_default=True, help="Bit widths every layer starts at.")
 @click.option("--low", callback=_bits, default="w2a4", show_default=True, help="Bit widths a layer may be lowered to.")
 @click.option(
-    "--budget-mb", type=click.FloatRange(min=0, min_open=True), required=True, help="Largest packed weight size, in MB."
+    "--budget-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest packed weight size, in MB (without a target: required; lowers layers from --high until it fits).",
 )
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    help="Accuracy target: share of held-out images on which the quantized model's top-1 is the full-precision "
+    "model's. Raises layers from the first rung of --ladder, most agreement per unit of cost first.",
+)
+@click.option(
+    "--min-top1",
+    type=click.FloatRange(0, 1),
+    help="Accuracy target on labels: top-1 on --data (a labelled folder) instead of agreement.",
+)
+@click.option(
+    "--ladder",
+    callback=lambda ctx, param, value: _bits_list(ctx, param, value),
+    default="w2a4,w4a4,w8a8",
+    show_default=True,
+    help="With a target: the bit widths a layer climbs through, lowest first.",
+)
+@click.option(
+    "--latency-budget-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="With a target: the most the layers' measured kernel time on --target may add up to.",
+)
+@click.option(
+    "--target",
+    callback=_target,
+    default="host",
+    show_default=True,
+    help="With a target: whose kernels price a layer (measured on this machine; Arm targets: price in --budget-mb).",
+)
+@click.option(
+    "--held-out",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="With a target: images that check agreement, drawn after the calibration images.",
+)
+@click.option("--data", "eval_data", help="With --min-top1: the labelled images the target is measured on.")
+@bias_correction_option
 @click.option(
     "--num-images",
     type=click.IntRange(min=1),
@@ -1000,18 +1047,63 @@ def compile_command(
 @preprocess_options
 @allow_pickle_option
 @friendly_errors
-def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickle):
-    """Choose per-layer bit widths for MODEL that fit --budget-mb at the least accuracy cost.
+def mixed(
+    model,
+    calib,
+    high,
+    low,
+    budget_mb,
+    min_agreement,
+    min_top1,
+    ladder,
+    latency_budget_ms,
+    target,
+    held_out,
+    eval_data,
+    bias_correction,
+    num_images,
+    seed,
+    out,
+    allow_pickle,
+):
+    """Choose per-layer bit widths for MODEL: to fit --budget-mb, or to reach an accuracy target.
 
-    Measures each layer's sensitivity (growth of the KL divergence from the float model's
-    predictions with that layer alone at --low), then lowers the layers that cost least per
-    byte saved until the weights fit. Writes a spec file for --bits.
+    Without a target: measures each layer's sensitivity (growth of the KL divergence from the
+    float model's predictions with that layer alone at --low), then lowers the layers that
+    cost least per byte saved until the weights fit.
+
+    With --min-agreement (or --min-top1): starts every layer at the first rung of --ladder and
+    raises, one rung at a time, the layer whose raise buys the most per unit of cost (its
+    kernels' measured time on --target, or weight bytes with --budget-mb) until the target is
+    reached on held-out images, or says it cannot and what it reached. Writes a spec file for --bits.
     """
     from edgeq import mixed as mixed_precision
     from edgeq.data import resolve_dataset
     from edgeq.models import load_model
 
     loaded = load_model(model, allow_pickle=allow_pickle, preprocess=_preprocess_overrides())
+    if min_agreement is not None or min_top1 is not None:
+        _mixed_to_target(
+            loaded,
+            calib,
+            ladder,
+            min_agreement=min_agreement,
+            min_top1=min_top1,
+            budget_mb=budget_mb,
+            latency_budget_ms=latency_budget_ms,
+            target=target,
+            held_out=held_out,
+            eval_data=eval_data,
+            bias_correction=bias_correction,
+            num_images=num_images,
+            seed=seed,
+            out=out,
+        )
+        return
+    if budget_mb is None:
+        _fail("give --budget-mb, or an accuracy target (--min-agreement or --min-top1)", "see 'edgeq mixed --help'")
+    if latency_budget_ms is not None or eval_data is not None:
+        _fail("--latency-budget-ms and --data apply with an accuracy target", "add --min-agreement or --min-top1")
     images = resolve_dataset(calib, num_images, preprocess=loaded.preprocess, seed=seed)
     if len(images) == 0:
         _fail(f"no images in {calib}", "pass an 'edgeq synth' folder or fashion-mnist:A")
@@ -1031,6 +1123,90 @@ def mixed(model, calib, high, low, budget_mb, num_images, seed, out, allow_pickl
         f"weights {mixed_precision.weight_bytes(layers, spec) / 1e6:.4f} MB "
         f"(budget {budget_mb:g} MB); spec {spec} written to {out}"
     )
+
+
+def _mixed_to_target(
+    loaded,
+    calib,
+    ladder,
+    *,
+    min_agreement,
+    min_top1,
+    budget_mb,
+    latency_budget_ms,
+    target,
+    held_out,
+    eval_data,
+    bias_correction,
+    num_images,
+    seed,
+    out,
+):
+    from edgeq import mixed as mixed_precision
+    from edgeq.data import resolve_dataset
+    from edgeq.layer_costs import ByteCosts, LatencyCosts
+
+    if min_agreement is not None and min_top1 is not None:
+        _fail("give one accuracy target", "pass --min-agreement or --min-top1, not both")
+    if budget_mb is not None and latency_budget_ms is not None:
+        _fail("give one budget", "pass --budget-mb or --latency-budget-ms, not both")
+    if len(ladder) < 2:
+        _fail("--ladder needs at least two bit widths", "for example --ladder w2a4,w4a4,w8a8")
+    costs = ByteCosts() if budget_mb is not None else LatencyCosts(target)
+    budget = budget_mb if budget_mb is not None else latency_budget_ms
+    images = resolve_dataset(calib, num_images + held_out, preprocess=loaded.preprocess, seed=seed)
+    if len(images) <= num_images:
+        _fail(
+            f"{calib} has {len(images)} images: none left to check the target after {num_images} calibrate",
+            f"make more images ('edgeq synth --num-images {num_images + held_out}') or lower --num-images",
+        )
+    inputs = loaded.preprocess(images.images)
+    calibration, checking, labels = inputs[:num_images], inputs[num_images:], None
+    if min_top1 is not None:
+        if eval_data is None:
+            _fail("--min-top1 needs labelled images", "pass --data with a labelled folder (ROOT/<class>/<image>)")
+        labelled = resolve_dataset(eval_data, held_out, preprocess=loaded.preprocess, classes=loaded.classes)
+        if labelled.targets is None:
+            _fail(f"{eval_data} has no labels", "pass a labelled folder (ROOT/<class>/<image>), or use --min-agreement")
+        checking, labels = loaded.preprocess(labelled.images), labelled.targets
+    search = mixed_precision.search_to_target(
+        loaded.module,
+        calibration,
+        checking,
+        ladder,
+        costs,
+        min_agreement=min_agreement,
+        min_top1=min_top1,
+        labels=labels,
+        budget=budget,
+        seed=seed,
+        bias_correction=bias_correction,
+    )
+    record = search.spec.to_dict() | {"allocation": search.to_dict()}
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    partial.replace(out)
+    unit = search.unit
+    for step in search.promotions:
+        click.echo(
+            f"raised {step.layer:<40} to w{step.bits[0]}a{step.bits[1]}  {step.added_cost:+.4g} {unit}  "
+            f"{search.metric_name} {step.metric:.2%}"
+        )
+    uniform = ", ".join(f"uniform {rung} {cost:.4g} {unit}" for rung, cost in search.uniform_costs.items())
+    verdict = (
+        f"reached {search.metric_name} {search.final_metric:.2%} (target {search.target:.2%})"
+        if search.reached
+        else f"cannot reach {search.metric_name} {search.target:.2%}"
+        + (" within the budget" if budget is not None else "")
+        + f": the best reached is {search.final_metric:.2%}"
+    )
+    click.echo(
+        f"\n{verdict} on {search.held_out_images} held-out images, from {search.start_metric:.2%} at {ladder[0]}; "
+        f"{len(search.promotions)} layer raise(s); cost {search.cost:.4g} {unit} ({uniform}; {search.cost_model}); "
+        f"spec {search.spec} written to {out}"
+    )
+    if not search.reached:
+        raise SystemExit(1)
 
 
 def _list(_ctx, param, value):

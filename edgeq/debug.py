@@ -135,9 +135,7 @@ def raised_to_8_bits(layer: QuantizedLayer):
     symmetric = bool((layer.weight_zero_point == 0).all())
     try:
         layer.weight_bits = layer.act_bits = RESTORED_BITS
-        scale, zero_point = quant.weight_qparams(
-            layer.layer.weight.detach(), RESTORED_BITS, Observer.MINMAX, symmetric
-        )
+        scale, zero_point = quant.weight_qparams(layer.layer.weight.detach(), RESTORED_BITS, Observer.MINMAX, symmetric)
         layer.set_weight_qparams(scale, zero_point.to(torch.int8))
         step = (high - low) / (2**RESTORED_BITS - 1)
         layer.act_scale.fill_(step if step > 0 else 1.0)
@@ -333,9 +331,19 @@ def write_html(report: DebugReport, path) -> None:
         2 if has_gain else 1, 1, sharex=True, figsize=(max(8, len(names) * 0.18), 7 if has_gain else 4)
     )
     axes = np.atleast_1d(axes)
-    axes[0].plot(steps, capped([layer.own_sqnr_db for layer in report.layers]), "o-", ms=3, label="own (only this layer quantized)")
     axes[0].plot(
-        steps, capped([layer.inherited_sqnr_db for layer in report.layers]), "s-", ms=3, label="inherited (all quantized up to it)"
+        steps,
+        capped([layer.own_sqnr_db for layer in report.layers]),
+        "o-",
+        ms=3,
+        label="own (only this layer quantized)",
+    )
+    axes[0].plot(
+        steps,
+        capped([layer.inherited_sqnr_db for layer in report.layers]),
+        "s-",
+        ms=3,
+        label="inherited (all quantized up to it)",
     )
     axes[0].set_ylabel("output SQNR vs float (dB)")
     axes[0].legend(loc="best")

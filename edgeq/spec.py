@@ -295,15 +295,15 @@ def parse_layer_bits(text: str) -> tuple[LayerOverride, ...]:
             continue
         pattern, equals, bits = (piece.strip() for piece in item.partition("="))
         if not equals or not pattern:
-            raise EdgeqError(f"invalid --layer-bits entry '{item}'", f"expected {LAYER_BITS_FORM}, e.g. {LAYER_BITS_EXAMPLE}")
+            raise EdgeqError(
+                f"invalid --layer-bits entry '{item}'", f"expected {LAYER_BITS_FORM}, e.g. {LAYER_BITS_EXAMPLE}"
+            )
         if bits.isdigit():
             weight_bits = act_bits = int(bits)
         else:
             match = _SHORT_FORM.match(bits.lower())
             if not match:
-                raise EdgeqError(
-                    f"invalid bits '{bits}' in --layer-bits entry '{item}'", f"expected {LAYER_BITS_FORM}"
-                )
+                raise EdgeqError(f"invalid bits '{bits}' in --layer-bits entry '{item}'", f"expected {LAYER_BITS_FORM}")
             weight_bits, act_bits = int(match.group(1)), int(match.group(2))
         for bit_width in (weight_bits, act_bits):
             if not MIN_BITS <= bit_width <= MAX_BITS:

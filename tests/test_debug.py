@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edgeq import quant
 from edgeq.data import resolve_dataset
@@ -143,7 +144,17 @@ def test_debug_command_prints_a_table_json_and_html(monkeypatch, capsys, tmp_pat
     folder = str(quantized_dirs("w2a4"))
     page = tmp_path / "debug.html"
     code, out, err = run_cli(
-        monkeypatch, capsys, "debug", folder, "--data", "fmnist-test", "--num-images", "32", "--html", str(page), "--json"
+        monkeypatch,
+        capsys,
+        "debug",
+        folder,
+        "--data",
+        "fmnist-test",
+        "--num-images",
+        "32",
+        "--html",
+        str(page),
+        "--json",
     )
     assert code in (0, None), err
     result = json.loads(out.strip().splitlines()[-1])
@@ -158,3 +169,109 @@ def test_debug_command_prints_a_table_json_and_html(monkeypatch, capsys, tmp_pat
     assert code in (0, None), err
     assert "layers that lose the most (by own SQNR)" in out and "stem.0" in out
     _assert_one_line_error(run_cli(monkeypatch, capsys, "debug", str(tmp_path)), "manifest")
+
+
+def _stretched_channel_model():
+    """The tiny model with one channel between block_conv1 and block_conv2 made 30x larger and undone by
+    block_conv2's weights: the same float function, but that channel's range stretched over every input of
+    block_conv2.0 (the inter-channel imbalance cross-layer equalization undoes), so 4-bit inputs wreck it."""
+    import copy
+
+    loaded = load_model(TINY)
+    module = copy.deepcopy(loaded.module).eval()
+    norm, conv = module.get_submodule("block_conv1.1"), module.get_submodule("block_conv2.0")
+    with torch.no_grad():
+        norm.weight[0] *= 30
+        norm.bias[0] *= 30
+        conv.weight[:, 0] /= 30
+    inputs = loaded.preprocess(resolve_dataset("fashion-mnist:A", 192).images)
+    with torch.no_grad():
+        same = torch.allclose(
+            module(torch.from_numpy(inputs[:16])), loaded.module.eval()(torch.from_numpy(inputs[:16])), atol=1e-4
+        )
+    assert same  # the damage is invisible in full precision
+    return module, inputs
+
+
+def test_a_stretched_layer_is_ranked_first_by_the_debugger_and_raised_first_by_the_search():
+    from edgeq import mixed
+    from edgeq.layer_costs import ByteCosts, layer_shapes
+
+    module, inputs = _stretched_channel_model()
+    calibration, held_out = inputs[:64], inputs[64:]
+    quantized = quantize_module(module, calibration, QuantSpec(4, 4), seed=0).eval()
+    report = debug_model(quantized, held_out, progress=False)
+    assert report.worst(1)[0].name == "block_conv2.0"
+    by_own = sorted(report.layers, key=lambda layer: layer.own_sqnr_db)
+    assert by_own[0].name == "block_conv2.0"
+
+    ladder = [QuantSpec.load("w4a4"), QuantSpec.load("w8a8")]
+    search = mixed.search_to_target(
+        module, calibration, held_out, ladder, ByteCosts(), min_agreement=0.9, progress=False
+    )
+    assert search.promotions[0].layer == "block_conv2.0" and search.promotions[0].bits == (8, 8)
+    assert search.reached and search.final_metric >= 0.9 > search.start_metric
+    assert search.final_metric == search.promotions[-1].agreement
+    assert dict((name, (w, a)) for name, w, a in search.spec.layers) == {p.layer: p.bits for p in search.promotions}
+    # costs are the packed bytes of every layer at its final widths (edges at 8 bits)
+    shapes = layer_shapes(module, torch.from_numpy(held_out[:1]))
+    names = list(shapes)
+    expected = sum(
+        shapes[name].weights * search.spec.layer_bits(edge=name in (names[0], names[-1]), name=name)[0] / 8e6
+        for name in names
+    )
+    assert search.cost == pytest.approx(expected)
+    assert search.uniform_costs["w4a4"] < search.cost < search.uniform_costs["w8a8"]
+    # a budget that cannot pay for the raise: an honest "not reached", at the start's agreement
+    tight = mixed.search_to_target(
+        module,
+        calibration,
+        held_out,
+        ladder,
+        ByteCosts(),
+        min_agreement=0.9,
+        budget=search.uniform_costs["w4a4"] + 1e-9,
+        progress=False,
+    )
+    assert not tight.reached and tight.promotions == () and tight.final_metric == tight.start_metric
+
+
+def test_mixed_to_an_agreement_target_on_the_command_line(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "mixed.json"
+    args = ["mixed", TINY, "--calib", "fashion-mnist:A", "--num-images", "32", "--held-out", "64"]
+    code, stdout, err = run_cli(
+        monkeypatch,
+        capsys,
+        *args,
+        "--min-agreement",
+        "0.95",
+        "--ladder",
+        "w2a4,w8a8",
+        "--budget-mb",
+        "1",
+        "-o",
+        str(out),
+    )
+    assert code in (0, None), err
+    record = json.loads(out.read_text())
+    spec = QuantSpec.load(str(out))
+    assert record["allocation"]["reached"] and record["allocation"]["final"] >= 0.95
+    assert record["allocation"]["held_out_images"] == 64 and record["allocation"]["calibration_images"] == 32
+    assert spec.layers and all((w, a) == (8, 8) for _, w, a in spec.layers)
+    assert "reached agreement" in stdout and "uniform w2a4" in stdout
+    few = tmp_path / "few"  # as many images as calibrate: none to check on
+    few.mkdir()
+    for index in range(32):
+        Image.fromarray(np.full((28, 28), index * 8, np.uint8)).save(few / f"{index}.png")
+    for extra, needles in [
+        (["--min-agreement", "0.9", "--target", "rpi4"], ("rpi4", "--budget-mb")),
+        (["--min-agreement", "0.9", "--min-top1", "0.5", "--budget-mb", "1"], ("one accuracy target",)),
+        (["--min-top1", "0.5", "--budget-mb", "1"], ("--min-top1 needs labelled images",)),
+        (["--calib", str(few), "--min-agreement", "0.9", "--budget-mb", "1"], ("none left",)),
+        (["--latency-budget-ms", "3"], ("accuracy target",)),
+    ]:
+        code, _, err = run_cli(monkeypatch, capsys, *args, *extra, "-o", str(tmp_path / "x.json"))
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code != 0 and len(errors) == 1 and "Traceback" not in err, err
+        assert all(needle in errors[0] for needle in needles), errors
+    assert not (tmp_path / "x.json").exists()
