@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from . import quant
-from .quantized import QuantizedLayer
+from .quantized import QuantizedLayer, running_float
 from .spec import Observer
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,10 @@ def _kind(layer: QuantizedLayer) -> str:
     return "depthwise" if inner.groups == inner.in_channels == inner.out_channels else "grouped"
 
 
-def _quantized_output(layer: QuantizedLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output with its own quantization on input ``x`` (forward, not __call__: no hooks run)."""
-    bypass, layer.bypass = layer.bypass, False
-    try:
-        return layer.forward(x)
-    finally:
-        layer.bypass = bypass
+def _quantized_output(layer: QuantizedLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's output with its own quantization (and its own, possibly corrected, ``bias``) on input ``x``."""
+    params = {"weight": layer.dequantized_weight()} | ({"bias": bias} if bias is not None else {})
+    return torch.func.functional_call(layer.layer, params, (layer.quantize_input(x),))
 
 
 def _input_bounds(layer: QuantizedLayer) -> tuple[float, float]:
@@ -127,9 +124,11 @@ def _sqnr(signal: float, noise: float) -> float:
 
 
 @contextlib.contextmanager
-def raised_to_8_bits(layer: QuantizedLayer):
-    """``layer`` at 8-bit weights (per channel, rounded to nearest) and 8-bit input over its own range, for a while."""
+def raised_to_8_bits(layer: QuantizedLayer, float_bias: torch.Tensor | None = None):
+    """``layer`` at 8-bit weights (per channel, rounded to nearest) and 8-bit input over its own range, for a while;
+    with ``float_bias``, that bias instead of one corrected for its low-bit rounding."""
     saved = {name: buffer.clone() for name, buffer in layer.named_buffers(recurse=False)}
+    saved_bias = None if layer.layer.bias is None else layer.layer.bias.detach().clone()
     bits = layer.weight_bits, layer.act_bits
     low, high = _input_bounds(layer)
     symmetric = bool((layer.weight_zero_point == 0).all())
@@ -140,16 +139,15 @@ def raised_to_8_bits(layer: QuantizedLayer):
         step = (high - low) / (2**RESTORED_BITS - 1)
         layer.act_scale.fill_(step if step > 0 else 1.0)
         layer.act_zero_point.fill_(int(round(-low / step)) if step > 0 else 0)
+        if float_bias is not None and saved_bias is not None:
+            layer.layer.bias.data.copy_(float_bias)
         yield layer
     finally:
         layer.weight_bits, layer.act_bits = bits
+        if saved_bias is not None:
+            layer.layer.bias.data.copy_(saved_bias)
         for name, buffer in saved.items():
             getattr(layer, name).copy_(buffer)
-
-
-def _set_bypass(layers, value: bool) -> None:
-    for layer in layers:
-        layer.bypass = value
 
 
 @torch.no_grad()
@@ -162,9 +160,13 @@ def debug_model(
     name: str = "model",
     bits: str = "",
     progress: bool = True,
+    biases: dict | None = None,
 ) -> DebugReport:
-    """Per-layer figures of fake-quantized ``model`` (its QuantizedLayers run float when bypassed) on ``inputs``."""
+    """Per-layer figures of fake-quantized ``model`` on ``inputs``. Full precision is the model with every layer
+    bypassed and, when given, the float model's ``biases`` (:func:`edgeq.quantized.float_biases`; needed after bias
+    correction, which moves the quantized layers' biases)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    quantized_biases = {n: None if m.layer.bias is None else m.layer.bias.detach().clone() for n, m in layers.items()}
     totals = {n: dict.fromkeys(("signal", "own", "inherited", "low", "high", "count"), 0.0) for n in layers}
     order: list[str] = []
     float_outputs: dict[str, torch.Tensor] = {}
@@ -179,7 +181,8 @@ def debug_model(
                     order.append(layer_name)
                 float_outputs[layer_name] = out
                 entry["signal"] += float((out**2).sum())
-                entry["own"] += float(((_quantized_output(module, x).float() - out) ** 2).sum())
+                own = _quantized_output(module, x, quantized_biases[layer_name]).float()
+                entry["own"] += float(((own - out) ** 2).sum())
             else:
                 entry["inherited"] += float(((out - float_outputs[layer_name]) ** 2).sum())
                 low, high = _input_bounds(module)
@@ -196,10 +199,9 @@ def debug_model(
         for start in range(0, len(inputs), BATCH):
             batch = torch.from_numpy(np.ascontiguousarray(inputs[start : start + BATCH], np.float32))
             phase["float"] = True
-            _set_bypass(layers.values(), True)
-            fp_logits.append(model(batch).float())
+            with running_float(layers, biases):
+                fp_logits.append(model(batch).float())
             phase["float"] = False
-            _set_bypass(layers.values(), False)
             q_logits.append(model(batch).float())
             float_outputs.clear()
             bar.update(len(batch))
@@ -207,14 +209,13 @@ def debug_model(
     finally:
         for handle in handles:
             handle.remove()
-        _set_bypass(layers.values(), False)
     fp_top, q_logits_all = torch.cat(fp_logits).argmax(1), torch.cat(q_logits)
     agreement = float((q_logits_all.argmax(1) == fp_top).float().mean())
 
     gains: dict[str, float] = {}
     if restore:
         for layer_name in tqdm(order, desc="each layer at 8 bits", unit="layer", leave=False, disable=not progress):
-            with raised_to_8_bits(layers[layer_name]):
+            with raised_to_8_bits(layers[layer_name], (biases or {}).get(layer_name)):
                 top = torch.cat(
                     [
                         model(torch.from_numpy(np.ascontiguousarray(inputs[s : s + BATCH], np.float32))).argmax(1)
@@ -257,7 +258,7 @@ def debug_model(
 def debug_folder(quantized_dir, data: str, *, num_images: int | None = None, restore: bool = True, allow_pickle=False):
     """:func:`debug_model` on an 'edgeq quantize' folder, on ``data`` (any evaluation data edgeq reads)."""
     from .data import resolve_dataset
-    from .quantized import load
+    from .quantized import float_biases, load
 
     model, loaded, spec, _ = load(quantized_dir, allow_pickle=allow_pickle)
     images = resolve_dataset(data, num_images, preprocess=loaded.preprocess, classes=loaded.classes)
@@ -269,6 +270,7 @@ def debug_folder(quantized_dir, data: str, *, num_images: int | None = None, res
         restore=restore,
         name=str(quantized_dir),
         bits=str(spec),
+        biases=float_biases(loaded.module),
     )
 
 

@@ -15,6 +15,7 @@ evaluation and the reports read them through this module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -362,6 +363,40 @@ def quantize_module(
     if reconstruction is not None and reconstruction.bias_correction:
         correct_biases(prepared, layers, inputs)
     return prepared
+
+
+def float_biases(float_model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The biases of the float model's quantizable layers, BatchNorm folded in, by layer name.
+
+    Bias correction changes a quantized layer's bias in place (on ``layer.layer``), so a
+    quantized model run with its layers bypassed is not the float model: comparisons
+    against full precision take these biases back for the float run (:func:`running_float`).
+    """
+    folded = fold_batchnorm(float_model)
+    return {
+        name: (None if m.bias is None else m.bias.detach().clone())
+        for name, m in folded.named_modules()
+        if isinstance(m, QUANTIZABLE) and name
+    }
+
+
+@contextlib.contextmanager
+def running_float(layers: dict[str, QuantizedLayer], biases: dict[str, torch.Tensor | None] | None = None):
+    """Every layer bypassed to its float layer for a while, with ``biases`` (:func:`float_biases`) in place of the
+    corrected ones when given, so the model computes full precision; all is put back after."""
+    saved = {}
+    try:
+        for name, layer in layers.items():
+            layer.bypass = True
+            if biases is not None and biases.get(name) is not None and layer.layer.bias is not None:
+                saved[name] = layer.layer.bias.detach().clone()
+                layer.layer.bias.data.copy_(biases[name])
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.bypass = False
+            if name in saved:
+                layer.layer.bias.data.copy_(saved[name])
 
 
 def quantized_layer_names(model: nn.Module) -> list[str]:

@@ -32,9 +32,10 @@ def layer_sqnr(quantized_dir: str | Path, inputs: np.ndarray) -> list[dict]:
     layer's figure includes what the layers before it did to its input."""
     import torch
 
-    from .quantized import QuantizedLayer, load
+    from .quantized import QuantizedLayer, float_biases, load, running_float
 
-    model, _, _, _ = load(quantized_dir)
+    model, loaded, _, _ = load(quantized_dir)
+    biases = float_biases(loaded.module)  # bias correction moved the quantized layers' biases
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
     captured: dict[str, list[torch.Tensor]] = {}
 
@@ -49,17 +50,13 @@ def layer_sqnr(quantized_dir: str | Path, inputs: np.ndarray) -> list[dict]:
     order: list[str] = []
     try:
         with torch.no_grad():
-            for bypass in (True, False):
-                for layer in layers.values():
-                    layer.bypass = bypass
+            with running_float(layers, biases):
                 model(x)
-                if bypass:
-                    order = list(captured)
+            order = list(captured)
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
-        for layer in layers.values():
-            layer.bypass = False
     results = []
     for name in order:
         reference, quantized = captured[name][0], captured[name][1]

@@ -275,3 +275,28 @@ def test_mixed_to_an_agreement_target_on_the_command_line(monkeypatch, capsys, t
         assert code != 0 and len(errors) == 1 and "Traceback" not in err, err
         assert all(needle in errors[0] for needle in needles), errors
     assert not (tmp_path / "x.json").exists()
+
+
+def test_full_precision_is_the_float_model_even_after_bias_correction():
+    from edgeq.quantized import float_biases
+    from edgeq.reconstruction import ReconstructionConfig
+
+    loaded = load_model(TINY)
+    data = resolve_dataset("fashion-mnist:A", 96)
+    inputs = loaded.preprocess(data.images)
+    corrected = ReconstructionConfig(method="rtn", bias_correction=True)
+    model = quantize_module(loaded.module, inputs[:48], QuantSpec(2, 4), seed=0, reconstruction=corrected).eval()
+    float_logits = _logits(loaded.module.eval(), inputs[48:])
+    quantized_logits = _logits(model, inputs[48:])
+    report = debug_model(
+        model, inputs[48:], labels=data.targets[48:], biases=float_biases(loaded.module), progress=False
+    )
+    assert report.fp_top1 == pytest.approx(float((float_logits.argmax(1) == data.targets[48:]).mean()))
+    assert report.agreement == pytest.approx(float((quantized_logits.argmax(1) == float_logits.argmax(1)).mean()))
+    assert np.array_equal(_logits(model, inputs[48:]), quantized_logits)  # corrected biases back in place
+    # without the float biases, "full precision" would be the corrected model run in float: not the float model
+    moved = debug_model(model, inputs[48:], labels=data.targets[48:], restore=False, progress=False)
+    assert any(
+        entry.inherited_sqnr_db != pytest.approx(other.inherited_sqnr_db)
+        for entry, other in zip(report.layers, moved.layers)
+    )

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from edgeq.targets import get_target, host_target
 
 from edgeq.errors import EdgeqError
 from edgeq.layer_costs import ByteCosts, LatencyCosts, LayerShape, layer_shapes
-from edgeq.targets import get_target, host_target
 
 SMALL = LayerShape("conv", 8, 8, (3, 3), (1, 1), (1, 1), 1, (8, 8))
 LARGE = LayerShape("conv", 64, 64, (3, 3), (1, 1), (1, 1), 1, (32, 32))
