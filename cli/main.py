@@ -1192,7 +1192,10 @@ def _mixed_to_target(
             f"raised {step.layer:<40} to w{step.bits[0]}a{step.bits[1]}  {step.added_cost:+.4g} {unit}  "
             f"{search.metric_name} {step.metric:.2%}"
         )
-    uniform = ", ".join(f"uniform {rung} {cost:.4g} {unit}" for rung, cost in search.uniform_costs.items())
+    uniform = ", ".join(
+        f"uniform {rung} {cost:.4g} {unit} at {search.uniform_metrics[rung]:.2%}"
+        for rung, cost in search.uniform_costs.items()
+    )
     verdict = (
         f"reached {search.metric_name} {search.final_metric:.2%} (target {search.target:.2%})"
         if search.reached

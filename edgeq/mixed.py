@@ -178,6 +178,7 @@ class TargetSearch:
     final_metric: float
     cost: float
     uniform_costs: dict  # rung (str) -> cost of every layer at it
+    uniform_metrics: dict  # rung (str) -> the target's metric with every layer at it
     unit: str
     cost_model: str
     promotions: tuple[Promotion, ...]
@@ -193,6 +194,7 @@ class TargetSearch:
             "final": self.final_metric,
             "cost": self.cost,
             "uniform_costs": self.uniform_costs,
+            "uniform_metrics": self.uniform_metrics,
             "unit": self.unit,
             "cost_model": self.cost_model,
             "calibration_images": self.calibration_images,
@@ -281,6 +283,11 @@ def search_to_target(
 
     target = min_agreement if min_top1 is None else min_top1
     uniform = {str(rung): sum(layer_cost(name, index) for name in layers) for index, rung in enumerate(ladder)}
+    uniform_metrics = {}
+    for index, rung in reversed(list(enumerate(ladder))):  # ends with every layer at the first rung
+        for name in layers:
+            set_level(name, index)
+        uniform_metrics[str(rung)] = measure()[2]
     kl, agreement, metric = measure()
     start_metric, spent = metric, total_cost()
     if budget is not None and spent > budget:
@@ -355,6 +362,7 @@ def search_to_target(
         final_metric=metric,
         cost=spent,
         uniform_costs=uniform,
+        uniform_metrics=dict(reversed(list(uniform_metrics.items()))),
         unit=costs.unit,
         cost_model=costs.describe(),
         promotions=tuple(promotions),

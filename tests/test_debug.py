@@ -222,6 +222,7 @@ def test_a_stretched_layer_is_ranked_first_by_the_debugger_and_raised_first_by_t
     )
     assert search.cost == pytest.approx(expected)
     assert search.uniform_costs["w4a4"] < search.cost < search.uniform_costs["w8a8"]
+    assert search.uniform_metrics["w4a4"] == search.start_metric < search.uniform_metrics["w8a8"]
     # a budget that cannot pay for the raise: an honest "not reached", at the start's agreement
     tight = mixed.search_to_target(
         module,
