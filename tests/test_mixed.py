@@ -294,3 +294,40 @@ def test_layer_bits_reach_the_quantized_layers_and_the_manifest(monkeypatch, cap
         "block_conv",
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_compile_one_shot_takes_layer_bits(monkeypatch, capsys, tmp_path):
+    from edgeq.quantized import QuantizedLayer, load
+
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "compile",
+        TINY,
+        "--bits",
+        "w2a4",
+        "--layer-bits",
+        "down*=w4a4",
+        "--calib",
+        "fashion-mnist:A",
+        "--method",
+        "rtn",
+        "--num-images",
+        "16",
+        "--eval-images",
+        "20",
+        "--latency-runs",
+        "1",
+        "--target",
+        "x86",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--json",
+    )
+    assert code in (0, None), err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["bits"].startswith("w2a4-mixed-") and summary["agreement_with_reference"] == 1.0
+    model, _, spec, _ = load(summary["stage_dirs"]["quantize"])
+    assert spec.layers == (("down1.0", 4, 4), ("down2.0", 4, 4))
+    bits = {name: (m.weight_bits, m.act_bits) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    assert bits["down1.0"] == bits["down2.0"] == (4, 4) and bits["block_conv1.0"] == (2, 4)
