@@ -159,9 +159,7 @@ class LatencyCosts:
                 "pick a target this CPU runs ('edgeq targets'), or price layers in weight bytes (--budget-mb)",
             )
         self.target = target
-        from .stages.compile import kernel_toolchain
-
-        compiler, _, flags = kernel_toolchain(target)
+        compiler, _, flags = toolchain.kernel_toolchain(target)
         root = _cache_root()
         self.library = native.Library(toolchain.build_shared(compiler, flags, root / "kernels"))
         self.layout = layouts.layout_for(target.arch, target.cpu_features)
@@ -185,9 +183,9 @@ class LatencyCosts:
     def _measure(self, shape: LayerShape, weight_bits: int, act_bits: int) -> float:
         from .kernels import execute
         from .kernels import plan as kernel_plan
+        from .qdq_model import build_qdq_model
         from .quantized import quantize_module
         from .spec import QuantSpec
-        from .stages.export import build_qdq_model
 
         module, example = shape.build()
         spec = QuantSpec(weight_bits, act_bits, first_last_bits=None)

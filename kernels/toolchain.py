@@ -90,3 +90,23 @@ def host_cpu_features() -> set[str]:
     from edgeq.targets import host_cpu_flags
 
     return set(host_cpu_flags())
+
+
+def kernel_toolchain(target) -> tuple[str, str, list[str]]:
+    """C compiler, C++ compiler and flags for building the kernels for ``target`` (an edgeq.targets.Target)."""
+    from edgeq.errors import EdgeqError
+
+    if target.cross_compiler:
+        c_compiler = target.cross_compiler
+        cxx_compiler = c_compiler[: -len("gcc")] + "g++" if c_compiler.endswith("gcc") else c_compiler
+    else:
+        c_compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
+        cxx_compiler = shutil.which("g++") or shutil.which("c++") or "c++"
+    for tool in (c_compiler, cxx_compiler):
+        if shutil.which(tool) is None:
+            raise EdgeqError(
+                f"compiler {tool} not found",
+                "install gcc and g++ (for arm64: sudo apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)",
+            )
+    mcpu = target.tvm_target.get("mcpu")
+    return c_compiler, cxx_compiler, compile_flags(target.arch, target.cpu_features, mcpu)

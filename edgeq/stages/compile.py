@@ -23,6 +23,7 @@ import onnx
 
 from ..errors import EdgeqError
 from ..folders import MODEL_FILE, MODULE_FILE
+from ..kernels.toolchain import kernel_toolchain
 from ..lowering import lower_low_bit_qdq
 from ..manifest import Manifest, claim_output, input_entry, releases_on_failure, staged_folder
 from ..targets import Target, get_target
@@ -30,26 +31,6 @@ from ..targets import Target, get_target
 log = logging.getLogger(__name__)
 
 KERNEL_MODES = ("auto", "on", "off")
-
-
-def kernel_toolchain(target: Target) -> tuple[str, str, list[str]]:
-    """C compiler, C++ compiler and flags for building the kernels for ``target``."""
-    from edgeq.kernels import toolchain
-
-    if target.cross_compiler:
-        c_compiler = target.cross_compiler
-        cxx_compiler = c_compiler[: -len("gcc")] + "g++" if c_compiler.endswith("gcc") else c_compiler
-    else:
-        c_compiler = shutil.which("gcc") or shutil.which("cc") or "cc"
-        cxx_compiler = shutil.which("g++") or shutil.which("c++") or "c++"
-    for tool in (c_compiler, cxx_compiler):
-        if shutil.which(tool) is None:
-            raise EdgeqError(
-                f"compiler {tool} not found",
-                "install gcc and g++ (for arm64: sudo apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)",
-            )
-    mcpu = target.tvm_target.get("mcpu")
-    return c_compiler, cxx_compiler, toolchain.compile_flags(target.arch, target.cpu_features, mcpu)
 
 
 def build_with_kernels(plan, target: Target, out_path: Path) -> None:
