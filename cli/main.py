@@ -1073,7 +1073,7 @@ def mixed(
     cost least per byte saved until the weights fit.
 
     With --min-agreement (or --min-top1): starts every layer at the first rung of --ladder and
-    raises, one rung at a time, the layer whose raise buys the most per unit of cost (its
+    raises (to any higher rung) the layer whose raise buys the most per unit of cost (its
     kernels' measured time on --target, or weight bytes with --budget-mb) until the target is
     reached on held-out images, or says it cannot and what it reached. Writes a spec file for --bits.
     """
