@@ -7,6 +7,7 @@ behind a per-channel DequantizeLinear, and its input behind a QuantizeLinear ->
 DequantizeLinear pair in UINT8/UINT4/UINT2. Layers are matched to ONNX nodes by the
 exact bytes of their weights, which survives whatever names the exporter chooses.
 Widths with no ONNX type (3, 5, 6, 7 bits) use the next container and a Clip.
+Opset 21 is used (INT4/UINT4 QDQ), or 25 when a tensor is 2-bit (INT2/UINT2).
 
 A library module, so that what prices a layer on the kernels (edgeq.layer_costs) builds
 the same graph as the export stage without depending on the stage.

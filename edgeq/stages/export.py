@@ -1,14 +1,9 @@
 """Stage 3, export: ONNX with QuantizeLinear/DequantizeLinear in the true low-bit types.
 
-torch's ONNX exporters reject sub-8-bit fake quantization, so the float model (with the
-dequantized weights in place) is exported first, and edgeq then writes the QDQ nodes
-itself: each quantized Conv/Gemm/MatMul gets its weight as an INT8/INT4/INT2 initializer
-behind a per-channel DequantizeLinear, and its input behind a QuantizeLinear ->
-DequantizeLinear pair in UINT8/UINT4/UINT2. Layers are matched to ONNX nodes by the
-exact bytes of their weights, which survives whatever names the exporter chooses.
-Widths with no ONNX type (3, 5, 6, 7 bits) use the next container and a Clip.
-
-Opset 21 is used (INT4/UINT4 QDQ), or 25 when a tensor is 2-bit (INT2/UINT2).
+The graph comes from :func:`edgeq.qdq_model.build_qdq_model` (the float model exported by
+torch, then the QDQ nodes written by edgeq; its docstring says how). This stage checks the
+graph against the fake-quantized model on calibration images, layer by layer and at the
+output, through onnxruntime, and writes the folder with its manifest.
 """
 
 from __future__ import annotations
