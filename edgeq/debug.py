@@ -383,17 +383,14 @@ def write_html(report: DebugReport, path) -> None:
         )
         for layer in report.layers
     )
-    summary = html.escape(table(report).splitlines()[-1])
-    accuracy = f"agreement with full precision {report.agreement:.2%} on {report.images} images" + (
-        f"; top-1 {report.top1:.2%} (full precision {report.fp_top1:.2%})" if report.top1 is not None else ""
-    )
+    accuracy, summary = (html.escape(line) for line in table(report).splitlines()[-2:])
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>edgeq debug: {html.escape(report.model)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} td:first-child{{text-align:left}}
 tr.worst{{background:#fde0dc}} img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(report.model)} ({html.escape(report.bits)})</h1>
-<p>{html.escape(accuracy)}</p><p>{summary}</p>
+<p>{accuracy}</p><p>{summary}</p>
 <img src="data:image/png;base64,{image}" alt="per-layer SQNR">
 <p>Own SQNR: the layer's error alone (float input). Inherited: its output in the quantized model against the
 float model's. Clipping: share of its input values outside its levels. 8-bit gain: agreement with full precision
