@@ -33,7 +33,8 @@ PACKAGES = [package for name, folder in PACKAGE_DIR.items() for package in disco
 # every non-Python file in the package folders is in the wheel.
 PACKAGE_DATA = {
     "edgeq.targets": ["*.json"],
-    "edgeq.kernels": ["csrc/*"],  # every file: kernels.native hashes the whole folder into its build key
+    # csrc: every file (kernels.native hashes the whole folder into its build key); harness: the estimate's program
+    "edgeq.kernels": ["csrc/*", "harness/*"],
     "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/**/*"],
 }
 

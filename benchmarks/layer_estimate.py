@@ -33,59 +33,32 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
-import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from edgeq.kernels import layouts, native, toolchain
-
-HARNESS = Path(__file__).resolve().parent / "csrc" / "layer_harness.c"
-
-
-@dataclasses.dataclass(frozen=True)
-class Core:
-    """A core to estimate for: how the harness is built for it, modelled (llvm-mca) and traced (qemu)."""
-
-    label: str
-    arch: str
-    gcc_cpu: str | None
-    features: frozenset[str]
-    mca_triple: str
-    mca_cpu: str
-    emulator: tuple[str, ...]
-
+from edgeq.kernels import estimate
 
 CORES = {
-    "a72": Core(
-        "Cortex-A72 (Raspberry Pi 4)",
-        "aarch64",
-        "cortex-a72",
-        frozenset(),
-        "aarch64-linux-gnu",
-        "cortex-a72",
-        ("qemu-aarch64", "-cpu", "cortex-a72"),
+    "a72": estimate.core(
+        "Cortex-A72 (Raspberry Pi 4)", "aarch64", (), "cortex-a72", "cortex-a72", ("qemu-aarch64", "-cpu", "cortex-a72")
     ),
-    "a76": Core(
+    "a76": estimate.core(
         "Cortex-A76 (Raspberry Pi 5)",
         "aarch64",
+        ("asimddp",),
         "cortex-a76",
-        frozenset({"asimddp"}),
-        "aarch64-linux-gnu",
         "cortex-a76",
         ("qemu-aarch64", "-cpu", "max"),
     ),
-    "x86-avx2": Core(
+    "x86-avx2": estimate.core(
         "this x86 CPU, AVX2 kernels (llvm-mca: Zen 3)",
         "x86_64",
+        ("avx2", "fma"),
         None,
-        frozenset({"avx2", "fma"}),
-        "x86_64-linux-gnu",
         "znver3",
         ("qemu-x86_64", "-cpu", "max"),
     ),
@@ -112,8 +85,24 @@ class Layer:
 
     @property
     def macs(self) -> int:
-        per_pixel = self.kernel * self.kernel * (1 if self.depthwise else self.in_c) * self.out_c
-        return self.out_hw * self.out_hw * per_pixel
+        return self.case.macs
+
+    @property
+    def case(self) -> estimate.ConvCase:
+        pad = self.kernel // 2
+        return estimate.ConvCase(
+            self.in_hw,
+            self.in_hw,
+            self.in_c,
+            self.out_c,
+            self.kernel,
+            self.kernel,
+            self.stride,
+            self.stride,
+            pad,
+            pad,
+            self.depthwise,
+        )
 
 
 def resnet18() -> list[Layer]:
@@ -158,258 +147,11 @@ def mobilenetv2() -> list[Layer]:
 MODELS = {"resnet18": resnet18, "mobilenetv2": mobilenetv2}
 
 
-def case_bytes(layer: Layer, weight_bits: int, input_bits: int, build_layout: layouts.Layout, seed: int = 0) -> bytes:
-    """The harness's input for one layer: random codes and weights packed as the planner packs them."""
-    rng = np.random.default_rng(seed)
-    x_max = 2**input_bits - 1
-    x = rng.integers(0, x_max + 1, (layer.in_hw, layer.in_hw, layer.in_c)).astype(np.uint8)
-    # 8-bit weights in [-127, 127], as symmetric quantization gives: an int8 kernel's int16 pair sums then fit
-    low, high = -(2 ** (weight_bits - 1)) + (weight_bits == 8), 2 ** (weight_bits - 1)
-    if layer.depthwise:
-        w = rng.integers(low, high, (layer.out_c, layer.kernel, layer.kernel))
-        packed = layouts.pack_depthwise(w)
-        wsum = np.zeros(layer.out_c, np.int32)
-    else:
-        w = rng.integers(low, high, (layer.out_c, layer.kernel * layer.kernel * layer.in_c))
-        rows = layer.out_hw * layer.out_hw
-        packed = layouts.pack_weights(w, layouts.conv_layout(build_layout, x_max, w, rows))
-        wsum = w.sum(1).astype(np.int32)
-    pad = layer.kernel // 2
-    params = native.conv_params(
-        in_h=layer.in_hw,
-        in_w=layer.in_hw,
-        in_c=layer.in_c,
-        out_h=layer.out_hw,
-        out_w=layer.out_hw,
-        out_c=layer.out_c,
-        kernel_h=layer.kernel,
-        kernel_w=layer.kernel,
-        stride_h=layer.stride,
-        stride_w=layer.stride,
-        pad_top=pad,
-        pad_left=pad,
-        x_zero=0,
-        x_max=x_max,
-        w_bits=packed.bits,
-        w_low=packed.low,
-        w_absmax=packed.absmax,
-        k_padded=packed.k_padded,
-        w_layout=packed.layout,
-        out_zero=0,
-        out_qmin=0,
-        out_qmax=15,
-        out_scale=1.0,
-        clamp_min=-3.0e38,
-        clamp_max=3.0e38,
-    )
-    multiplier = np.full(layer.out_c, 1e-3, np.float32)
-    bias = np.zeros(layer.out_c, np.float32)
-    blob = struct.pack("<ii", int(layer.depthwise), native.ctypes.sizeof(params)) + bytes(params)
-    for array in (x, packed.data, wsum):
-        data = np.ascontiguousarray(array).tobytes()
-        blob += struct.pack("<q", len(data)) + data
-    return blob + multiplier.tobytes() + bias.tobytes()
-
-
-def build_harness(core: str, out: Path) -> Path:
-    spec = CORES[core]
-    flags = [
-        f for f in toolchain.compile_flags(spec.arch, spec.features, spec.gcc_cpu) if f not in ("-fopenmp", "-fPIC")
-    ]
-    compiler = "aarch64-linux-gnu-gcc" if spec.arch == "aarch64" else (shutil.which("gcc") or "cc")
-    binary = out / f"harness-{core}"
-    # the harness includes edgeq_kernels.c itself (its int8 baseline shares the kernels' static parts)
-    float_ops = [str(source) for source in toolchain.C_SOURCES if source != toolchain.C_SOURCE]
-    command = [
-        compiler,
-        *flags,
-        "-static",
-        "-std=gnu11",
-        "-I",
-        str(toolchain.SOURCE_DIR),
-        str(HARNESS),
-        *float_ops,
-        "-o",
-        str(binary),
-        "-lm",
-    ]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    return binary
-
-
-BRANCH = {
-    "aarch64": re.compile(r"^(b|bl|br|blr|ret|cbz|cbnz|tbz|tbnz|b\.\w+|svc)$"),
-    "x86_64": re.compile(r"^(j\w+|call\w*|ret\w*|syscall|hlt|ud2)$"),
-}
-
-
-def disassemble(binary: Path, arch: str) -> tuple[dict[int, tuple[str, str]], list[int], list[tuple[int, str]]]:
-    """address -> (mnemonic, operands) of every instruction, the addresses in order, and the functions' starts."""
-    tool = "aarch64-linux-gnu-objdump" if arch == "aarch64" else "objdump"
-    text = subprocess.run(
-        [tool, "-d", "--no-show-raw-insn", str(binary)], check=True, capture_output=True, text=True
-    ).stdout
-    instructions, functions = {}, []
-    for line in text.splitlines():
-        match = re.match(r"^\s+([0-9a-f]+):\s+(\S+)\s*(.*)$", line)
-        if match:
-            instructions[int(match.group(1), 16)] = (match.group(2), match.group(3))
-            continue
-        match = re.match(r"^([0-9a-f]+) <([^>]+)>:$", line)
-        if match:  # GCC's clones (micro.constprop.0) count as their function
-            functions.append((int(match.group(1), 16), match.group(2).split(".")[0]))
-    return instructions, sorted(instructions), sorted(functions)
-
-
-def block_text(start: int, instructions, order, arch: str) -> list[str] | None:
-    """The straight-line code qemu translates from ``start`` (to the first control transfer), as assembly
-    llvm-mca reads: addresses in operands become one local label."""
-    import bisect
-
-    index = bisect.bisect_left(order, start)
-    if index >= len(order) or order[index] != start:
-        return None
-    lines = []
-    for address in order[index : index + 512]:
-        mnemonic, operands = instructions[address]
-        operands = operands.split("#", 1)[0] if arch == "x86_64" else operands.split("//", 1)[0]
-        operands = re.sub(r"\b(0x)?[0-9a-f]+ <[^>]*>", "here", operands).strip()
-        if mnemonic.startswith("rep"):  # x86 string loops: llvm-mca charges a flat 100 cycles, whatever the count
-            continue
-        if mnemonic in ("(bad)", ".inst", ".word") or mnemonic.startswith(("cs", "ds", "data16", "notrack")):
-            if mnemonic.startswith(("cs", "ds", "data16", "notrack")):
-                continue
-            return None
-        lines.append(f"{mnemonic} {operands}".strip())
-        if BRANCH[arch].match(mnemonic):
-            break
-    return lines
-
-
-def run_case(command: list[str], binary: Path, case: Path, mode: list[str]) -> str:
-    """The harness's output line (seconds, checksum of the output codes), run under the emulator."""
-    done = subprocess.run([*command, str(binary), str(case), "1", *mode], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{binary.name} {case.name} {' '.join(mode)}: {done.stderr.strip()[-300:]}")
-    return done.stdout.split()[1]
-
-
-def trace_counts(command: list[str], binary: Path, case: Path, mode: list[str]) -> collections.Counter:
-    """How many times each translated block ran between the two edgeq_profile_mark calls (qemu's exec trace)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        fifo = Path(tmp) / "trace"
-        os.mkfifo(fifo)
-        process = subprocess.Popen(
-            [*command, "-d", "exec,nochain", "-D", str(fifo), str(binary), str(case), "1", *mode],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        counts: collections.Counter = collections.Counter()
-        inside, marks = False, 0
-        with open(fifo, "rb") as trace:
-            for line in trace:
-                if not line.startswith(b"Trace"):
-                    continue
-                if line.rstrip().endswith(b"edgeq_profile_mark"):
-                    if not inside and marks == 0:
-                        inside, marks = True, 1
-                    elif inside and marks == 1:
-                        inside, marks = False, 2
-                    continue
-                if inside:
-                    fields = line.split(b"[", 1)[1].split(b"/")
-                    counts[int(fields[1], 16)] += 1
-        _, stderr = process.communicate()
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed: {stderr.decode()[-500:]}")
-    return counts
-
-
-def mca_cycles(blocks: dict[int, list[str]], triple: str, mcpu: str) -> dict[int, float]:
-    """Steady-state cycles per execution of each block (llvm-mca, one region per block)."""
-    tool = shutil.which("llvm-mca") or shutil.which("llvm-mca-14")
-    if tool is None:
-        raise SystemExit("llvm-mca not found: sudo apt-get install llvm")
-    result = {}
-    iterations = 100
-
-    def run(items):
-        source = [".text", "here:"]
-        for address, lines in items:
-            source += [f"# LLVM-MCA-BEGIN b{address:x}", *lines, f"# LLVM-MCA-END b{address:x}"]
-        done = subprocess.run(
-            [tool, f"-mtriple={triple}", f"-mcpu={mcpu}", f"-iterations={iterations}"],
-            input="\n".join(source) + "\n",
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            return None
-        found = {}
-        for region, cycles in re.findall(
-            r"\[\d+\] Code Region - b([0-9a-f]+).*?Total Cycles:\s+(\d+)", done.stdout, re.S
-        ):
-            found[int(region, 16)] = int(cycles) / iterations
-        return found
-
-    items = sorted(blocks.items())
-    for start in range(0, len(items), 64):
-        chunk = items[start : start + 64]
-        found = run(chunk)
-        if found is None:  # one block llvm-mca cannot parse: analyse them one by one, skipping it
-            found = {}
-            for item in chunk:
-                single = run([item])
-                if single:
-                    found.update(single)
-        result.update(found)
-    return result
-
-
-def estimate(core: str, binary: Path, layer: Layer, bits: tuple[int, int], build_layout, work: Path, code) -> dict:
-    """Cycles of one layer on ``core``: emulator block counts × llvm-mca cycles per block."""
-    spec = CORES[core]
-    arch, command = spec.arch, list(spec.emulator)
+def estimate_layer(estimator: estimate.Estimator, layer: Layer, bits: tuple[int, int]) -> estimate.LayerEstimate:
+    """Cycles of one layer: at ``bits``, or (8, 8) through the int8 baseline on Arm (dense layers)."""
     weight_bits, input_bits = (8, 8) if layer.eight_bit else bits
-    case = work / f"{core}-{layer.name.replace(' ', '_').replace('/', 's')}-w{weight_bits}a{input_bits}.bin"
-    case.write_bytes(case_bytes(layer, weight_bits, input_bits, build_layout))
-    mode = ["int8"] if bits == (8, 8) and arch == "aarch64" and not layer.depthwise else []
-    if mode and run_case(command, binary, case, mode) != run_case(command, binary, case, []):
-        raise RuntimeError(f"{core} {layer.name}: the int8 baseline's outputs differ from the kernels' (a defect)")
-    counts = trace_counts(command, binary, case, mode)
-    instructions, order, functions = code
-    missing = {address for address in counts if address not in estimate.cache.setdefault(core, {})}
-    blocks = {}
-    for address in missing:
-        text = block_text(address, instructions, order, arch)
-        if text:
-            blocks[address] = text
-    estimate.cache[core].update(mca_cycles(blocks, spec.mca_triple, spec.mca_cpu))
-    import bisect
-
-    cycles = known = 0.0
-    total = sum(counts.values())
-    where: collections.Counter = collections.Counter()
-    starts = [start for start, _ in functions]
-    for address, count in counts.items():
-        per = estimate.cache[core].get(address)
-        if per is not None:
-            cycles += count * per
-            known += count
-            index = bisect.bisect_right(starts, address) - 1
-            where[functions[index][1] if index >= 0 else "?"] += count * per
-    top = {name: round(value / cycles, 3) for name, value in where.most_common(4)} if cycles else {}
-    return {
-        "cycles": cycles,
-        "blocks_run": total,
-        "share_estimated": known / total if total else 1.0,
-        "where": top,
-        "case": case,
-    }
-
-
-estimate.cache = {}
+    baseline = bits == (8, 8) and estimator.core.arch == "aarch64" and not layer.depthwise
+    return estimator.estimate(layer.case, weight_bits, input_bits, int8_baseline=baseline)
 
 
 def main(argv=None) -> int:
@@ -434,10 +176,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         for core in cores:
             spec = CORES[core]
-            binary = build_harness(core, work)
-            code = disassemble(binary, spec.arch)
-            build_layout = layouts.layout_for(spec.arch, spec.features)
-            results["cores"][core] = {"label": spec.label, "build_layout": build_layout.name}
+            estimator = estimate.Estimator(spec, work)
+            binary = estimator.binary
+            results["cores"][core] = {"label": spec.label, "build_layout": spec.layout.name}
             clock = None
             if core == "x86-avx2":
                 clock = float(
@@ -448,21 +189,21 @@ def main(argv=None) -> int:
                 rows = results["models"].setdefault(model, {}).setdefault(core, [])
                 layers = MODELS[model]()
                 for layer in layers[: args.layers or None]:
-                    low = estimate(core, binary, layer, (2, 4), build_layout, work, code)
-                    int8 = estimate(core, binary, layer, (8, 8), build_layout, work, code)
+                    low = estimate_layer(estimator, layer, (2, 4))
+                    int8 = estimate_layer(estimator, layer, (8, 8))
                     row = {
                         "layer": layer.name,
                         "count": layer.count,
                         "macs": layer.macs,
-                        "w2a4_cycles": low["cycles"],
-                        "int8_cycles": int8["cycles"],
-                        "share_estimated": min(low["share_estimated"], int8["share_estimated"]),
-                        "w2a4_where": low["where"],
-                        "int8_where": int8["where"],
+                        "w2a4_cycles": low.cycles,
+                        "int8_cycles": int8.cycles,
+                        "share_estimated": min(low.share_estimated, int8.share_estimated),
+                        "w2a4_where": low.where,
+                        "int8_where": int8.where,
                     }
                     if clock:
-                        row["w2a4_measured_cycles"] = clock * _measure(binary, low["case"])
-                        row["int8_measured_cycles"] = clock * _measure(binary, int8["case"])
+                        row["w2a4_measured_cycles"] = clock * _measure(binary, low.case)
+                        row["int8_measured_cycles"] = clock * _measure(binary, int8.case)
                     rows.append(row)
                     print(_format_row(core, row), file=sys.stderr, flush=True)
     if args.json:

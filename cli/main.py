@@ -1017,7 +1017,8 @@ def compile_command(
     callback=_target,
     default="host",
     show_default=True,
-    help="With a target: whose kernels price a layer (measured on this machine; Arm targets: price in --budget-mb).",
+    help="With a target: whose kernels price a layer (measured on this machine where it runs them; boards not at hand, "
+    "such as the Arm ones: estimated from llvm-mca cycles under qemu and the board's clock).",
 )
 @click.option(
     "--held-out",
@@ -1144,7 +1145,7 @@ def _mixed_to_target(
 ):
     from edgeq import mixed as mixed_precision
     from edgeq.data import resolve_dataset
-    from edgeq.layer_costs import ByteCosts, LatencyCosts
+    from edgeq.layer_costs import ByteCosts, costs_for_target
 
     if min_agreement is not None and min_top1 is not None:
         _fail("give one accuracy target", "pass --min-agreement or --min-top1, not both")
@@ -1152,7 +1153,7 @@ def _mixed_to_target(
         _fail("give one budget", "pass --budget-mb or --latency-budget-ms, not both")
     if len(ladder) < 2:
         _fail("--ladder needs at least two bit widths", "for example --ladder w2a4,w4a4,w8a8")
-    costs = ByteCosts() if budget_mb is not None else LatencyCosts(target)
+    costs = ByteCosts() if budget_mb is not None else costs_for_target(target)
     budget = budget_mb if budget_mb is not None else latency_budget_ms
     images = resolve_dataset(calib, num_images + held_out, preprocess=loaded.preprocess, seed=seed)
     if len(images) <= num_images:
@@ -1223,6 +1224,21 @@ def _bits_list(ctx, param, value):
     return [_bits(ctx, param, item) for item in _list(ctx, param, value)]
 
 
+def _agreements(_ctx, _param, value):
+    levels = []
+    for item in (part.strip() for part in (value or "").split(",")):
+        if not item:
+            continue
+        try:
+            level = float(item.rstrip("%")) / (100 if item.endswith("%") else 1)
+        except ValueError:
+            raise click.BadParameter(f"'{item}' is not a number: give shares such as 0.98,0.95") from None
+        if not 0 < level <= 1:
+            raise click.BadParameter(f"{item} is not an agreement: give shares in (0, 1], such as 0.98")
+        levels.append(level)
+    return levels
+
+
 def _target_list(ctx, param, value):
     return [_target(ctx, param, item) for item in _list(ctx, param, value)]
 
@@ -1231,6 +1247,7 @@ def _target_list(ctx, param, value):
     epilog="\b\nExamples:\n"
     "  edgeq sweep                                           # zoo ResNet teacher, five bit widths, this CPU\n"
     "  edgeq sweep zoo:fmnist-resnet --bits w4a4,w2a4 --targets x86-avx2,rpi4 -o sweep/\n"
+    "  edgeq sweep zoo:fmnist-mobilenet --bits w2a4,w4a4,w8a8 --auto-mixed 0.98,0.95 -o sweep/\n"
     "  edgeq regress --baseline main-sweep/report.json --current sweep/report.json --max-acc-drop 0.5"
 )
 @click.argument("model", required=False)
@@ -1255,10 +1272,25 @@ def _target_list(ctx, param, value):
     type=click.Path(file_okay=False),
     help="Run folder shared by every configuration (default: runs/<model>).",
 )
+@click.option(
+    "--auto-mixed",
+    "auto_mixed",
+    callback=lambda ctx, param, value: _agreements(ctx, param, value),
+    help="Agreement targets, comma-separated (for example 0.98,0.95): for each, and each target, also choose a mixed "
+    "spec as 'edgeq mixed --min-agreement' does (on the calibration images, up to 128 of them, at most half, held out; "
+    "layers priced by their kernels' time on the target) and run it beside the uniform bit widths.",
+)
+@click.option(
+    "--ladder",
+    callback=lambda ctx, param, value: _bits_list(ctx, param, value),
+    default="w2a4,w4a4,w8a8",
+    show_default=True,
+    help="With --auto-mixed: the bit widths a layer climbs through, lowest first.",
+)
 @quantization_options
 @evaluation_options
 @preprocess_options
-@_output_option("Output folder for report.json, summary.md and the plots.")
+@_output_option("Output folder for report.json, summary.md, the plots and any chosen spec files.")
 @allow_pickle_option
 @replace_option
 @friendly_errors
@@ -1267,6 +1299,8 @@ def sweep(
     bits_list,
     target_list,
     run_dir,
+    auto_mixed,
+    ladder,
     num_images,
     method,
     iters,
@@ -1285,7 +1319,9 @@ def sweep(
 
     Stages shared between configurations, or left from earlier runs, are reused. The
     report folder holds report.json (schema edgeq.sweep/1, docs/reports.md), summary.md,
-    accuracy_latency.png (Pareto front marked) and layer_error.png.
+    accuracy_latency.png (Pareto front marked) and layer_error.png. With --auto-mixed, the
+    mixed specs chosen for each agreement target join the uniform ones in the table and the
+    plot (drawn hollow), and their spec files are written into the report folder.
     """
     from edgeq.pipeline import RunOptions
     from edgeq.stages import sweep as sweep_stage
@@ -1305,7 +1341,16 @@ def sweep(
         allow_pickle=allow_pickle,
         preprocess=_preprocess_overrides(),
     )
-    report = sweep_stage.run(model, out, specs=bits_list, targets=target_list, options=options, force=force)
+    report = sweep_stage.run(
+        model,
+        out,
+        specs=bits_list,
+        targets=target_list,
+        options=options,
+        auto_mixed=auto_mixed,
+        ladder=ladder,
+        force=force,
+    )
     click.echo((Path(out) / "summary.md").read_text())
     click.echo(f"report written to {out} ({len(report['entries'])} configurations)")
 

@@ -7,8 +7,14 @@ planned onto the kernels with the target's layout, as the compile stage would (a
 quantized consumer behind it, so its epilogue writes codes as inside a network); its own
 convolution step is timed through ctypes (the fastest of repeated runs). Timings are
 cached per shape, bit widths, target and CPU in a JSON file, so a search over a model measures
-each distinct shape once. Targets of another architecture (the Arm boards) cannot run here:
-their costs need the board or an estimate, and asking for them is an error that says so.
+each distinct shape once.
+
+Boards that are not at hand (the Arm targets, from an x86 machine) are priced by estimate
+instead (:class:`EstimatedCosts`): the layer runs once through the kernels built for the
+board, under qemu, and :mod:`edgeq.kernels.estimate` sums llvm-mca's cycles of every basic
+block it ran; the board's clock (``clock_ghz`` in its target file) turns cycles into
+milliseconds. An estimate ignores cache misses, so it ranks layers and bit widths rather
+than predicting a latency (docs/kernels.md states its measured error).
 """
 
 from __future__ import annotations
@@ -149,7 +155,8 @@ class LatencyCosts:
             raise EdgeqError(
                 f"layer times for {target.name} ({target.arch}) cannot be measured on this {os.uname().machine} "
                 "machine",
-                "price layers in weight bytes (--budget-mb), or run the search on the board",
+                "estimate them (edgeq.layer_costs.EstimatedCosts), price layers in weight bytes (--budget-mb), "
+                "or run the search on the board",
             )
         missing = target.missing_host_features()
         if missing:
@@ -206,6 +213,100 @@ class LatencyCosts:
         return milliseconds
 
 
+class EstimatedCosts:
+    """Estimated milliseconds of a layer's kernels on a board that is not at hand (cycles from
+    :mod:`edgeq.kernels.estimate`, divided by the board's clock)."""
+
+    unit = "ms"
+
+    def __init__(self, target, cache: Path | None = None):
+        from .kernels import estimate
+
+        if not target.clock_ghz:
+            raise EdgeqError(
+                f"{target.name} records no core clock, so estimated cycles cannot become milliseconds",
+                "price layers in weight bytes (--budget-mb), or add clock_ghz to its target file",
+            )
+        self.target = target
+        self.core = estimate.core_for_target(target)
+        missing = estimate.missing_tools(self.core)
+        if missing:
+            raise EdgeqError(
+                f"estimating layer times for {target.name} needs {', '.join(missing)}",
+                "run scripts/setup.sh (it installs the cross compiler, qemu-user and llvm), or price layers in "
+                "weight bytes (--budget-mb)",
+            )
+        self.cache_path = cache or _cache_root() / "layer-costs.json"
+        self._cache = _read_cache(self.cache_path)
+        self._estimator = None
+        self._work = None
+
+    def describe(self) -> str:
+        return (
+            f"estimated kernel time for {self.target.name} (llvm-mca {self.core.mca_cpu} cycles of the blocks run "
+            f"under qemu, at {self.target.clock_ghz:g} GHz; not a measurement)"
+        )
+
+    def cost(self, shape: LayerShape, weight_bits: int, act_bits: int) -> float:
+        from .kernels import toolchain
+
+        key = (
+            f"{self.target.name} | estimate {self.core.mca_cpu} {toolchain.source_digest()} | {shape.key()} | "
+            f"w{weight_bits}a{act_bits}"
+        )
+        if key not in self._cache:
+            self._cache[key] = self._estimate(shape, weight_bits, act_bits)
+            _write_cache(self.cache_path, self._cache)
+        return self._cache[key]
+
+    def _estimate(self, shape: LayerShape, weight_bits: int, act_bits: int) -> float:
+        import tempfile
+
+        from .kernels import estimate
+
+        if self._estimator is None:
+            self._work = tempfile.TemporaryDirectory(prefix="edgeq-estimate-")
+            self._estimator = estimate.Estimator(self.core, Path(self._work.name))
+        case, copies = conv_case(shape)
+        cycles = self._estimator.estimate(case, weight_bits, act_bits).cycles * copies
+        milliseconds = cycles / (self.target.clock_ghz * 1e6)
+        log.debug(
+            "%s at w%da%d on %s: %.4f ms (estimate)", shape.key(), weight_bits, act_bits, self.target.name, milliseconds
+        )
+        return milliseconds
+
+
+def conv_case(shape: LayerShape):
+    """The kernels' view of a layer, and how many times it runs: a Linear is a 1x1 convolution over its rows; a
+    grouped convolution (neither dense nor depthwise) counts as its groups run one after another."""
+    from .kernels.estimate import ConvCase
+
+    if shape.kind == "linear":
+        rows = int(np.prod(shape.input_size)) if shape.input_size else 1
+        return ConvCase(rows, 1, shape.in_channels, shape.out_channels, 1, 1), 1
+    height, width = shape.input_size
+    depthwise = shape.groups > 1 and shape.groups == shape.in_channels == shape.out_channels
+    groups = 1 if depthwise else shape.groups
+    case = ConvCase(
+        height,
+        width,
+        shape.in_channels // groups,
+        shape.out_channels // groups,
+        *shape.kernel,
+        *shape.stride,
+        *shape.padding,
+        depthwise=depthwise,
+    )
+    return case, groups
+
+
+def costs_for_target(target):
+    """How a layer is priced for ``target``: measured where this machine runs its kernels, else estimated."""
+    if target.is_native_arch and not target.missing_host_features():
+        return LatencyCosts(target)
+    return EstimatedCosts(target)
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edgeq")
 
@@ -225,13 +326,4 @@ def _write_cache(path: Path, values: dict[str, float]) -> None:
     staged.replace(path)
 
 
-def costs_for(budget: str, target=None):
-    """The cost model of a budget kind: ``bytes`` or ``latency`` (the latter needs ``target``)."""
-    if budget == "bytes":
-        return ByteCosts()
-    if budget == "latency":
-        return LatencyCosts(target)
-    raise EdgeqError(f"unknown cost '{budget}'", "choose bytes or latency")
-
-
-__all__ = ["ByteCosts", "LatencyCosts", "LayerShape", "costs_for", "layer_shapes"]
+__all__ = ["ByteCosts", "EstimatedCosts", "LatencyCosts", "LayerShape", "costs_for_target", "layer_shapes"]

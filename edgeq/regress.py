@@ -92,13 +92,23 @@ def load_entries(path: str | Path) -> dict[tuple[str, str, str], dict]:
                 f"{path}: entry {number} lacks a model, target or bits string",
                 "pass a report.json written by 'edgeq verify' or 'edgeq sweep'",
             )
-        key = (entry["model"], entry["target"], entry["bits"])
+        key = (entry["model"], entry["target"], _bits_key(entry))
         if key in keyed:
             raise EdgeqError(
                 f"{path} has two entries for {' '.join(key)}", "keep one verify run per model, target and bit width"
             )
         keyed[key] = entry
     return keyed
+
+
+def _bits_key(entry: dict) -> str:
+    """A sweep's automatically chosen mixed spec is matched by what it was chosen for, not by its layers: a search
+    that picks other layers in the next run is the same configuration, to be gated like the others."""
+    auto = entry.get("auto_mixed")
+    level = auto.get("min_agreement") if isinstance(auto, dict) else None
+    if isinstance(level, (int, float)) and not isinstance(level, bool):
+        return f"auto-mixed ≥{100 * level:g}% agreement"
+    return entry["bits"]
 
 
 def _figure(entry: dict | None, field: str):

@@ -5,7 +5,9 @@ the per-layer quantization error.
 A sweep report's ``entries`` are verify reports (``edgeq.verify/1``) with three more
 fields: ``method``, ``module_bytes`` (size of the compiled module) and ``layer_sqnr_db``
 (per quantized layer, in execution order: name and output SQNR in dB of the quantized
-network against the float one on the same inputs).
+network against the float one on the same inputs). Entries of mixed specs the sweep chose
+itself have ``auto_mixed`` too: the agreement target, what the search reached on its held-out
+images, its cost against the uniform rungs, the layers it raised and the spec file's name.
 """
 
 from __future__ import annotations
@@ -110,6 +112,14 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value * 100:.2f}%"
 
 
+def bits_label(entry: dict) -> str:
+    """The bits of an entry as a reader needs them: a chosen mixed spec says what it was chosen for."""
+    auto = entry.get("auto_mixed")
+    if not auto:
+        return entry["bits"]
+    return f"{entry['bits']} (auto ≥{auto['min_agreement']:.0%}{'' if auto['reached'] else ', not reached'})"
+
+
 def summary_markdown(report: dict, front: set[int]) -> str:
     entries = report["entries"]
     lines = [
@@ -126,7 +136,7 @@ def summary_markdown(report: dict, front: set[int]) -> str:
         worst = min((layer["sqnr_db"] for layer in e.get("layer_sqnr_db", [])), default=None)
         latency = "-" if e.get("latency_ms") is None else f"{e['latency_ms']:.2f}"
         lines.append(
-            f"| {'★' if i in front else ''} | {e['bits']} | {e['target']} | {e.get('method', '-')} | "
+            f"| {'★' if i in front else ''} | {bits_label(e)} | {e['target']} | {e.get('method', '-')} | "
             f"{_pct(e['fp_top1'])} | {_pct(e['compiled_top1'])} | "
             f"{_pct(e['agreement_with_fp']['compiled']['top1'])} | {latency} | {e['module_bytes'] / 1e6:.2f} | "
             f"{'-' if worst is None else f'{worst:.1f}'} | {e['ran']} |"
@@ -138,6 +148,28 @@ def summary_markdown(report: dict, front: set[int]) -> str:
         f"![per-layer quantization error]({LAYERS_PNG})",
         "",
     ]
+    chosen = [e for e in entries if e.get("auto_mixed")]
+    if chosen:
+        lines += [
+            "Mixed specs chosen by the sweep (`edgeq mixed --min-agreement` on the calibration images: layers raised "
+            "up the ladder by agreement bought per unit of their cost on the target, checked on held-out images):",
+            "",
+            "| target | agreement target | reached on held-out | cost | uniform rungs | layers raised | spec file |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in chosen:
+            auto = e["auto_mixed"]
+            unit = auto["unit"]
+            rungs = ", ".join(
+                f"{rung} {cost:.3g} {unit} ({_pct(auto['uniform_agreement'][rung])})"
+                for rung, cost in auto["uniform_costs"].items()
+            )
+            lines.append(
+                f"| {e['target']} | {_pct(auto['min_agreement'])} | {_pct(auto['held_out_agreement'])} of "
+                f"{auto['held_out_images']}{'' if auto['reached'] else ' (not reached)'} | {auto['cost']:.3g} {unit} | "
+                f"{rungs} | {len(auto['raised'])} | `{auto['spec_file']}` |"
+            )
+        lines += ["", f"Costs: {'; '.join(sorted({e['auto_mixed']['cost_model'] for e in chosen}))}.", ""]
     notes = {e["latency_note"] for e in entries if e.get("latency_note")}
     if notes:
         lines += ["Latency notes: " + "; ".join(sorted(notes)) + ".", ""]
@@ -157,16 +189,22 @@ def _plot_pareto(entries, points, front, use_latency, path, title):
     for i, (e, (x, y)) in enumerate(zip(entries, points)):
         label = None if e["target"] in labelled else e["target"]
         labelled.add(e["target"])
+        color = "tab:red" if i in front else "tab:blue"
+        auto = e.get("auto_mixed")
         ax.scatter(
             [x],
             [y * 100],
             marker=markers[e["target"]],
-            s=60,
-            color="tab:red" if i in front else "tab:blue",
+            s=90 if auto else 60,
+            # a chosen mixed spec is drawn hollow, so it stands apart from the uniform widths it competes with
+            facecolors="none" if auto else color,
+            edgecolors=color,
+            linewidths=1.6 if auto else 1.0,
             zorder=3,
             label=label,
         )
-        ax.annotate(e["bits"], (x, y * 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        text = f"auto ≥{auto['min_agreement']:.0%}" if auto else e["bits"]
+        ax.annotate(text, (x, y * 100), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ordered = sorted(front, key=lambda i: points[i][0])
     ax.plot(
         [points[i][0] for i in ordered],

@@ -34,6 +34,9 @@ class Target:
     cross_compiler: str | None
     qemu_cpu: str | None
     cpu_features: tuple[str, ...]  # /proc/cpuinfo flags the generated code needs
+    # the board's core clock, for turning estimated cycles into milliseconds where the board is not at hand
+    # (edgeq.layer_costs.EstimatedCosts); None where edgeq measures instead
+    clock_ghz: float | None = None
 
     @property
     def is_native_arch(self) -> bool:

@@ -52,6 +52,11 @@ def test_bad_bits(monkeypatch, capsys):
     _assert_one_line_error(run_cli(monkeypatch, capsys, "compile", "--bits", "w9a4"), "w9a4", "wWaA")
 
 
+@pytest.mark.parametrize("levels, needle", [("0.98,abc", "'abc' is not a number"), ("1.5", "in (0, 1]")])
+def test_bad_auto_mixed_agreement(monkeypatch, capsys, levels, needle):
+    _assert_one_line_error(run_cli(monkeypatch, capsys, "sweep", "--auto-mixed", levels), needle)
+
+
 def test_unknown_target(monkeypatch, capsys):
     _assert_one_line_error(run_cli(monkeypatch, capsys, "compile", "--target", "pi4"), "pi4", "rpi4")
 

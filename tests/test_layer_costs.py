@@ -1,13 +1,16 @@
-"""Layer costs: exact bytes, measured kernel time for targets this machine runs, cached per shape."""
+"""Layer costs: exact bytes, measured kernel time for targets this machine runs, estimated time for boards not at
+hand, cached per shape."""
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 from edgeq.targets import get_target, host_target
 
 from edgeq.errors import EdgeqError
-from edgeq.layer_costs import ByteCosts, LatencyCosts, LayerShape, layer_shapes
+from edgeq.layer_costs import ByteCosts, EstimatedCosts, LatencyCosts, LayerShape, costs_for_target, layer_shapes
 
 SMALL = LayerShape("conv", 8, 8, (3, 3), (1, 1), (1, 1), 1, (8, 8))
 LARGE = LayerShape("conv", 64, 64, (3, 3), (1, 1), (1, 1), 1, (32, 32))
@@ -48,3 +51,37 @@ def test_a_target_of_another_architecture_cannot_be_timed_here():
     with pytest.raises(EdgeqError, match="cannot be measured on this") as caught:
         LatencyCosts(get_target("rpi4"))
     assert "--budget-mb" in caught.value.hint
+
+
+requires_estimate_tools = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("llvm-mca", "aarch64-linux-gnu-gcc", "qemu-aarch64")),
+    reason="needs llvm-mca, the aarch64 cross compiler and qemu-aarch64 (scripts/setup.sh installs them)",
+)
+
+
+@requires_estimate_tools
+def test_boards_not_at_hand_are_priced_by_estimate_once_per_shape(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path))
+    costs = costs_for_target(get_target("rpi4"))
+    assert isinstance(costs, EstimatedCosts) and "1.5 GHz" in costs.describe()
+    wide = LayerShape("conv", 64, 128, (3, 3), (1, 1), (1, 1), 1, (14, 14))
+    low, high = costs.cost(wide, 2, 4), costs.cost(wide, 8, 8)
+    # a floor: the A72 does at most 32 multiply-adds a cycle, whatever the kernel
+    macs = 14 * 14 * 9 * 64 * 128
+    assert low > macs / 32 / 1.5e6
+    assert low < high  # the table-lookup kernel beats the 8-bit one on a wide 3x3 layer (docs/kernels.md)
+    # a grouped convolution costs its groups, one after another
+    grouped = costs.cost(LayerShape("conv", 64, 128, (3, 3), (1, 1), (1, 1), 2, (14, 14)), 8, 8)
+    half = costs.cost(LayerShape("conv", 32, 64, (3, 3), (1, 1), (1, 1), 1, (14, 14)), 8, 8)
+    assert grouped == pytest.approx(2 * half)
+    assert costs.cost(LayerShape("linear", 64, 10, (1, 1), (1, 1), (0, 0), 1, ()), 8, 8) > 0
+    again = costs_for_target(get_target("rpi4"))
+    monkeypatch.setattr(again, "_estimate", lambda *_args: pytest.fail("estimated again"))
+    assert again.cost(wide, 2, 4) == low  # read back from the cache file
+
+
+def test_an_estimate_needs_the_boards_clock():
+    board = dataclasses.replace(get_target("rpi4"), clock_ghz=None)
+    with pytest.raises(EdgeqError, match="records no core clock") as caught:
+        EstimatedCosts(board)
+    assert "clock_ghz" in caught.value.hint

@@ -152,3 +152,17 @@ def test_bad_reports_are_one_line_errors(monkeypatch, capsys, tmp_path):
         ),
         "percentage",
     )
+
+
+def test_an_automatically_chosen_mixed_spec_is_gated_by_its_target_not_its_layers(monkeypatch, capsys, tmp_path):
+    def chosen(digest, top1):
+        entry = _report(top1, 10.0, bits=f"w2a4-mixed-{digest}")
+        return entry | {"auto_mixed": {"min_agreement": 0.98}}
+
+    baseline = _write(tmp_path / "base.json", _sweep(_report(0.5, 5.0), chosen("aaaaaa", 0.90)))
+    current = _write(tmp_path / "new.json", _sweep(_report(0.5, 5.0), chosen("bbbbbb", 0.80)))
+    result, out, _ = run_cli(
+        monkeypatch, capsys, "regress", "--baseline", baseline, "--current", current, "--max-acc-drop", "0.5"
+    )
+    # the search chose other layers this time, and the configuration lost 10 points: caught, not "missing"
+    assert result == 1 and "auto-mixed ≥98% agreement" in out and "missing" not in out

@@ -59,3 +59,44 @@ def test_sweep_writes_a_report_and_reuses_stages(tmp_path, tiny_generator):
         TINY, tmp_path / "sweep", specs=specs, targets=[get_target("x86")], options=options, layer_error_images=8
     )
     assert all(set(e["stages"].values()) == {"reused"} for e in again["entries"])
+
+
+def test_sweep_adds_an_automatically_chosen_mixed_spec_beside_the_uniform_ones(tmp_path, tiny_generator):
+    options = RunOptions(
+        run_dir=str(tmp_path / "run"),
+        generator=tiny_generator,
+        num_images=24,
+        method="rtn",
+        eval_data=str(tmp_path / "run" / "synth"),
+        eval_images=24,
+        latency_runs=3,
+    )
+    ladder = [QuantSpec.parse("w2a4"), QuantSpec.parse("w8a8")]
+    report = sweep_stage.run(
+        TINY,
+        tmp_path / "sweep",
+        specs=ladder,
+        targets=[get_target("x86")],
+        options=options,
+        layer_error_images=8,
+        auto_mixed=[0.99],
+        ladder=ladder,
+    )
+    uniform, chosen = report["entries"][:2], report["entries"][2]
+    assert [e["bits"] for e in uniform] == ["w2a4", "w8a8"] and not any("auto_mixed" in e for e in uniform)
+    auto = chosen["auto_mixed"]
+    assert auto["min_agreement"] == 0.99 and auto["held_out_images"] == 12  # half of the 24 calibration images
+    assert auto["reached"] == (auto["held_out_agreement"] >= 0.99)
+    if auto["uniform_agreement"]["w2a4"] < 0.99:
+        assert auto["raised"]  # uniform w2a4 falls short, so the search had to raise something
+    # priced by the kernels' measured time on the target: the uniform rungs bracket the chosen spec
+    assert auto["unit"] == "ms" and "measured kernel time" in auto["cost_model"]
+    assert auto["uniform_costs"]["w2a4"] <= auto["cost"] <= auto["uniform_costs"]["w8a8"] + 1e-9
+    # the spec file beside the report is what ran, and reads back as a --bits argument
+    spec = QuantSpec.load(str(tmp_path / "sweep" / auto["spec_file"]))
+    assert str(spec) == chosen["bits"]
+    # two rungs: each raised layer appears once in the spec, at the top rung
+    assert sorted(entry[0] for entry in spec.layers) == sorted(auto["raised"])
+    assert all(tuple(entry[1:]) == (8, 8) for entry in spec.layers)
+    summary = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "(auto ≥99%" in summary and auto["spec_file"] in summary

@@ -1,4 +1,4 @@
-/* One convolution layer of the edgeq kernels, for benchmarks/arm_estimate.py --layers.
+/* One convolution layer of the edgeq kernels, for edgeq.kernels.estimate (whole-layer cycle estimates).
  *
  *   layer_harness CASE REPEATS [int8]
  *                                  runs the layer in CASE REPEATS times between two calls of
@@ -8,7 +8,7 @@
  *   layer_harness --clock          prints the core clock in Hz, measured with a chain of
  *                                  dependent adds (one cycle each on every x86 core)
  *
- * CASE (written by arm_estimate.py, native byte order):
+ * CASE (written by edgeq.kernels.estimate.case_bytes, native byte order):
  *   int32 depthwise | int32 params size | edgeq_conv_params | int64 x bytes | x |
  *   int64 packed bytes | packed | int64 channels | wsum int32[n] | multiplier float[n] | bias float[n]
  */
