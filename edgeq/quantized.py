@@ -244,7 +244,8 @@ def calibrate(
         module.bypass = True
     try:
         batches = range(0, len(inputs), batch_size)
-        for start in tqdm(batches, desc="calibrating", unit="batch", leave=False):
+        # one batch is over in a moment: a bar for it is only noise (the layer-cost search calibrates hundreds)
+        for start in tqdm(batches, desc="calibrating", unit="batch", leave=False, disable=len(batches) <= 1):
             model(torch.from_numpy(inputs[start : start + batch_size]))
     finally:
         for handle in handles:
