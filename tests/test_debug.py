@@ -301,3 +301,25 @@ def test_full_precision_is_the_float_model_even_after_bias_correction():
         entry.inherited_sqnr_db != pytest.approx(other.inherited_sqnr_db)
         for entry, other in zip(report.layers, moved.layers)
     )
+
+
+def test_debug_works_on_a_vision_transformer():
+    """The zoo ViT at W4A4: every linear layer reported in execution order with finite figures, the model left as it
+    was, and the agreement the model's own."""
+    loaded = load_model("zoo:fmnist-vit")
+    data = resolve_dataset("fashion-mnist:A", 48)
+    inputs = loaded.preprocess(data.images)
+    model = quantize_module(loaded.module, inputs[:24], QuantSpec(4, 4), seed=0).eval()
+    checked = inputs[24:]
+    before = _logits(model, checked)
+    report = debug_model(model, checked, labels=data.targets[24:], progress=False)
+    assert np.array_equal(_logits(model, checked), before)
+    names = [entry.name for entry in report.layers]
+    assert sorted(names) == sorted(_layers(model)) and len(names) > 8
+    assert {entry.kind for entry in report.layers} >= {"linear"}
+    for entry in report.layers:
+        assert math.isfinite(entry.own_sqnr_db) and entry.own_sqnr_db > 0
+        assert 0.0 <= entry.clipped_low <= 1.0 and 0.0 <= entry.clipped_high <= 1.0
+    assert report.agreement == pytest.approx(
+        float((before.argmax(1) == _float_logits(model, checked).argmax(1)).mean())
+    )
