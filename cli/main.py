@@ -430,7 +430,13 @@ A killed run continues where it stopped when the same command is run again.
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per generator call."
 )
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where the generator, or bn-inversion's optimization, runs.",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "float16"]),

@@ -117,11 +117,15 @@ def _shifted(x, generator, jitter: int):
     return x
 
 
-def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSettings(), progress=None) -> np.ndarray:
+def invert(
+    loaded, seeds: list[int], settings: InversionSettings = InversionSettings(), progress=None, device: str = "cpu"
+) -> np.ndarray:
     """uint8 RGB images (len(seeds), H, W, 3) at the model's input size; one batch per ``batch_size`` seeds.
 
     ``progress(count)`` is called after each batch; without it a progress bar of its own is shown. A batch takes
     ``iterations`` forward and backward passes (minutes on a large input), so a bar of its own counts them.
+    ``device`` (``cuda``) runs the optimization there; the starting pixels are drawn on the CPU either way, so a
+    seed starts from the same image on every device.
     """
     import contextlib
 
@@ -130,6 +134,8 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
     from .graph import eval_mode
 
     module = eval_mode(loaded.module)
+    home = next(module.parameters()).device
+    module.to(device)
     layers = batchnorm_layers(module)
     if not layers:
         raise EdgeqError(
@@ -137,8 +143,8 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
             "use --strategy noise, or a generator with --strategy mixup",
         )
     pre = loaded.preprocess
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     images = np.empty((len(seeds), pre.height, pre.width, 3), np.uint8)
     trainable = [p for p in module.parameters() if p.requires_grad]
     for p in trainable:
@@ -156,6 +162,7 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                 pixels = (
                     (0.5 + 0.25 * torch.randn((count, pre.channels, pre.height, pre.width), generator=generator))
                     .clamp(0, 1)
+                    .to(device)
                     .requires_grad_(True)
                 )
                 optimizer = torch.optim.Adam([pixels], lr=settings.lr)
@@ -173,7 +180,7 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                     if settings.label_weight:
                         log_probs = torch.log_softmax(outputs[0].reshape(count, -1), dim=1)
                         if targets is None:
-                            targets = soft_targets(count, log_probs.shape[1], label_draws)
+                            targets = soft_targets(count, log_probs.shape[1], label_draws).to(device)
                         loss = loss - settings.label_weight * (targets * log_probs).sum(1).mean()
                     optimizer.zero_grad()
                     loss.backward()
@@ -185,10 +192,11 @@ def invert(loaded, seeds: list[int], settings: InversionSettings = InversionSett
                 log.debug("bn-inversion batch at %d: statistics loss %.4f", start, loss.item())
                 rgb = pixels.detach().expand(-1, 3, -1, -1) if pre.channels == 1 else pixels.detach()
                 images[start : start + count] = (
-                    (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+                    (rgb * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                 )
                 (progress or bar.update)(count)
     finally:
         for p in trainable:
             p.requires_grad_(True)
+        module.to(home)
     return images

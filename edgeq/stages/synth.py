@@ -158,11 +158,13 @@ def noise_images(plans: list[PromptPlan], size: int, model=None, inversion=None,
     return images
 
 
-def bn_inversion_images(plans: list[PromptPlan], size: int, model=None, inversion=None, progress=None) -> np.ndarray:
+def bn_inversion_images(
+    plans: list[PromptPlan], size: int, model=None, inversion=None, progress=None, device: str = "cpu"
+) -> np.ndarray:
     """Images whose BatchNorm statistics in ``model`` match its running ones (at the model's input size)."""
     from ..bn_inversion import InversionSettings, invert
 
-    return invert(model, [p.seed for p in plans], inversion or InversionSettings(), progress=progress)
+    return invert(model, [p.seed for p in plans], inversion or InversionSettings(), progress=progress, device=device)
 
 
 GENERATOR_FREE = {"noise": noise_images, "bn-inversion": bn_inversion_images}
@@ -348,6 +350,8 @@ def run(
         make = functools.partial(
             GENERATOR_FREE[options.strategy], size=options.size, model=model, inversion=options.inversion
         )
+        if options.strategy == "bn-inversion":  # the optimization runs where --device says; noise needs no device
+            make = functools.partial(make, device=options.device)
     else:
         plans = plan_prompts(
             class_names, candidates, options.strategy, options.seed, options.prompts or PromptOptions()
