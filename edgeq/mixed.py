@@ -186,6 +186,32 @@ class TargetSearch:
     held_out_images: int
     passes: int  # forward passes over the held-out images the search took
 
+    def stopped_at(self, target: float) -> TargetSearch:
+        """The search as it would have ended with the lower ``target``: the raises are taken in the same order
+        whatever the target (the order depends on gains and costs alone), so a lower target's search is a prefix
+        of this one's, and one search serves every lower target."""
+        if target > self.target:
+            raise ValueError(f"a search to {self.target} cannot tell where one to {target} would end")
+        taken = next((i + 1 for i, step in enumerate(self.promotions) if step.metric >= target), None)
+        if self.start_metric >= target:
+            taken = 0
+        if taken is None:  # this search did not reach it either: it stops where this one did
+            taken = len(self.promotions)
+        steps = self.promotions[:taken]
+        bits = {step.layer: step.bits for step in steps}
+        order = [entry[0] for entry in self.spec.layers]  # the model's order of every layer this search raised
+        entries = tuple((name, *bits[name]) for name in order if name in bits)
+        final = steps[-1].metric if steps else self.start_metric
+        return dataclasses.replace(
+            self,
+            spec=dataclasses.replace(self.spec, layers=entries),
+            target=target,
+            reached=final >= target,
+            final_metric=final,
+            cost=self.cost - sum(step.added_cost for step in self.promotions[taken:]),
+            promotions=steps,
+        )
+
     def to_dict(self) -> dict:
         return {
             "target": {self.metric_name: self.target},

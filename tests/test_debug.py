@@ -323,3 +323,29 @@ def test_debug_works_on_a_vision_transformer():
     assert report.agreement == pytest.approx(
         float((before.argmax(1) == _float_logits(model, checked).argmax(1)).mean())
     )
+
+
+def test_a_lower_targets_search_is_a_prefix_of_a_higher_ones():
+    """One search to the highest target serves every lower one (the sweep's --auto-mixed relies on it): cut where
+    the lower target is first reached, it equals a search run to that target on its own."""
+    from edgeq import mixed
+    from edgeq.layer_costs import ByteCosts
+
+    loaded = load_model(TINY)
+    inputs = loaded.preprocess(resolve_dataset("fashion-mnist:A", 96).images)
+    ladder = [QuantSpec.load("w2a4"), QuantSpec.load("w4a4"), QuantSpec.load("w8a8")]
+
+    def search(target):
+        return mixed.search_to_target(
+            loaded.module, inputs[:48], inputs[48:], ladder, ByteCosts(), min_agreement=target, progress=False
+        )
+
+    high = search(0.99)
+    assert len(high.promotions) >= 3
+    lower = high.promotions[len(high.promotions) // 2].metric  # reached midway
+    alone, cut = search(lower), high.stopped_at(lower)
+    assert cut.spec == alone.spec and cut.promotions == alone.promotions
+    assert cut.reached and cut.final_metric == alone.final_metric and cut.cost == pytest.approx(alone.cost)
+    assert high.stopped_at(high.start_metric).promotions == ()  # a target the start already meets: no raise
+    with pytest.raises(ValueError):
+        high.stopped_at(1.0 + 1e-9)

@@ -109,9 +109,13 @@ def run(
     for spec in specs:
         for target in targets:
             calibration_dir = run_configuration(spec, target)["stage_dirs"]["calibration"]
+    # one search per target, to the highest agreement: a lower target's search is a prefix of it
+    searches = {}
     for level in auto_mixed:
         for target in targets:
-            search = _search_mixed(loaded, calibration_dir, ladder, level, target, options)
+            if target.name not in searches:
+                searches[target.name] = _search_mixed(loaded, calibration_dir, ladder, max(auto_mixed), target, options)
+            search = searches[target.name].stopped_at(level)
             name = f"auto-mixed-{target.name}-{_percent_name(level)}.json"
             spec_files[name] = search.spec.to_dict() | {"allocation": search.to_dict()}
             run_configuration(search.spec, target, {"auto_mixed": _auto_record(search, name)})
