@@ -275,7 +275,8 @@ def test_mixed_to_an_agreement_target_on_the_command_line(monkeypatch, capsys, t
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert code != 0 and len(errors) == 1 and "Traceback" not in err, err
     if all(shutil.which(tool) for tool in ("llvm-mca", "aarch64-linux-gnu-gcc", "qemu-aarch64")):
-        # a board not at hand is priced by estimate: the search runs and says what it used
+        # a board not at hand is priced by estimate: the search runs and says what it used (estimated afresh here)
+        monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
         code, stdout, err = run_cli(
             monkeypatch, capsys, *args, "--min-agreement", "0.9", "--target", "rpi4", "-o", str(tmp_path / "arm.json")
         )
