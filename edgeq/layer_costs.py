@@ -178,10 +178,10 @@ class LatencyCosts:
         self._cache = _read_cache(self.cache_path)
 
     def describe(self) -> str:
-        return f"measured kernel time for {self.target.name} on {self.cpu}"
+        return f"measured kernel time for {self.target.name} on {self.cpu}, one thread"
 
     def cost(self, shape: LayerShape, weight_bits: int, act_bits: int) -> float:
-        key = f"{self.target.name} | {self.cpu} | {shape.key()} | w{weight_bits}a{act_bits}"
+        key = f"{self.target.name} | {self.cpu} | 1 thread | {shape.key()} | w{weight_bits}a{act_bits}"
         if key not in self._cache:
             self._cache[key] = self._measure(shape, weight_bits, act_bits)
             _write_cache(self.cache_path, self._cache)
@@ -201,13 +201,16 @@ class LatencyCosts:
         onnx_model, _ = build_qdq_model(quantized, example)
         plan = kernel_plan.build_plan(onnx_model, self.layout)
         x = example.numpy()
-        execute.run_plan(plan, self.library, x)  # warm: caches, lazily built tables
         times: list[float] = []
-        began = time.perf_counter()
-        while len(times) < _MIN_RUNS or time.perf_counter() - began < _MIN_SECONDS:
-            timings: list = []
-            execute.run_plan(plan, self.library, x, timings=timings)
-            times.append(next(seconds for step, seconds in timings if step.kernel == "conv2d"))
+        # One thread: a parallel region waits for its slowest thread, so on a busy machine every run of a
+        # multi-threaded kernel can take a scheduler slice, and no fastest run is then the layer's own time.
+        with self.library.threads(1):
+            execute.run_plan(plan, self.library, x)  # warm: caches, lazily built tables
+            began = time.perf_counter()
+            while len(times) < _MIN_RUNS or time.perf_counter() - began < _MIN_SECONDS:
+                timings: list = []
+                execute.run_plan(plan, self.library, x, timings=timings)
+                times.append(next(seconds for step, seconds in timings if step.kernel == "conv2d"))
         milliseconds = min(times) * 1e3
         log.debug("%s at w%da%d: %.4f ms", shape.key(), weight_bits, act_bits, milliseconds)
         return milliseconds

@@ -6,6 +6,7 @@ selfcheck.py loads these modules as plain files.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from pathlib import Path
 
@@ -71,6 +72,16 @@ class Library:
         self.path = Path(path)
         self.lib = ctypes.CDLL(str(path))
         self.layout = next(layout for layout in LAYOUTS.values() if layout.id == self.lib.edgeq_layout())
+
+    @contextlib.contextmanager
+    def threads(self, count: int):
+        """The kernels called from this thread use ``count`` threads for a while, then as many as before."""
+        before = self.lib.edgeq_threads()
+        self.lib.edgeq_set_threads(count)
+        try:
+            yield
+        finally:
+            self.lib.edgeq_set_threads(before)
 
     @staticmethod
     def _ptr(array: np.ndarray | None):

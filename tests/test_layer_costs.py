@@ -47,6 +47,17 @@ def test_kernel_time_is_measured_once_per_shape_and_grows_with_the_work(tmp_path
     assert LatencyCosts(host_target()).cost(LayerShape("linear", 64, 32, (1, 1), (1, 1), (0, 0), 1, (5,)), 4, 4) > 0
 
 
+def test_kernel_threads_change_for_a_while_and_come_back():
+    library = LatencyCosts(host_target()).library
+    before = library.lib.edgeq_threads()
+    with library.threads(before + 2):
+        assert library.lib.edgeq_threads() == before + 2
+        with library.threads(1):
+            assert library.lib.edgeq_threads() == 1
+        assert library.lib.edgeq_threads() == before + 2
+    assert library.lib.edgeq_threads() == before
+
+
 def test_a_target_of_another_architecture_cannot_be_timed_here():
     with pytest.raises(EdgeqError, match="cannot be measured on this") as caught:
         LatencyCosts(get_target("rpi4"))

@@ -59,6 +59,22 @@
 #endif
 #define NIBBLE_MAX 15
 
+void edgeq_set_threads(int n) {
+#if defined(_OPENMP)
+  omp_set_num_threads(n < 1 ? 1 : n);
+#else
+  (void)n;
+#endif
+}
+
+int edgeq_threads(void) {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 int edgeq_layout(void) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return EDGEQ_LAYOUT_VNNI;

@@ -54,6 +54,10 @@ extern "C" {
 
 enum { EDGEQ_LAYOUT_NEON = 0, EDGEQ_LAYOUT_AVX2 = 1, EDGEQ_LAYOUT_SDOT = 2, EDGEQ_LAYOUT_AVX2_WIDE = 3, EDGEQ_LAYOUT_PORTABLE = 4, EDGEQ_LAYOUT_AVX2_LUT = 5, EDGEQ_LAYOUT_NEON_LUT = 6, EDGEQ_LAYOUT_VNNI = 7 };
 
+/* Threads the kernels called from this thread use from now on (n >= 1), and how many they use now:
+ * timing one layer on one thread keeps other work on the machine from stretching every parallel region. */
+void edgeq_set_threads(int n);
+int edgeq_threads(void);
 /* Which panel layout this build's microkernel reads (VNNI builds: LAYOUT_VNNI, also where the CPU lacks it). */
 int edgeq_layout(void);
 /* 1 when this build runs weights packed for `layout` (its own, or a variant) on this CPU. */
