@@ -264,8 +264,13 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
     labels = images.labels
     seed, count = settings["seed"], settings["num_images"][name]
     corrects = bias_correction(name, settings["bias_correction"])
+    gptq = settings.get("initial_rounding", "nearest")
     config = (
-        (ReconstructionConfig(method="rtn", bias_correction=True) if corrects else None)
+        (
+            ReconstructionConfig(method="rtn", bias_correction=corrects, initial_rounding=gptq)
+            if corrects or gptq != "nearest"
+            else None
+        )
         if settings["method"] == "rtn"
         else ReconstructionConfig(
             method=settings["method"],
@@ -274,6 +279,7 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
             time_budget=time_budget(name, settings["time_budget"]),
             window=window(name, settings["window"]),
             bias_correction=corrects,
+            initial_rounding=gptq,
         )
     )
     spec = cell_spec(name, bits, loaded.module)
@@ -328,6 +334,7 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
         "time_budget": time_budget(name, settings["time_budget"]),
         "window": None if settings["method"] == "rtn" else window(name, settings["window"]),
         "bias_correction": corrects,
+        **({"initial_rounding": gptq} if gptq != "nearest" else {}),  # absent in cells made before it existed
         "calibration_images": used,
         "calibration": calibration,
         "eval_images": len(labels),
@@ -409,6 +416,7 @@ def _same_settings(entry: dict, settings: dict) -> bool:
         and entry.get("time_budget") == time_budget(entry["model"], settings["time_budget"])
         and entry.get("window") == (window(entry["model"], settings["window"]) if learned else None)
         and entry.get("bias_correction", False) == bias_correction(entry["model"], settings["bias_correction"])
+        and entry.get("initial_rounding", "nearest") == settings["initial_rounding"]
         and entry.get("inversion")
         == (settings["inversion"][entry["model"]] if entry["source"] == "bn-inversion" else None)
         and _requested_images(entry, settings)
@@ -431,6 +439,7 @@ def measure(args, out: Path) -> dict:
         "time_budget": args.time_budget,
         "window": args.window,
         "bias_correction": args.bias_correction,
+        "initial_rounding": args.initial_rounding,
         "inversion": {
             name: dataclasses.asdict(
                 InversionSettings(
@@ -743,6 +752,7 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
                 budget = f", budget {entry['time_budget']:g} s" if entry.get("time_budget") else ""
                 budget += f", {entry['window']}-px windows" if entry.get("window") else ""
                 budget += ", bias correction" if entry.get("bias_correction") else ""
+                budget += ", GPTQ start" if entry.get("initial_rounding") == "gptq" else ""
                 lines.append(
                     f"| {bits.upper()} | {source} | {entry['top1']:.2%} | {lost} | {entry['top5']:.2%} "
                     f"| {entry['method']} | {entry['calibration']} | {entry['iters'] or '-'}{budget} "
@@ -820,6 +830,12 @@ def main(argv=None) -> int:
         type=int,
         help="reconstruct high-resolution blocks on random windows of this many pixels (0: whole inputs) "
         "[default: 32 for EfficientNet-Lite0, whole inputs for the CIFAR ResNets]",
+    )
+    parser.add_argument(
+        "--initial-rounding",
+        choices=["nearest", "gptq"],
+        default="nearest",
+        help="where weight rounding starts: nearest, or GPTQ (reconstruction then refines it)",
     )
     parser.add_argument(
         "--bias-correction",

@@ -154,6 +154,16 @@ bias_correction_option = click.option(
     "and data-free with synthetic images. It rescues depthwise networks at 4 bits (docs/quantization.md).",
 )
 
+initial_rounding_option = click.option(
+    "--initial-rounding",
+    type=click.Choice(["nearest", "gptq"]),
+    default="nearest",
+    show_default=True,
+    help="Where weight rounding starts: each weight to its nearest level, or GPTQ (each column's rounding "
+    "error fed to the columns not yet rounded, from the calibration inputs' second moments; one pass per "
+    "layer). With --method rtn these are the final codes; otherwise reconstruction refines them.",
+)
+
 
 def _layer_bits(_ctx, _param, value):
     from edgeq.errors import EdgeqError
@@ -200,6 +210,7 @@ quantization_options = _stacked(
     ),
     window_option,
     bias_correction_option,
+    initial_rounding_option,
 )
 evaluation_options = _stacked(
     click.option(
@@ -716,6 +727,7 @@ Examples:
     "--iters it leaves 2-bit weights near round-to-nearest: use about 1e-2 for 200 and 3e-2 for 100 (docs/results.md).",
 )
 @bias_correction_option
+@initial_rounding_option
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
     "--num-images", type=click.IntRange(min=1), default=1024, show_default=True, help="Calibration images to use."
@@ -741,6 +753,7 @@ def quantize(
     round_weight,
     lr_rounding,
     bias_correction,
+    initial_rounding,
     device,
     num_images,
     seed,
@@ -774,6 +787,7 @@ def quantize(
         round_weight=round_weight,
         lr_rounding=lr_rounding,
         bias_correction=bias_correction,
+        initial_rounding=initial_rounding,
     )
     quantize_stage.run(
         model,
@@ -901,6 +915,7 @@ def compile_command(
     time_budget,
     window,
     bias_correction,
+    initial_rounding,
     kernels,
     eval_data,
     eval_images,
@@ -953,6 +968,7 @@ def compile_command(
         time_budget=time_budget,
         window=window,
         bias_correction=bias_correction,
+        initial_rounding=initial_rounding,
         kernels=kernels,
         eval_data=eval_data,
         eval_images=eval_images,
@@ -1313,6 +1329,7 @@ def sweep(
     time_budget,
     window,
     bias_correction,
+    initial_rounding,
     eval_data,
     eval_images,
     latency_runs,
@@ -1341,6 +1358,7 @@ def sweep(
         time_budget=time_budget,
         window=window,
         bias_correction=bias_correction,
+        initial_rounding=initial_rounding,
         eval_data=eval_data,
         eval_images=eval_images,
         latency_runs=latency_runs,

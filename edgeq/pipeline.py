@@ -50,6 +50,7 @@ class RunOptions:
     time_budget: float | None = None  # seconds for all of reconstruction (caps iters per unit)
     window: int | None = None  # reconstruct large convolutional inputs on windows of this many pixels
     bias_correction: bool = False  # correct biases for the mean shift of the final rounding
+    initial_rounding: str = "nearest"  # or "gptq": where rounding starts (edgeq.reconstruction.Rounding)
     # edgeq's low-bit kernels: auto (when the graph allows), on (required), off (TVM's generic code)
     kernels: str = "auto"
     num_images: int = 256
@@ -147,6 +148,7 @@ def _run_in(run_dir: Path, model: str | None, loaded, options: RunOptions) -> di
         time_budget=options.time_budget,
         window=options.window,
         bias_correction=options.bias_correction,
+        initial_rounding=options.initial_rounding,
     )
     quant_params = {
         "num_images": options.num_images,

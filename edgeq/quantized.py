@@ -33,7 +33,8 @@ from .graph import eval_mode, execution_order, fold_batchnorm
 from .layers import MatMul
 from .manifest import Manifest, sha256_file, staged_folder
 from .models import LoadedModel, load_model
-from .reconstruction import ReconstructionConfig, reconstruct
+from .reconstruction import ReconstructionConfig, Rounding, reconstruct
+from .reconstruction.gptq import gptq_round
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class QuantizedLayer(nn.Module):
         self.bypass = False  # True: run the float layer (while observing calibration ranges)
         # during reconstruction: the rounding and step being learned (edgeq.reconstruction.LayerLearning)
         self.learning = None
+        # GPTQ's moved weights (edgeq.reconstruction.gptq) while the model is being quantized; never saved
+        self.rounding_start = None
 
     @property
     def weight_range(self) -> tuple[int, int]:
@@ -346,6 +349,9 @@ def quantize_module(
     spec = QuantSpec.load(spec) if isinstance(spec, str) else spec
     prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
+    if reconstruction is not None and reconstruction.initial_rounding is Rounding.GPTQ:
+        order = execution_order(prepared, list(layers), torch.from_numpy(inputs[:1]))
+        gptq_round(prepared, layers, order, inputs)
     if reconstruction is not None and reconstruction.learns:
         units = reconstruct(
             prepared,
@@ -363,6 +369,8 @@ def quantize_module(
     # the correction subtracts from them.
     if reconstruction is not None and reconstruction.bias_correction:
         correct_biases(prepared, layers, inputs)
+    for layer in layers.values():
+        layer.rounding_start = None
     return prepared
 
 

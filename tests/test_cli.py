@@ -133,6 +133,25 @@ def test_bias_correction_is_recorded_and_changes_the_biases(monkeypatch, capsys,
     assert all(torch.equal(plain[key], corrected[key]) for key in plain if not key.endswith("bias"))
 
 
+def test_gptq_rounding_is_recorded_and_moves_the_codes(monkeypatch, capsys, tmp_path):
+    from safetensors.torch import load_file
+
+    from edgeq.manifest import Manifest
+
+    common = ["quantize", "zoo:fmnist-resnet", "--calib", "fashion-mnist:A", "--num-images", "16", "--bits", "w2a4"]
+    assert run_cli(monkeypatch, capsys, *common, "--method", "rtn", "-o", str(tmp_path / "plain"))[0] == 0
+    argv = [*common, "--method", "rtn", "--initial-rounding", "gptq", "-o", str(tmp_path / "gptq")]
+    assert run_cli(monkeypatch, capsys, *argv)[0] == 0
+    assert Manifest.load(tmp_path / "gptq", "quantize").params["initial_rounding"] == "gptq"
+    assert "initial_rounding" not in Manifest.load(tmp_path / "plain", "quantize").params
+    plain, gptq = (load_file(str(tmp_path / name / "quantized.safetensors")) for name in ("plain", "gptq"))
+    codes = [key for key in plain if key.endswith("weight_int")]
+    assert sum(not torch.equal(plain[key], gptq[key]) for key in codes) >= len(codes) - 2  # all but 8-bit ends
+    assert all(torch.equal(plain[key], gptq[key]) for key in plain if key.endswith(("scale", "zero_point")))
+    code, _, err = run_cli(monkeypatch, capsys, *common, "--initial-rounding", "best", "-o", str(tmp_path / "x"))
+    assert code != 0 and "gptq" in err
+
+
 def test_missing_calibration_folder(monkeypatch, capsys, tmp_path):
     _assert_one_line_error(
         run_cli(
@@ -254,7 +273,10 @@ def test_one_shot_and_sweep_pass_the_reconstruction_settings_on(monkeypatch, cap
     assert not compile_options.bias_correction
     assert (sweep_options.time_budget, sweep_options.window, sweep_options.bias_correction) == (45.0, None, True)
     run_cli(monkeypatch, capsys, "compile", "--bias-correction")
-    assert seen["compile"].bias_correction
+    assert seen["compile"].bias_correction and seen["compile"].initial_rounding == "nearest"
+    run_cli(monkeypatch, capsys, "compile", "--initial-rounding", "gptq")
+    run_cli(monkeypatch, capsys, "sweep", "--initial-rounding", "gptq", "-o", str(tmp_path / "s"))
+    assert seen["compile"].initial_rounding == seen["sweep"].initial_rounding == "gptq"
     code, _, err = run_cli(monkeypatch, capsys, "compile", "--time-budget", "0")
     assert code != 0 and "--time-budget" in err
     code, _, err = run_cli(monkeypatch, capsys, "quantize", "--window", "4")

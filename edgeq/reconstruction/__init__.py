@@ -48,6 +48,17 @@ class Method(str, enum.Enum):
         return self.value
 
 
+class Rounding(str, enum.Enum):
+    """Where rounding starts: each weight to its nearest level, or GPTQ's error-feeding rounding
+    (:mod:`.gptq`), which AdaRound then refines."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Loss(str, enum.Enum):
     MSE = "mse"
     FISHER = "fisher"  # output error weighted by squared task-loss gradients (BRECQ)
@@ -66,7 +77,8 @@ class ReconstructionConfig:
     inputs are larger on random ``window``×``window`` crops (:mod:`.crops`): many more
     iterations in the same time at high resolution. ``bias_correction`` corrects each layer's
     bias for the mean output error of its rounded weights (Nagel et al. 2019) once rounding is
-    final; it applies to round-to-nearest too.
+    final; it applies to round-to-nearest too. ``initial_rounding`` ``gptq`` rounds every layer by
+    GPTQ first (:mod:`.gptq`); with ``rtn`` those are the final codes, otherwise AdaRound starts from them.
     """
 
     method: Method = Method.QDROP
@@ -83,9 +95,10 @@ class ReconstructionConfig:
     time_budget: float | None = None
     window: int | None = None
     bias_correction: bool = False
+    initial_rounding: Rounding = Rounding.NEAREST
 
     def __post_init__(self):
-        for field, enum_type in (("method", Method), ("loss", Loss)):
+        for field, enum_type in (("method", Method), ("loss", Loss), ("initial_rounding", Rounding)):
             value = getattr(self, field)
             try:
                 object.__setattr__(self, field, enum_type(value))
@@ -122,6 +135,11 @@ class ReconstructionConfig:
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["method"], data["loss"] = self.method.value, self.loss.value
+        # recorded only when not the default, so folders made before it existed stay reusable
+        if self.initial_rounding is Rounding.NEAREST:
+            del data["initial_rounding"]
+        else:
+            data["initial_rounding"] = self.initial_rounding.value
         return data
 
 

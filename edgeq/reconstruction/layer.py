@@ -20,7 +20,9 @@ class LayerLearning:
     def __init__(
         self, layer, *, learn_rounding: bool, learn_act: bool, drop_prob: float, generator: torch.Generator | None
     ):
-        weight = layer.layer.weight.detach()
+        # GPTQ's moved weights, when it rounded the layer first: AdaRound then starts at its codes
+        start = getattr(layer, "rounding_start", None)
+        weight = layer.layer.weight.detach() if start is None else start
         self.rounding = (
             AdaRound(
                 weight,

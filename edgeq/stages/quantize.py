@@ -24,7 +24,7 @@ from ..quantized import (
     quantized_matmuls,
     save,
 )
-from ..reconstruction import Method, ReconstructionConfig
+from ..reconstruction import Method, ReconstructionConfig, Rounding
 from ..spec import QuantSpec, apply_layer_bits
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ def plan(
         params["reconstruction"] = reconstruction.to_json()
     if reconstruction.bias_correction:  # recorded only when on: folders made before it existed stay reusable
         params["bias_correction"] = True
+    if reconstruction.initial_rounding is not Rounding.NEAREST:
+        params["initial_rounding"] = reconstruction.initial_rounding.value
     return Manifest(
         stage="quantize",
         inputs=[_model_entry(loaded), _calib_entry(calib)],
