@@ -151,3 +151,20 @@ def test_gptq_then_reconstruction_is_deterministic_and_recorded():
     assert "initial_rounding" not in ReconstructionConfig().to_json()
     with pytest.raises(Exception, match="nearest, gptq|gptq"):
         ReconstructionConfig(initial_rounding="optimal")
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding", ["same", "valid", 1])
+def test_the_input_columns_are_the_convolutions_own(padding):
+    """H is built from im2col columns: the convolution is the weight times them, whatever the padding."""
+    from edgeq.reconstruction.gptq import _input_columns
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, (3, 2), padding=padding, groups=2)
+    layer = quantized.QuantizedLayer(conv, 4, 8)
+    x = torch.randn(2, 4, 7, 6)
+    columns = _input_columns(layer, x)  # (groups, features, batch * positions)
+    weight = conv.weight.detach().reshape(2, 3, -1)
+    out = (weight @ columns).reshape(2, 3, 2, -1).permute(2, 0, 1, 3).reshape(2, 6, -1)
+    expected = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, 2)
+    assert torch.allclose(out, expected.flatten(2), atol=1e-5)

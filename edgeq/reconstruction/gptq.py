@@ -47,7 +47,12 @@ def _input_columns(layer, x: torch.Tensor) -> torch.Tensor:
     """The layer's (quantized) input as (groups, features, positions): one column per output position."""
     inner = layer.layer
     if isinstance(inner, nn.Conv2d):
-        columns = F.unfold(x, inner.kernel_size, inner.dilation, inner.padding, inner.stride)  # (B, Cin*kh*kw, L)
+        padding = inner.padding
+        if isinstance(padding, str):  # "valid", or "same" (stride 1): the odd pixel of padding goes after
+            total = [0, 0] if padding == "valid" else [d * (k - 1) for d, k in zip(inner.dilation, inner.kernel_size)]
+            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            padding = 0
+        columns = F.unfold(x, inner.kernel_size, inner.dilation, padding, inner.stride)  # (B, Cin*kh*kw, L)
         batch, features, positions = columns.shape
         columns = columns.reshape(batch, inner.groups, features // inner.groups, positions)
         return columns.permute(1, 2, 0, 3).reshape(inner.groups, features // inner.groups, batch * positions)
