@@ -83,6 +83,20 @@ class Library:
         finally:
             self.lib.edgeq_set_threads(before)
 
+    @property
+    def amx(self) -> bool:
+        """Whether layers of 64 rows or more run on AMX tiles now (VNNI builds on CPUs with AMX-INT8)."""
+        return bool(self.lib.edgeq_amx())
+
+    @contextlib.contextmanager
+    def amx_allowed(self, allowed: bool):
+        """Let the kernels use AMX tiles, or keep every layer on the VNNI kernel, for a while (process-wide)."""
+        self.lib.edgeq_set_amx(int(allowed))
+        try:
+            yield
+        finally:
+            self.lib.edgeq_set_amx(1)
+
     @staticmethod
     def _ptr(array: np.ndarray | None):
         return None if array is None else array.ctypes.data_as(ctypes.c_void_p)

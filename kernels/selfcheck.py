@@ -62,12 +62,15 @@ def check_table_lookup(lib, rng) -> str | None:
     return None
 
 
-def check_conv(lib, rng) -> str | None:
+def check_conv(lib, rng, min_size: int = 0) -> str | None:
+    """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
+    height and width (larger maps have enough rows for the AMX tiles)."""
     depthwise = bool(rng.integers(0, 4) == 0)
     kernel = int(rng.choice([1, 3, 5]))
     stride = int(rng.integers(1, 3))
     pad = int(rng.integers(0, kernel // 2 + 1))
-    h, w = int(rng.integers(kernel, 13)), int(rng.integers(kernel, 13))
+    low = max(kernel, min_size)
+    h, w = int(rng.integers(low, max(13, low + 6))), int(rng.integers(low, max(13, low + 6)))
     # depthwise layers with a multiple of 16 channels take the vectorized path (16 channels per register)
     cin = int(rng.choice([16, 32, 48])) if depthwise and rng.integers(0, 2) else int(rng.integers(1, 40))
     n = cin if depthwise else int(rng.integers(1, 70))

@@ -154,6 +154,44 @@ def test_convolutions_with_fused_epilogue_match_the_reference(libraries, seed, w
     assert selfcheck.check_conv(libraries.get(which, libraries["host"]), np.random.default_rng(seed)) is None
 
 
+@pytest.fixture(scope="session")
+def amx_library(libraries):
+    library = libraries["host"]
+    if not library.amx:
+        pytest.skip("needs AMX-INT8 (Sapphire Rapids or later) with tile state granted by the OS")
+    return library
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(64, 150),
+    k=st.integers(1, 700),
+    n=st.integers(1, 70),
+    bits=st.sampled_from([2, 4, 8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_amx_tiles_equal_the_integer_gemm_and_the_vnni_kernel(amx_library, m, k, n, bits, seed):
+    """Row counts that leave partial tiles, k that is no multiple of the tiles' 64 (zero-padded panel)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    w = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, k))
+    packed = layouts.pack_weights(w, amx_library.layout)
+    on_tiles = amx_library.gemm_raw(a, packed)
+    with amx_library.amx_allowed(False):
+        assert not amx_library.amx
+        on_vectors = amx_library.gemm_raw(a, packed)
+    assert amx_library.amx
+    assert np.array_equal(on_tiles, reference.int_gemm(a, w))
+    assert np.array_equal(on_vectors, on_tiles)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_amx_convolutions_with_fused_epilogue_match_the_reference(amx_library, seed):
+    """Feature maps of 64 output pixels and more (the layers that run on tiles), 4- and 8-bit inputs."""
+    assert selfcheck.check_conv(amx_library, np.random.default_rng(seed), min_size=14) is None
+
+
 def test_selfcheck_script_passes_natively(libraries):
     result = subprocess.run(
         [sys.executable, str(Path(selfcheck.__file__)), str(libraries["host"].path), "--cases", "10"],

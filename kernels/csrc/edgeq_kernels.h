@@ -60,6 +60,11 @@ void edgeq_set_threads(int n);
 int edgeq_threads(void);
 /* Which panel layout this build's microkernel reads (VNNI builds: LAYOUT_VNNI, also where the CPU lacks it). */
 int edgeq_layout(void);
+/* VNNI builds on CPUs with AMX-INT8 (and Linux granting tile state) run layers of 64 rows or more
+ * on AMX tiles, with the same stored weights. edgeq_amx says whether they do now; edgeq_set_amx(0)
+ * keeps every layer on the VNNI kernel (the tests and benchmarks compare the two). */
+void edgeq_set_amx(int enabled);
+int edgeq_amx(void);
 /* 1 when this build runs weights packed for `layout` (its own, or a variant) on this CPU. */
 int edgeq_supports_layout(int32_t layout);
 
@@ -107,6 +112,8 @@ void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, fl
 
 /* Multiply-adds of a register-only int8 dot-product loop (0 where none is written), for peak figures. */
 int64_t edgeq_int8_peak_loop(int64_t iterations);
+/* The same for AMX tiles (0 where the build or the CPU has none). */
+int64_t edgeq_amx_peak_loop(int64_t iterations);
 
 /* Unpack `count` (a multiple of 32 * 8 / bits) stored codes into int8 values c + low. */
 void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t low, int8_t* out);
