@@ -192,6 +192,47 @@ def test_amx_convolutions_with_fused_epilogue_match_the_reference(amx_library, s
     assert selfcheck.check_conv(amx_library, np.random.default_rng(seed), min_size=14) is None
 
 
+def test_epilogue_rounds_like_the_division_next_to_every_tie(libraries):
+    """The vector epilogues round y * (1 / scale) and fall back to y / scale near half-integers: outputs placed on,
+    and a few ulps either side of, (k + 0.5) * scale must get the division's codes (round half to even). Every input
+    code sits at the zero point, so acc = 0 and y is exactly the bias (codes-only epilogue, one pixel a call) or the
+    residual (the general epilogue)."""
+    from edgeq.kernels import native
+
+    channels = 40  # a block of 32 (16- and 8-lane loops) and one of 8
+    weights = np.ones((channels, 1), np.int8)
+    for scale in (0.07, 0.1, 0.3, 1 / 3, 0.0123):
+        ties = np.float32((np.arange(-3, 250) + 0.5) * scale)
+        near = np.concatenate([ties + ulps * np.spacing(ties) for ulps in range(-3, 4)]).astype(np.float32)
+        values = np.resize(near, (-(-near.size // channels), channels)).astype(np.float32)
+        rows = values.shape[0]
+        _, expected = reference.epilogue(
+            np.zeros(values.shape), np.full(channels, 0.5), np.zeros(channels), values, (-3.0e38, 3.0e38), scale, 3, 255
+        )
+        for library in libraries.values():
+            packed = layouts.pack_weights(weights, layouts.conv_layout(library.layout, 15, weights, rows))
+
+            def run(pixels, bias, residual, library=library, packed=packed):
+                params = native.conv_params(
+                    in_h=pixels, in_w=1, in_c=1, out_h=pixels, out_w=1, out_c=channels, kernel_h=1, kernel_w=1,
+                    stride_h=1, stride_w=1, x_zero=7, x_max=15, w_bits=packed.bits, w_low=packed.low,
+                    w_absmax=packed.absmax, k_padded=packed.k_padded, w_layout=packed.layout, out_zero=3, out_qmin=0,
+                    out_qmax=255, out_scale=scale, clamp_min=-3.0e38, clamp_max=3.0e38,
+                )  # fmt: skip
+                x = np.full((pixels, 1), 7, np.uint8)
+                multiplier = np.full(channels, 0.5, np.float32)
+                wsum = weights.sum(1).astype(np.int32)
+                _, codes = library.conv2d(
+                    params, x, packed, wsum, multiplier, bias, residual, want_float=residual is not None
+                )
+                return codes.reshape(pixels, channels)
+
+            codes_only = np.concatenate([run(1, row, None) for row in values])
+            general = run(rows, np.zeros(channels, np.float32), values)
+            assert np.array_equal(codes_only, expected), (library.layout.name, scale)
+            assert np.array_equal(general, expected), (library.layout.name, scale)
+
+
 def test_selfcheck_script_passes_natively(libraries):
     result = subprocess.run(
         [sys.executable, str(Path(selfcheck.__file__)), str(libraries["host"].path), "--cases", "10"],
