@@ -123,6 +123,10 @@ DEFAULT_WINDOW = {"efficientnet-lite0": 32}
 # (round-to-nearest W4A8: 0.5% top-1 on 200 sample images); correcting the biases on the 64 calibration images
 # gives 76% (W4A4: 67.5%) in one forward pass (docs/quantization.md)
 DEFAULT_BIAS_CORRECTION = {"efficientnet-lite0": True}
+# ResNet-20 from BatchNorm inversion at W2A4 (QDrop, 1000 iterations, three draws; docs/quantization.md): GPTQ's
+# start took the mean drop from 5.99 to 4.39 points, per-channel weight zero points on top of it to 3.15
+DEFAULT_INITIAL_ROUNDING = {"cifar10-resnet20": "gptq"}
+DEFAULT_ASYMMETRIC_WEIGHTS = {"cifar10-resnet20": True}
 
 
 def time_budget(name: str, given: float | None) -> float | None:
@@ -131,6 +135,14 @@ def time_budget(name: str, given: float | None) -> float | None:
 
 def bias_correction(name: str, given: str | None) -> bool:
     return DEFAULT_BIAS_CORRECTION.get(name, False) if given is None else given == "on"
+
+
+def initial_rounding(name: str, given: str | None) -> str:
+    return given if given is not None else DEFAULT_INITIAL_ROUNDING.get(name, "nearest")
+
+
+def asymmetric_weights(name: str, given: str | None) -> bool:
+    return DEFAULT_ASYMMETRIC_WEIGHTS.get(name, False) if given is None else given == "on"
 
 
 def window(name: str, given: int | None) -> int | None:
@@ -264,7 +276,8 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
     labels = images.labels
     seed, count = settings["seed"], settings["num_images"][name]
     corrects = bias_correction(name, settings["bias_correction"])
-    gptq = settings.get("initial_rounding", "nearest")
+    gptq = initial_rounding(name, settings.get("initial_rounding"))
+    asymmetric = asymmetric_weights(name, settings.get("asymmetric_weights"))
     config = (
         (
             ReconstructionConfig(method="rtn", bias_correction=corrects, initial_rounding=gptq)
@@ -283,6 +296,8 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
         )
     )
     spec = cell_spec(name, bits, loaded.module)
+    if asymmetric:
+        spec = dataclasses.replace(spec, weight_symmetric=False)
     top1, top5 = np.zeros(len(labels), bool), np.zeros(len(labels), bool)
     quantize_seconds, eval_seconds, synthesis_seconds, folds = 0.0, 0.0, None, None
 
@@ -335,6 +350,7 @@ def measure_cell(name: str, bits: str, source: str, settings: dict, work: Path) 
         "window": None if settings["method"] == "rtn" else window(name, settings["window"]),
         "bias_correction": corrects,
         **({"initial_rounding": gptq} if gptq != "nearest" else {}),  # absent in cells made before it existed
+        **({"asymmetric_weights": True} if asymmetric else {}),
         "calibration_images": used,
         "calibration": calibration,
         "eval_images": len(labels),
@@ -416,7 +432,9 @@ def _same_settings(entry: dict, settings: dict) -> bool:
         and entry.get("time_budget") == time_budget(entry["model"], settings["time_budget"])
         and entry.get("window") == (window(entry["model"], settings["window"]) if learned else None)
         and entry.get("bias_correction", False) == bias_correction(entry["model"], settings["bias_correction"])
-        and entry.get("initial_rounding", "nearest") == settings["initial_rounding"]
+        and entry.get("initial_rounding", "nearest") == initial_rounding(entry["model"], settings["initial_rounding"])
+        and entry.get("asymmetric_weights", False)
+        == asymmetric_weights(entry["model"], settings.get("asymmetric_weights"))
         and entry.get("inversion")
         == (settings["inversion"][entry["model"]] if entry["source"] == "bn-inversion" else None)
         and _requested_images(entry, settings)
@@ -440,6 +458,7 @@ def measure(args, out: Path) -> dict:
         "window": args.window,
         "bias_correction": args.bias_correction,
         "initial_rounding": args.initial_rounding,
+        "asymmetric_weights": args.asymmetric_weights,
         "inversion": {
             name: dataclasses.asdict(
                 InversionSettings(
@@ -753,6 +772,7 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
                 budget += f", {entry['window']}-px windows" if entry.get("window") else ""
                 budget += ", bias correction" if entry.get("bias_correction") else ""
                 budget += ", GPTQ start" if entry.get("initial_rounding") == "gptq" else ""
+                budget += ", asymmetric weights" if entry.get("asymmetric_weights") else ""
                 lines.append(
                     f"| {bits.upper()} | {source} | {entry['top1']:.2%} | {lost} | {entry['top5']:.2%} "
                     f"| {entry['method']} | {entry['calibration']} | {entry['iters'] or '-'}{budget} "
@@ -834,8 +854,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--initial-rounding",
         choices=["nearest", "gptq"],
-        default="nearest",
-        help="where weight rounding starts: nearest, or GPTQ (reconstruction then refines it)",
+        help="where weight rounding starts: nearest, or GPTQ (reconstruction then refines it) "
+        "[default: gptq for ResNet-20, nearest for the others]",
+    )
+    parser.add_argument(
+        "--asymmetric-weights",
+        choices=["on", "off"],
+        help="per-channel weight zero points instead of symmetric weights [default: on for ResNet-20, off for the "
+        "others]",
     )
     parser.add_argument(
         "--bias-correction",
