@@ -62,9 +62,10 @@ def check_table_lookup(lib, rng) -> str | None:
     return None
 
 
-def check_conv(lib, rng, min_size: int = 0) -> str | None:
+def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False) -> str | None:
     """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
-    height and width (larger maps have enough rows for the AMX tiles)."""
+    height and width (larger maps have enough rows for the AMX tiles), ``wide_inputs`` draws 64 or 128 input
+    channels (stride-1 layers of them run on AMX tiles without im2col)."""
     depthwise = bool(rng.integers(0, 4) == 0)
     kernel = int(rng.choice([1, 3, 5]))
     stride = int(rng.integers(1, 3))
@@ -73,6 +74,8 @@ def check_conv(lib, rng, min_size: int = 0) -> str | None:
     h, w = int(rng.integers(low, max(13, low + 6))), int(rng.integers(low, max(13, low + 6)))
     # depthwise layers with a multiple of 16 channels take the vectorized path (16 channels per register)
     cin = int(rng.choice([16, 32, 48])) if depthwise and rng.integers(0, 2) else int(rng.integers(1, 40))
+    if wide_inputs and not depthwise:
+        cin = int(rng.choice([64, 128]))
     n = cin if depthwise else int(rng.integers(1, 70))
     x_max = int(rng.choice([15, 255]))
     bits = int(rng.choice([2, 4, 8]))

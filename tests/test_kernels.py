@@ -188,8 +188,10 @@ def test_amx_tiles_equal_the_integer_gemm_and_the_vnni_kernel(amx_library, m, k,
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_amx_convolutions_with_fused_epilogue_match_the_reference(amx_library, seed):
-    """Feature maps of 64 output pixels and more (the layers that run on tiles), 4- and 8-bit inputs."""
+    """Feature maps of 64 output pixels and more (the layers that run on tiles), 4- and 8-bit inputs; with 64 or
+    128 input channels, stride-1 layers read the padded input in place (no im2col)."""
     assert selfcheck.check_conv(amx_library, np.random.default_rng(seed), min_size=14) is None
+    assert selfcheck.check_conv(amx_library, np.random.default_rng(seed), min_size=10, wide_inputs=True) is None
 
 
 def test_epilogue_rounds_like_the_division_next_to_every_tie(libraries):

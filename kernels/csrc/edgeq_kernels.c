@@ -449,6 +449,42 @@ __attribute__((target("amx-tile,amx-int8"))) static void micro_amx(const uint8_t
   _tile_stored(2, c + 16 * NB, NB * 4);
   _tile_stored(3, c + 16 * NB + 16, NB * 4);
 }
+
+/* The same 32 x 32 block without im2col (implicit GEMM), for stride-1 convolutions with a
+ * multiple of 64 input channels over an input copied once with its padding, wp pixels wide.
+ * Output pixels are taken as "virtual rows" j = oh * wp + ow over the padded width, so row j
+ * of tap (dy, dx) is the padded pixel j + dy * wp + dx: every tap's activation tile is 16
+ * pixels at a stride of in_c bytes, 64 channels of each. The wp - out_w virtual rows per output
+ * row that run off the right edge are computed and dropped.
+ *
+ *   padded input (wp = out_w + kw - 1):   row j of tap (dy, dx) = pixel j + dy * wp + dx
+ *   k of the panel = (dy * kw + dx) * in_c + channel: im2col's order, so the weights are the same */
+__attribute__((target("amx-tile,amx-int8"))) static void micro_amx_taps(const uint8_t* a, int32_t in_c, int32_t wp, int32_t kernel_h, int32_t kernel_w,
+                                                                      const int8_t* panel, int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  int64_t k = 0;
+  for (int32_t dy = 0; dy < kernel_h; ++dy)
+    for (int32_t dx = 0; dx < kernel_w; ++dx) {
+      const uint8_t* tap = a + ((int64_t)dy * wp + dx) * in_c;
+      for (int32_t c0 = 0; c0 < in_c; c0 += 64, k += 64) {
+        _tile_loadd(4, tap + c0, in_c);
+        _tile_loadd(5, tap + (int64_t)16 * in_c + c0, in_c);
+        _tile_loadd(6, panel + k * NB, NB * 4);
+        _tile_loadd(7, panel + k * NB + 64, NB * 4);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+      }
+    }
+  _tile_stored(0, c, NB * 4);
+  _tile_stored(1, c + 16, NB * 4);
+  _tile_stored(2, c + 16 * NB, NB * 4);
+  _tile_stored(3, c + 16 * NB + 16, NB * 4);
+}
 #endif
 #endif
 #elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
@@ -942,6 +978,72 @@ static int lut_products(const uint8_t* rows, int64_t m_count, int32_t k_padded, 
 }
 #endif
 
+#if defined(EDGEQ_HAS_AMX)
+/* A stride-1 convolution with a multiple of 64 input channels on AMX tiles, without im2col
+ * (micro_amx_taps): the input is copied once with its padding (the zero point), 1.x times its
+ * size where im2col writes kernel_h * kernel_w times it. */
+static int amx_implicit_conv(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const epilogue_args* e, int codes_only) {
+  const int32_t c = p->in_c, wp = p->out_w + p->kernel_w - 1, hp = p->out_h + p->kernel_h - 1;
+  const int64_t virtual_rows = (int64_t)p->out_h * wp;
+  // every tile's reads, the last one's 31 rows past the end and the taps' reach included
+  const int64_t padded_pixels = virtual_rows + (int64_t)(p->kernel_h - 1) * wp + p->kernel_w - 1 + MR_AMX;
+  uint8_t* padded = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(padded_pixels * c));
+  if (!padded) return -2;
+  const int32_t left = p->pad_left < wp ? p->pad_left : wp;
+  for (int32_t ph = 0; ph < hp; ++ph) {
+    uint8_t* row = padded + (int64_t)ph * wp * c;
+    const int32_t ih = ph - p->pad_top;
+    if (ih < 0 || ih >= p->in_h) {
+      memset(row, p->x_zero, (size_t)wp * c);
+      continue;
+    }
+    const int32_t inside = p->in_w < wp - left ? p->in_w : wp - left;
+    memset(row, p->x_zero, (size_t)left * c);
+    memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
+    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
+  }
+  memset(padded + (int64_t)hp * wp * c, p->x_zero, (size_t)((padded_pixels - (int64_t)hp * wp) * c));
+  const int32_t blocks = (p->out_c + NB - 1) / NB;
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const int64_t tiles = (virtual_rows + MR_AMX - 1) / MR_AMX;
+  int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
+  parts = parts > tiles ? tiles : parts;
+  const int64_t tiles_per_part = (tiles + parts - 1) / parts;
+  int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
+  for (int64_t item = 0; item < (int64_t)blocks * parts; ++item) {
+    const int32_t b = (int32_t)(item / parts);
+    const int64_t j_begin = (item % parts) * tiles_per_part * MR_AMX;
+    const int64_t j_end = j_begin + tiles_per_part * MR_AMX < virtual_rows ? j_begin + tiles_per_part * MR_AMX : virtual_rows;
+    const int8_t* panel = amx_panel(packed_weights, b, p->k_padded, p->k_padded, p->w_bits, p->w_low);
+    if (!panel) {
+      status = -2;
+      continue;
+    }
+    const int32_t n0 = b * NB, count = p->out_c - n0 < NB ? p->out_c - n0 : NB;
+    amx_begin();
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += MR_AMX) {
+      int32_t tile[MR_AMX * NB];
+      micro_amx_taps(padded + j0 * c, c, wp, p->kernel_h, p->kernel_w, panel, tile);
+      for (int r = 0; r < MR_AMX && j0 + r < j_end; ++r) {
+        const int64_t oh = (j0 + r) / wp, ow = (j0 + r) - oh * wp;
+        if (ow >= p->out_w) continue;  // a virtual row off the right edge
+        if (codes_only)
+          epilogue_codes(e, oh * p->out_w + ow, n0, count, tile + r * NB);
+        else
+          epilogue(e, oh * p->out_w + ow, n0, count, tile + r * NB, NULL);
+      }
+    }
+    amx_end();
+  }
+  return status;
+}
+#endif
+
 void edgeq_set_amx(int enabled) {
 #if defined(EDGEQ_HAS_AMX)
   __atomic_store_n(&amx_allowed, enabled != 0, __ATOMIC_RELAXED);
@@ -1070,8 +1172,15 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
   const int direct = !split && !signed8 && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
                      p->in_c == p->k_padded && p->in_h == p->out_h && p->in_w == p->out_w;
+#if defined(EDGEQ_HAS_AMX)
+  // stride 1, whole 64-channel chunks per tap: AMX tiles read the padded input in place (no im2col)
+  const int implicit = vnni && !direct && p->stride_h == 1 && p->stride_w == 1 && p->in_c % 64 == 0 && p->k_padded == k &&
+                       (int64_t)p->out_h * p->out_w >= AMX_MIN_ROWS && amx_usable();
+#else
+  const int implicit = 0;
+#endif
   uint8_t* rows = NULL;
-  if (!direct) {
+  if (!direct && !implicit) {
     rows = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(m_count * p->k_padded * (split ? 2 : 1)));
     if (!rows) return -2;
     im2col(p, x, split, rows);
@@ -1101,6 +1210,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int32_t blocks = (p->out_c + nb - 1) / nb;
   const int codes_only = !split && !residual && !out_float && out_codes;
 #if defined(EDGEQ_HAS_AMX)
+  if (implicit) return amx_implicit_conv(p, x, packed_weights, &e, codes_only);
   const int amx = vnni && m_count >= AMX_MIN_ROWS && amx_usable();
   const int32_t k64 = (p->k_padded + 63) / 64 * 64;
   const int rows_per_tile = amx ? MR_AMX : (vnni ? MR_VNNI : (wide ? 4 : MR));
@@ -1235,7 +1345,34 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
         for (int32_t c0 = 0; c0 < c; c0 += CHUNK) {
           const int32_t len = c - c0 < CHUNK ? c - c0 : CHUNK;
           int32_t acc[PIXELS][CHUNK];
-          for (int32_t j = 0; j < len; j += 16) {
+          int32_t j = 0;
+#if defined(__AVX512BW__)
+          // 32 channels per register where the build has AVX-512 (a 16-channel step takes the rest)
+          const __m512i zzero = _mm512_set1_epi16((int16_t)x_zero);
+          for (; j + 32 <= len; j += 32) {
+            __m512i sum[PIXELS];
+            for (int q = 0; q < PIXELS; ++q) sum[q] = _mm512_setzero_si512();
+            for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+              const int32_t ih = oh * p->stride_h - p->pad_top + kh;
+              if (ih < 0 || ih >= p->in_h) continue;
+              const uint8_t* x_row = x + (int64_t)ih * p->in_w * c + c0 + j;
+              for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
+                const __m512i ws = _mm512_loadu_si512((const void*)(w16 + (int64_t)(kh * p->kernel_w + kw) * c + c0 + j));
+                for (int q = 0; q < PIXELS; ++q) {
+                  const int32_t iw = (ow0 + q) * p->stride_w - p->pad_left + kw;
+                  if (q >= pixels || iw < 0 || iw >= p->in_w) continue;
+                  const __m512i xs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(x_row + (int64_t)iw * c)));
+                  sum[q] = _mm512_add_epi16(sum[q], _mm512_mullo_epi16(_mm512_sub_epi16(xs, zzero), ws));
+                }
+              }
+            }
+            for (int q = 0; q < PIXELS; ++q) {
+              _mm512_storeu_si512((void*)(acc[q] + j), _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[q])));
+              _mm512_storeu_si512((void*)(acc[q] + j + 16), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[q], 1)));
+            }
+          }
+#endif
+          for (; j < len; j += 16) {
             __m256i sum[PIXELS];
             for (int q = 0; q < PIXELS; ++q) sum[q] = _mm256_setzero_si256();
             for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
