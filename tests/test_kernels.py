@@ -233,6 +233,19 @@ def test_epilogue_rounds_like_the_division_next_to_every_tie(libraries):
             general = run(rows, np.zeros(channels, np.float32), values)
             assert np.array_equal(codes_only, expected), (library.layout.name, scale)
             assert np.array_equal(general, expected), (library.layout.name, scale)
+            quantized = np.zeros(values.size, np.uint8)  # edgeq_quantize (float tensors to codes) rounds alike
+            library.lib.edgeq_quantize(
+                library._ptr(values),
+                channels,
+                rows,
+                0,
+                native.ctypes.c_float(scale),
+                3,
+                0,
+                255,
+                library._ptr(quantized),
+            )
+            assert np.array_equal(quantized.reshape(rows, channels), expected), (library.layout.name, scale)
 
 
 def test_selfcheck_script_passes_natively(libraries):

@@ -735,13 +735,52 @@ typedef struct {
   const int32_t* correction; /* acc -= correction[n] (x_zero * sum_k w[n, k]); NULL: none */
 } epilogue_args;
 
+/* The next layer's codes need rint(y / scale): QuantizeLinear divides. A vector division costs
+ * more than the rest of the epilogue together (vdivps: one per 5 cycles for 8 lanes, 10 for
+ * 16), so the vector loops multiply by the reciprocal and keep its rounding only where it must
+ * agree with the division's: t = y * (1 / scale) and fl(y / scale) are both within
+ * |y / scale| * 2^-23 of the true quotient, so they round alike unless it lies that close to a
+ * half-integer. A lane of t within |t| * 2^-20 of one makes the vector divide (about one
+ * vector in a thousand); the codes stay bit-exact. */
+#define EDGEQ_TIE_SLACK 9.5367431640625e-07f /* 2^-20 */
+
+#if defined(__AVX2__)
+static inline __m256 rint_quotient8(__m256 y, __m256 scale, __m256 inverse) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 t = _mm256_mul_ps(y, inverse);
+  const __m256 q = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 from_tie = _mm256_and_ps(_mm256_sub_ps(_mm256_and_ps(_mm256_sub_ps(t, q), magnitude), _mm256_set1_ps(0.5f)), magnitude);
+  const __m256 near = _mm256_cmp_ps(from_tie, _mm256_mul_ps(_mm256_and_ps(t, magnitude), _mm256_set1_ps(EDGEQ_TIE_SLACK)), _CMP_LE_OQ);
+  return _mm256_testz_ps(near, near) ? q : _mm256_round_ps(_mm256_div_ps(y, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+#if defined(__AVX512F__)
+static inline __m512 rint_quotient16(__m512 y, __m512 scale, __m512 inverse) {
+  const __m512 t = _mm512_mul_ps(y, inverse);
+  const __m512 q = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 from_tie = _mm512_abs_ps(_mm512_sub_ps(_mm512_abs_ps(_mm512_sub_ps(t, q)), _mm512_set1_ps(0.5f)));
+  const __mmask16 near = _mm512_cmp_ps_mask(from_tie, _mm512_mul_ps(_mm512_abs_ps(t), _mm512_set1_ps(EDGEQ_TIE_SLACK)), _CMP_LE_OQ);
+  return near ? _mm512_roundscale_ps(_mm512_div_ps(y, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) : q;
+}
+#endif
+
 /* codes[i] = clamp(rint(y[i] / scale) + zero, qmin, qmax), vectorized (QuantizeLinear's arithmetic). */
 static void quantize_run(const float* y, int64_t len, float scale, float zero, float qmin, float qmax, uint8_t* codes) {
   int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512 zscale = _mm512_set1_ps(scale), zinverse = _mm512_set1_ps(1.0f / scale), zzero = _mm512_set1_ps(zero);
+  const __m512 zmin = _mm512_set1_ps(qmin), zmax = _mm512_set1_ps(qmax);
+  for (; j + 16 <= len; j += 16) {
+    __m512 q = rint_quotient16(_mm512_loadu_ps(y + j), zscale, zinverse);
+    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, zzero), zmin), zmax);
+    _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+#endif
 #if defined(__AVX2__)
-  const __m256 vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero), vmin = _mm256_set1_ps(qmin), vmax = _mm256_set1_ps(qmax);
+  const __m256 vscale = _mm256_set1_ps(scale), vinverse = _mm256_set1_ps(1.0f / scale), vzero = _mm256_set1_ps(zero);
+  const __m256 vmin = _mm256_set1_ps(qmin), vmax = _mm256_set1_ps(qmax);
   for (; j + 8 <= len; j += 8) {
-    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(y + j), vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 q = rint_quotient8(_mm256_loadu_ps(y + j), vscale, vinverse);
     q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzero), vmin), vmax);
     const __m256i q32 = _mm256_cvtps_epi32(q);
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
@@ -765,14 +804,6 @@ static void quantize_run(const float* y, int64_t len, float scale, float zero, f
   }
 }
 
-/* The next layer's codes need rint(y / scale): QuantizeLinear divides. A vector division costs
- * more than the rest of the epilogue together (vdivps: one per 5 cycles for 8 lanes, 10 for
- * 16), so the vector loops multiply by the reciprocal and keep its rounding only where it must
- * agree with the division's: t = y * (1 / scale) and fl(y / scale) are both within
- * |y / scale| * 2^-23 of the true quotient, so they round alike unless it lies that close to a
- * half-integer. A lane of t within |t| * 2^-20 of one makes the vector divide (about one
- * vector in a thousand); the codes stay bit-exact. */
-#define EDGEQ_TIE_SLACK 9.5367431640625e-07f /* 2^-20 */
 
 /* From raw products to outputs, for `count` channels from n0 of output pixel m:
  * acc = raw + 16 * high (nibble planes) - x_zero * wsum[n] (precomputed), then the float epilogue of
@@ -794,7 +825,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
   /* sixteen channels at a time where the build has AVX-512: the same operations in the same order */
   const __m512 zlo = _mm512_set1_ps(lo), zhi = _mm512_set1_ps(hi), zscale = _mm512_set1_ps(scale), zzero = _mm512_set1_ps(zero);
   const __m512 zqmin = _mm512_set1_ps(qmin), zqmax = _mm512_set1_ps(qmax);
-  const __m512 zinverse = _mm512_set1_ps(1.0f / scale), zslack = _mm512_set1_ps(EDGEQ_TIE_SLACK), zhalf = _mm512_set1_ps(0.5f);
+  const __m512 zinverse = _mm512_set1_ps(1.0f / scale);
   for (; j + 16 <= count; j += 16) {
     __m512i acc = _mm512_loadu_si512((const void*)(raw + j));
     if (high) acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512((const void*)(high + j)), 4));
@@ -804,11 +835,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
     y = _mm512_min_ps(_mm512_max_ps(y, zlo), zhi);
     if (out_float) _mm512_storeu_ps(out_float + j, y);
     if (codes) {
-      const __m512 t = _mm512_mul_ps(y, zinverse);
-      __m512 q = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 from_tie = _mm512_abs_ps(_mm512_sub_ps(_mm512_abs_ps(_mm512_sub_ps(t, q)), zhalf));
-      if (_mm512_cmp_ps_mask(from_tie, _mm512_mul_ps(_mm512_abs_ps(t), zslack), _CMP_LE_OQ))
-        q = _mm512_roundscale_ps(_mm512_div_ps(y, zscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 q = rint_quotient16(y, zscale, zinverse);
       q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, zzero), zqmin), zqmax);
       _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));  // in [0, 255]: no saturation
     }
@@ -817,8 +844,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
 #if defined(__AVX2__)
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero);
   const __m256 vqmin = _mm256_set1_ps(qmin), vqmax = _mm256_set1_ps(qmax);
-  const __m256 vinverse = _mm256_set1_ps(1.0f / scale), vslack = _mm256_set1_ps(EDGEQ_TIE_SLACK), vhalf = _mm256_set1_ps(0.5f);
-  const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 vinverse = _mm256_set1_ps(1.0f / scale);
   for (; j + 8 <= count; j += 8) {
     __m256i acc = _mm256_loadu_si256((const __m256i*)(raw + j));
     if (high) acc = _mm256_add_epi32(acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(high + j)), 4));
@@ -828,11 +854,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
     y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi);
     if (out_float) _mm256_storeu_ps(out_float + j, y);
     if (codes) {
-      const __m256 t = _mm256_mul_ps(y, vinverse);
-      __m256 q = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m256 from_tie = _mm256_and_ps(_mm256_sub_ps(_mm256_and_ps(_mm256_sub_ps(t, q), vabs), vhalf), vabs);
-      const __m256 near = _mm256_cmp_ps(from_tie, _mm256_mul_ps(_mm256_and_ps(t, vabs), vslack), _CMP_LE_OQ);
-      if (!_mm256_testz_ps(near, near)) q = _mm256_round_ps(_mm256_div_ps(y, vscale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m256 q = rint_quotient8(y, vscale, vinverse);
       q = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, vzero), vqmin), vqmax);
       const __m256i q32 = _mm256_cvtps_epi32(q);
       const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
