@@ -778,6 +778,16 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
                     f"| {entry['method']} | {entry['calibration']} | {entry['iters'] or '-'}{budget} "
                     f"| {entry['eval_images']} | {_seconds(entry)} |"
                 )
+        if any(
+            entries.get(cell_key(name, b, source), {}).get("asymmetric_weights")
+            for b in bits_list
+            for source in sources
+        ):
+            lines.append(
+                "\nAsymmetric weights (a zero point per output channel) buy accuracy at 2 and 3 bits, and cost the "
+                "compiled module today: its kernels store each layer in one field width, so such 2-bit layers take "
+                "4-bit fields, and the 8-bit first and last layers run as generic code (docs/quantization.md)."
+            )
         for bits, (base, layer_bits, kept) in VARIANTS.get(name, {}).items():
             if bits in bits_list:
                 lines.append(
