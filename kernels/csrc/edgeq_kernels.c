@@ -1350,7 +1350,8 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
   const int32_t x_span = p->x_max > x_zero ? p->x_max : x_zero;
   const int narrow = (int64_t)p->kernel_h * p->kernel_w * x_span * (p->w_absmax > 0 ? p->w_absmax : 1) <= 32767;
 #if defined(__AVX2__)
-  if (narrow && c % 16 == 0) {
+  enum { MAX_TAPS = 64 };  // up to 8x8 kernels on the vector path
+  if (narrow && c % 16 == 0 && taps <= MAX_TAPS) {
     // 16 channels per register, the int16 sums kept in a register across the taps
     int16_t* w16 = (int16_t*)malloc(sizeof(int16_t) * (size_t)taps * (size_t)c);
     if (!w16) {
@@ -1364,6 +1365,16 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
     for (int32_t oh = 0; oh < p->out_h; ++oh) {
       for (int32_t ow0 = 0; ow0 < p->out_w; ow0 += PIXELS) {
         const int32_t pixels = p->out_w - ow0 < PIXELS ? p->out_w - ow0 : PIXELS;
+        // where each tap of each output pixel reads its channels (-1: padding, or past the row's last pixel),
+        // worked out once for every channel chunk and register width below
+        int64_t x_at[MAX_TAPS][PIXELS];
+        for (int32_t kh = 0; kh < p->kernel_h; ++kh)
+          for (int32_t kw = 0; kw < p->kernel_w; ++kw)
+            for (int q = 0; q < PIXELS; ++q) {
+              const int32_t ih = oh * p->stride_h - p->pad_top + kh, iw = (ow0 + q) * p->stride_w - p->pad_left + kw;
+              const int inside = q < pixels && ih >= 0 && ih < p->in_h && iw >= 0 && iw < p->in_w;
+              x_at[kh * p->kernel_w + kw][q] = inside ? ((int64_t)ih * p->in_w + iw) * c : -1;
+            }
         for (int32_t c0 = 0; c0 < c; c0 += CHUNK) {
           const int32_t len = c - c0 < CHUNK ? c - c0 : CHUNK;
           int32_t acc[PIXELS][CHUNK];
@@ -1374,18 +1385,12 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
           for (; j + 32 <= len; j += 32) {
             __m512i sum[PIXELS];
             for (int q = 0; q < PIXELS; ++q) sum[q] = _mm512_setzero_si512();
-            for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
-              const int32_t ih = oh * p->stride_h - p->pad_top + kh;
-              if (ih < 0 || ih >= p->in_h) continue;
-              const uint8_t* x_row = x + (int64_t)ih * p->in_w * c + c0 + j;
-              for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
-                const __m512i ws = _mm512_loadu_si512((const void*)(w16 + (int64_t)(kh * p->kernel_w + kw) * c + c0 + j));
-                for (int q = 0; q < PIXELS; ++q) {
-                  const int32_t iw = (ow0 + q) * p->stride_w - p->pad_left + kw;
-                  if (q >= pixels || iw < 0 || iw >= p->in_w) continue;
-                  const __m512i xs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(x_row + (int64_t)iw * c)));
-                  sum[q] = _mm512_add_epi16(sum[q], _mm512_mullo_epi16(_mm512_sub_epi16(xs, zzero), ws));
-                }
+            for (int32_t t = 0; t < taps; ++t) {
+              const __m512i ws = _mm512_loadu_si512((const void*)(w16 + (int64_t)t * c + c0 + j));
+              for (int q = 0; q < PIXELS; ++q) {
+                if (x_at[t][q] < 0) continue;
+                const __m512i xs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(x + x_at[t][q] + c0 + j)));
+                sum[q] = _mm512_add_epi16(sum[q], _mm512_mullo_epi16(_mm512_sub_epi16(xs, zzero), ws));
               }
             }
             for (int q = 0; q < PIXELS; ++q) {
@@ -1397,18 +1402,12 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
           for (; j < len; j += 16) {
             __m256i sum[PIXELS];
             for (int q = 0; q < PIXELS; ++q) sum[q] = _mm256_setzero_si256();
-            for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
-              const int32_t ih = oh * p->stride_h - p->pad_top + kh;
-              if (ih < 0 || ih >= p->in_h) continue;
-              const uint8_t* x_row = x + (int64_t)ih * p->in_w * c + c0 + j;
-              for (int32_t kw = 0; kw < p->kernel_w; ++kw) {
-                const __m256i ws = _mm256_loadu_si256((const __m256i*)(w16 + (int64_t)(kh * p->kernel_w + kw) * c + c0 + j));
-                for (int q = 0; q < PIXELS; ++q) {
-                  const int32_t iw = (ow0 + q) * p->stride_w - p->pad_left + kw;
-                  if (q >= pixels || iw < 0 || iw >= p->in_w) continue;
-                  const __m256i xs = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x_row + (int64_t)iw * c)));
-                  sum[q] = _mm256_add_epi16(sum[q], _mm256_mullo_epi16(_mm256_sub_epi16(xs, vzero), ws));
-                }
+            for (int32_t t = 0; t < taps; ++t) {
+              const __m256i ws = _mm256_loadu_si256((const __m256i*)(w16 + (int64_t)t * c + c0 + j));
+              for (int q = 0; q < PIXELS; ++q) {
+                if (x_at[t][q] < 0) continue;
+                const __m256i xs = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + x_at[t][q] + c0 + j)));
+                sum[q] = _mm256_add_epi16(sum[q], _mm256_mullo_epi16(_mm256_sub_epi16(xs, vzero), ws));
               }
             }
             for (int q = 0; q < PIXELS; ++q) {
