@@ -35,7 +35,7 @@ PACKAGE_DATA = {
     "edgeq.targets": ["*.json"],
     # csrc: every file (kernels.native hashes the whole folder into its build key); harness: the estimate's program
     "edgeq.kernels": ["csrc/*", "harness/*"],
-    "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/**/*"],
+    "edgeq.zoo": ["*.safetensors", "*.json", "fmnist-generator/**/*", "cifar10-generator/**/*"],
 }
 
 setup(

@@ -1668,7 +1668,7 @@ def debug(quantized, data, num_images, restore, html_path, as_json, allow_pickle
 
 @cli.group()
 def zoo():
-    """The model zoo: Fashion-MNIST teachers, a text-to-image generator, EfficientNet-Lite0, CIFAR-10 ResNets."""
+    """The model zoo: Fashion-MNIST teachers, text-to-image generators, EfficientNet-Lite0, CIFAR-10 ResNets."""
 
 
 @zoo.command(name="list")
@@ -1676,7 +1676,7 @@ def zoo():
 def zoo_list(as_json):
     """Each zoo entry with its provenance: script, seed, data, measured accuracy, sha256."""
     from edgeq import assets
-    from edgeq.zoo import ZOO, registry
+    from edgeq.zoo import ZOO, generator_shipped, registry
 
     records = registry.load()
     rows = [
@@ -1687,6 +1687,8 @@ def zoo_list(as_json):
         if e.asset:  # weights never shipped: say where they were found, or what to set
             found = assets.find(e.asset)
             row["weights"] = str(found) if found else f"not found, set {assets.ENV} (a folder holding {e.asset})"
+        elif e.kind == "generator" and not generator_shipped(e.name):
+            row["weights"] = "not in this installation (its training script is edgeq/zoo/train_generator.py)"
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -207,3 +207,17 @@ def test_generator_loads_from_zoo_and_draws_recognizable_classes():
 def test_generator_quality_gate():
     result = _gate().measure(per_class=50)
     assert result["overall"] >= 0.80
+
+
+def test_a_generator_missing_from_the_installation_names_its_training_command(monkeypatch):
+    import edgeq.zoo as zoo
+    from edgeq.stages import synth
+
+    monkeypatch.setattr(zoo, "generator_shipped", lambda name: False)
+    with pytest.raises(EdgeqError) as info:
+        synth.resolve_generator("zoo:cifar10-generator")
+    assert "zoo:cifar10-generator" in info.value.message
+    assert info.value.hint == "train it: python -m edgeq.zoo.train_generator --dataset cifar10"
+    with pytest.raises(EdgeqError, match="not a generator") as info:
+        synth.resolve_generator("zoo:cifar10-resnet20")
+    assert "zoo:fmnist-generator, zoo:cifar10-generator" in info.value.hint

