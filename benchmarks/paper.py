@@ -2,14 +2,22 @@
 
     python benchmarks/paper.py [--quick] [--out DIR] [--teachers fmnist-resnet,fmnist-mobilenet,fmnist-vit]
         [--bits w4a4,w3a3,w2a4] [--sources real,single,mixup-text,mixup-embedding,noise,bn-inversion]
-        [--seeds 0,1,2] [--num-images 1024] [--method qdrop] [--iters 100] [--ablations] [--efficientnet] [--workers N]
+        [--seeds 0,1,2] [--num-images 1024] [--method qdrop] [--iters 100] [--initial-rounding gptq]
+        [--asymmetric-weights] [--ablations] [--efficientnet] [--workers N]
+    python benchmarks/paper.py --teachers cifar10-resnet20,cifar10-resnet56 --num-images 256 --iters 1000 \
+        --lr-rounding 1e-2 --initial-rounding gptq --asymmetric-weights
 
-For each zoo Fashion-MNIST teacher x bit width x calibration source x seed: the teacher is
-quantized (same method, iterations and spec for every source) on the same number of
-calibration images, and its top-1 is measured on the 10000 test images. Sources:
+For each zoo teacher x bit width x calibration source x seed: the teacher is quantized
+(same method, iterations and spec for every source) on the same number of calibration
+images, and its top-1 is measured on the 10000 test images of its data set. The teachers
+of one run share a data set: the Fashion-MNIST ones (zoo:fmnist-generator, the
+Fashion-MNIST test set) or the CIFAR-10 ResNets (zoo:cifar10-generator, the CIFAR-10 test
+folder of ``$EDGEQ_ASSETS``, whose results go to ``results-paper-cifar10.json`` and their
+own section of results.md). Sources:
 
-- ``real``: Fashion-MNIST split A (the teachers' training half), a seed-dependent subset;
-- ``single``: GenQ-style single-class prompts to the zoo's text-to-image generator;
+- ``real``: the teachers' training images (Fashion-MNIST split A; the CIFAR-10 training
+  folder, balanced over the classes), a seed-dependent subset;
+- ``single``: GenQ-style single-class prompts to the data set's text-to-image generator;
 - ``mixup-text`` / ``mixup-embedding``: mixup-class prompts (two classes fused in the
   prompt text, or their text embeddings mixed with Beta weights);
 - ``noise``: Gaussian pixels; ``bn-inversion``: images optimized to match the teacher's
@@ -19,10 +27,12 @@ calibration images, and its top-1 is measured on the 10000 test images. Sources:
 Beta(4); ``--efficientnet`` adds EfficientNet-Lite0 (ImageNet) at W4A4 and W2A4 calibrated
 by bn-inversion, measured by agreement with full precision on the real photos.
 
-Every measurement is stored in ``OUT/results-paper.json`` as soon as it finishes, so a run
-can be stopped and resumed; calibration sets are cached under ``OUT/paper-work``. The
-script writes the table, plots and conclusions into ``OUT/results.md`` between the
-markers ``<!-- paper:begin -->`` and ``<!-- paper:end -->``, keeping the rest of the file.
+Every measurement (with which test images it gets right, for McNemar's paired test) is
+stored in ``OUT/results-paper.json`` as soon as it finishes, so a run can be stopped and
+resumed; calibration sets are cached under ``OUT/paper-work``. The script writes the
+table, plots and conclusions into ``OUT/results.md`` between the markers
+``<!-- paper:begin -->`` and ``<!-- paper:end -->`` (``paper-cifar10`` for CIFAR-10),
+keeping the rest of the file.
 ``--quick``: one teacher (ResNet), W4A4, one seed, 128 images, 50 iterations (and 50
 for bn-inversion): a few minutes, for CI; its figures say little beyond "it runs".
 """
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import math
@@ -44,6 +55,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeq import assets
 from edgeq.bn_inversion import InversionSettings
 from edgeq.data import load_synth_images, resolve_dataset
 from edgeq.evaluate import predict
@@ -53,10 +65,75 @@ from edgeq.quantized import quantize_module
 from edgeq.reconstruction import ReconstructionConfig
 from edgeq.spec import QuantSpec
 from edgeq.stages import quantize, synth
+from edgeq.stats import mcnemar, pack, unpack
 
 log = logging.getLogger("paper")
 BEGIN, END = "<!-- paper:begin -->", "<!-- paper:end -->"
-GENERATOR = "zoo:fmnist-generator"
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+    """The data set a run's teachers share: its generator, real images, test images and where results go."""
+
+    name: str
+    generator: str
+    real: str  # resolve_dataset source, or a folder relative to the assets folder
+    test: str
+    test_description: str
+    prefix: str  # of generator calibration folders (Fashion-MNIST's keep their old names)
+    results: str  # JSON file name
+    markers: tuple[str, str]
+    limits: str
+
+    @property
+    def from_assets(self) -> bool:
+        return self.name == "cifar10"
+
+
+DOMAINS = {
+    "fashion-mnist": Domain(
+        name="fashion-mnist",
+        generator="zoo:fmnist-generator",
+        real="fashion-mnist:A",
+        test="fashion-mnist:test",
+        test_description="the 10000 Fashion-MNIST test images",
+        prefix="",
+        results="results-paper.json",
+        markers=(BEGIN, END),
+        limits=(
+            "the generator is a small latent diffusion model trained on the other half of Fashion-MNIST, not "
+            "Stable Diffusion; it learned from captions of the ten class names only, so polysemy (a class word "
+            "meaning something else, the failure mixup prompts address) barely arises, and mixed prompts can only "
+            "blend those ten classes. Teachers, images and test set are small"
+        ),
+    ),
+    "cifar10": Domain(
+        name="cifar10",
+        generator="zoo:cifar10-generator",
+        real="datasets/cifar10/train",
+        test="datasets/cifar10/test",
+        test_description="the 10000 CIFAR-10 test images (JPEG)",
+        prefix="cifar10-",
+        results="results-paper-cifar10.json",
+        markers=("<!-- paper-cifar10:begin -->", "<!-- paper-cifar10:end -->"),
+        limits=(
+            "the generator is a small latent diffusion model trained on the CIFAR-10 training images themselves: "
+            "a proxy for the web-scale knowledge of Stable Diffusion, not the paper's setting (its images are "
+            "in-domain, and it knows only the ten class names, so polysemy barely arises and mixed prompts can "
+            "only blend those ten classes)"
+        ),
+    ),
+}
+
+
+def domain_of(teachers) -> Domain:
+    """The one data set of ``teachers`` (a run compares teachers of one data set)."""
+    names = {"cifar10" if t.startswith("cifar10-") else "fashion-mnist" for t in teachers}
+    if len(names) != 1:
+        raise SystemExit(f"--teachers mixes data sets ({', '.join(sorted(names))}); run each data set on its own")
+    return DOMAINS[names.pop()]
+
+
 SOURCES = ("real", "single", "mixup-text", "mixup-embedding", "noise", "bn-inversion")
 ABLATIONS = ("mixup-text-k3", "mixup-embedding-k3", "mixup-embedding-a0.4", "mixup-embedding-a4")
 CNN_ONLY = {"bn-inversion"}
@@ -72,19 +149,33 @@ PROMPTS = {
 }
 
 
+def _source_path(domain: Domain, source: str) -> str:
+    return str(assets.require(source, f"{source} of the {domain.name} comparison")) if domain.from_assets else source
+
+
 def calibration_images(
     source: str, teacher, seed: int, count: int, work: Path, inversion_iters: int = 200
 ) -> np.ndarray:
     """uint8 images (N, H, W, C) of one calibration source, cached under ``work``."""
+    domain = domain_of([teacher.name])
     if source == "real":
-        real = resolve_dataset("fashion-mnist:A")
+        if domain.from_assets:  # only the drawn images are decoded, balanced over the classes
+            return resolve_dataset(
+                _source_path(domain, domain.real),
+                count,
+                preprocess=teacher.preprocess,
+                per_class=math.ceil(count / len(teacher.classes)),
+                seed=seed,
+                classes=teacher.classes,
+            ).images
+        real = resolve_dataset(domain.real)
         picked = np.random.default_rng(seed).choice(len(real), size=count, replace=False)
         return real.images[np.sort(picked)]
     folder = calibration_folder(source, teacher.name, teacher.preprocess.height, seed, count, work, inversion_iters)
     if source in PROMPTS:
         strategy, options = PROMPTS[source]
         synth.run(
-            GENERATOR,
+            domain.generator,
             teacher.classes,
             folder,
             synth.SynthOptions(strategy=strategy, prompts=options, num_images=count, seed=seed),
@@ -118,8 +209,8 @@ def calibration_folder(
     """Where ``calibration_images`` caches a source's images (None for ``real``, which needs no making)."""
     if source == "real":
         return None
-    if source in PROMPTS:
-        return work / f"{source}-n{count}-s{seed}"  # the generator's images serve every Fashion-MNIST teacher
+    if source in PROMPTS:  # the generator's images serve every teacher of its data set
+        return work / f"{domain_of([teacher_name]).prefix}{source}-n{count}-s{seed}"
     if source == "noise":
         return work / f"noise-{height}-n{count}-s{seed}"
     if source != "bn-inversion":
@@ -127,28 +218,58 @@ def calibration_folder(
     return work / f"bn-inversion-{teacher_name}-i{inversion_iters}-n{count}-s{seed}"
 
 
-_TEACHERS: dict = {}  # per process: the zoo teachers and their preprocessed test set, loaded once
+_TEACHERS: dict = {}  # per process: the zoo teachers, their preprocessed test set and its labels, loaded once
 
 
 def _teacher(name: str):
     if name not in _TEACHERS:
         teacher = load_model(f"zoo:{name}")
-        _TEACHERS[name] = (teacher, teacher.preprocess(resolve_dataset("fashion-mnist:test").images))
+        domain = domain_of([name])
+        test = resolve_dataset(
+            _source_path(domain, domain.test), preprocess=teacher.preprocess, classes=teacher.classes
+        )
+        _TEACHERS[name] = (teacher, teacher.preprocess(test.images), np.asarray(test.labels))
     return _TEACHERS[name]
 
 
-def _top1(module, inputs: torch.Tensor) -> float:
-    labels = resolve_dataset("fashion-mnist:test").labels
+def _correct(module, inputs: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Per test image: whether the top-1 class is the label."""
     with torch.no_grad():
-        return float((predict(module, inputs).argmax(1) == labels).mean())
+        return predict(module, inputs).argmax(1) == labels
 
 
 def make_calibration_set(
     source: str, teacher_name: str, seed: int, count: int, work: Path, inversion_iters: int
 ) -> str:
-    teacher, _ = _teacher(teacher_name)
+    teacher, _, _ = _teacher(teacher_name)
     calibration_images(source, teacher, seed, count, work, inversion_iters)
     return source
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+    """The one quantizer every source of a run goes through."""
+
+    method: str
+    iters: int
+    lr_rounding: float
+    initial_rounding: str = "nearest"
+    asymmetric_weights: bool = False
+
+    def config(self) -> ReconstructionConfig | None:
+        if self.method == "rtn":
+            gptq = self.initial_rounding != "nearest"
+            return ReconstructionConfig(method="rtn", initial_rounding=self.initial_rounding) if gptq else None
+        return ReconstructionConfig(
+            method=self.method,
+            iters=self.iters,
+            lr_rounding=self.lr_rounding,
+            initial_rounding=self.initial_rounding,
+        )
+
+    def spec(self, bits: str) -> QuantSpec:
+        spec = QuantSpec.load(bits)
+        return dataclasses.replace(spec, weight_symmetric=False) if self.asymmetric_weights else spec
 
 
 def quantize_and_score(
@@ -159,24 +280,27 @@ def quantize_and_score(
     count: int,
     work: Path,
     inversion_iters: int,
-    method: str,
-    iters: int,
-    lr_rounding: float,
+    quantizer: Quantizer,
 ) -> dict:
     """One cell of the table: quantize the teacher on one source's images, top-1 on the test set."""
     began = time.perf_counter()
-    teacher, test_inputs = _teacher(teacher_name)
+    teacher, test_inputs, labels = _teacher(teacher_name)
     images = calibration_images(source, teacher, seed, count, work, inversion_iters)
-    config = None if method == "rtn" else ReconstructionConfig(method=method, iters=iters, lr_rounding=lr_rounding)
     module = quantize_module(
-        teacher.module, teacher.preprocess(images), QuantSpec.load(bits), seed=seed, reconstruction=config
+        teacher.module,
+        teacher.preprocess(images),
+        quantizer.spec(bits),
+        seed=seed,
+        reconstruction=quantizer.config(),
     )
+    correct = _correct(module, test_inputs, labels)
     return {
         "teacher": teacher_name,
         "bits": bits,
         "source": source,
         "seed": seed,
-        "top1": _top1(module, test_inputs),
+        "top1": float(correct.mean()),
+        "correct": pack(correct),
         "seconds": round(time.perf_counter() - began, 1),
     }
 
@@ -208,17 +332,21 @@ def measure(args, out: Path) -> dict:
     calibration set being made when the first cell needing it is reached; a cell waits
     only for its own set.
     """
-    path = out / "results-paper.json"
+    domain = domain_of(args.teachers)
+    path = out / domain.results
     work = out / "paper-work"
     results = json.loads(path.read_text()) if path.exists() else {"entries": {}}
     results["settings"] = {
         "method": args.method,
         "iters": args.iters,
         "lr_rounding": args.lr_rounding,
+        "initial_rounding": args.initial_rounding,
+        "asymmetric_weights": args.asymmetric_weights,
         "num_images": args.num_images,
         "inversion_iters": args.inversion_iters,
-        "generator": GENERATOR,
-        "evaluation": "fashion-mnist:test, 10000 images",
+        "generator": domain.generator,
+        "domain": domain.name,
+        "evaluation": domain.test_description,
         "workers": args.workers,
         "threads_per_worker": args.threads_per_worker,
         "cpu": platform.machine(),
@@ -232,14 +360,16 @@ def measure(args, out: Path) -> dict:
     sources = list(args.sources)
     cells_to_run = []
     for name in args.teachers:
-        teacher, test_inputs = _teacher(name)
+        teacher, test_inputs, labels = _teacher(name)
         if f"{name}/fp" not in results["entries"]:
+            correct = _correct(teacher.module.eval(), test_inputs, labels)
             results["entries"][f"{name}/fp"] = {
                 "teacher": name,
                 "bits": "fp",
                 "source": "fp",
                 "seed": 0,
-                "top1": _top1(teacher.module.eval(), test_inputs),
+                "top1": float(correct.mean()),
+                "correct": pack(correct),
             }
         has_batchnorm = any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.module.modules())
         for bits in sorted(args.bits, key=lambda b: BITS_ORDER.index(b) if b in BITS_ORDER else len(BITS_ORDER)):
@@ -269,6 +399,7 @@ def measure(args, out: Path) -> dict:
         if args.workers > 1
         else _InProcess()
     )
+    quantizer = Quantizer(args.method, args.iters, args.lr_rounding, args.initial_rounding, args.asymmetric_weights)
     ready: set[Path | None] = {None}
     making: dict = {}  # future -> calibration folder being made
     measuring: dict = {}  # future -> cell
@@ -307,9 +438,7 @@ def measure(args, out: Path) -> dict:
                             args.num_images,
                             work,
                             args.inversion_iters,
-                            args.method,
-                            args.iters,
-                            args.lr_rounding,
+                            quantizer,
                         )
                     ] = cell
                 else:
@@ -446,7 +575,24 @@ def _difference(values: list[float], baseline: list[float]) -> tuple[float, floa
 
 
 def _short(teacher: str, bits: str) -> str:
-    return f"{teacher.removeprefix('fmnist-')} {bits.upper()}"
+    return f"{teacher.removeprefix('fmnist-').removeprefix('cifar10-')} {bits.upper()}"
+
+
+def _paired_tests(entries: dict, teacher: str, bits: str, source: str, baseline: str) -> str:
+    """McNemar's test of ``source`` against ``baseline`` for each seed both measured with per-image results."""
+    found = []
+    for entry in entries.values():
+        if (entry["teacher"], entry["bits"], entry["source"]) != (teacher, bits, source) or "correct" not in entry:
+            continue
+        other = entries.get(f"{teacher}/{bits}/{baseline}/{entry['seed']}")
+        if other is None or "correct" not in other:
+            continue
+        count = len(bytes.fromhex(entry["correct"])) * 8
+        test = mcnemar(unpack(entry["correct"], count), unpack(other["correct"], count))
+        found.append((entry["seed"], test))
+    return ", ".join(
+        f"seed {seed}: {t['a_only']} / {t['b_only']}, p = {t['p']:.2g}" for seed, t in sorted(found, key=lambda f: f[0])
+    )
 
 
 def conclusions(results: dict) -> list[str]:
@@ -455,10 +601,11 @@ def conclusions(results: dict) -> list[str]:
     A difference counts as "beyond noise" when it exceeds two standard errors of the
     difference of the means over seeds; with three seeds that is a rough screen, not a test.
     """
-    grouped = cells(results["entries"])
+    entries = results["entries"]
+    grouped = cells(entries)
     lines = []
     for mixup in ("mixup-text", "mixup-embedding"):
-        compared = []
+        compared, tests = [], []
         for (teacher, bits, source), values in sorted(
             grouped.items(), key=lambda item: (item[0][0], BITS_ORDER.index(item[0][1]))
         ):
@@ -467,8 +614,16 @@ def conclusions(results: dict) -> list[str]:
                 delta, error = _difference(values, single)
                 lower = np.std(values, ddof=1) < np.std(single, ddof=1) if len(values) > 1 and len(single) > 1 else None
                 compared.append((teacher, bits, delta, error, lower))
+                paired = _paired_tests(entries, teacher, bits, mixup, "single")
+                if paired:
+                    tests.append(f"{_short(teacher, bits)} {paired}")
         if not compared:
             continue
+        if tests:
+            lines.append(
+                f"{mixup} against single-class prompts, McNemar's exact test on the same test images, seed by seed "
+                f"({mixup} only / single only, p): " + "; ".join(tests) + "."
+            )
         wins = sum(delta > 0 for _, _, delta, _, _ in compared)
         beyond = [(t, b, d) for t, b, d, e, _ in compared if e is not None and abs(d) > 2 * e]
         detail = ", ".join(
@@ -559,7 +714,7 @@ def conclusions(results: dict) -> list[str]:
     return lines
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, domain: Domain) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -587,7 +742,7 @@ def plot(results: dict, path: Path) -> None:
             )
         ax.set_xticks(np.arange(len(bits_list)) + width * (len(sources) - 1) / 2, [b.upper() for b in bits_list])
         ax.set_title(teacher)
-        ax.set_ylabel("top-1 on Fashion-MNIST test (%)")
+        ax.set_ylabel(f"top-1 on {domain.test_description.removeprefix('the ')} (%)")
         low = min((m for k, v in grouped.items() if k[0] == teacher for m in v), default=0.0) * 100
         ax.set_ylim(max(0, low - 5), 100)
         ax.grid(axis="y", alpha=0.3)
@@ -619,18 +774,27 @@ def _missing(results: dict) -> list[str]:
 
 
 def write_markdown(results: dict, out: Path, command: str) -> Path:
-    plot_path = out / "results-paper.png"
-    plot(results, plot_path)
     settings = results["settings"]
+    domain = DOMAINS[settings.get("domain", "fashion-mnist")]
+    begin, end = domain.markers
+    plot_path = out / Path(domain.results).with_suffix(".png").name
+    plot(results, plot_path, domain)
+    extras = [
+        *(["GPTQ start"] if settings.get("initial_rounding", "nearest") != "nearest" else []),
+        *(["a zero point per output channel"] if settings.get("asymmetric_weights") else []),
+    ]
     section = [
-        BEGIN,
-        "## Calibration sources: mixup-class against single-class prompts",
+        begin,
+        "## Calibration sources: mixup-class against single-class prompts"
+        + (" (CIFAR-10)" if domain.name == "cifar10" else ""),
         "",
         f"Made by `{command}`. Every source gives the same number of images ({settings['num_images']}) "
         f"to the same quantizer ({settings['method']}, {settings['iters']} iterations per unit at batch 32 "
-        f"with rounding learning rate {settings.get('lr_rounding', 1e-3):g}, first and last layer at 8 bits); "
-        "top-1 on the 10000 Fashion-MNIST test images, mean ± standard deviation over seeds (the seed changes "
-        "the calibration images and the quantizer's). Raw figures: `results-paper.json`.",
+        f"with rounding learning rate {settings.get('lr_rounding', 1e-3):g}"
+        + "".join(f", {extra}" for extra in extras)
+        + ", first and last layer at 8 bits); "
+        f"top-1 on {domain.test_description}, mean ± standard deviation over seeds (the seed changes "
+        f"the calibration images and the quantizer's). Raw figures: `{domain.results}`.",
         "",
         *_missing(results),
         table(results),
@@ -659,20 +823,17 @@ def write_markdown(results: dict, out: Path, command: str) -> Path:
         + [f"- {line}" for line in conclusions(results)]
         + [
             "",
-            "What limits the comparison: the generator is a small latent diffusion model trained on the other half "
-            "of Fashion-MNIST, not Stable Diffusion; it learned from captions of the ten class names only, so "
-            "polysemy (a class word meaning something else, the failure mixup prompts address) barely arises, and "
-            "mixed prompts can only blend those ten classes. Teachers, images and test set are small; "
+            f"What limits the comparison: {domain.limits}; "
             f"{settings['num_images']} calibration images and {settings['iters']} iterations per unit are far from "
             "the papers' settings (thousands of images, 20000 iterations), and three seeds give only a rough "
             "standard error, so differences under about two standard errors are noise.",
-            END,
+            end,
         ]
     )
     target = out / "results.md"
     text = target.read_text() if target.exists() else "# Results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + "\n".join(section) + text[text.index(END) + len(END) :]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + "\n".join(section) + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(section) + "\n"
     target.write_text(text)
@@ -698,6 +859,17 @@ def main(argv=None) -> int:
             "Adam learning rate of the rounding variables (the papers' 1e-3 is for 20000 iterations; "
             "short schedules need more)"
         ),
+    )
+    parser.add_argument(
+        "--initial-rounding",
+        choices=("nearest", "gptq"),
+        default="nearest",
+        help="where learned rounding starts (gptq: each layer's GPTQ solution on the calibration images)",
+    )
+    parser.add_argument(
+        "--asymmetric-weights",
+        action="store_true",
+        help="a zero point per output channel for the weights (what the CIFAR-10 ResNets' W2A4 needs)",
     )
     parser.add_argument("--inversion-iters", type=int, default=200, help="Adam steps per bn-inversion batch")
     parser.add_argument(

@@ -14,6 +14,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper.py"
 def _paper():
     spec = importlib.util.spec_from_file_location("edgeq_paper_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -134,3 +135,58 @@ def test_conclusions_are_computed_from_the_figures():
         and "round-to-nearest on 2.5%" in line
         for line in lines
     )
+
+
+def test_mixup_and_single_prompts_are_paired_seed_by_seed_with_mcnemar():
+    """Per-image results of the same test images give McNemar's exact test for each seed both sources measured."""
+    import numpy as np
+
+    from edgeq.stats import pack
+
+    paper = _paper()
+    single = np.zeros(16, bool)
+    single[:8] = True  # right on the first 8
+    mixup = np.zeros(16, bool)
+    mixup[:6] = mixup[8:14] = True  # loses 2 of those, gains 6 others: 6 / 2 discordant
+    entries = {
+        f"cifar10-resnet20/w2a4/{source}/0": {
+            "teacher": "cifar10-resnet20",
+            "bits": "w2a4",
+            "source": source,
+            "seed": 0,
+            "top1": float(correct.mean()),
+            "correct": pack(correct),
+        }
+        for source, correct in (("single", single), ("mixup-text", mixup))
+    }
+    entries["cifar10-resnet20/w2a4/mixup-text/1"] = dict(entries["cifar10-resnet20/w2a4/mixup-text/0"], seed=1)
+    lines = paper.conclusions({"entries": entries})
+    paired = next(line for line in lines if "McNemar" in line)
+    # 6 against 2 discordant pairs: p = 2 * (1 + 8 + 28) / 256; seed 1 has no single-prompt partner
+    assert paired.startswith("mixup-text against single-class prompts")
+    assert "resnet20 W2A4 seed 0: 6 / 2, p = 0.29" in paired and "seed 1" not in paired
+
+
+def test_cifar10_teachers_use_their_own_data_generator_and_section(tmp_path):
+    from edgeq import assets
+
+    if assets.find("models/cifar10-resnet20.safetensors") is None or assets.find("datasets/cifar10/train") is None:
+        import pytest
+
+        pytest.skip("CIFAR-10 ResNet-20 weights or CIFAR-10 folders not in the assets folder (set EDGEQ_ASSETS)")
+    paper = _paper()
+    (tmp_path / "results.md").write_text("# Results\n\n<!-- paper:begin -->\nFashion-MNIST kept\n<!-- paper:end -->\n")
+    arguments = ["--teachers", "cifar10-resnet20", "--bits", "w4a4", "--sources", "real,noise", "--seeds", "0"]
+    arguments += ["--num-images", "20", "--method", "rtn", "--asymmetric-weights", "--out", str(tmp_path)]
+    assert paper.main(arguments) == 0
+    results = json.loads((tmp_path / "results-paper-cifar10.json").read_text())
+    assert results["settings"]["generator"] == "zoo:cifar10-generator" and results["settings"]["asymmetric_weights"]
+    fp = results["entries"]["cifar10-resnet20/fp"]
+    assert abs(fp["top1"] - 0.8103) < 1e-4  # the zoo's recorded figure on the 10,000 JPEG test images
+    real = results["entries"]["cifar10-resnet20/w4a4/real/0"]
+    assert len(bytes.fromhex(real["correct"])) * 8 == 10000 and real["top1"] > 0.5
+    text = (tmp_path / "results.md").read_text()
+    assert "Fashion-MNIST kept" in text and text.count("<!-- paper-cifar10:begin -->") == 1
+    assert "CIFAR-10 test images" in text and "a zero point per output channel" in text
+    assert (tmp_path / "results-paper-cifar10.png").exists()
+    assert sorted(p.name for p in (tmp_path / "paper-work").iterdir()) == ["noise-32-n20-s0"]
