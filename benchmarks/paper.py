@@ -128,7 +128,8 @@ DOMAINS = {
 
 def domain_of(teachers) -> Domain:
     """The one data set of ``teachers`` (a run compares teachers of one data set)."""
-    names = {"cifar10" if t.startswith("cifar10-") else "fashion-mnist" for t in teachers}
+    # Zoo names ("cifar10-resnet20"), as given or as a loaded model names itself ("zoo-cifar10-resnet20").
+    names = {"cifar10" if t.removeprefix("zoo-").startswith("cifar10-") else "fashion-mnist" for t in teachers}
     if len(names) != 1:
         raise SystemExit(f"--teachers mixes data sets ({', '.join(sorted(names))}); run each data set on its own")
     return DOMAINS[names.pop()]
