@@ -9,6 +9,12 @@ judge, and prints the per-class and overall fraction classified as prompted.
 zoo:fmnist-generator is judged by zoo:fmnist-resnet (gate 80%), zoo:cifar10-generator by
 zoo:cifar10-resnet56 (gate 70%; its weights come from $EDGEQ_ASSETS/models). --record
 stores the figures in the zoo registry (edgeq/zoo/zoo.json).
+
+    python benchmarks/generator_gate.py --generator zoo:cifar10-generator --vae FOLDER [--images 2000]
+
+checks an autoencoder instead (a training run's ``vae`` or ``vae-decoder`` folder): the
+judge's top-1 on test images and on the VAE's reconstructions of them, and their PSNR. The
+VAE's blur caps what the generator can reach.
 """
 
 from __future__ import annotations
@@ -32,6 +38,55 @@ JUDGES = {
     "zoo:fmnist-generator": ("zoo:fmnist-resnet", FASHION_MNIST_CLASSES, 0.80),
     "zoo:cifar10-generator": ("zoo:cifar10-resnet56", CIFAR10_CLASSES, 0.70),
 }
+TEST_IMAGES = {"zoo:fmnist-generator": "fashion-mnist:test", "zoo:cifar10-generator": "datasets/cifar10/test"}
+
+
+def reconstructions(vae_folder: str, generator: str, count: int = 2000) -> dict:
+    """The judge's top-1 on ``count`` test images and on the VAE's reconstructions, after the same resizing."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from edgeq import assets
+    from edgeq.data import resolve_dataset
+
+    judge = load_model(JUDGES[generator][0])
+    source = TEST_IMAGES[generator]
+    if not source.startswith("fashion-mnist"):
+        source = str(assets.require(source, "the judge's test images"))
+    per_class = -(-count // len(judge.classes))
+    test = resolve_dataset(source, count, preprocess=judge.preprocess, per_class=per_class, classes=judge.classes)
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    side = int(vae.config.sample_size)
+    mode = "L" if judge.preprocess.channels == 1 else "RGB"
+
+    def to_vae(image: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(image.squeeze()).convert("RGB").resize((side, side), Image.BILINEAR))
+
+    def to_judge(image: np.ndarray) -> np.ndarray:
+        size = (judge.preprocess.width, judge.preprocess.height)
+        fitted = np.asarray(Image.fromarray(image).convert(mode).resize(size, Image.BILINEAR))
+        return fitted.reshape(size[1], size[0], -1)
+
+    originals = np.stack([to_vae(x) for x in test.images])
+    x = torch.from_numpy(originals).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        batches = [x[i : i + 250] for i in range(0, len(x), 250)]
+        decoded = torch.cat([vae.decode(vae.encode(batch).latent_dist.mean).sample for batch in batches])
+    rebuilt = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    def top1(images: np.ndarray) -> float:
+        inputs = judge.preprocess(np.stack([to_judge(image) for image in images]))
+        return float((predict(judge.module, inputs).argmax(1) == test.labels).mean())
+
+    error = ((rebuilt.astype(np.float64) - originals) ** 2).mean()
+    return {
+        "judge": JUDGES[generator][0],
+        "images": len(originals),
+        "top1_originals": top1(originals),
+        "top1_reconstructions": top1(rebuilt),
+        "psnr_db": float(10 * np.log10(255**2 / max(error, 1e-12))),
+    }
 
 
 def measure(per_class: int, seed: int = 0, generator: str = "zoo:fmnist-generator") -> dict:
@@ -84,7 +139,16 @@ def main() -> None:
     parser.add_argument(
         "--record", action="store_true", help="store the figures in the generator's zoo registry record"
     )
+    parser.add_argument("--vae", help="check this autoencoder folder's reconstructions instead of generating")
+    parser.add_argument("--images", type=int, default=2000, help="test images for --vae")
     args = parser.parse_args()
+    if args.vae:
+        check = reconstructions(args.vae, args.generator, args.images)
+        print(
+            f"{check['judge']} on {check['images']} test images: originals {100 * check['top1_originals']:.1f}%, "
+            f"reconstructions {100 * check['top1_reconstructions']:.1f}% (PSNR {check['psnr_db']:.1f} dB)"
+        )
+        return
     result = measure(args.per_class, args.seed, args.generator)
     gate = result["gate"]
     print(f"{'class':<12} classified as prompted")
