@@ -14,7 +14,8 @@ stores the figures in the zoo registry (edgeq/zoo/zoo.json).
 
 checks an autoencoder instead (a training run's ``vae`` or ``vae-decoder`` folder): the
 judge's top-1 on test images and on the VAE's reconstructions of them, and their PSNR. The
-VAE's blur caps what the generator can reach.
+VAE's blur caps what the generator can reach. ``--pipeline FOLDER`` judges a training run's
+snapshot (``python -m edgeq.zoo.train_generator --stages snapshot``) before it ships.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def reconstructions(vae_folder: str, generator: str, count: int = 2000) -> dict:
     }
 
 
-def measure(per_class: int, seed: int = 0, generator: str = "zoo:fmnist-generator") -> dict:
+def measure(per_class: int, seed: int = 0, generator: str = "zoo:fmnist-generator", pipeline_folder=None) -> dict:
+    """``pipeline_folder`` judges that folder (a training run's snapshot) in place of the shipped generator."""
     judge, classes, gate = JUDGES[generator]
     teacher = load_model(judge)
-    pipeline = synth.load_generator(generator)
+    pipeline = synth.load_generator(str(pipeline_folder or generator))
     size = synth.native_size(pipeline)
     prompts = [SINGLE_TEMPLATE.format(name) for name in classes for _ in range(per_class)]
     labels = np.repeat(np.arange(len(classes)), per_class)
@@ -117,7 +119,7 @@ def measure(per_class: int, seed: int = 0, generator: str = "zoo:fmnist-generato
     predictions = predict(teacher.module, teacher.preprocess(images)).argmax(1)
     per_class_rate = {name: float((predictions[labels == i] == i).mean()) for i, name in enumerate(classes)}
     return {
-        "generator": generator,
+        "generator": str(pipeline_folder or generator),
         "judge": judge,
         "images_per_class": per_class,
         "steps": synth.DEFAULT_STEPS,
@@ -141,7 +143,14 @@ def main() -> None:
     )
     parser.add_argument("--vae", help="check this autoencoder folder's reconstructions instead of generating")
     parser.add_argument("--images", type=int, default=2000, help="test images for --vae")
+    parser.add_argument(
+        "--pipeline",
+        help="judge this diffusers folder (a training run's snapshot: train_generator --stages snapshot) "
+        "in place of the shipped generator, with --generator's judge",
+    )
     args = parser.parse_args()
+    if args.record and args.pipeline:
+        parser.error("--record stores the shipped generator's figures; drop --pipeline")
     if args.vae:
         check = reconstructions(args.vae, args.generator, args.images)
         print(
@@ -149,7 +158,7 @@ def main() -> None:
             f"reconstructions {100 * check['top1_reconstructions']:.1f}% (PSNR {check['psnr_db']:.1f} dB)"
         )
         return
-    result = measure(args.per_class, args.seed, args.generator)
+    result = measure(args.per_class, args.seed, args.generator, args.pipeline)
     gate = result["gate"]
     print(f"{'class':<12} classified as prompted")
     for name, rate in result["per_class"].items():

@@ -99,6 +99,13 @@ def test_every_stage_runs_on_tiny_components_and_assembles_a_pipeline_that_draws
     tg.finetune_decoder(images, out, minutes=60, batch_size=8, steps=2)
     tg.train_unet(recipe, images, labels, out, minutes=60, batch_size=8, steps=2)
     assert (out / "checkpoints" / "unet.pt").exists() and (out / "vae-decoder" / "config.json").exists()
+    from diffusers import UNet2DConditionModel
+
+    snapshot = tg.snapshot(recipe, out)  # a run in progress, judged early: the checkpoint's EMA weights
+    assert (snapshot / "text_encoder" / "model.safetensors").exists()
+    ema = torch.load(out / "checkpoints" / "unet.pt", weights_only=True)["ema"]
+    snapped = UNet2DConditionModel.from_pretrained(str(snapshot / "unet")).state_dict()
+    assert all(torch.equal(snapped[k], ema[k].half()) for k in ema)
     package = tg.assemble(out, tmp_path / "cifar10-generator")
     assert not (package / "text_encoder" / "model.safetensors").exists()  # linked from PyPI's package when used
 

