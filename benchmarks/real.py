@@ -762,9 +762,9 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
             for source in sources
         ):
             lines.append(
-                "\nAsymmetric weights (a zero point per output channel) buy accuracy at 2 and 3 bits, and cost the "
-                "compiled module today: its kernels store each layer in one field width, so such 2-bit layers take "
-                "4-bit fields, and the 8-bit first and last layers run as generic code (docs/quantization.md)."
+                "\nAsymmetric weights (a zero point per output channel) buy accuracy at 2 and 3 bits; compiled, they "
+                "run on the kernels as fast as symmetric ones (zero points folded into the stored weights or "
+                "subtracted in the epilogue, whichever is faster on the target: docs/kernels.md)."
             )
         for bits, (base, layer_bits, kept) in VARIANTS.get(name, {}).items():
             if bits in bits_list:

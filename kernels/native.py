@@ -49,7 +49,12 @@ class ConvParams(ctypes.Structure):
             "out_qmin",
             "out_qmax",
         )
-    ] + [("out_scale", ctypes.c_float), ("clamp_min", ctypes.c_float), ("clamp_max", ctypes.c_float)]
+    ] + [
+        ("out_scale", ctypes.c_float),
+        ("clamp_min", ctypes.c_float),
+        ("clamp_max", ctypes.c_float),
+        ("w_zeros", ctypes.c_int32),
+    ]
 
     def words(self) -> np.ndarray:
         """The struct's bytes as int32 words (floats bit for bit), the tensor the module passes to the kernel."""

@@ -217,6 +217,8 @@ def _quantize_codes(y: np.ndarray, scale: float, zero: int, qmax: int) -> np.nda
 def _conv_accumulators(x: np.ndarray, p: dict) -> np.ndarray:
     """acc (out_h, out_w, N) of a conv2d step: Σ (x - x_zero)·w over the receptive field, exactly (float64 holds it)."""
     w = np.asarray(p["weights"], np.float64)  # (N, C or 1, kh, kw)
+    if p.get("w_zero") is not None:  # codes as stored, zero points kept apart for the epilogue
+        w = w - np.asarray(p["w_zero"], np.float64).reshape(-1, 1, 1, 1)
     kh, kw, sh, sw = p["kernel_h"], p["kernel_w"], p["stride_h"], p["stride_w"]
     out_h, out_w = p["out_h"], p["out_w"]
     x64 = np.asarray(x, np.float64).reshape(p["in_h"], p["in_w"], p["in_c"]) - p["x_zero"]

@@ -84,7 +84,10 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False) -> str | 
     weights = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, 1 if depthwise else cin, kernel, kernel))
     if bits == 8 and rng.integers(0, 2):  # symmetric 8-bit weights (|w| <= 127): Arm's one-pass 8-bit-input path
         weights = np.clip(weights, -127, 127)
-    acc = reference.conv2d(x, weights, x_zero, (stride, stride), (pad,) * 4, depthwise=depthwise)
+    # asymmetric weights: a zero point per output channel, applied by the epilogue to the window sums
+    w_zero = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), n) if not depthwise and rng.integers(0, 2) else None
+    centred = weights if w_zero is None else weights - w_zero.reshape(-1, 1, 1, 1)
+    acc = reference.conv2d(x, centred, x_zero, (stride, stride), (pad,) * 4, depthwise=depthwise)
     out_h, out_w = acc.shape[:2]
     multiplier = rng.uniform(0.001, 0.05, n).astype(np.float32)
     bias = rng.normal(0, 1, n).astype(np.float32)
@@ -126,12 +129,15 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False) -> str | 
         out_scale=out_scale,
         clamp_min=max(clamp[0], -3.0e38),
         clamp_max=min(clamp[1], 3.0e38),
+        w_zeros=int(w_zero is not None),
     )
     wsum = weights.reshape(n, -1).sum(1).astype(np.int32)
+    if w_zero is not None:
+        wsum = np.concatenate([wsum, w_zero.astype(np.int32)])
     y, codes = lib.conv2d(params, x, packed, wsum, multiplier, bias, residual, depthwise=depthwise)
     what = (
         f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits} "
-        f"layout {packed.layout}"
+        f"layout {packed.layout}{' with weight zero points' if w_zero is not None else ''}"
     )
     # The integer part is exact, so float results agree up to float32 rounding of the same expression.
     if not np.allclose(y, y_ref, rtol=1e-6, atol=1e-5):

@@ -291,15 +291,25 @@ def test_asymmetric_weights_learn_export_and_compile(tmp_path):
     assert check["quantizer_max_lsb"] == 0 and check["layer_max_rel_error"] < 1e-5 and check["top1_agreement"] == 1.0
     compiled = compile_stage.run(exported, tmp_path / "c", target="x86")
     report = verify_stage.run(compiled, tmp_path / "v", data="fashion-mnist:test", num_images=100, latency_runs=0)
-    # 8-bit asymmetric first/last layers span more than int8 after their zero point: those two nodes run as TVM's
-    # generic code in the module, the 2-bit layers between them on the kernels
+    # every layer runs on the kernels: the 8-bit first and last layers, whose codes minus zero point leave int8,
+    # subtract their zero points in the epilogue; x86 stores the 2-bit layers minus zero points in 4-bit fields
     build = Manifest.load(compiled, "compile").extra["build"]
-    assert build["path"] == "kernels" and build["kernels"]["conv2d"] >= 1
-    assert build["generic"] and all(node.split()[0] in ("Conv", "Gemm", "MatMul") for node in build["generic"])
-    # the last layer is TVM's float code, which sums in another order than the reference's onnxruntime: the
-    # logits' bits differ, their argmax does not
-    assert "without a kernel" in report["reference_note"]
-    assert report["agreement_with_onnxruntime"] >= 0.99 and report["max_abs_diff_vs_onnxruntime"] < 1e-3
+    assert build["path"] == "kernels" and build["kernels"]["conv2d"] >= 1 and not build.get("generic")
+    import onnx
+    from edgeq.kernels import layouts
+    from edgeq.kernels.plan import build_plan
+
+    model = onnx.load(str(exported / "model.onnx"))
+
+    def fields(layout):  # (stored field width, zero points in the epilogue) of each layer
+        plan = build_plan(model, layouts.LAYOUTS[layout])
+        return sorted((p["packed"].bits, p["w_zeros"]) for p in (s.params for s in plan.steps if s.kernel == "conv2d"))
+
+    assert fields("portable") == [(4, 0)] * 4 + [(8, 1)] * 2
+    # Arm without dot product: 2-bit codes select the table-lookup kernel, so they stay 2-bit
+    assert fields("neon") == [(2, 1)] * 4 + [(8, 1)] * 2
+    assert report["agreement_with_reference"] == 1.0
+    assert report["agreement_with_onnxruntime"] == 1.0 and report["max_abs_diff_vs_onnxruntime"] < 1e-4
 
 
 class _Pooled(nn.Module):

@@ -111,7 +111,8 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
 
 /* Grow-only scratch memory per thread and purpose: a fresh malloc of a few MB per layer
  * would be mapped anew and page-faulted in on every call. */
-enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_PANEL = 4, SCRATCH_CORRECTION = 5, SCRATCH_AMX_ROWS = 6, SCRATCH_COUNT = 7 };
+enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_PANEL = 4, SCRATCH_CORRECTION = 5, SCRATCH_AMX_ROWS = 6,
+       SCRATCH_WINDOW_SUMS = 7, SCRATCH_PIXEL_SUMS = 8, SCRATCH_EIGHT_SUMS = 9, SCRATCH_COUNT = 10 };
 static _Thread_local struct {
   void* data;
   size_t size;
@@ -733,6 +734,7 @@ typedef struct {
   uint8_t* out_codes;
   int32_t out_c, out_zero, out_qmin, out_qmax;
   const int32_t* correction; /* acc -= correction[n] (x_zero * sum_k w[n, k]); NULL: none */
+  const int32_t *w_zero, *window_sums; /* acc -= w_zero[n] * window_sums[m]; NULL: symmetric weights */
 } epilogue_args;
 
 /* The next layer's codes need rint(y / scale): QuantizeLinear divides. A vector division costs
@@ -818,6 +820,8 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
   float* out_float = e->out_float ? e->out_float + base : NULL;
   uint8_t* codes = e->out_codes ? e->out_codes + base : NULL;
   const int32_t* correction = e->correction ? e->correction + n0 : NULL;
+  const int32_t* w_zero = e->w_zero ? e->w_zero + n0 : NULL;
+  const int32_t window = e->window_sums ? e->window_sums[m] : 0;
   const float lo = e->clamp_min, hi = e->clamp_max, scale = e->out_scale;
   const float zero = (float)e->out_zero, qmin = (float)e->out_qmin, qmax = (float)e->out_qmax;
   int32_t j = 0;
@@ -830,6 +834,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
     __m512i acc = _mm512_loadu_si512((const void*)(raw + j));
     if (high) acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512((const void*)(high + j)), 4));
     if (correction) acc = _mm512_sub_epi32(acc, _mm512_loadu_si512((const void*)(correction + j)));
+    if (w_zero) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(w_zero + j)), _mm512_set1_epi32(window)));
     __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(mult + j)), _mm512_loadu_ps(bias + j));
     if (res) y = _mm512_add_ps(y, _mm512_loadu_ps(res + j));
     y = _mm512_min_ps(_mm512_max_ps(y, zlo), zhi);
@@ -849,6 +854,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
     __m256i acc = _mm256_loadu_si256((const __m256i*)(raw + j));
     if (high) acc = _mm256_add_epi32(acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(high + j)), 4));
     if (correction) acc = _mm256_sub_epi32(acc, _mm256_loadu_si256((const __m256i*)(correction + j)));
+    if (w_zero) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(w_zero + j)), _mm256_set1_epi32(window)));
     __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + j)), _mm256_loadu_ps(bias + j));
     if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + j));
     y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi);
@@ -871,6 +877,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
       int32x4_t acc = vld1q_s32(raw + j + 4 * h);
       if (high) acc = vaddq_s32(acc, vshlq_n_s32(vld1q_s32(high + j + 4 * h), 4));
       if (correction) acc = vsubq_s32(acc, vld1q_s32(correction + j + 4 * h));
+      if (w_zero) acc = vmlsq_n_s32(acc, vld1q_s32(w_zero + j + 4 * h), window);
       float32x4_t v = vaddq_f32(vmulq_f32(vcvtq_f32_s32(acc), vld1q_f32(mult + j + 4 * h)), vld1q_f32(bias + j + 4 * h));
       if (res) v = vaddq_f32(v, vld1q_f32(res + j + 4 * h));
       v = vminq_f32(vmaxq_f32(v, vlo), vhi);
@@ -885,7 +892,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
   }
 #endif
   for (; j < count; ++j) {
-    int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0);
+    int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0) - (w_zero ? w_zero[j] * window : 0);
     float y = (float)acc * mult[j] + bias[j];
     if (res) y += res[j];
     y = y < lo ? lo : (y > hi ? hi : y);
@@ -903,7 +910,7 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
  * constant, so the compiler drops their branches from the vector loop. */
 static inline void epilogue_codes(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw) {
   const epilogue_args codes_only = {e->multiplier, e->bias, NULL, NULL, e->clamp_min, e->clamp_max, e->out_scale, e->out_codes, e->out_c,
-                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction};
+                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction, e->w_zero, e->window_sums};
   epilogue(&codes_only, m, n0, count, raw, NULL);
 }
 
@@ -1175,6 +1182,92 @@ int edgeq_gemm_raw(const uint8_t* a, int32_t m, int32_t n, int32_t k_padded, con
   return 0;
 }
 
+/* sums[m] = the sum over output pixel m's receptive field of (x - x_zero); spatial padding
+ * (x_zero) adds 0. A layer with weight zero points subtracts w_zero[n] * sums[m] in the
+ * epilogue, so its codes keep their width: per-pixel channel sums first (H*W*C adds), then
+ * kernel_h * kernel_w of them per output pixel, small beside the layer's K * N per pixel. */
+/* pixel[i] = sum of x[i * in_c .. (i + 1) * in_c) - offset. Sums of eight consecutive bytes first,
+ * over the whole map at once (vpsadbw against zero on x86, pairwise widening adds on NEON: no
+ * per-pixel horizontal reduction, which cost more than the sums on 16-channel maps), then
+ * in_c / 8 of them per pixel. */
+static int pixel_sums(const uint8_t* x, int64_t pixels, int32_t in_c, int32_t offset, int32_t* pixel) {
+  if (in_c % 8) {
+    for (int64_t i = 0; i < pixels; ++i) {
+      const uint8_t* c = x + i * in_c;
+      int32_t s = 0;
+      for (int32_t j = 0; j < in_c; ++j) s += c[j];
+      pixel[i] = s - offset;
+    }
+    return 0;
+  }
+  const int64_t count = pixels * (in_c / 8);
+  int32_t* eights = (int32_t*)scratch(SCRATCH_EIGHT_SUMS, sizeof(int32_t) * (size_t)count);
+  if (!eights) return -2;
+  int64_t g = 0;
+#if defined(__AVX2__)
+  const __m256i zero = _mm256_setzero_si256(), pick = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (; g + 8 <= count; g += 8) {  // 64 bytes: two vpsadbw, four 64-bit sums each, packed to eight int32
+    const __m256i a = _mm256_sad_epu8(_mm256_loadu_si256((const __m256i*)(x + 8 * g)), zero);
+    const __m256i b = _mm256_sad_epu8(_mm256_loadu_si256((const __m256i*)(x + 8 * g + 32)), zero);
+    const __m256i low = _mm256_permutevar8x32_epi32(a, pick), high = _mm256_permutevar8x32_epi32(b, pick);
+    _mm256_storeu_si256((__m256i*)(eights + g), _mm256_permute2x128_si256(low, high, 0x20));
+  }
+#elif defined(__aarch64__)
+  for (; g + 2 <= count; g += 2) {  // 16 bytes: widening pairwise adds down to two 8-byte sums
+    const uint64x2_t sums = vpaddlq_u32(vpaddlq_u16(vpaddlq_u8(vld1q_u8(x + 8 * g))));
+    eights[g] = (int32_t)vgetq_lane_u64(sums, 0);
+    eights[g + 1] = (int32_t)vgetq_lane_u64(sums, 1);
+  }
+#endif
+  for (; g < count; ++g) {
+    const uint8_t* c = x + 8 * g;
+    eights[g] = c[0] + c[1] + c[2] + c[3] + c[4] + c[5] + c[6] + c[7];
+  }
+  const int32_t per_pixel = in_c / 8;
+  for (int64_t i = 0; i < pixels; ++i) {
+    const int32_t* e = eights + i * per_pixel;
+    int32_t s = 0;
+    for (int32_t j = 0; j < per_pixel; ++j) s += e[j];
+    pixel[i] = s - offset;
+  }
+  return 0;
+}
+
+static int window_sums(const edgeq_conv_params* p, const uint8_t* x, int32_t* sums) {
+  const int64_t pixels = (int64_t)p->in_h * p->in_w;
+  const int32_t offset = p->in_c * p->x_zero, in_c = p->in_c;
+  if (p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 && p->pad_left == 0 &&
+      p->out_h == p->in_h && p->out_w == p->in_w)
+    return pixel_sums(x, pixels, in_c, offset, sums);  // a window is one pixel
+  // separable box sums: along each input row over kernel_w (in_h x out_w), then down the columns over kernel_h
+  const int32_t in_h = p->in_h, in_w = p->in_w, out_h = p->out_h, out_w = p->out_w;
+  int32_t* pixel = (int32_t*)scratch(SCRATCH_PIXEL_SUMS, sizeof(int32_t) * (size_t)(pixels + (int64_t)in_h * out_w));
+  if (!pixel) return -2;
+  int32_t* across = pixel + pixels;
+  if (pixel_sums(x, pixels, in_c, offset, pixel)) return -2;
+  for (int32_t ih = 0; ih < in_h; ++ih) {
+    const int32_t* row = pixel + (int64_t)ih * in_w;
+    for (int32_t ow = 0; ow < out_w; ++ow) {
+      const int32_t iw0 = ow * p->stride_w - p->pad_left;
+      const int32_t begin = iw0 < 0 ? 0 : iw0, end = iw0 + p->kernel_w > in_w ? in_w : iw0 + p->kernel_w;
+      int32_t s = 0;
+      for (int32_t iw = begin; iw < end; ++iw) s += row[iw];
+      across[(int64_t)ih * out_w + ow] = s;
+    }
+  }
+  for (int32_t oh = 0; oh < out_h; ++oh) {
+    const int32_t ih0 = oh * p->stride_h - p->pad_top;
+    const int32_t begin = ih0 < 0 ? 0 : ih0, end = ih0 + p->kernel_h > in_h ? in_h : ih0 + p->kernel_h;
+    int32_t* out = sums + (int64_t)oh * out_w;
+    for (int32_t ow = 0; ow < out_w; ++ow) out[ow] = 0;
+    for (int32_t ih = begin; ih < end; ++ih) {
+      const int32_t* in = across + (int64_t)ih * out_w;
+      for (int32_t ow = 0; ow < out_w; ++ow) out[ow] += in[ow];
+    }
+  }
+  return 0;
+}
+
 int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
                  const float* bias, const float* residual, float* out_float, uint8_t* out_codes) {
   const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
@@ -1222,8 +1315,13 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   if (!correction) return -2;
   const int32_t x_offset = p->x_zero - (signed8 ? 128 : 0);  // the rows hold x - 128 when signed8
   for (int32_t n = 0; n < p->out_c; ++n) correction[n] = x_offset * wsum[n];
+  int32_t* sums = NULL;
+  if (p->w_zeros) {
+    sums = (int32_t*)scratch(SCRATCH_WINDOW_SUMS, sizeof(int32_t) * (size_t)m_count);
+    if (!sums || window_sums(p, x, sums)) return -2;
+  }
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
-                           correction};
+                           correction, p->w_zeros ? wsum + p->out_c : NULL, sums};
 #if defined(EDGEQ_HAS_LUT)
   if (lut) {
     return lut_products(low_rows, m_count, p->k_padded, packed_weights, p->out_c, &e, NULL);
@@ -1336,7 +1434,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const float* multiplier, const float* bias,
                            const float* residual, float* out_float, uint8_t* out_codes) {
   const int32_t c = p->in_c, taps = p->kernel_h * p->kernel_w;
-  if (p->out_c != c) return -1;
+  if (p->out_c != c || p->w_zeros) return -1;  // depthwise weights arrive with their zero points subtracted
   const int64_t stored = ((int64_t)taps * c + 127) / 128 * 128;
   int8_t* w = (int8_t*)malloc((size_t)stored);
   if (!w) return -2;

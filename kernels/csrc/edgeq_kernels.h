@@ -69,7 +69,10 @@ int edgeq_amx(void);
 int edgeq_supports_layout(int32_t layout);
 
 /* Quantized convolution (groups == 1; dense layers are 1x1 convolutions over rows):
- *   acc[m, n] = sum_k (x[m, k] - x_zero) * w[n, k]        (exact int32)
+ *   acc[m, n] = sum_k (x[m, k] - x_zero) * (w[n, k] - w_zero[n])        (exact int32)
+ * w_zero[n] = 0 unless w_zeros, when wsum holds 2 * out_c values: sum_k w[n, k], then w_zero[n].
+ * The kernels multiply the stored codes w as they are (2-bit codes stay 2-bit) and subtract
+ * w_zero[n] * sum_k (x[m, k] - x_zero) in the epilogue (the window sum, once per output pixel).
  *   y = acc * multiplier[n] + bias[n] (+ residual[m, n]); y = clamp(y, clamp_min, clamp_max)
  *   out_float[m, n] = y (when given); out_codes[m, n] = clamp(rint(y / out_scale) + out_zero, out_qmin, out_qmax) (when given)
  */
@@ -82,12 +85,14 @@ typedef struct {
   int32_t w_layout;                /* EDGEQ_LAYOUT_* the weights were packed for (the build must run it) */
   int32_t out_zero, out_qmin, out_qmax;
   float out_scale, clamp_min, clamp_max;
+  int32_t w_zeros; /* 1: weights have per-output-channel zero points, in wsum[out_c + n] (edgeq_conv2d only) */
 } edgeq_conv_params;
 
 /* sizeof(edgeq_conv_params): edgeq/kernels/native.py ConvParams must match it (tested). */
 int32_t edgeq_conv_params_size(void);
 
-/* 0 on success, a negative number when the arguments are inconsistent. wsum[n] = sum_k w[n, k]. */
+/* 0 on success, a negative number when the arguments are inconsistent. wsum[n] = sum_k w[n, k]
+ * (then the zero points when w_zeros). */
 int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
                  const float* bias, const float* residual, float* out_float, uint8_t* out_codes);
 
