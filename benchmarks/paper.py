@@ -326,6 +326,27 @@ class _InProcess:
         pass
 
 
+# What a cell's figure depends on besides its teacher, bits, source and seed; files made before a setting was
+# recorded were made with its default.
+CELL_SETTINGS = ("method", "iters", "lr_rounding", "initial_rounding", "asymmetric_weights", "num_images")
+SETTING_DEFAULTS = {"initial_rounding": "nearest", "asymmetric_weights": False, "lr_rounding": 1e-3}
+
+
+def _refuse_other_settings(previous: dict, current: dict, path: Path) -> None:
+    """A resumed run must measure its missing cells as the stored ones were measured, or the table mixes recipes."""
+    keys = list(CELL_SETTINGS) + ["inversion_iters", "generator"]
+    differ = [
+        f"{key} {previous.get(key, SETTING_DEFAULTS.get(key))!r} there, {current[key]!r} now"
+        for key in keys
+        if key in current and previous.get(key, SETTING_DEFAULTS.get(key)) != current[key]
+    ]
+    if differ:
+        raise SystemExit(
+            f"error: {path} holds cells measured with other settings ({'; '.join(differ)}): pass the same settings "
+            "to resume it, or --out another folder for a new table"
+        )
+
+
 def measure(args, out: Path) -> dict:
     """Every missing cell, ``args.workers`` at a time; each finished cell is saved at once.
 
@@ -337,6 +358,7 @@ def measure(args, out: Path) -> dict:
     path = out / domain.results
     work = out / "paper-work"
     results = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+    previous = results.get("settings")
     results["settings"] = {
         "method": args.method,
         "iters": args.iters,
@@ -352,6 +374,8 @@ def measure(args, out: Path) -> dict:
         "threads_per_worker": args.threads_per_worker,
         "cpu": platform.machine(),
     }
+    if previous is not None and any(key.count("/") == 3 for key in results["entries"]):
+        _refuse_other_settings(previous, results["settings"], path)
 
     def save() -> None:
         partial = path.with_name(path.name + ".partial")

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper.py"
 
 
@@ -195,3 +197,18 @@ def test_cifar10_teachers_use_their_own_data_generator_and_section(tmp_path):
     assert "CIFAR-10 test images" in text and "a zero point per output channel" in text
     assert (tmp_path / "results-paper-cifar10.png").exists()
     assert sorted(p.name for p in (tmp_path / "paper-work").iterdir()) == ["noise-32-n20-s0"]
+
+
+def test_a_table_resumes_only_with_the_settings_its_cells_were_measured_with(tmp_path):
+    paper = _paper()
+    stored = {"method": "qdrop", "iters": 100, "lr_rounding": 0.03, "num_images": 256, "inversion_iters": 200}
+    stored["generator"] = "zoo:fmnist-generator"  # a file from before GPTQ starts and zero points were recorded
+    entries = {"fmnist-resnet/fp": {"top1": 0.9}, "fmnist-resnet/w2a4/single/0": {"top1": 0.8}}
+    (tmp_path / "results-paper.json").write_text(json.dumps({"settings": stored, "entries": entries}))
+    arguments = ["--teachers", "fmnist-resnet", "--bits", "w2a4", "--sources", "single", "--seeds", "0"]
+    arguments += ["--num-images", "256", "--lr-rounding", "0.03", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="iters 100 there, 200 now"):
+        paper.main([*arguments, "--iters", "200"])
+    with pytest.raises(SystemExit, match="^error: [^;]*initial_rounding 'nearest' there, 'gptq' now[^;]*$"):
+        paper.main([*arguments, "--iters", "100", "--initial-rounding", "gptq"])
+    assert json.loads((tmp_path / "results-paper.json").read_text())["settings"] == stored  # untouched
