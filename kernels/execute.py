@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from . import native
-from .plan import Plan, Unsupported, run_generic
+from .plan import Plan, Unsupported, epilogue_arrays, run_generic
 from .relax_module import FLOAT_OPS, conv_struct, quantize_arguments
 
 
@@ -35,13 +35,14 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
         elif step.kernel == "conv2d":
             params = conv_struct(p)
             residual = env[p["residual"]] if p["residual"] else None
+            multiplier, bias = epilogue_arrays(p)
             out_float, out_codes = library.conv2d(
                 params,
                 args[0],
                 p["packed"],
                 p["wsum"],
-                p["multiplier"],
-                p["bias"],
+                multiplier,
+                bias,
                 residual,
                 want_float=step.out_kind == "float",
                 want_codes=step.out_kind == "codes",

@@ -54,6 +54,9 @@ class ConvParams(ctypes.Structure):
         ("clamp_min", ctypes.c_float),
         ("clamp_max", ctypes.c_float),
         ("w_zeros", ctypes.c_int32),
+        ("fast_codes", ctypes.c_int32),
+        ("fast_lo", ctypes.c_int32),
+        ("fast_hi", ctypes.c_int32),
     ]
 
     def words(self) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import layouts
+from . import layouts, reference
 from .fusion import INF, fuse
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class _Planner:
             raise Unsupported("the model output is a feature map (NHWC inside the plan, NCHW outside)")
         plan = Plan(graph_input.name, dims, output, output_shape, self.steps, self.values, self.layout)
         fuse(plan)
+        prove_fast_requantization(plan)
         return plan
 
     def _fold(self, node) -> bool:
@@ -1040,6 +1041,41 @@ def _contiguous(shape) -> tuple[int, ...]:
         strides.append(step)
         step *= int(d)
     return tuple(reversed(strides))
+
+
+def prove_fast_requantization(plan: Plan) -> None:
+    """Give each codes-only convolution (no residual) the one-multiply requantization where it is proven to write
+    the exact epilogue's codes for every accumulator the layer can produce (reference.fast_requantization).
+
+    The exact epilogue rounds y / scale half to even with a division check near ties, which made the epilogue,
+    not the products, the cost of layers with few input channels (MobileNetV2's 16- and 24-channel expansions).
+    """
+    for step in plan.steps:
+        p = step.params
+        if step.kernel != "conv2d" or step.out_kind != "codes" or p["residual"] is not None or p["quant"] is None:
+            continue
+        weights = np.asarray(p["weights"], np.int64)
+        if p.get("w_zero") is not None:
+            weights = weights - np.asarray(p["w_zero"], np.int64).reshape(-1, 1, 1, 1)
+        quant = p["quant"]
+        fast = reference.fast_requantization(
+            weights, p["x_zero"], p["x_max"], p["multiplier"], p["bias"], p["clamp"], quant["scale"],
+            quant["zero"], quant["qmax"],
+        )  # fmt: skip
+        if fast is not None:
+            fast_m, fast_b, lo, hi = fast
+            p.update(fast_codes=1, fast_lo=lo, fast_hi=hi, fast_multiplier=fast_m, fast_bias=fast_b)
+
+
+def epilogue_arrays(params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The multiplier and bias arrays a conv2d step passes to the kernel: the fast requantization's after the
+    exact ones when it has one (edgeq_kernels.h, fast_codes)."""
+    if not params.get("fast_codes"):
+        return params["multiplier"], params["bias"]
+    return (
+        np.concatenate([params["multiplier"], params["fast_multiplier"]]).astype(np.float32),
+        np.concatenate([params["bias"], params["fast_bias"]]).astype(np.float32),
+    )
 
 
 def build_plan(model: onnx.ModelProto, layout: layouts.Layout, *, generic: bool = False) -> Plan:

@@ -143,6 +143,75 @@ def epilogue(
     return y, codes
 
 
+def accumulator_bounds(weights: np.ndarray, x_zero: int, x_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel, the least and greatest acc = Σ_k (x_k - x_zero)·w[n, k] over every input x_k in
+    [0, x_max] (padding is x_zero, inside that range). ``weights``: (N, ...) values, zero points subtracted."""
+    w = np.asarray(weights, np.int64).reshape(len(weights), -1)
+    low, high = -int(x_zero) * w, (int(x_max) - int(x_zero)) * w
+    return np.minimum(low, high).sum(1), np.maximum(low, high).sum(1)
+
+
+def fast_requantization(
+    weights: np.ndarray,
+    x_zero: int,
+    x_max: int,
+    multiplier: np.ndarray,
+    bias: np.ndarray,
+    clamp: tuple[float, float],
+    out_scale: float,
+    out_zero: int,
+    out_qmax: int,
+) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """(m', b', lo, hi) such that clamp(floor(fl(fl(acc·m'[n]) + b'[n])), lo, hi) equals the codes of
+    :func:`epilogue` (no residual) for every accumulator the layer can produce, or None where it cannot be shown.
+
+    The exact epilogue rounds y / scale half to even after y = acc·m + b and the clamp; the fast form is one
+    multiply, one add and a floor per output. Both are non-decreasing step functions of acc (m > 0, and every
+    float operation and rounding is monotone), so they are equal on [lo_n, hi_n] exactly when each code c is
+    first reached at the same acc: found for both by bisection over the reachable accumulators
+    (:func:`accumulator_bounds`), all channels and codes at once. A tie lying within float rounding of a
+    jump point makes the two differ there; such a layer keeps the exact epilogue.
+    """
+    multiplier = np.asarray(multiplier, F32)
+    if not np.all(multiplier > 0):
+        return None
+    least, most = accumulator_bounds(weights, x_zero, x_max)
+    if max(-least.min(), most.max()) >= 2**24:  # acc must convert to float32 exactly
+        return None
+    scale = F32(out_scale)
+    fast_m = (multiplier / scale).astype(F32)
+    fast_b = (np.asarray(bias, F32) / scale + F32(out_zero) + F32(0.5)).astype(F32)
+    ends = [F32(max(clamp[0], -3.0e38)), F32(min(clamp[1], 3.0e38))]
+    with np.errstate(over="ignore"):  # an open clamp end divides to infinity: the first or last code
+        lo, hi = (int(np.clip(np.rint(end / scale) + out_zero, 0, out_qmax)) for end in ends)
+
+    def exact(acc):
+        return epilogue(acc, multiplier, bias, None, clamp, out_scale, out_zero, out_qmax)[1].astype(np.int64)
+
+    def fast(acc):
+        y = acc.astype(F32) * fast_m + fast_b
+        return np.clip(np.floor(y), lo, hi).astype(np.int64)
+
+    codes = np.arange(lo + 1, hi + 1)[:, None]  # (levels, 1): the first acc reaching each code, per channel
+
+    def jumps(function):
+        below = np.broadcast_to(least, (len(codes), len(least))).copy()
+        above = np.broadcast_to(most + 1, below.shape).copy()  # most + 1: never reached
+        while np.any(below < above):
+            middle = (below + above) // 2
+            reached = function(np.minimum(middle, most)) >= codes
+            searching = below < above
+            above = np.where(searching & reached, middle, above)
+            below = np.where(searching & ~reached, middle + 1, below)
+        return below
+
+    if len(codes) and not np.array_equal(jumps(exact), jumps(fast)):
+        return None
+    if not np.array_equal(exact(least[None]), fast(least[None])):  # the code at the low end, below every jump
+        return None
+    return fast_m, fast_b, lo, hi
+
+
 # ---------------------------------------------------------------------------------------
 # A whole kernel plan in NumPy, bit for bit as the compiled module computes it.
 #

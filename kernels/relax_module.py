@@ -10,7 +10,7 @@ import numpy as np
 
 from . import native
 from .layouts import PackedWeights
-from .plan import Plan, Step, Unsupported, Value
+from .plan import Plan, Step, Unsupported, Value, epilogue_arrays
 
 
 def conv_struct(params: dict) -> native.ConvParams:
@@ -135,12 +135,13 @@ def to_relax(plan: Plan):
                 if step.kernel == "conv2d":
                     packed = step.params["packed"]
                     residual = env[step.params["residual"]] if step.params["residual"] else dummy
+                    multiplier, bias = epilogue_arrays(step.params)
                     call_args = [
                         args[0],
                         const(packed.data),
                         const(step.params["wsum"]),
-                        const(step.params["multiplier"]),
-                        const(step.params["bias"]),
+                        const(multiplier),
+                        const(bias),
                         const(conv_struct(step.params).words()),
                         const(conv_flags(step.params)),
                         residual,

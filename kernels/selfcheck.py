@@ -144,6 +144,27 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False) -> str | 
         return f"{what}: float outputs differ by {np.abs(y - y_ref).max():.3g}"
     if np.abs(codes.astype(int) - codes_ref).max(initial=0) > 0:
         return f"{what}: output codes differ"
+    if residual is None:  # codes-only: the one-multiply requantization, where the plan can prove it exact
+        fast = reference.fast_requantization(
+            centred, x_zero, x_max, multiplier, bias, clamp, out_scale, out_zero, out_qmax
+        )
+        if fast is not None:
+            fast_m, fast_b, lo, hi = fast
+            for name, value in (("fast_codes", 1), ("fast_lo", lo), ("fast_hi", hi)):
+                setattr(params, name, value)
+            _, fast_codes = lib.conv2d(
+                params,
+                x,
+                packed,
+                wsum,
+                np.concatenate([multiplier, fast_m]),
+                np.concatenate([bias, fast_b]),
+                None,
+                want_float=False,
+                depthwise=depthwise,
+            )
+            if not np.array_equal(fast_codes, codes_ref):
+                return f"{what}: codes of the proven fast requantization differ"
     return None
 
 

@@ -72,3 +72,24 @@ def test_requantize_matches_onnxruntime_qdq_within_one_step():
     theirs = np.minimum(theirs, 15)  # the graph's 8-bit output clipped to the 4-bit range the kernel writes
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
     assert (ours != theirs).mean() < 0.01
+
+
+def test_fast_requantization_is_proven_equal_or_refused():
+    """floor(acc·m' + b') replaces the exact epilogue only where it gives the same code for every reachable acc."""
+    rng = np.random.default_rng(0)
+    weights = rng.integers(-2, 2, (24, 16, 3, 3))
+    multiplier = rng.uniform(0.001, 0.02, 24).astype(np.float32)
+    bias = rng.normal(0, 1, 24).astype(np.float32)
+    settings = dict(clamp=(0.0, 6.0), out_scale=0.0731, out_zero=0, out_qmax=15)
+    fast = reference.fast_requantization(weights, 3, 15, multiplier, bias, **settings)
+    assert fast is not None
+    fast_m, fast_b, lo, hi = fast
+    least, most = reference.accumulator_bounds(weights, 3, 15)
+    acc = np.arange(least.min(), most.max() + 1)[:, None].clip(least, most)  # every reachable acc per channel
+    exact = reference.epilogue(acc, multiplier, bias, None, settings["clamp"], 0.0731, 0, 15)[1]
+    assert np.array_equal(np.clip(np.floor(acc.astype(np.float32) * fast_m + fast_b), lo, hi), exact)
+    # acc·0.5 lands on a half at every odd acc, where rounding half to even and the floor of x + 0.5 part
+    halves = reference.fast_requantization(
+        weights[:1], 3, 15, np.float32([0.5]), np.float32([0.0]), (-np.inf, np.inf), 1.0, 8, 15
+    )
+    assert halves is None

@@ -735,6 +735,8 @@ typedef struct {
   int32_t out_c, out_zero, out_qmin, out_qmax;
   const int32_t* correction; /* acc -= correction[n] (x_zero * sum_k w[n, k]); NULL: none */
   const int32_t *w_zero, *window_sums; /* acc -= w_zero[n] * window_sums[m]; NULL: symmetric weights */
+  const float *fast_mult, *fast_bias;  /* codes = clamp(floor(acc * fast_mult[n] + fast_bias[n]), fast_lo, fast_hi); NULL: exact */
+  int32_t fast_lo, fast_hi;
 } epilogue_args;
 
 /* The next layer's codes need rint(y / scale): QuantizeLinear divides. A vector division costs
@@ -807,12 +809,84 @@ static void quantize_run(const float* y, int64_t len, float scale, float zero, f
 }
 
 
+/* The requantization of a codes-only layer that the plan proved equal to the exact one below for
+ * every accumulator the layer can produce (kernels/reference.py fast_requantization): one multiply,
+ * one add and a rounding toward minus infinity, against the exact form's division-checked rounding. */
+static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw,
+                                                                 const int32_t* high) {
+  const int64_t base = m * e->out_c + n0;
+  const float* mult = e->fast_mult + n0;
+  const float* bias = e->fast_bias + n0;
+  uint8_t* codes = e->out_codes + base;
+  const int32_t* correction = e->correction ? e->correction + n0 : NULL;
+  const int32_t* w_zero = e->w_zero ? e->w_zero + n0 : NULL;
+  const int32_t window = e->window_sums ? e->window_sums[m] : 0;
+  int32_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i zlo = _mm512_set1_epi32(e->fast_lo), zhi = _mm512_set1_epi32(e->fast_hi);
+  for (; j + 16 <= count; j += 16) {
+    __m512i acc = _mm512_loadu_si512((const void*)(raw + j));
+    if (high) acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512((const void*)(high + j)), 4));
+    if (correction) acc = _mm512_sub_epi32(acc, _mm512_loadu_si512((const void*)(correction + j)));
+    if (w_zero) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(w_zero + j)), _mm512_set1_epi32(window)));
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(mult + j)), _mm512_loadu_ps(bias + j));
+    const __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), zlo), zhi);
+    _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(q));
+  }
+#endif
+#if defined(__AVX2__)
+  const __m256i vlo = _mm256_set1_epi32(e->fast_lo), vhi = _mm256_set1_epi32(e->fast_hi);
+  for (; j + 8 <= count; j += 8) {
+    __m256i acc = _mm256_loadu_si256((const __m256i*)(raw + j));
+    if (high) acc = _mm256_add_epi32(acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(high + j)), 4));
+    if (correction) acc = _mm256_sub_epi32(acc, _mm256_loadu_si256((const __m256i*)(correction + j)));
+    if (w_zero) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(w_zero + j)), _mm256_set1_epi32(window)));
+    const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + j)), _mm256_loadu_ps(bias + j));
+    const __m256i q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_floor_ps(y)), vlo), vhi);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64((__m128i*)(codes + j), _mm_packus_epi16(q16, q16));
+  }
+#elif defined(__aarch64__)
+  const int32x4_t vlo = vdupq_n_s32(e->fast_lo), vhi = vdupq_n_s32(e->fast_hi);
+  for (; j + 8 <= count; j += 8) {
+    int32x4_t q[2];
+    for (int h = 0; h < 2; ++h) {
+      int32x4_t acc = vld1q_s32(raw + j + 4 * h);
+      if (high) acc = vaddq_s32(acc, vshlq_n_s32(vld1q_s32(high + j + 4 * h), 4));
+      if (correction) acc = vsubq_s32(acc, vld1q_s32(correction + j + 4 * h));
+      if (w_zero) acc = vmlsq_n_s32(acc, vld1q_s32(w_zero + j + 4 * h), window);
+      const float32x4_t y = vaddq_f32(vmulq_f32(vcvtq_f32_s32(acc), vld1q_f32(mult + j + 4 * h)), vld1q_f32(bias + j + 4 * h));
+      q[h] = vminq_s32(vmaxq_s32(vcvtmq_s32_f32(y), vlo), vhi);  // fcvtms: toward minus infinity
+    }
+    vst1_u8(codes + j, vmovn_u16(vcombine_u16(vmovn_u32(vreinterpretq_u32_s32(q[0])), vmovn_u32(vreinterpretq_u32_s32(q[1])))));
+  }
+#endif
+  for (; j < count; ++j) {
+    const int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0) - (w_zero ? w_zero[j] * window : 0);
+    int32_t q = (int32_t)floorf((float)acc * mult[j] + bias[j]);
+    q = q < e->fast_lo ? e->fast_lo : (q > e->fast_hi ? e->fast_hi : q);
+    codes[j] = (uint8_t)q;
+  }
+}
+
 /* From raw products to outputs, for `count` channels from n0 of output pixel m:
  * acc = raw + 16 * high (nibble planes) - x_zero * wsum[n] (precomputed), then the float epilogue of
  * edgeq_kernels.h. On AVX2 eight channels go through it in registers; the scalar loop
  * (also the tail) is the same arithmetic, multiply and add rounded separately as the QDQ
  * graph does (no FMA contraction under -std=c11). */
-static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw, const int32_t* high) {
+static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw, const int32_t* high);
+
+/* The fast requantization inline in the product loops (a call per row and block of channels cost as
+ * much as its few instructions), the exact one called. */
+static inline __attribute__((always_inline)) void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw,
+                                                           const int32_t* high) {
+  if (e->fast_mult)
+    epilogue_fast(e, m, n0, count, raw, high);
+  else
+    epilogue_exact(e, m, n0, count, raw, high);
+}
+
+static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw, const int32_t* high) {
   const int64_t base = m * e->out_c + n0;
   const float* mult = e->multiplier + n0;
   const float* bias = e->bias + n0;
@@ -910,7 +984,8 @@ static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32
  * constant, so the compiler drops their branches from the vector loop. */
 static inline void epilogue_codes(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw) {
   const epilogue_args codes_only = {e->multiplier, e->bias, NULL, NULL, e->clamp_min, e->clamp_max, e->out_scale, e->out_codes, e->out_c,
-                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction, e->w_zero, e->window_sums};
+                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction, e->w_zero, e->window_sums,
+                                    e->fast_mult, e->fast_bias, e->fast_lo, e->fast_hi};
   epilogue(&codes_only, m, n0, count, raw, NULL);
 }
 
@@ -1315,13 +1390,17 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   if (!correction) return -2;
   const int32_t x_offset = p->x_zero - (signed8 ? 128 : 0);  // the rows hold x - 128 when signed8
   for (int32_t n = 0; n < p->out_c; ++n) correction[n] = x_offset * wsum[n];
+  // the proven fast requantization writes codes only: no float output, no residual
+  const int fast = p->fast_codes && out_codes && !out_float && !residual;
+  if (p->fast_codes && !fast) return -1;
   int32_t* sums = NULL;
   if (p->w_zeros) {
     sums = (int32_t*)scratch(SCRATCH_WINDOW_SUMS, sizeof(int32_t) * (size_t)m_count);
     if (!sums || window_sums(p, x, sums)) return -2;
   }
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
-                           correction, p->w_zeros ? wsum + p->out_c : NULL, sums};
+                           correction, p->w_zeros ? wsum + p->out_c : NULL, sums,
+                           fast ? multiplier + p->out_c : NULL, fast ? bias + p->out_c : NULL, p->fast_lo, p->fast_hi};
 #if defined(EDGEQ_HAS_LUT)
   if (lut) {
     return lut_products(low_rows, m_count, p->k_padded, packed_weights, p->out_c, &e, NULL);
@@ -1435,12 +1514,14 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
                            const float* residual, float* out_float, uint8_t* out_codes) {
   const int32_t c = p->in_c, taps = p->kernel_h * p->kernel_w;
   if (p->out_c != c || p->w_zeros) return -1;  // depthwise weights arrive with their zero points subtracted
+  const int fast = p->fast_codes && out_codes && !out_float && !residual;
+  if (p->fast_codes && !fast) return -1;
   const int64_t stored = ((int64_t)taps * c + 127) / 128 * 128;
   int8_t* w = (int8_t*)malloc((size_t)stored);
   if (!w) return -2;
   edgeq_unpack(packed_weights, stored, p->w_bits, p->w_low, w);
   const epilogue_args e = {multiplier, bias, residual, out_float, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero, p->out_qmin, p->out_qmax,
-                           NULL};
+                           NULL, NULL, NULL, fast ? multiplier + c : NULL, fast ? bias + c : NULL, p->fast_lo, p->fast_hi};
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
   const int32_t x_zero = p->x_zero;
   enum { CHUNK = 256 };  // channels per pass: the sums stay on the stack

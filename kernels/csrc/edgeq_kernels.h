@@ -86,6 +86,10 @@ typedef struct {
   int32_t out_zero, out_qmin, out_qmax;
   float out_scale, clamp_min, clamp_max;
   int32_t w_zeros; /* 1: weights have per-output-channel zero points, in wsum[out_c + n] (edgeq_conv2d only) */
+  /* 1: codes-only layer whose requantization the plan proved equal, for every reachable acc, to
+   * out_codes = clamp(floor(acc * multiplier[out_c + n] + bias[out_c + n]), fast_lo, fast_hi)
+   * (kernels/reference.py fast_requantization): one multiply, one add, one floor per output. */
+  int32_t fast_codes, fast_lo, fast_hi;
 } edgeq_conv_params;
 
 /* sizeof(edgeq_conv_params): edgeq/kernels/native.py ConvParams must match it (tested). */
