@@ -169,14 +169,15 @@ def fast_requantization(
     multiply, one add and a floor per output. Both are non-decreasing step functions of acc (m > 0, and every
     float operation and rounding is monotone), so they are equal on [lo_n, hi_n] exactly when each code c is
     first reached at the same acc: found for both by bisection over the reachable accumulators
-    (:func:`accumulator_bounds`), all channels and codes at once. A tie lying within float rounding of a
-    jump point makes the two differ there; such a layer keeps the exact epilogue.
+    (:func:`accumulator_bounds`), all channels and codes at once. (Both convert acc to float32 the same way, a
+    monotone rounding too beyond 2^24.) A tie lying within float rounding of a jump point makes the two differ
+    there; such a layer keeps the exact epilogue.
     """
     multiplier = np.asarray(multiplier, F32)
     if not np.all(multiplier > 0):
         return None
     least, most = accumulator_bounds(weights, x_zero, x_max)
-    if max(-least.min(), most.max()) >= 2**24:  # acc must convert to float32 exactly
+    if max(-least.min(), most.max()) >= 2**31:  # beyond the kernels' int32 accumulators
         return None
     scale = F32(out_scale)
     fast_m = (multiplier / scale).astype(F32)

@@ -819,8 +819,6 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
   const float* bias = e->fast_bias + n0;
   uint8_t* codes = e->out_codes + base;
   const int32_t* correction = e->correction ? e->correction + n0 : NULL;
-  const int32_t* w_zero = e->w_zero ? e->w_zero + n0 : NULL;
-  const int32_t window = e->window_sums ? e->window_sums[m] : 0;
   int32_t j = 0;
 #if defined(__AVX512F__)
   const __m512i zlo = _mm512_set1_epi32(e->fast_lo), zhi = _mm512_set1_epi32(e->fast_hi);
@@ -828,7 +826,6 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
     __m512i acc = _mm512_loadu_si512((const void*)(raw + j));
     if (high) acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512((const void*)(high + j)), 4));
     if (correction) acc = _mm512_sub_epi32(acc, _mm512_loadu_si512((const void*)(correction + j)));
-    if (w_zero) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(w_zero + j)), _mm512_set1_epi32(window)));
     const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(mult + j)), _mm512_loadu_ps(bias + j));
     const __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), zlo), zhi);
     _mm_storeu_si128((__m128i*)(codes + j), _mm512_cvtepi32_epi8(q));
@@ -840,7 +837,6 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
     __m256i acc = _mm256_loadu_si256((const __m256i*)(raw + j));
     if (high) acc = _mm256_add_epi32(acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(high + j)), 4));
     if (correction) acc = _mm256_sub_epi32(acc, _mm256_loadu_si256((const __m256i*)(correction + j)));
-    if (w_zero) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(w_zero + j)), _mm256_set1_epi32(window)));
     const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + j)), _mm256_loadu_ps(bias + j));
     const __m256i q = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_floor_ps(y)), vlo), vhi);
     const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
@@ -854,7 +850,6 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
       int32x4_t acc = vld1q_s32(raw + j + 4 * h);
       if (high) acc = vaddq_s32(acc, vshlq_n_s32(vld1q_s32(high + j + 4 * h), 4));
       if (correction) acc = vsubq_s32(acc, vld1q_s32(correction + j + 4 * h));
-      if (w_zero) acc = vmlsq_n_s32(acc, vld1q_s32(w_zero + j + 4 * h), window);
       const float32x4_t y = vaddq_f32(vmulq_f32(vcvtq_f32_s32(acc), vld1q_f32(mult + j + 4 * h)), vld1q_f32(bias + j + 4 * h));
       q[h] = vminq_s32(vmaxq_s32(vcvtmq_s32_f32(y), vlo), vhi);  // fcvtms: toward minus infinity
     }
@@ -862,7 +857,7 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
   }
 #endif
   for (; j < count; ++j) {
-    const int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0) - (w_zero ? w_zero[j] * window : 0);
+    const int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0);
     int32_t q = (int32_t)floorf((float)acc * mult[j] + bias[j]);
     q = q < e->fast_lo ? e->fast_lo : (q > e->fast_hi ? e->fast_hi : q);
     codes[j] = (uint8_t)q;
@@ -876,11 +871,29 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
  * graph does (no FMA contraction under -std=c11). */
 static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw, const int32_t* high);
 
-/* The fast requantization inline in the product loops (a call per row and block of channels cost as
- * much as its few instructions), the exact one called. */
-static inline __attribute__((always_inline)) void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw,
+/* Weight zero points: acc -= w_zero[n] * window_sums[m], applied to the raw sums in a pass of their own
+ * (the epilogues' vector loops stay as they are without zero points). */
+static __attribute__((noinline)) void epilogue_zero_points(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw,
                                                            const int32_t* high) {
-  if (e->fast_mult)
+  enum { CHUNK = 64 };
+  int32_t adjusted[CHUNK];
+  const int32_t window = e->window_sums[m];
+  for (int32_t c0 = 0; c0 < count; c0 += CHUNK) {
+    const int32_t len = count - c0 < CHUNK ? count - c0 : CHUNK;
+    for (int32_t j = 0; j < len; ++j) adjusted[j] = raw[c0 + j] - e->w_zero[n0 + c0 + j] * window;
+    if (e->fast_mult)
+      epilogue_fast(e, m, n0 + c0, len, adjusted, high ? high + c0 : NULL);
+    else
+      epilogue_exact(e, m, n0 + c0, len, adjusted, high ? high + c0 : NULL);
+  }
+}
+
+/* The fast requantization inline in the product loops (a call per row and block of channels cost as
+ * much as its few instructions), the exact one as before. */
+static inline void epilogue(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw, const int32_t* high) {
+  if (e->w_zero)
+    epilogue_zero_points(e, m, n0, count, raw, high);
+  else if (e->fast_mult)
     epilogue_fast(e, m, n0, count, raw, high);
   else
     epilogue_exact(e, m, n0, count, raw, high);
@@ -894,8 +907,6 @@ static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0,
   float* out_float = e->out_float ? e->out_float + base : NULL;
   uint8_t* codes = e->out_codes ? e->out_codes + base : NULL;
   const int32_t* correction = e->correction ? e->correction + n0 : NULL;
-  const int32_t* w_zero = e->w_zero ? e->w_zero + n0 : NULL;
-  const int32_t window = e->window_sums ? e->window_sums[m] : 0;
   const float lo = e->clamp_min, hi = e->clamp_max, scale = e->out_scale;
   const float zero = (float)e->out_zero, qmin = (float)e->out_qmin, qmax = (float)e->out_qmax;
   int32_t j = 0;
@@ -908,7 +919,6 @@ static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0,
     __m512i acc = _mm512_loadu_si512((const void*)(raw + j));
     if (high) acc = _mm512_add_epi32(acc, _mm512_slli_epi32(_mm512_loadu_si512((const void*)(high + j)), 4));
     if (correction) acc = _mm512_sub_epi32(acc, _mm512_loadu_si512((const void*)(correction + j)));
-    if (w_zero) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_loadu_si512((const void*)(w_zero + j)), _mm512_set1_epi32(window)));
     __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(mult + j)), _mm512_loadu_ps(bias + j));
     if (res) y = _mm512_add_ps(y, _mm512_loadu_ps(res + j));
     y = _mm512_min_ps(_mm512_max_ps(y, zlo), zhi);
@@ -928,7 +938,6 @@ static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0,
     __m256i acc = _mm256_loadu_si256((const __m256i*)(raw + j));
     if (high) acc = _mm256_add_epi32(acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(high + j)), 4));
     if (correction) acc = _mm256_sub_epi32(acc, _mm256_loadu_si256((const __m256i*)(correction + j)));
-    if (w_zero) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(w_zero + j)), _mm256_set1_epi32(window)));
     __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + j)), _mm256_loadu_ps(bias + j));
     if (res) y = _mm256_add_ps(y, _mm256_loadu_ps(res + j));
     y = _mm256_min_ps(_mm256_max_ps(y, vlo), vhi);
@@ -951,7 +960,6 @@ static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0,
       int32x4_t acc = vld1q_s32(raw + j + 4 * h);
       if (high) acc = vaddq_s32(acc, vshlq_n_s32(vld1q_s32(high + j + 4 * h), 4));
       if (correction) acc = vsubq_s32(acc, vld1q_s32(correction + j + 4 * h));
-      if (w_zero) acc = vmlsq_n_s32(acc, vld1q_s32(w_zero + j + 4 * h), window);
       float32x4_t v = vaddq_f32(vmulq_f32(vcvtq_f32_s32(acc), vld1q_f32(mult + j + 4 * h)), vld1q_f32(bias + j + 4 * h));
       if (res) v = vaddq_f32(v, vld1q_f32(res + j + 4 * h));
       v = vminq_f32(vmaxq_f32(v, vlo), vhi);
@@ -966,7 +974,7 @@ static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0,
   }
 #endif
   for (; j < count; ++j) {
-    int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0) - (w_zero ? w_zero[j] * window : 0);
+    int32_t acc = raw[j] + (high ? 16 * high[j] : 0) - (correction ? correction[j] : 0);
     float y = (float)acc * mult[j] + bias[j];
     if (res) y += res[j];
     y = y < lo ? lo : (y > hi ? hi : y);
@@ -983,10 +991,13 @@ static inline void epilogue_exact(const epilogue_args* e, int64_t m, int32_t n0,
  * tensor, no nibble planes), the most common case: the same function with those arguments
  * constant, so the compiler drops their branches from the vector loop. */
 static inline void epilogue_codes(const epilogue_args* e, int64_t m, int32_t n0, int32_t count, const int32_t* raw) {
+  if (e->w_zero || e->fast_mult) {
+    epilogue(e, m, n0, count, raw, NULL);
+    return;
+  }
   const epilogue_args codes_only = {e->multiplier, e->bias, NULL, NULL, e->clamp_min, e->clamp_max, e->out_scale, e->out_codes, e->out_c,
-                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction, e->w_zero, e->window_sums,
-                                    e->fast_mult, e->fast_bias, e->fast_lo, e->fast_hi};
-  epilogue(&codes_only, m, n0, count, raw, NULL);
+                                    e->out_zero, e->out_qmin, e->out_qmax, e->correction};
+  epilogue_exact(&codes_only, m, n0, count, raw, NULL);
 }
 
 /* Rows of codes, k_padded wide: the receptive field of each output pixel (im2col), padded

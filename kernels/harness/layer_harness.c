@@ -89,7 +89,8 @@ static int baseline_conv2d(const edgeq_conv_params* p, const uint8_t* x, const i
   for (int64_t i = 0; i < row_bytes; ++i) rows[i] ^= 0x80;
   for (int32_t n = 0; n < p->out_c; ++n) correction[n] = (p->x_zero - 128) * wsum[n];
   const epilogue_args e = {multiplier, bias, NULL, NULL, p->clamp_min, p->clamp_max, p->out_scale, out_codes, p->out_c, p->out_zero,
-                           p->out_qmin, p->out_qmax, correction};
+                           p->out_qmin, p->out_qmax, correction, NULL, NULL, p->fast_codes ? multiplier + p->out_c : NULL,
+                           p->fast_codes ? bias + p->out_c : NULL, p->fast_lo, p->fast_hi};
   const int32_t blocks = (p->out_c + BASELINE_NB - 1) / BASELINE_NB;
   for (int32_t b = 0; b < blocks; ++b) {
     const int32_t n0 = b * BASELINE_NB, count = p->out_c - n0 < BASELINE_NB ? p->out_c - n0 : BASELINE_NB;
@@ -165,7 +166,8 @@ int main(int argc, char** argv) {
     fprintf(stderr, "%s: truncated\n", argv[1]);
     return 2;
   }
-  channels = wsum_bytes / 4;
+  channels = p.out_c;  // wsum holds the zero points after the sums when w_zeros
+  if (p.fast_codes) channels *= 2;  // the fast requantization's m' and b' follow the exact arrays
   float* multiplier = malloc((size_t)channels * 4);
   float* bias = malloc((size_t)channels * 4);
   if (fread(multiplier, 4, (size_t)channels, f) != (size_t)channels || fread(bias, 4, (size_t)channels, f) != (size_t)channels) {
