@@ -105,6 +105,16 @@ class Library:
         finally:
             self.lib.edgeq_set_amx(1)
 
+    @contextlib.contextmanager
+    def in_place_allowed(self, allowed: bool):
+        """Let convolutions read their input in place (implicit GEMM), or make every one copy im2col rows,
+        for a while (process-wide)."""
+        self.lib.edgeq_set_in_place(int(allowed))
+        try:
+            yield
+        finally:
+            self.lib.edgeq_set_in_place(1)
+
     @staticmethod
     def _ptr(array: np.ndarray | None):
         return None if array is None else array.ctypes.data_as(ctypes.c_void_p)

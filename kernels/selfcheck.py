@@ -62,11 +62,12 @@ def check_table_lookup(lib, rng) -> str | None:
     return None
 
 
-def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False) -> str | None:
+def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place: bool = False) -> str | None:
     """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
     height and width (larger maps have enough rows for the AMX tiles), ``wide_inputs`` draws 64 or 128 input
-    channels (stride-1 layers of them run on AMX tiles without im2col)."""
-    depthwise = bool(rng.integers(0, 4) == 0)
+    channels (stride-1 layers of them run on AMX tiles without im2col), ``in_place`` a multiple of 16 input
+    channels, which the vector kernels read in place (implicit GEMM) at any stride and padding."""
+    depthwise = not in_place and bool(rng.integers(0, 4) == 0)
     kernel = int(rng.choice([1, 3, 5]))
     stride = int(rng.integers(1, 3))
     pad = int(rng.integers(0, kernel // 2 + 1))
@@ -76,6 +77,8 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False) -> str | 
     cin = int(rng.choice([16, 32, 48])) if depthwise and rng.integers(0, 2) else int(rng.integers(1, 40))
     if wide_inputs and not depthwise:
         cin = int(rng.choice([64, 128]))
+    if in_place:
+        cin = int(rng.choice([16, 32, 48, 64]))
     n = cin if depthwise else int(rng.integers(1, 70))
     x_max = int(rng.choice([15, 255]))
     bits = int(rng.choice([2, 4, 8]))
@@ -260,12 +263,24 @@ def check_float_ops(lib, rng) -> str | None:
     return None
 
 
+def check_in_place_conv(lib, rng) -> str | None:
+    """A convolution the kernels read in place, and the same one through im2col rows."""
+    state = rng.bit_generator.state
+    problem = check_conv(lib, rng, in_place=True)
+    if problem:
+        return f"in place: {problem}"
+    rng.bit_generator.state = state
+    with lib.in_place_allowed(False):
+        problem = check_conv(lib, rng, in_place=True)
+    return f"im2col: {problem}" if problem else None
+
+
 def run(library_path: str, cases: int, seed: int) -> dict:
     lib = native.Library(library_path)
     rng = np.random.default_rng(seed)
     failures = []
     for case in range(cases):
-        for check in (check_unpack, check_gemm, check_table_lookup, check_conv, check_float_ops):
+        for check in (check_unpack, check_gemm, check_table_lookup, check_conv, check_in_place_conv, check_float_ops):
             problem = check(lib, rng)
             if problem:
                 failures.append(f"case {case}: {problem}")

@@ -154,6 +154,14 @@ def test_convolutions_with_fused_epilogue_match_the_reference(libraries, seed, w
     assert selfcheck.check_conv(libraries.get(which, libraries["host"]), np.random.default_rng(seed)) is None
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["host", "avx2", "portable"]))
+def test_convolutions_read_in_place_match_the_reference_and_im2col(libraries, seed, which):
+    """Multiples of 16 input channels: kernel rows read in place from the (padded) input at any stride and padding,
+    and the same layer through im2col rows."""
+    assert selfcheck.check_in_place_conv(libraries.get(which, libraries["host"]), np.random.default_rng(seed)) is None
+
+
 @pytest.fixture(scope="session")
 def amx_library(libraries):
     library = libraries["host"]

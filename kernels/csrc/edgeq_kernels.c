@@ -112,11 +112,13 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
 /* Grow-only scratch memory per thread and purpose: a fresh malloc of a few MB per layer
  * would be mapped anew and page-faulted in on every call. */
 enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_PANEL = 4, SCRATCH_CORRECTION = 5, SCRATCH_AMX_ROWS = 6,
-       SCRATCH_WINDOW_SUMS = 7, SCRATCH_PIXEL_SUMS = 8, SCRATCH_EIGHT_SUMS = 9, SCRATCH_COUNT = 10 };
+       SCRATCH_WINDOW_SUMS = 7, SCRATCH_PIXEL_SUMS = 8, SCRATCH_EIGHT_SUMS = 9, SCRATCH_WIDE_PANEL = 10, SCRATCH_COUNT = 11 };
 static _Thread_local struct {
   void* data;
   size_t size;
 } scratch_slots[SCRATCH_COUNT];
+
+static int in_place_allowed = 1;
 
 static void* scratch(int slot, size_t size) {
   if (scratch_slots[slot].size < size) {
@@ -306,6 +308,33 @@ static void micro_wide(const uint16_t* const* a, const int8_t* panel, int32_t k_
   c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(x, w1));
     EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
 #undef EDGEQ_ROW
+  }
+  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int r = 0; r < 4; ++r) {
+    _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE), rows[r][0]);
+    _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE + 8), rows[r][1]);
+  }
+}
+
+/* The same product read in place (wide_conv_in_place): kernel row t of a tile's rows starts
+ * at a[r] + t * row_stride, tap_k codes (an even count: the taps' kernel_w * in_c, rounded up
+ * against zero weights), and the panel is already int16, [t][tap_k/2][16][2]. */
+static void micro_wide_taps(const uint16_t* const* a, int64_t row_stride, int32_t taps, int32_t tap_k, const int16_t* panel, int32_t* c) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const int16_t* w = panel;
+  for (int32_t t = 0; t < taps; ++t) {
+    const uint16_t *a0 = a[0] + t * row_stride, *a1 = a[1] + t * row_stride, *a2 = a[2] + t * row_stride, *a3 = a[3] + t * row_stride;
+    for (int32_t k = 0; k < tap_k; k += 2, w += 2 * NB_WIDE) {
+      const __m256i w0 = _mm256_load_si256((const __m256i*)w);
+      const __m256i w1 = _mm256_load_si256((const __m256i*)(w + 16));
+      __m256i x;
+#define EDGEQ_ROW(r)                                                                  \
+  x = _mm256_set1_epi32(*(const int32_t*)(a##r + k));                                \
+  c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(x, w0));                     \
+  c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(x, w1));
+      EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
+#undef EDGEQ_ROW
+    }
   }
   const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
   for (int r = 0; r < 4; ++r) {
@@ -1042,6 +1071,58 @@ static void im2col(const edgeq_conv_params* p, const uint8_t* x, int split, uint
   }
 }
 
+/* Implicit GEMM (no im2col): a convolution row's receptive field is kernel_h runs of
+ * kernel_w * in_c contiguous codes in NHWC, so the microkernels read them in place through
+ * their row pointers, kernel row by kernel row, against the matching slice of the panel:
+ *
+ *   padded input (wp pixels a row, in_c codes a pixel), output pixel (oh, ow), tap row kh:
+ *     base = ((oh * stride_h + kh) * wp + ow * stride_w) * in_c
+ *     codes base .. base + kernel_w * in_c  <->  panel k = kh * kernel_w * in_c ...
+ *
+ * Where the convolution pads, the input is copied once with its border (the zero point),
+ * about its own size, where im2col writes kernel_h * kernel_w / stride^2 times it. */
+typedef struct {
+  const uint8_t* x; /* the input, or its padded copy */
+  int64_t row_stride; /* codes from one padded input row to the next */
+  int32_t out_w, stride_h, stride_w, in_c, kernel_h, span;
+} implicit_input;
+
+static int implicit_prepare(const edgeq_conv_params* p, const uint8_t* x, implicit_input* g) {
+  const int32_t c = p->in_c;
+  const int32_t hp = (p->out_h - 1) * p->stride_h + p->kernel_h, wp = (p->out_w - 1) * p->stride_w + p->kernel_w;
+  g->out_w = p->out_w, g->stride_h = p->stride_h, g->stride_w = p->stride_w, g->in_c = c, g->kernel_h = p->kernel_h;
+  g->span = p->kernel_w * c;
+  if (p->pad_top == 0 && p->pad_left == 0 && hp <= p->in_h && wp <= p->in_w) {
+    g->x = x;
+    g->row_stride = (int64_t)p->in_w * c;
+    return 0;
+  }
+  uint8_t* padded = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)hp * (size_t)wp * (size_t)c);
+  if (!padded) return -2;
+  for (int32_t ph = 0; ph < hp; ++ph) {
+    uint8_t* row = padded + (int64_t)ph * wp * c;
+    const int32_t ih = ph - p->pad_top;
+    if (ih < 0 || ih >= p->in_h) {
+      memset(row, p->x_zero, (size_t)wp * c);
+      continue;
+    }
+    const int32_t left = p->pad_left < wp ? p->pad_left : wp;
+    const int32_t inside = p->in_w < wp - left ? p->in_w : wp - left;
+    memset(row, p->x_zero, (size_t)left * c);
+    memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
+    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
+  }
+  g->x = padded;
+  g->row_stride = (int64_t)wp * c;
+  return 0;
+}
+
+/* Where output pixel m's receptive field starts in the (padded) input. */
+static inline const uint8_t* implicit_row(const implicit_input* g, int64_t m) {
+  const int64_t oh = m / g->out_w, ow = m - oh * g->out_w;
+  return g->x + oh * g->stride_h * g->row_stride + ow * g->stride_w * g->in_c;
+}
+
 /* sum_k rows[m] * w for all m and one block: raw int32 products, MR rows at a time. */
 static void block_product(const uint8_t* rows, int64_t m_count, int32_t lda, const int8_t* panel, int32_t k_padded, int32_t chunk, int64_t m,
                           int32_t* tile) {
@@ -1158,6 +1239,90 @@ static int amx_implicit_conv(const edgeq_conv_params* p, const uint8_t* x, const
   return status;
 }
 #endif
+
+#if defined(EDGEQ_HAS_WIDE)
+/* 8-bit inputs on AVX2 (first layers: 3 input channels, 7x7 or 16x16 kernels) without im2col:
+ * the input is widened to uint16 once, with its padding, and each tile reads its kernel rows
+ * in place (micro_wide_taps). A kernel row's kernel_w * in_c codes (21 for RGB 7x7) are read
+ * as tap_k = that rounded up to even, the extra code meeting a zero weight; the panel is
+ * rebuilt per block in that order, sign-extended to int16 once instead of per tile:
+ *
+ *   panel16 [t][j/2][16 channels][2]  =  weight k = t * kernel_w * in_c + j  (0 for j >= kernel_w * in_c)
+ */
+static int wide_conv_in_place(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const epilogue_args* e, int codes_only) {
+  const int32_t c = p->in_c, span = p->kernel_w * c, tap_k = (span + 1) / 2 * 2;
+  const int32_t hp = (p->out_h - 1) * p->stride_h + p->kernel_h, wp = (p->out_w - 1) * p->stride_w + p->kernel_w;
+  const int64_t padded_count = (int64_t)hp * wp * c + (tap_k - span);
+  uint16_t* padded = (uint16_t*)scratch(SCRATCH_WIDE, sizeof(uint16_t) * (size_t)padded_count);
+  if (!padded) return -2;
+  const uint16_t zero = (uint16_t)p->x_zero;
+#pragma omp parallel for schedule(static)
+  for (int32_t ph = 0; ph < hp; ++ph) {
+    uint16_t* row = padded + (int64_t)ph * wp * c;
+    const int32_t ih = ph - p->pad_top;
+    const int32_t left = ih < 0 || ih >= p->in_h ? wp : (p->pad_left < wp ? p->pad_left : wp);
+    const int32_t inside = left == wp ? 0 : (p->in_w < wp - left ? p->in_w : wp - left);
+    const uint8_t* source = inside ? x + (int64_t)ih * p->in_w * c : x;
+    for (int64_t i = 0; i < (int64_t)left * c; ++i) row[i] = zero;
+    for (int64_t i = 0; i < (int64_t)inside * c; ++i) row[(int64_t)left * c + i] = source[i];
+    for (int64_t i = (int64_t)(left + inside) * c; i < (int64_t)wp * c; ++i) row[i] = zero;
+  }
+  for (int64_t i = (int64_t)hp * wp * c; i < padded_count; ++i) padded[i] = zero;
+  const int64_t m_count = (int64_t)p->out_h * p->out_w, row_stride = (int64_t)wp * c;
+  const int32_t blocks = (p->out_c + NB_WIDE - 1) / NB_WIDE;
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const int64_t tiles = (m_count + 3) / 4;
+  int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
+  parts = parts > tiles ? tiles : parts;
+  const int64_t tiles_per_part = (tiles + parts - 1) / parts;
+  int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
+  for (int64_t item = 0; item < (int64_t)blocks * parts; ++item) {
+    const int32_t b = (int32_t)(item / parts);
+    const int64_t m_begin = (item % parts) * tiles_per_part * 4;
+    const int64_t m_end = m_begin + tiles_per_part * 4 < m_count ? m_begin + tiles_per_part * 4 : m_count;
+    const int8_t* panel = block_panel(packed_weights, b, NB_WIDE, p->k_padded, p->w_bits, p->w_low);
+    int16_t* panel16 = (int16_t*)scratch(SCRATCH_WIDE_PANEL, sizeof(int16_t) * (size_t)p->kernel_h * (size_t)tap_k * NB_WIDE);
+    if (!panel || !panel16) {
+      status = -2;
+      continue;
+    }
+    if (tap_k == span) {  // k pairs never straddle kernel rows: the panel's own order, sign-extended
+      const int64_t values = (int64_t)p->kernel_h * span * NB_WIDE;
+      for (int64_t i = 0; i < values; ++i) panel16[i] = panel[i];
+    } else
+      for (int32_t t = 0; t < p->kernel_h; ++t)
+        for (int32_t j = 0; j < tap_k; ++j) {
+          const int64_t k = (int64_t)t * span + j, to = ((int64_t)t * tap_k + j) / 2 * 2 * NB_WIDE + j % 2;
+          for (int32_t n = 0; n < NB_WIDE; ++n) panel16[to + 2 * n] = j < span ? panel[k / 2 * 2 * NB_WIDE + 2 * n + k % 2] : 0;
+        }
+    const int32_t n0 = b * NB_WIDE, count = p->out_c - n0 < NB_WIDE ? p->out_c - n0 : NB_WIDE;
+    for (int64_t m = m_begin; m < m_end; m += 4) {
+      int32_t tile[4 * NB_WIDE];
+      const uint16_t* a[4];
+      for (int r = 0; r < 4; ++r) {
+        const int64_t row = m + r < m_count ? m + r : m_count - 1, oh = row / p->out_w, ow = row - oh * p->out_w;
+        a[r] = padded + oh * p->stride_h * row_stride + ow * p->stride_w * c;
+      }
+      micro_wide_taps(a, row_stride, p->kernel_h, tap_k, panel16, tile);
+      for (int r = 0; r < 4 && m + r < m_end; ++r) {
+        if (codes_only)
+          epilogue_codes(e, m + r, n0, count, tile + r * NB_WIDE);
+        else
+          epilogue(e, m + r, n0, count, tile + r * NB_WIDE, NULL);
+      }
+    }
+  }
+  return status;
+}
+#endif
+
+/* Benchmarks and tests compare the in-place (implicit GEMM) convolution with im2col. */
+void edgeq_set_in_place(int enabled) { __atomic_store_n(&in_place_allowed, enabled != 0, __ATOMIC_RELAXED); }
 
 void edgeq_set_amx(int enabled) {
 #if defined(EDGEQ_HAS_AMX)
@@ -1380,8 +1545,26 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #else
   const int implicit = 0;
 #endif
+#if defined(EDGEQ_HAS_AMX)
+  const int amx_rows_product = vnni && m_count >= AMX_MIN_ROWS && amx_usable();
+#else
+  const int amx_rows_product = 0;
+#endif
+#if defined(EDGEQ_HAS_PACKED2)
+  const int in_registers = !wide && !vnni && !split && p->w_bits == 2 && m_count <= 2 * MR;
+#else
+  const int in_registers = 0;
+#endif
+  // kernel rows read in place where every tap row is a whole number of 16-code groups
+  // where windows overlap: im2col would copy each input code kernel^2 / stride^2 times (RGB 7x7 stride 2: 12x)
+  const int overlapping = p->kernel_h > p->stride_h || p->kernel_w > p->stride_w;
+  const int wide_in_place = wide && !direct && overlapping && __atomic_load_n(&in_place_allowed, __ATOMIC_RELAXED);
+  const int in_place = !direct && !implicit && !split && !signed8 && !wide && !lut && !amx_rows_product && !in_registers && p->in_c % 16 == 0 &&
+                       p->k_padded == k && __atomic_load_n(&in_place_allowed, __ATOMIC_RELAXED);
+  implicit_input geometry;
+  if (in_place && implicit_prepare(p, x, &geometry)) return -2;
   uint8_t* rows = NULL;
-  if (!direct && !implicit) {
+  if (!direct && !implicit && !in_place && !wide_in_place) {
     rows = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(m_count * p->k_padded * (split ? 2 : 1)));
     if (!rows) return -2;
     im2col(p, x, split, rows);
@@ -1391,7 +1574,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   }
   const uint8_t* low_rows = direct ? x : rows;
   uint16_t* wide_rows = NULL;
-  if (wide) {
+  if (wide && !wide_in_place) {
     wide_rows = (uint16_t*)scratch(SCRATCH_WIDE, (size_t)(m_count * p->k_padded) * sizeof(uint16_t));
     if (!wide_rows) return -2;
     for (int64_t i = 0; i < m_count * p->k_padded; ++i) wide_rows[i] = low_rows[i];
@@ -1419,20 +1602,18 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #endif
   const int32_t blocks = (p->out_c + nb - 1) / nb;
   const int codes_only = !split && !residual && !out_float && out_codes;
+#if defined(EDGEQ_HAS_WIDE)
+  if (wide_in_place) return wide_conv_in_place(p, x, packed_weights, &e, codes_only);
+#endif
 #if defined(EDGEQ_HAS_AMX)
   if (implicit) return amx_implicit_conv(p, x, packed_weights, &e, codes_only);
-  const int amx = vnni && m_count >= AMX_MIN_ROWS && amx_usable();
+  const int amx = amx_rows_product;
   const int32_t k64 = (p->k_padded + 63) / 64 * 64;
   const int rows_per_tile = amx ? MR_AMX : (vnni ? MR_VNNI : (wide ? 4 : MR));
 #elif defined(EDGEQ_HAS_VNNI)
   const int rows_per_tile = vnni ? MR_VNNI : (wide ? 4 : MR);
 #else
   const int rows_per_tile = wide ? 4 : MR;
-#endif
-#if defined(EDGEQ_HAS_PACKED2)
-  const int in_registers = !wide && !vnni && !split && p->w_bits == 2 && m_count <= 2 * MR;
-#else
-  const int in_registers = 0;
 #endif
   // Work items are (channel block, range of rows): with few blocks (64 channels are two)
   // the rows are split too, so every core of a 4- or 6-core board has work.
@@ -1471,7 +1652,28 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
     for (int64_t m = m_begin; m < m_end; m += rows_per_tile) {
       int32_t tile[TILE_ROWS_MAX * NB], high[MR * NB];
       const uint8_t* a[TILE_ROWS_MAX];
-      for (int r = 0; r < TILE_ROWS_MAX; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+      if (!in_place)
+        for (int r = 0; r < TILE_ROWS_MAX; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+      if (in_place) {
+        const uint8_t* base[TILE_ROWS_MAX];
+        for (int r = 0; r < rows_per_tile; ++r) base[r] = implicit_row(&geometry, m + r < m_count ? m + r : m_count - 1);
+        for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+          int32_t part[TILE_ROWS_MAX * NB];
+          int32_t* into = kh ? part : tile;
+          const int32_t k0 = kh * geometry.span;
+          for (int r = 0; r < rows_per_tile; ++r) a[r] = base[r] + kh * geometry.row_stride;
+#if defined(EDGEQ_HAS_VNNI)
+          if (vnni && p->w_bits == 2)
+            micro_vnni_packed2(a, packed_weights + (int64_t)b * NB * p->k_padded / 4 + (int64_t)k0 * 8, geometry.span, (int8_t)p->w_low, into);
+          else if (vnni)
+            micro_vnni(a, panel + (int64_t)k0 * NB, geometry.span, into);
+          else
+#endif
+            micro(a, panel + (int64_t)k0 * NB, geometry.span, chunk, into);
+          if (kh)
+            for (int i = 0; i < rows_per_tile * NB; ++i) tile[i] += part[i];
+        }
+      } else
 #if defined(EDGEQ_HAS_AMX)
       if (amx) {
         int64_t lda;

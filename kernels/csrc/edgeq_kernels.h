@@ -65,6 +65,10 @@ int edgeq_layout(void);
  * keeps every layer on the VNNI kernel (the tests and benchmarks compare the two). */
 void edgeq_set_amx(int enabled);
 int edgeq_amx(void);
+/* Convolutions whose kernel rows are whole 16-code groups (in_c % 16 == 0) read their input in
+ * place, kernel row by kernel row (implicit GEMM), instead of copying it into im2col rows;
+ * edgeq_set_in_place(0) makes them copy (the tests and benchmarks compare the two). */
+void edgeq_set_in_place(int enabled);
 /* 1 when this build runs weights packed for `layout` (its own, or a variant) on this CPU. */
 int edgeq_supports_layout(int32_t layout);
 
