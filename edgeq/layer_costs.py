@@ -181,7 +181,13 @@ class LatencyCosts:
         return f"measured kernel time for {self.target.name} on {self.cpu}, one thread"
 
     def cost(self, shape: LayerShape, weight_bits: int, act_bits: int) -> float:
-        key = f"{self.target.name} | {self.cpu} | 1 thread | {shape.key()} | w{weight_bits}a{act_bits}"
+        from .kernels import toolchain
+
+        # the kernels' sources are part of the key: a faster kernel must not be priced by an old timing
+        key = (
+            f"{self.target.name} | {self.cpu} | {toolchain.source_digest()} | 1 thread | {shape.key()} | "
+            f"w{weight_bits}a{act_bits}"
+        )
         if key not in self._cache:
             self._cache[key] = self._measure(shape, weight_bits, act_bits)
             _write_cache(self.cache_path, self._cache)

@@ -54,6 +54,9 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
         elif step.kernel == "add_clamp":
             lo, hi = step.params["clamp"]
             out = np.clip(args[0] + (args[1] if len(args) > 1 else 0), lo, hi).astype(np.float32)
+        elif step.kernel == "max_pool" and step.out_kind == "codes":
+            out = np.zeros(value.shape, np.uint8)
+            library.lib.edgeq_max_pool_codes(ptr(np.ascontiguousarray(args[0], np.uint8)), *p["ints"], ptr(out))
         elif step.kernel == "max_pool":
             out = np.zeros(value.shape, np.float32)
             library.lib.edgeq_max_pool(ptr(np.ascontiguousarray(args[0])), *p["ints"], ptr(out))

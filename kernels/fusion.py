@@ -1,5 +1,6 @@
 """Fusion over a kernel plan: residual adds, clamps, dense biases and the next layer's
-quantization folded into the epilogue of the convolution that computes their input."""
+quantization folded into the epilogue of the convolution that computes their input (through a
+max pool, which then pools codes)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,26 @@ def fuse(plan: Plan) -> None:
                 step.out_kind = "codes"
                 _replace(plan, user, step)
                 changed = True
+            elif user.kernel == "max_pool" and user.out_kind == "float" and params["residual"] is None:
+                # conv -> max pool -> quantize: quantization is monotone, so the convolution writes the codes
+                # and the pool takes maxima of codes (a ResNet stem: 112x112x64 bytes instead of floats)
+                pooled_users = consumers.get(user.output, [])
+                quantize = pooled_users[0] if len(pooled_users) == 1 else None
+                if (
+                    quantize is not None
+                    and quantize.kernel == "quantize"
+                    and quantize.params["nchw"] == 0
+                    and user.output != plan.output_name
+                ):
+                    params["quant"] = quantize.params
+                    step.out_kind = "codes"
+                    codes = plan.values[quantize.output]
+                    plan.values[step.output] = dataclasses.replace(
+                        codes, name=step.output, shape=plan.values[step.output].shape
+                    )
+                    user.out_kind = "codes"
+                    _replace(plan, quantize, user)
+                    changed = True
             if changed:
                 break
 

@@ -223,3 +223,49 @@ def pack_depthwise(weights: np.ndarray) -> PackedWeights:
         0,
         weights.shape[0],
     )
+
+
+# Winograd F(2x2, 3x3) in integers (edgeq_kernels.c winograd_conv): U = (2G) w (2G)^T per tile position
+WINOGRAD_G2 = np.array([[2, 0, 0], [1, 1, 1], [1, -1, 1], [0, 0, 2]], np.int64)
+WINOGRAD_LAYOUTS = ("avx2",)  # builds whose kernel library has winograd_conv
+WINOGRAD_A = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.int64)  # A^T
+WINOGRAD_OFFSET = 30  # added to B^T d B (in [-30, 60] for d in [0, 15]) for an unsigned operand
+WINOGRAD_V_MAX = 90
+WINOGRAD_MIN_CHUNK = 12  # int16 sums of at least this many codes between widenings, or the direct kernel wins
+
+
+def winograd_weights(values: np.ndarray) -> np.ndarray:
+    """U (16, N, C): (2G) w (2G)^T of each (output, input) channel pair's 3x3 weights, position-major (4 i + j)."""
+    n, c = values.shape[:2]
+    return np.einsum("ai,ncij,bj->abnc", WINOGRAD_G2, values.astype(np.int64), WINOGRAD_G2).reshape(16, n, c)
+
+
+def winograd_chunk(u: np.ndarray, k_padded: int) -> int:
+    """The most codes (even, whole chunks from k = 0) whose int16 sums cannot wrap: for every position, output
+    channel and chunk, 90 · Σ |U| <= 32767 (each code of the transformed input is at most 90)."""
+    magnitude = np.zeros((16, u.shape[1], k_padded), np.int64)
+    magnitude[:, :, : u.shape[2]] = np.abs(u)
+    for chunk in range(k_padded, 1, -2):
+        chunks = -(-k_padded // chunk)
+        padded = np.zeros((16, u.shape[1], chunks * chunk), np.int64)
+        padded[:, :, :k_padded] = magnitude
+        if WINOGRAD_V_MAX * padded.reshape(16, u.shape[1], chunks, chunk).sum(3).max(initial=0) <= 32767:
+            return chunk
+    return 0
+
+
+def pack_winograd(values: np.ndarray, layout: Layout) -> tuple[PackedWeights, np.ndarray, int] | None:
+    """The 16 panels of U (8-bit, ``layout``'s panel order), the input offset's share of each output of a 2x2
+    block, A^T (30 sum_c U) A as (4 · N) int32, and the int16 chunk, or None where U's range makes the chunks
+    too short (4-bit and wider weights)."""
+    u = winograd_weights(values)
+    absmax = int(np.abs(u).max(initial=0))
+    n, c = values.shape[:2]
+    chunk = winograd_chunk(u, round_up(c, K_ALIGN)) if absmax <= 127 else 0
+    if chunk < WINOGRAD_MIN_CHUNK:
+        return None
+    data = np.concatenate([panel(u[pos].astype(np.int8), layout).view(np.uint8) for pos in range(16)])
+    packed = PackedWeights(data, 8, 0, absmax, round_up(c, K_ALIGN), n, layout.id)
+    usum = u.sum(2).reshape(4, 4, n)
+    offsets = WINOGRAD_OFFSET * np.einsum("ai,ijn,bj->abn", WINOGRAD_A, usum, WINOGRAD_A).reshape(4, n)
+    return packed, offsets.astype(np.int32).ravel(), chunk

@@ -57,6 +57,7 @@ class ConvParams(ctypes.Structure):
         ("fast_codes", ctypes.c_int32),
         ("fast_lo", ctypes.c_int32),
         ("fast_hi", ctypes.c_int32),
+        ("winograd", ctypes.c_int32),
     ]
 
     def words(self) -> np.ndarray:

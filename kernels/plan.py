@@ -92,7 +92,7 @@ class Plan:
             counts[step.kernel] = counts.get(step.kernel, 0) + 1
             packed = step.params.get("packed")
             if isinstance(packed, layouts.PackedWeights) and packed.layout >= 0:
-                name = names[packed.layout]
+                name = names[packed.layout] + (" winograd" if step.params.get("winograd") else "")
                 weight_layouts[name] = weight_layouts.get(name, 0) + 1
         return {
             "layout": self.layout.name,
@@ -114,10 +114,11 @@ def _scalar(array: np.ndarray, what: str) -> float:
 
 
 class _Planner:
-    def __init__(self, model: onnx.ModelProto, layout: layouts.Layout, generic: bool = False):
+    def __init__(self, model: onnx.ModelProto, layout: layouts.Layout, generic: bool = False, winograd: bool = True):
         from ..lowering import LOW_BIT_TYPES, widen
 
         self.layout = layout
+        self.winograd = winograd
         self.opsets = list(model.opset_import)
         self.generic = generic  # nodes without a kernel become generic steps instead of failing the plan
         self.graph = model.graph
@@ -352,6 +353,7 @@ class _Planner:
         w_scale = np.broadcast_to(w_scale, (n,)).astype(np.float32)
         multiplier = (np.float32(x.scale) * w_scale).astype(np.float32)
         bias = np.zeros(n, np.float32) if bias is None else bias
+        winograd = None
         if depthwise:
             packed = layouts.pack_depthwise(values.reshape(n, geometry["kernel_h"], geometry["kernel_w"]))
             wsum = np.zeros(1, np.int32)
@@ -364,6 +366,10 @@ class _Planner:
             wsum = rows.sum(1).astype(np.int32)
             if w_zero is not None:
                 wsum = np.concatenate([wsum, np.broadcast_to(w_zero, (n,)).astype(np.int32)])
+            winograd = self._winograd(x, values, geometry, w_zero)
+            if winograd is not None:
+                packed, offsets, chunk = winograd
+                wsum = np.concatenate([wsum, offsets])
         if out_shape is None:
             self.values[node.output[0]] = Value(node.output[0], "float", (geometry["out_h"], geometry["out_w"], n))
         else:  # dense layers: rows x channels is the plain tensor (..., rows, n) in memory
@@ -375,6 +381,7 @@ class _Planner:
             x_zero=x.zero,
             x_max=x.qmax,
             out_c=n,
+            winograd=0 if winograd is None else chunk,
             packed=packed,
             wsum=wsum,
             w_zeros=int(w_zero is not None),
@@ -388,6 +395,21 @@ class _Planner:
             quant=None,
         )
         self.steps.append(Step("conv2d", [x.name], node.output[0], params))
+
+    def _winograd(self, x, values, geometry, w_zero):
+        """U's packing and sums where a layer runs as Winograd F(2x2, 3x3), else None."""
+        if not (
+            self.winograd
+            and self.layout.name in layouts.WINOGRAD_LAYOUTS
+            and values.ndim == 4
+            and values.shape[2:] == (3, 3)
+            and (geometry["stride_h"], geometry["stride_w"]) == (1, 1)
+            and x.qmax <= 15
+            and w_zero is None
+            and geometry["in_c"] >= WINOGRAD_MIN_CHANNELS
+        ):
+            return None
+        return layouts.pack_winograd(values, self.layout)
 
     def op_Conv(self, node, attrs):
         x, codes, w_scale, w_zero, bias = self._layer_inputs(node)
@@ -1078,10 +1100,14 @@ def epilogue_arrays(params: dict) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def build_plan(model: onnx.ModelProto, layout: layouts.Layout, *, generic: bool = False) -> Plan:
+def build_plan(model: onnx.ModelProto, layout: layouts.Layout, *, generic: bool = False, winograd: bool = True) -> Plan:
     """The kernel plan of ``model``. A node without a kernel raises :class:`Unsupported`, or with ``generic``
-    becomes a step of TVM's generated code in the same module (``Plan.summary()["generic"]`` lists them)."""
-    return _Planner(model, layout, generic).plan()
+    becomes a step of TVM's generated code in the same module (``Plan.summary()["generic"]`` lists them).
+    ``winograd``: 3x3 stride-1 layers of 4-bit codes run as Winograd F(2x2, 3x3) where the build has the kernel."""
+    return _Planner(model, layout, generic, winograd).plan()
+
+
+WINOGRAD_MIN_CHANNELS = 32  # below this the transforms cost per channel what a few products do
 
 
 def reference_outputs(

@@ -401,11 +401,13 @@ def run_plan(plan, x: np.ndarray) -> dict[str, np.ndarray]:
             out = np.clip(total, F32(max(lo, -3.0e38)), F32(min(hi, 3.0e38)))
         elif step.kernel == "max_pool":
             h, w, c, out_h, out_w, kh, kw, sh, sw, pad_top, pad_left = p["ints"]
+            # codes pool with code 0 as the padding, floats with -inf: below every value either way
+            dtype, low = (np.uint8, 0) if step.out_kind == "codes" else (F32, -np.inf)
             padded = np.full(
-                (max(h + pad_top, (out_h - 1) * sh + kh), max(w + pad_left, (out_w - 1) * sw + kw), c), -np.inf, F32
+                (max(h + pad_top, (out_h - 1) * sh + kh), max(w + pad_left, (out_w - 1) * sw + kw), c), low, dtype
             )
             padded[pad_top : pad_top + h, pad_left : pad_left + w] = args[0].reshape(h, w, c)
-            out = np.full((out_h, out_w, c), -np.inf, F32)
+            out = np.full((out_h, out_w, c), low, dtype)
             for i in range(kh):
                 for j in range(kw):
                     out = np.maximum(out, padded[i : i + sh * (out_h - 1) + 1 : sh, j : j + sw * (out_w - 1) + 1 : sw])

@@ -158,7 +158,7 @@ def to_relax(plan: Plan):
                     name = "edgeq_add_clamp"
                 elif step.kernel in ("max_pool", "global_average_pool"):
                     call_args = [args[0], const(np.array(step.params["ints"], np.int32))]
-                    name = f"edgeq_{step.kernel}"
+                    name = f"edgeq_{step.kernel}{'_codes' if step.out_kind == 'codes' else ''}"
                 elif step.kernel in FLOAT_OPS:
                     p = step.params
                     second = (

@@ -62,14 +62,17 @@ def check_table_lookup(lib, rng) -> str | None:
     return None
 
 
-def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place: bool = False) -> str | None:
+def check_conv(
+    lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place: bool = False, winograd: bool = False
+) -> str | None:
     """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
     height and width (larger maps have enough rows for the AMX tiles), ``wide_inputs`` draws 64 or 128 input
     channels (stride-1 layers of them run on AMX tiles without im2col), ``in_place`` a multiple of 16 input
-    channels, which the vector kernels read in place (implicit GEMM) at any stride and padding."""
-    depthwise = not in_place and bool(rng.integers(0, 4) == 0)
-    kernel = int(rng.choice([1, 3, 5]))
-    stride = int(rng.integers(1, 3))
+    channels, which the vector kernels read in place (implicit GEMM) at any stride and padding, ``winograd`` a
+    3x3 stride-1 layer of 4-bit codes as Winograd F(2x2, 3x3) (odd and even sizes, any padding)."""
+    depthwise = not in_place and not winograd and bool(rng.integers(0, 4) == 0)
+    kernel = 3 if winograd else int(rng.choice([1, 3, 5]))
+    stride = 1 if winograd else int(rng.integers(1, 3))
     pad = int(rng.integers(0, kernel // 2 + 1))
     low = max(kernel, min_size)
     h, w = int(rng.integers(low, max(13, low + 6))), int(rng.integers(low, max(13, low + 6)))
@@ -79,16 +82,22 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place:
         cin = int(rng.choice([64, 128]))
     if in_place:
         cin = int(rng.choice([16, 32, 48, 64]))
+    if winograd:
+        cin = int(rng.choice([32, 40, 64]))
     n = cin if depthwise else int(rng.integers(1, 70))
-    x_max = int(rng.choice([15, 255]))
-    bits = int(rng.choice([2, 4, 8]))
+    x_max = 15 if winograd else int(rng.choice([15, 255]))
+    bits = 2 if winograd else int(rng.choice([2, 4, 8]))
     x = rng.integers(0, x_max + 1, (h, w, cin)).astype(np.uint8)
     x_zero = int(rng.integers(0, x_max + 1))
     weights = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, 1 if depthwise else cin, kernel, kernel))
     if bits == 8 and rng.integers(0, 2):  # symmetric 8-bit weights (|w| <= 127): Arm's one-pass 8-bit-input path
         weights = np.clip(weights, -127, 127)
     # asymmetric weights: a zero point per output channel, applied by the epilogue to the window sums
-    w_zero = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), n) if not depthwise and rng.integers(0, 2) else None
+    w_zero = (
+        rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), n)
+        if not depthwise and not winograd and rng.integers(0, 2)
+        else None
+    )
     centred = weights if w_zero is None else weights - w_zero.reshape(-1, 1, 1, 1)
     acc = reference.conv2d(x, centred, x_zero, (stride, stride), (pad,) * 4, depthwise=depthwise)
     out_h, out_w = acc.shape[:2]
@@ -100,7 +109,10 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place:
     y_ref, codes_ref = reference.epilogue(
         acc.reshape(-1, n), multiplier, bias, residual, clamp, out_scale, out_zero, out_qmax
     )
-    if depthwise:
+    winograd_sums = None
+    if winograd:
+        packed, winograd_sums, winograd_chunk = layouts.pack_winograd(weights, lib.layout)
+    elif depthwise:
         packed = layouts.pack_depthwise(weights[:, 0])
     else:
         rows = weights.transpose(0, 2, 3, 1).reshape(n, -1)
@@ -133,14 +145,18 @@ def check_conv(lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place:
         clamp_min=max(clamp[0], -3.0e38),
         clamp_max=min(clamp[1], 3.0e38),
         w_zeros=int(w_zero is not None),
+        winograd=winograd_chunk if winograd else 0,
     )
     wsum = weights.reshape(n, -1).sum(1).astype(np.int32)
     if w_zero is not None:
         wsum = np.concatenate([wsum, w_zero.astype(np.int32)])
+    if winograd_sums is not None:
+        wsum = np.concatenate([wsum, winograd_sums])
     y, codes = lib.conv2d(params, x, packed, wsum, multiplier, bias, residual, depthwise=depthwise)
     what = (
         f"conv {'depthwise ' if depthwise else ''}{h}x{w}x{cin}->{n} k{kernel} s{stride} p{pad} a{x_max} w{bits} "
         f"layout {packed.layout}{' with weight zero points' if w_zero is not None else ''}"
+        f"{' as Winograd F(2x2, 3x3)' if winograd else ''}"
     )
     # The integer part is exact, so float results agree up to float32 rounding of the same expression.
     if not np.allclose(y, y_ref, rtol=1e-6, atol=1e-5):
@@ -275,12 +291,28 @@ def check_in_place_conv(lib, rng) -> str | None:
     return f"im2col: {problem}" if problem else None
 
 
+def check_winograd_conv(lib, rng) -> str | None:
+    """A 3x3 stride-1 layer of 4-bit codes as Winograd F(2x2, 3x3), where the build has the kernel."""
+    if lib.layout.name not in layouts.WINOGRAD_LAYOUTS:
+        return None
+    return check_conv(lib, rng, winograd=True)
+
+
 def run(library_path: str, cases: int, seed: int) -> dict:
     lib = native.Library(library_path)
     rng = np.random.default_rng(seed)
     failures = []
     for case in range(cases):
-        for check in (check_unpack, check_gemm, check_table_lookup, check_conv, check_in_place_conv, check_float_ops):
+        checks = (
+            check_unpack,
+            check_gemm,
+            check_table_lookup,
+            check_conv,
+            check_in_place_conv,
+            check_winograd_conv,
+            check_float_ops,
+        )
+        for check in checks:
             problem = check(lib, rng)
             if problem:
                 failures.append(f"case {case}: {problem}")

@@ -162,6 +162,17 @@ def test_convolutions_read_in_place_match_the_reference_and_im2col(libraries, se
     assert selfcheck.check_in_place_conv(libraries.get(which, libraries["host"]), np.random.default_rng(seed)) is None
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_winograd_convolutions_match_the_reference(libraries, seed):
+    """3x3 stride-1 layers of 4-bit codes as Winograd F(2x2, 3x3) in integers: every output as the direct sum's,
+    odd and even feature maps, any padding, residuals and the codes-only epilogues."""
+    library = libraries.get("avx2")
+    if library is None:
+        pytest.skip("the Winograd kernel is in the AVX2 build")
+    assert selfcheck.check_winograd_conv(library, np.random.default_rng(seed)) is None
+
+
 @pytest.fixture(scope="session")
 def amx_library(libraries):
     library = libraries["host"]
@@ -504,6 +515,34 @@ def test_channel_padding_shortcuts_run_on_the_kernels(libraries, option_a_resnet
         assert np.abs(ours - theirs).max() < 1e-4
 
 
+def test_winograd_layers_agree_with_onnxruntime_code_for_code(libraries, option_a_resnet_model, tmp_path):
+    """The AVX2 build runs the 3x3 stride-1 layers of 32 and 64 channels as Winograd F(2x2, 3x3): every activation
+    code as onnxruntime's, and the compiled module equals the reference bit for bit."""
+    library = libraries.get("avx2")
+    if library is None:
+        pytest.skip("the Winograd kernel is in the AVX2 build")
+    model = option_a_resnet_model
+    plan = kernel_plan.build_plan(model, library.layout)
+    winograd = [step for step in plan.steps if step.kernel == "conv2d" and step.params.get("winograd")]
+    assert len(winograd) == 2 and plan.summary()["weight_layouts"]["avx2 winograd"] == 2  # second convs, stages 2, 3
+    direct = kernel_plan.build_plan(model, library.layout, winograd=False)
+    assert "avx2 winograd" not in direct.summary()["weight_layouts"]
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        env = execute.run_plan(plan, library, x)
+        _assert_equals_reference(plan, env, x)
+        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+    target = get_target("x86-avx2")
+    out = tmp_path / MODULE_FILE
+    compile_stage.build(model, target, model.graph.input[0].name, [1, 3, 32, 32], out, kernels="auto")
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+    for x in _inputs(model, 2):
+        ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+        assert np.array_equal(ours, reference.run_plan(plan, x)[plan.output_name].reshape(ours.shape))
+
+
 def test_pad_modes_without_a_kernel_are_named():
     from onnx import TensorProto, helper
 
@@ -707,6 +746,67 @@ def test_channel_concatenation_of_feature_maps_stays_nhwc(libraries, build):
         assert _code_disagreement(model, plan, env, x) == (0, 0.0)
         theirs = session.run(None, {model.graph.input[0].name: x})[0]
         assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+
+
+@pytest.fixture(scope="session")
+def resnet_stem_model() -> onnx.ModelProto:
+    """An ImageNet ResNet's stem at W2A4: 7x7 stride-2 convolution of RGB (8-bit inputs), ReLU, 3x3 stride-2 max
+    pool."""
+    import torch
+
+    class Stem(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 7, stride=2, padding=3)
+            self.pool = torch.nn.MaxPool2d(3, stride=2, padding=1)
+            self.body = torch.nn.Conv2d(16, 16, 3, padding=1)
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.pool(torch.relu(self.conv(x)))
+            return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    calibration = np.random.default_rng(0).normal(0, 1, (4, 3, 30, 30)).astype(np.float32)
+    model, _ = export_stage.build_qdq_model(
+        quantize_module(Stem().eval(), calibration, "w2a4"), torch.from_numpy(calibration[:1])
+    )
+    return model
+
+
+@pytest.mark.parametrize("build", ["host", "portable"])
+def test_convolution_writes_codes_through_a_max_pool(libraries, resnet_stem_model, tmp_path, build):
+    """conv -> max pool -> quantize: the convolution writes the codes and the pool takes their maxima, which equal
+    the codes of the float maxima (quantization is monotone): every code as onnxruntime's, the compiled module's
+    logits the reference's bit for bit."""
+    model = resnet_stem_model
+    lib = libraries[build]
+    plan = kernel_plan.build_plan(model, lib.layout)
+    stem = plan.steps[:4]
+    assert [(step.kernel, step.out_kind) for step in stem] == [
+        ("quantize", "codes"),  # the image
+        ("conv2d", "codes"),
+        ("max_pool", "codes"),
+        ("conv2d", "float"),  # reads the pooled codes: no quantization between
+    ]
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
+        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+    if build == "host":
+        target = get_target("x86")
+        out = tmp_path / MODULE_FILE
+        how = compile_stage.build(model, target, model.graph.input[0].name, [1, 3, 30, 30], out, kernels="auto")
+        assert how["path"] == "kernels"
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(out)), tvm.cpu())
+        reference_plan = kernel_plan.build_plan(model, layouts.layout_for(target.arch, target.cpu_features))
+        for x in _inputs(model, 2):
+            ours = vm["main"](tvm.runtime.tensor(x)).numpy()
+            expected = reference.run_plan(reference_plan, x)[reference_plan.output_name].reshape(ours.shape)
+            assert np.array_equal(ours, expected)
 
 
 def test_compiled_module_with_generic_steps_matches_the_reference(tmp_path, timm_style_cnn_model):

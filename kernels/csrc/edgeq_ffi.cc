@@ -67,6 +67,11 @@ void max_pool(TensorView x, TensorView ints, TensorView out) {
   edgeq_max_pool(data<float>(x), i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8], i[9], i[10], data<float>(out));
 }
 
+void max_pool_codes(TensorView x, TensorView ints, TensorView out) {
+  const int32_t* i = data<int32_t>(ints);
+  edgeq_max_pool_codes(data<uint8_t>(x), i[0], i[1], i[2], i[3], i[4], i[5], i[6], i[7], i[8], i[9], i[10], data<uint8_t>(out));
+}
+
 // ints: pixels, c
 void global_average_pool(TensorView x, TensorView ints, TensorView out) {
   const int32_t* i = data<int32_t>(ints);
@@ -101,6 +106,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_conv2d_float, conv2d_float);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_conv2d_codes, conv2d_codes);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_quantize, quantize);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_max_pool, max_pool);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_max_pool_codes, max_pool_codes);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_global_average_pool, global_average_pool);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_add_clamp, add_clamp);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_strided_copy, edgeq_strided_copy_entry);

@@ -112,7 +112,8 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
 /* Grow-only scratch memory per thread and purpose: a fresh malloc of a few MB per layer
  * would be mapped anew and page-faulted in on every call. */
 enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_PANEL = 4, SCRATCH_CORRECTION = 5, SCRATCH_AMX_ROWS = 6,
-       SCRATCH_WINDOW_SUMS = 7, SCRATCH_PIXEL_SUMS = 8, SCRATCH_EIGHT_SUMS = 9, SCRATCH_WIDE_PANEL = 10, SCRATCH_COUNT = 11 };
+       SCRATCH_WINDOW_SUMS = 7, SCRATCH_PIXEL_SUMS = 8, SCRATCH_EIGHT_SUMS = 9, SCRATCH_WIDE_PANEL = 10, SCRATCH_WINOGRAD_V = 11,
+       SCRATCH_WINOGRAD_M = 12, SCRATCH_COUNT = 13 };
 static _Thread_local struct {
   void* data;
   size_t size;
@@ -1321,6 +1322,171 @@ static int wide_conv_in_place(const edgeq_conv_params* p, const uint8_t* x, cons
 }
 #endif
 
+#if defined(__AVX2__)
+/* Winograd F(2x2, 3x3) over 4-bit codes, exact in integers (Lavin & Gray 2016): a 2x2 block of
+ * outputs from a 4x4 tile d of the (padded) input in 16 products instead of 36,
+ *
+ *   4 Y = A^T [ U  (.)  V ] A,   U = (2G) w (2G)^T (the plan's, per position and channel pair),
+ *                                V = B^T d B,
+ *
+ *   B^T = | 1  0 -1  0 |   2G = | 2  0  0 |   A^T = | 1  1  1  0 |
+ *         | 0  1  1  0 |        | 1  1  1 |         | 0  1 -1 -1 |
+ *         | 0 -1  1  0 |        | 1 -1  1 |
+ *         | 0  1 -1  0 |  (row 3: 0 1 0 -1)  | 0  0  2 |
+ *
+ * Every step is an integer sum, so 4 Y is exactly four times the convolution and the shift by
+ * 2 is exact. With codes in [0, 15], V lies in [-30, 60]; V + 30 in [0, 90] is the u8 operand of
+ * vpmaddubsw, and what the offset adds, A^T (30 sum_c U) A per output of the 2x2 block and channel,
+ * is the plan's (offsets[q * out_c + n]), subtracted before the shift. Per position the
+ * products are a GEMM over tiles x channels with U's panel (8-bit, the build's AVX2 layout),
+ * run by micro() with int16 sums over chunks of p->winograd codes, which the plan proved cannot
+ * wrap (90 * sum |U| <= 32767 over every chunk, position and channel). Tiles go in blocks of
+ * WINOGRAD_TILES: their V (16 x tiles x k_padded bytes) and M (16 x tiles x 32 int32) stay in L2. */
+#define EDGEQ_HAS_WINOGRAD 1
+#define WINOGRAD_TILES 32
+#define WINOGRAD_OFFSET 30
+
+static void winograd_input(const uint8_t* d, int64_t wp, int32_t c, int32_t k_padded, uint8_t* v, int64_t position_stride) {
+  const int64_t row = wp * c;
+  int32_t ch = 0;
+  const __m256i offset = _mm256_set1_epi16(WINOGRAD_OFFSET);
+  for (; ch + 16 <= c; ch += 16) {  // sixteen channels in int16 lanes
+    __m256i t[4][4];
+    for (int j = 0; j < 4; ++j) {
+#define EDGEQ_LOAD(i) _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(d + (i) * row + j * c + ch)))
+      const __m256i d0 = EDGEQ_LOAD(0), d1 = EDGEQ_LOAD(1), d2 = EDGEQ_LOAD(2), d3 = EDGEQ_LOAD(3);
+#undef EDGEQ_LOAD
+      t[0][j] = _mm256_sub_epi16(d0, d2), t[1][j] = _mm256_add_epi16(d1, d2);
+      t[2][j] = _mm256_sub_epi16(d2, d1), t[3][j] = _mm256_sub_epi16(d1, d3);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const __m256i out[4] = {_mm256_sub_epi16(t[i][0], t[i][2]), _mm256_add_epi16(t[i][1], t[i][2]), _mm256_sub_epi16(t[i][2], t[i][1]),
+                              _mm256_sub_epi16(t[i][1], t[i][3])};
+      for (int j = 0; j < 4; ++j) {
+        const __m256i q = _mm256_add_epi16(out[j], offset);
+        _mm_storeu_si128((__m128i*)(v + (4 * i + j) * position_stride + ch),
+                         _mm_packus_epi16(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)));
+      }
+    }
+  }
+  for (; ch < c; ++ch) {
+    int16_t t[4][4];
+    for (int j = 0; j < 4; ++j) {  // B^T d, column by column
+      const int16_t d0 = d[0 * row + j * c + ch], d1 = d[1 * row + j * c + ch], d2 = d[2 * row + j * c + ch], d3 = d[3 * row + j * c + ch];
+      t[0][j] = d0 - d2, t[1][j] = d1 + d2, t[2][j] = d2 - d1, t[3][j] = d1 - d3;
+    }
+    for (int i = 0; i < 4; ++i) {  // (B^T d) B, row by row
+      v[(4 * i + 0) * position_stride + ch] = (uint8_t)(t[i][0] - t[i][2] + WINOGRAD_OFFSET);
+      v[(4 * i + 1) * position_stride + ch] = (uint8_t)(t[i][1] + t[i][2] + WINOGRAD_OFFSET);
+      v[(4 * i + 2) * position_stride + ch] = (uint8_t)(t[i][2] - t[i][1] + WINOGRAD_OFFSET);
+      v[(4 * i + 3) * position_stride + ch] = (uint8_t)(t[i][1] - t[i][3] + WINOGRAD_OFFSET);
+    }
+  }
+  for (int pos = 0; pos < 16; ++pos) memset(v + pos * position_stride + c, 0, (size_t)(k_padded - c));  // zero weights there
+}
+
+static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed, const int32_t* offsets, const epilogue_args* e, int codes_only) {
+  const int32_t c = p->in_c, kp = p->k_padded, out_h = p->out_h, out_w = p->out_w;
+  const int32_t tiles_h = (out_h + 1) / 2, tiles_w = (out_w + 1) / 2;
+  const int64_t tiles = (int64_t)tiles_h * tiles_w;
+  const int32_t hp = 2 * tiles_h + 2, wp = 2 * tiles_w + 2;
+  uint8_t* padded = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)hp * (size_t)wp * (size_t)c);
+  if (!padded) return -2;
+  for (int32_t ph = 0; ph < hp; ++ph) {  // the pads, and past an odd edge, hold the zero point
+    uint8_t* row = padded + (int64_t)ph * wp * c;
+    const int32_t ih = ph - p->pad_top;
+    const int32_t left = ih < 0 || ih >= p->in_h ? wp : (p->pad_left < wp ? p->pad_left : wp);
+    const int32_t inside = left == wp ? 0 : (p->in_w < wp - left ? p->in_w : wp - left);
+    memset(row, p->x_zero, (size_t)left * c);
+    if (inside) memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
+    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
+  }
+  const int32_t blocks = (p->out_c + NB - 1) / NB;
+  const int64_t panel_bytes = (int64_t)blocks * NB * kp;  // one position's panel: 8-bit weights, a byte each
+  const int32_t chunk = p->winograd;  // proven by the plan: no int16 sum of a chunk wraps
+  if (chunk < 2 || chunk % 2) return -1;
+  const int64_t tile_blocks = (tiles + WINOGRAD_TILES - 1) / WINOGRAD_TILES;
+  const int64_t position_stride = (int64_t)WINOGRAD_TILES * kp;
+  int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
+  for (int64_t tb = 0; tb < tile_blocks; ++tb) {
+    const int64_t t0 = tb * WINOGRAD_TILES;
+    const int32_t count_t = (int32_t)(tiles - t0 < WINOGRAD_TILES ? tiles - t0 : WINOGRAD_TILES);
+    uint8_t* v = (uint8_t*)scratch(SCRATCH_WINOGRAD_V, (size_t)(16 * position_stride));
+    int32_t* mm = (int32_t*)scratch(SCRATCH_WINOGRAD_M, sizeof(int32_t) * 16 * WINOGRAD_TILES * NB);
+    if (!v || !mm) {
+      status = -2;
+      continue;
+    }
+    for (int32_t t = 0; t < WINOGRAD_TILES; ++t) {  // a whole block: the last micro tile's rows are read
+      const int64_t tile = t0 + (t < count_t ? t : count_t - 1), th = tile / tiles_w, tw = tile - th * tiles_w;
+      winograd_input(padded + (2 * th * wp + 2 * tw) * c, wp, c, kp, v + (int64_t)t * kp, position_stride);
+    }
+    int failed = 0;  // (status is this thread's reduction copy: INT_MAX until set)
+    for (int32_t b = 0; b < blocks && !failed; ++b) {
+      const int32_t n0 = b * NB, count = p->out_c - n0 < NB ? p->out_c - n0 : NB;
+      for (int pos = 0; pos < 16; ++pos) {
+        const int8_t* panel = block_panel(packed + pos * panel_bytes, b, NB, kp, 8, p->w_low);
+        if (!panel) {
+          status = -2;
+          failed = 1;
+          break;
+        }
+        for (int32_t t = 0; t < count_t; t += MR) {
+          const uint8_t* a[MR];
+          for (int r = 0; r < MR; ++r) a[r] = v + pos * position_stride + (int64_t)(t + r) * kp;
+          micro(a, panel, kp, chunk, mm + ((int64_t)pos * WINOGRAD_TILES + t) * NB);
+        }
+      }
+      if (failed) break;
+      for (int32_t t = 0; t < count_t; ++t) {
+        const int64_t tile = t0 + t, th = tile / tiles_w, tw = tile - th * tiles_w;
+        int32_t y[4][NB];
+        const int32_t* m = mm + (int64_t)t * NB;  // position pos at m + pos * WINOGRAD_TILES * NB
+        const int64_t at = (int64_t)WINOGRAD_TILES * NB;
+        int32_t n = 0;
+        for (; n + 8 <= count; n += 8) {  // eight channels in int32 lanes: A^T M column by column, then A
+          __m256i s0[4], s1[4];
+          for (int j = 0; j < 4; ++j) {
+#define EDGEQ_M(i) _mm256_loadu_si256((const __m256i*)(m + (4 * (i) + j) * at + n))
+            const __m256i m1 = EDGEQ_M(1), m2 = EDGEQ_M(2);
+            s0[j] = _mm256_add_epi32(_mm256_add_epi32(EDGEQ_M(0), m1), m2);
+            s1[j] = _mm256_sub_epi32(_mm256_sub_epi32(m1, m2), EDGEQ_M(3));
+#undef EDGEQ_M
+          }
+#define EDGEQ_Y(q, value) \
+  _mm256_storeu_si256((__m256i*)(y[q] + n), _mm256_srai_epi32(_mm256_sub_epi32(value, _mm256_loadu_si256((const __m256i*)(offsets + (int64_t)(q) * p->out_c + n0 + n))), 2))
+          EDGEQ_Y(0, _mm256_add_epi32(_mm256_add_epi32(s0[0], s0[1]), s0[2]));
+          EDGEQ_Y(1, _mm256_sub_epi32(_mm256_sub_epi32(s0[1], s0[2]), s0[3]));
+          EDGEQ_Y(2, _mm256_add_epi32(_mm256_add_epi32(s1[0], s1[1]), s1[2]));
+          EDGEQ_Y(3, _mm256_sub_epi32(_mm256_sub_epi32(s1[1], s1[2]), s1[3]));
+#undef EDGEQ_Y
+        }
+        for (; n < count; ++n) {
+          int32_t s0[4], s1[4];
+          for (int j = 0; j < 4; ++j) {
+            const int32_t m0 = m[j * at + n], m1 = m[(4 + j) * at + n], m2 = m[(8 + j) * at + n], m3 = m[(12 + j) * at + n];
+            s0[j] = m0 + m1 + m2, s1[j] = m1 - m2 - m3;
+          }
+          const int32_t* o = offsets + n0 + n;
+          y[0][n] = (s0[0] + s0[1] + s0[2] - o[0]) >> 2, y[1][n] = (s0[1] - s0[2] - s0[3] - o[p->out_c]) >> 2;
+          y[2][n] = (s1[0] + s1[1] + s1[2] - o[2 * p->out_c]) >> 2, y[3][n] = (s1[1] - s1[2] - s1[3] - o[3 * p->out_c]) >> 2;
+        }
+        for (int q = 0; q < 4; ++q) {
+          const int64_t oh = 2 * th + q / 2, ow = 2 * tw + q % 2;
+          if (oh >= out_h || ow >= out_w) continue;
+          if (codes_only)
+            epilogue_codes(e, oh * out_w + ow, n0, count, y[q]);
+          else
+            epilogue(e, oh * out_w + ow, n0, count, y[q], NULL);
+        }
+      }
+    }
+  }
+  return status;
+}
+#endif
+
 /* Benchmarks and tests compare the in-place (implicit GEMM) convolution with im2col. */
 void edgeq_set_in_place(int enabled) { __atomic_store_n(&in_place_allowed, enabled != 0, __ATOMIC_RELAXED); }
 
@@ -1521,7 +1687,8 @@ static int window_sums(const edgeq_conv_params* p, const uint8_t* x, int32_t* su
 
 int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const int32_t* wsum, const float* multiplier,
                  const float* bias, const float* residual, float* out_float, uint8_t* out_codes) {
-  const int32_t k = p->kernel_h * p->kernel_w * p->in_c;
+  // Winograd's panels reduce over the input channels alone (one panel per tile position)
+  const int32_t k = p->winograd ? p->in_c : p->kernel_h * p->kernel_w * p->in_c;
   if (p->k_padded % K_ALIGN || p->k_padded < k || p->x_max > 255 || !edgeq_supports_layout(p->w_layout)) return -1;
   const int wide = p->w_layout == EDGEQ_LAYOUT_AVX2_WIDE;
   const int lut = p->w_layout == EDGEQ_LAYOUT_AVX2_LUT || p->w_layout == EDGEQ_LAYOUT_NEON_LUT;
@@ -1559,12 +1726,19 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   // where windows overlap: im2col would copy each input code kernel^2 / stride^2 times (RGB 7x7 stride 2: 12x)
   const int overlapping = p->kernel_h > p->stride_h || p->kernel_w > p->stride_w;
   const int wide_in_place = wide && !direct && overlapping && __atomic_load_n(&in_place_allowed, __ATOMIC_RELAXED);
-  const int in_place = !direct && !implicit && !split && !signed8 && !wide && !lut && !amx_rows_product && !in_registers && p->in_c % 16 == 0 &&
+  const int winograd = p->winograd;
+#if !defined(EDGEQ_HAS_WINOGRAD)
+  if (winograd) return -1;
+#endif
+  if (winograd && (p->kernel_h != 3 || p->kernel_w != 3 || p->stride_h != 1 || p->stride_w != 1 || p->x_max > NIBBLE_MAX || p->w_bits != 8 ||
+                   p->w_zeros || wide || lut || vnni))
+    return -1;
+  const int in_place = !winograd && !direct && !implicit && !split && !signed8 && !wide && !lut && !amx_rows_product && !in_registers && p->in_c % 16 == 0 &&
                        p->k_padded == k && __atomic_load_n(&in_place_allowed, __ATOMIC_RELAXED);
   implicit_input geometry;
   if (in_place && implicit_prepare(p, x, &geometry)) return -2;
   uint8_t* rows = NULL;
-  if (!direct && !implicit && !in_place && !wide_in_place) {
+  if (!direct && !implicit && !in_place && !wide_in_place && !winograd) {
     rows = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(m_count * p->k_padded * (split ? 2 : 1)));
     if (!rows) return -2;
     im2col(p, x, split, rows);
@@ -1604,6 +1778,9 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int codes_only = !split && !residual && !out_float && out_codes;
 #if defined(EDGEQ_HAS_WIDE)
   if (wide_in_place) return wide_conv_in_place(p, x, packed_weights, &e, codes_only);
+#endif
+#if defined(EDGEQ_HAS_WINOGRAD)
+  if (winograd) return winograd_conv(p, x, packed_weights, wsum + p->out_c, &e, codes_only);
 #endif
 #if defined(EDGEQ_HAS_AMX)
   if (implicit) return amx_implicit_conv(p, x, packed_weights, &e, codes_only);
@@ -1881,6 +2058,31 @@ void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32
           const int32_t iw = ow * stride_w - pad_left + kw;
           if (iw < 0 || iw >= in_w) continue;
           const float* xs = x + ((int64_t)ih * in_w + iw) * c;
+          for (int32_t ch = 0; ch < c; ++ch) o[ch] = xs[ch] > o[ch] ? xs[ch] : o[ch];
+        }
+      }
+    }
+  }
+}
+
+/* Max pooling of codes: quantization is monotone, so the max of codes is the code of the
+ * max, and a convolution followed by pooling and quantization writes codes before the pool
+ * (a quarter of the bytes, pooled with byte maxima). The padding takes code 0, below or equal
+ * to every code, as -inf is for floats. */
+void edgeq_max_pool_codes(const uint8_t* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
+                          int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, uint8_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int32_t oh = 0; oh < out_h; ++oh) {
+    for (int32_t ow = 0; ow < out_w; ++ow) {
+      uint8_t* o = out + ((int64_t)oh * out_w + ow) * c;
+      memset(o, 0, (size_t)c);
+      for (int32_t kh = 0; kh < kernel_h; ++kh) {
+        const int32_t ih = oh * stride_h - pad_top + kh;
+        if (ih < 0 || ih >= in_h) continue;
+        for (int32_t kw = 0; kw < kernel_w; ++kw) {
+          const int32_t iw = ow * stride_w - pad_left + kw;
+          if (iw < 0 || iw >= in_w) continue;
+          const uint8_t* xs = x + ((int64_t)ih * in_w + iw) * c;
           for (int32_t ch = 0; ch < c; ++ch) o[ch] = xs[ch] > o[ch] ? xs[ch] : o[ch];
         }
       }

@@ -94,6 +94,12 @@ typedef struct {
    * out_codes = clamp(floor(acc * multiplier[out_c + n] + bias[out_c + n]), fast_lo, fast_hi)
    * (kernels/reference.py fast_requantization): one multiply, one add, one floor per output. */
   int32_t fast_codes, fast_lo, fast_hi;
+  /* > 0: a 3x3 stride-1 layer of 4-bit codes as Winograd F(2x2, 3x3) (AVX2 builds), int16 sums over chunks of
+   * this many codes (the plan proved they cannot wrap); packed_weights holds
+   * 16 panels of U = (2G) w (2G)^T, one per tile position (8-bit, the build's layout), and wsum after its out_c
+   * sums the input offset's share of each output of a 2x2 block, offsets[q * out_c + n] (kernels/plan.py
+   * winograd_weights). */
+  int32_t winograd;
 } edgeq_conv_params;
 
 /* sizeof(edgeq_conv_params): edgeq/kernels/native.py ConvParams must match it (tested). */
@@ -119,6 +125,9 @@ void edgeq_quantize(const float* x, int32_t channels, int32_t pixels, int32_t nc
 
 void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
                     int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, float* out);
+/* The same over codes (the pool of a convolution that writes codes: quantization is monotone). */
+void edgeq_max_pool_codes(const uint8_t* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
+                          int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, uint8_t* out);
 void edgeq_global_average_pool(const float* x, int32_t pixels, int32_t c, float* out);
 /* out = clamp(a + b, lo, hi) elementwise (b may be NULL). */
 void edgeq_add_clamp(const float* a, const float* b, int64_t count, float lo, float hi, float* out);
