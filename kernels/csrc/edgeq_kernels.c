@@ -1407,9 +1407,22 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
   if (chunk < 2 || chunk % 2) return -1;
   const int64_t tile_blocks = (tiles + WINOGRAD_TILES - 1) / WINOGRAD_TILES;
   const int64_t position_stride = (int64_t)WINOGRAD_TILES * kp;
+  // Work items are (tile block, group of output blocks): with few tiles (7x7 maps have 16) the output
+  // channels are split too, each item transforming its tiles' input again (a few percent of a product)
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  int64_t groups = threads > 1 && tile_blocks < 4 * threads ? (4 * threads + tile_blocks - 1) / tile_blocks : 1;
+  groups = groups > blocks ? blocks : groups;
+  const int32_t blocks_per_group = (int32_t)((blocks + groups - 1) / groups);
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
-  for (int64_t tb = 0; tb < tile_blocks; ++tb) {
+  for (int64_t item = 0; item < tile_blocks * groups; ++item) {
+    const int64_t tb = item / groups;
+    const int32_t b_begin = (int32_t)(item % groups) * blocks_per_group;
+    const int32_t b_end = b_begin + blocks_per_group < blocks ? b_begin + blocks_per_group : blocks;
     const int64_t t0 = tb * WINOGRAD_TILES;
     const int32_t count_t = (int32_t)(tiles - t0 < WINOGRAD_TILES ? tiles - t0 : WINOGRAD_TILES);
     uint8_t* v = (uint8_t*)scratch(SCRATCH_WINOGRAD_V, (size_t)(16 * position_stride));
@@ -1423,7 +1436,7 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
       winograd_input(padded + (2 * th * wp + 2 * tw) * c, wp, c, kp, v + (int64_t)t * kp, position_stride);
     }
     int failed = 0;  // (status is this thread's reduction copy: INT_MAX until set)
-    for (int32_t b = 0; b < blocks && !failed; ++b) {
+    for (int32_t b = b_begin; b < b_end && !failed; ++b) {
       const int32_t n0 = b * NB, count = p->out_c - n0 < NB ? p->out_c - n0 : NB;
       for (int pos = 0; pos < 16; ++pos) {
         const int8_t* panel = block_panel(packed + pos * panel_bytes, b, NB, kp, 8, p->w_low);
