@@ -147,6 +147,7 @@ def case_bytes(case: ConvCase, weight_bits: int, input_bits: int, build_layout: 
     on the microkernel the planner would choose for it)."""
     rng = np.random.default_rng(seed)
     x_max = 2**input_bits - 1
+    winograd_chunk = 0
     x = rng.integers(0, x_max + 1, (case.in_h, case.in_w, case.in_c)).astype(np.uint8)
     # 8-bit weights in [-127, 127], as symmetric quantization gives: an int8 kernel's int16 pair sums then fit
     low, high = -(2 ** (weight_bits - 1)) + (weight_bits == 8), 2 ** (weight_bits - 1)
@@ -158,6 +159,10 @@ def case_bytes(case: ConvCase, weight_bits: int, input_bits: int, build_layout: 
         w = rng.integers(low, high, (case.out_c, case.kernel_h * case.kernel_w * case.in_c))
         packed = layouts.pack_weights(w, layouts.conv_layout(build_layout, x_max, w, case.out_h * case.out_w))
         wsum = w.sum(1).astype(np.int32)
+        winograd = _winograd(case, w, x_max, build_layout)
+        if winograd is not None:  # as the planner runs such a layer
+            packed, offsets, winograd_chunk = winograd
+            wsum = np.concatenate([wsum, offsets])
     params = native.conv_params(
         in_h=case.in_h,
         in_w=case.in_w,
@@ -184,6 +189,7 @@ def case_bytes(case: ConvCase, weight_bits: int, input_bits: int, build_layout: 
         out_scale=1.0,
         clamp_min=-3.0e38,
         clamp_max=3.0e38,
+        winograd=winograd_chunk,
     )
     # a scale product without exact ties at code boundaries, as real layers' are (1e-3 puts acc = 500 exactly on 0.5)
     multiplier = np.full(case.out_c, 1.0123e-3, np.float32)
@@ -200,6 +206,18 @@ def case_bytes(case: ConvCase, weight_bits: int, input_bits: int, build_layout: 
         data = np.ascontiguousarray(array).tobytes()
         blob += struct.pack("<q", len(data)) + data
     return blob + multiplier.tobytes() + bias.tobytes()
+
+
+def _winograd(case: ConvCase, w: np.ndarray, x_max: int, build_layout: layouts.Layout):
+    """The planner's Winograd packing where it would run this layer so (kernels/plan.py _winograd), else None."""
+    if (
+        (case.kernel_h, case.kernel_w, case.stride_h, case.stride_w) != (3, 3, 1, 1)
+        or x_max > 15
+        or not layouts.winograd_applies(build_layout, case.in_c, case.out_h * case.out_w)
+    ):
+        return None
+    values = w.reshape(case.out_c, 3, 3, case.in_c).transpose(0, 3, 1, 2)
+    return layouts.pack_winograd(values, build_layout)
 
 
 def build_harness(chosen: Core, out: Path) -> Path:

@@ -400,13 +400,12 @@ class _Planner:
         """U's packing and sums where a layer runs as Winograd F(2x2, 3x3), else None."""
         if not (
             self.winograd
-            and self.layout.name in layouts.WINOGRAD_LAYOUTS
             and values.ndim == 4
             and values.shape[2:] == (3, 3)
             and (geometry["stride_h"], geometry["stride_w"]) == (1, 1)
             and x.qmax <= 15
             and w_zero is None
-            and geometry["in_c"] >= WINOGRAD_MIN_CHANNELS
+            and layouts.winograd_applies(self.layout, geometry["in_c"], geometry["out_h"] * geometry["out_w"])
         ):
             return None
         return layouts.pack_winograd(values, self.layout)
@@ -1105,9 +1104,6 @@ def build_plan(model: onnx.ModelProto, layout: layouts.Layout, *, generic: bool 
     becomes a step of TVM's generated code in the same module (``Plan.summary()["generic"]`` lists them).
     ``winograd``: 3x3 stride-1 layers of 4-bit codes run as Winograd F(2x2, 3x3) where the build has the kernel."""
     return _Planner(model, layout, generic, winograd).plan()
-
-
-WINOGRAD_MIN_CHANNELS = 32  # below this the transforms cost per channel what a few products do
 
 
 def reference_outputs(

@@ -1322,7 +1322,6 @@ static int wide_conv_in_place(const edgeq_conv_params* p, const uint8_t* x, cons
 }
 #endif
 
-#if defined(__AVX2__)
 /* Winograd F(2x2, 3x3) over 4-bit codes, exact in integers (Lavin & Gray 2016): a 2x2 block of
  * outputs from a 4x4 tile d of the (padded) input in 16 products instead of 36,
  *
@@ -1338,17 +1337,23 @@ static int wide_conv_in_place(const edgeq_conv_params* p, const uint8_t* x, cons
  * 2 is exact. With codes in [0, 15], V lies in [-30, 60]; V + 30 in [0, 90] is the u8 operand of
  * vpmaddubsw, and what the offset adds, A^T (30 sum_c U) A per output of the 2x2 block and channel,
  * is the plan's (offsets[q * out_c + n]), subtracted before the shift. Per position the
- * products are a GEMM over tiles x channels with U's panel (8-bit, the build's AVX2 layout),
+ * products are a GEMM over tiles x channels with U's panel (8-bit, the build's own layout),
  * run by micro() with int16 sums over chunks of p->winograd codes, which the plan proved cannot
  * wrap (90 * sum |U| <= 32767 over every chunk, position and channel). Tiles go in blocks of
  * WINOGRAD_TILES: their V (16 x tiles x k_padded bytes) and M (16 x tiles x 32 int32) stay in L2. */
 #define EDGEQ_HAS_WINOGRAD 1
-#define WINOGRAD_TILES 32
+#define WINOGRAD_TILES (MR * (32 / MR)) /* whole microkernel tiles: 32 rows, 30 on the portable build */
+
+/* GCC's generic vectors where the build has no AVX2 code for the transforms: NEON registers on Arm */
+typedef int16_t winograd_i16x8 __attribute__((vector_size(16)));
+typedef uint8_t winograd_u8x8 __attribute__((vector_size(8)));
+typedef int32_t winograd_i32x4 __attribute__((vector_size(16)));
 #define WINOGRAD_OFFSET 30
 
 static void winograd_input(const uint8_t* d, int64_t wp, int32_t c, int32_t k_padded, uint8_t* v, int64_t position_stride) {
   const int64_t row = wp * c;
   int32_t ch = 0;
+#if defined(__AVX2__)
   const __m256i offset = _mm256_set1_epi16(WINOGRAD_OFFSET);
   for (; ch + 16 <= c; ch += 16) {  // sixteen channels in int16 lanes
     __m256i t[4][4];
@@ -1369,6 +1374,27 @@ static void winograd_input(const uint8_t* d, int64_t wp, int32_t c, int32_t k_pa
       }
     }
   }
+#else
+  for (; ch + 8 <= c; ch += 8) {  // eight channels in int16 lanes
+    winograd_i16x8 t[4][4];
+    for (int j = 0; j < 4; ++j) {
+      winograd_i16x8 rows[4];
+      for (int i = 0; i < 4; ++i) {
+        winograd_u8x8 bytes;
+        memcpy(&bytes, d + i * row + j * c + ch, sizeof bytes);
+        rows[i] = __builtin_convertvector(bytes, winograd_i16x8);
+      }
+      t[0][j] = rows[0] - rows[2], t[1][j] = rows[1] + rows[2], t[2][j] = rows[2] - rows[1], t[3][j] = rows[1] - rows[3];
+    }
+    for (int i = 0; i < 4; ++i) {
+      const winograd_i16x8 out[4] = {t[i][0] - t[i][2], t[i][1] + t[i][2], t[i][2] - t[i][1], t[i][1] - t[i][3]};
+      for (int j = 0; j < 4; ++j) {
+        const winograd_u8x8 q = __builtin_convertvector(out[j] + WINOGRAD_OFFSET, winograd_u8x8);  // in [0, 90]
+        memcpy(v + (4 * i + j) * position_stride + ch, &q, sizeof q);
+      }
+    }
+  }
+#endif
   for (; ch < c; ++ch) {
     int16_t t[4][4];
     for (int j = 0; j < 4; ++j) {  // B^T d, column by column
@@ -1458,6 +1484,7 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
         const int32_t* m = mm + (int64_t)t * NB;  // position pos at m + pos * WINOGRAD_TILES * NB
         const int64_t at = (int64_t)WINOGRAD_TILES * NB;
         int32_t n = 0;
+#if defined(__AVX2__)
         for (; n + 8 <= count; n += 8) {  // eight channels in int32 lanes: A^T M column by column, then A
           __m256i s0[4], s1[4];
           for (int j = 0; j < 4; ++j) {
@@ -1475,6 +1502,23 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
           EDGEQ_Y(3, _mm256_sub_epi32(_mm256_sub_epi32(s1[1], s1[2]), s1[3]));
 #undef EDGEQ_Y
         }
+#else
+        for (; n + 4 <= count; n += 4) {  // four channels in int32 lanes
+          winograd_i32x4 s0[4], s1[4];
+          for (int j = 0; j < 4; ++j) {
+            winograd_i32x4 mi[4];
+            for (int i = 0; i < 4; ++i) memcpy(&mi[i], m + (4 * i + j) * at + n, sizeof mi[i]);
+            s0[j] = mi[0] + mi[1] + mi[2], s1[j] = mi[1] - mi[2] - mi[3];
+          }
+          const winograd_i32x4 out[4] = {s0[0] + s0[1] + s0[2], s0[1] - s0[2] - s0[3], s1[0] + s1[1] + s1[2], s1[1] - s1[2] - s1[3]};
+          for (int q = 0; q < 4; ++q) {
+            winograd_i32x4 offset;
+            memcpy(&offset, offsets + (int64_t)q * p->out_c + n0 + n, sizeof offset);
+            const winograd_i32x4 value = (out[q] - offset) >> 2;
+            memcpy(y[q] + n, &value, sizeof value);
+          }
+        }
+#endif
         for (; n < count; ++n) {
           int32_t s0[4], s1[4];
           for (int j = 0; j < 4; ++j) {
@@ -1498,7 +1542,6 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
   }
   return status;
 }
-#endif
 
 /* Benchmarks and tests compare the in-place (implicit GEMM) convolution with im2col. */
 void edgeq_set_in_place(int enabled) { __atomic_store_n(&in_place_allowed, enabled != 0, __ATOMIC_RELAXED); }
