@@ -396,6 +396,18 @@ def _inputs(model: onnx.ModelProto, count: int):
     return [rng.normal(0, 1, dims).astype(np.float32) for _ in range(count)]
 
 
+def _assert_plan_reproduces_onnxruntime(model: onnx.ModelProto, plan: kernel_plan.Plan, lib) -> None:
+    """On three inputs: every value the reference's, every activation code onnxruntime's, the logits to float
+    rounding (integer layers only: no layer norm, softmax or GELU)."""
+    session = onnxruntime_session(model)
+    for x in _inputs(model, 3):
+        env = execute.run_plan(plan, lib, x)
+        _assert_equals_reference(plan, env, x)
+        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
+        theirs = session.run(None, {model.graph.input[0].name: x})[0]
+        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+
+
 def _code_disagreement(model: onnx.ModelProto, plan: kernel_plan.Plan, env: dict, x: np.ndarray) -> tuple[int, float]:
     """(largest difference in LSB, share of codes that differ) between the plan's activation codes and onnxruntime's.
 
@@ -529,13 +541,7 @@ def test_winograd_layers_agree_with_onnxruntime_code_for_code(libraries, option_
     assert len(winograd) == 2 and plan.summary()["weight_layouts"]["avx2 winograd"] == 2  # second convs, stages 2, 3
     direct = kernel_plan.build_plan(model, library.layout, winograd=False)
     assert "avx2 winograd" not in direct.summary()["weight_layouts"]
-    session = onnxruntime_session(model)
-    for x in _inputs(model, 3):
-        env = execute.run_plan(plan, library, x)
-        _assert_equals_reference(plan, env, x)
-        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
-        theirs = session.run(None, {model.graph.input[0].name: x})[0]
-        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+    _assert_plan_reproduces_onnxruntime(model, plan, library)
     target = get_target("x86-avx2")
     out = tmp_path / MODULE_FILE
     compile_stage.build(model, target, model.graph.input[0].name, [1, 3, 32, 32], out, kernels="auto")
@@ -741,13 +747,7 @@ def test_channel_concatenation_of_feature_maps_stays_nhwc(libraries, build):
     kernels = plan.summary()["kernels"]
     assert (kernels["concat"], kernels["copy"]) == (1, 1)  # the one copy is the channel slice, itself NHWC
     assert all(v.layout == "nhwc" for v in plan.values.values() if v.kind == "float" and len(v.shape) == 3)
-    session = onnxruntime_session(model)
-    for x in _inputs(model, 3):
-        env = execute.run_plan(plan, lib, x)
-        _assert_equals_reference(plan, env, x)
-        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
-        theirs = session.run(None, {model.graph.input[0].name: x})[0]
-        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+    _assert_plan_reproduces_onnxruntime(model, plan, lib)
 
 
 @pytest.fixture(scope="session")
@@ -791,13 +791,7 @@ def test_convolution_writes_codes_through_a_max_pool(libraries, resnet_stem_mode
         ("max_pool", "codes"),
         ("conv2d", "float"),  # reads the pooled codes: no quantization between
     ]
-    session = onnxruntime_session(model)
-    for x in _inputs(model, 3):
-        env = execute.run_plan(plan, lib, x)
-        _assert_equals_reference(plan, env, x)
-        assert _code_disagreement(model, plan, env, x) == (0, 0.0)
-        theirs = session.run(None, {model.graph.input[0].name: x})[0]
-        assert np.abs(env[plan.output_name].reshape(plan.output_shape) - theirs).max() < 1e-4
+    _assert_plan_reproduces_onnxruntime(model, plan, lib)
     if build == "host":
         target = get_target("x86")
         out = tmp_path / MODULE_FILE

@@ -121,6 +121,19 @@ static _Thread_local struct {
 
 static int in_place_allowed = 1;
 
+/* Work items are (channel block, part of the rows): with fewer blocks than four per core (64
+ * channels are two) each block's rows are split too, so every core of a 4- or 6-core board has
+ * work; never into more parts than there are tiles of rows. */
+static int64_t row_parts(int64_t blocks, int64_t tiles) {
+#if defined(_OPENMP)
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
+  return parts > tiles ? tiles : parts;
+}
+
 static void* scratch(int slot, size_t size) {
   if (scratch_slots[slot].size < size) {
     free(scratch_slots[slot].data);
@@ -291,35 +304,13 @@ static void micro_lut(const uint8_t* const* tables, const uint8_t* index, int32_
 
 /* 8-bit activations (first and last layers): u8 x s8 pairs could saturate vpmaddubsw, so
  * both sides are widened to int16 and vpmaddwd sums each pair into int32 (4 rows x 16
- * channels; activation rows widened to uint16 once; panel layout [k/2][16][2] of int8,
- * sign-extended on load). */
+ * channels; activation rows widened to uint16 once; the panel [k/2][16][2] of int8 sign-extended
+ * once per block). */
 #define EDGEQ_HAS_WIDE 1
 #define NB_WIDE 16
-static void micro_wide(const uint16_t* const* a, const int8_t* panel, int32_t k_padded, int32_t* c) {
-  const uint16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-  const int8_t* w = panel;
-  for (int32_t k = 0; k < k_padded; k += 2, w += 2 * NB_WIDE) {
-    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)w));
-    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)(w + 16)));
-    __m256i x;
-#define EDGEQ_ROW(r)                                                                  \
-  x = _mm256_set1_epi32(*(const int32_t*)(a##r + k));                                \
-  c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(x, w0));                     \
-  c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(x, w1));
-    EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
-#undef EDGEQ_ROW
-  }
-  const __m256i rows[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-  for (int r = 0; r < 4; ++r) {
-    _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE), rows[r][0]);
-    _mm256_storeu_si256((__m256i*)(c + r * NB_WIDE + 8), rows[r][1]);
-  }
-}
-
-/* The same product read in place (wide_conv_in_place): kernel row t of a tile's rows starts
- * at a[r] + t * row_stride, tap_k codes (an even count: the taps' kernel_w * in_c, rounded up
- * against zero weights), and the panel is already int16, [t][tap_k/2][16][2]. */
+/* Kernel row t of a tile's rows starts at a[r] + t * row_stride, tap_k codes (an even count:
+ * the taps' kernel_w * in_c, rounded up against zero weights), and the panel is int16,
+ * [t][tap_k/2][16][2] (wide_conv_in_place); im2col rows are one tap of k_padded codes. */
 static void micro_wide_taps(const uint16_t* const* a, int64_t row_stride, int32_t taps, int32_t tap_k, const int16_t* panel, int32_t* c) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const int16_t* w = panel;
@@ -1072,6 +1063,22 @@ static void im2col(const edgeq_conv_params* p, const uint8_t* x, int split, uint
   }
 }
 
+/* The input with its border: hp rows of wp pixels, input pixel (ph - pad_top, pw - pad_left)
+ * where it exists and the zero point elsewhere (the padding, and past the input's edge where the
+ * tiles reach further). */
+static void pad_input(const edgeq_conv_params* p, const uint8_t* x, int32_t hp, int32_t wp, uint8_t* padded) {
+  const int32_t c = p->in_c;
+  for (int32_t ph = 0; ph < hp; ++ph) {
+    uint8_t* row = padded + (int64_t)ph * wp * c;
+    const int32_t ih = ph - p->pad_top;
+    const int32_t left = ih < 0 || ih >= p->in_h ? wp : (p->pad_left < wp ? p->pad_left : wp);
+    const int32_t inside = left == wp ? 0 : (p->in_w < wp - left ? p->in_w : wp - left);
+    memset(row, p->x_zero, (size_t)left * c);
+    if (inside) memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
+    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
+  }
+}
+
 /* Implicit GEMM (no im2col): a convolution row's receptive field is kernel_h runs of
  * kernel_w * in_c contiguous codes in NHWC, so the microkernels read them in place through
  * their row pointers, kernel row by kernel row, against the matching slice of the panel:
@@ -1100,19 +1107,7 @@ static int implicit_prepare(const edgeq_conv_params* p, const uint8_t* x, implic
   }
   uint8_t* padded = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)hp * (size_t)wp * (size_t)c);
   if (!padded) return -2;
-  for (int32_t ph = 0; ph < hp; ++ph) {
-    uint8_t* row = padded + (int64_t)ph * wp * c;
-    const int32_t ih = ph - p->pad_top;
-    if (ih < 0 || ih >= p->in_h) {
-      memset(row, p->x_zero, (size_t)wp * c);
-      continue;
-    }
-    const int32_t left = p->pad_left < wp ? p->pad_left : wp;
-    const int32_t inside = p->in_w < wp - left ? p->in_w : wp - left;
-    memset(row, p->x_zero, (size_t)left * c);
-    memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
-    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
-  }
+  pad_input(p, x, hp, wp, padded);
   g->x = padded;
   g->row_stride = (int64_t)wp * c;
   return 0;
@@ -1186,29 +1181,11 @@ static int amx_implicit_conv(const edgeq_conv_params* p, const uint8_t* x, const
   const int64_t padded_pixels = virtual_rows + (int64_t)(p->kernel_h - 1) * wp + p->kernel_w - 1 + MR_AMX;
   uint8_t* padded = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(padded_pixels * c));
   if (!padded) return -2;
-  const int32_t left = p->pad_left < wp ? p->pad_left : wp;
-  for (int32_t ph = 0; ph < hp; ++ph) {
-    uint8_t* row = padded + (int64_t)ph * wp * c;
-    const int32_t ih = ph - p->pad_top;
-    if (ih < 0 || ih >= p->in_h) {
-      memset(row, p->x_zero, (size_t)wp * c);
-      continue;
-    }
-    const int32_t inside = p->in_w < wp - left ? p->in_w : wp - left;
-    memset(row, p->x_zero, (size_t)left * c);
-    memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
-    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
-  }
+  pad_input(p, x, hp, wp, padded);
   memset(padded + (int64_t)hp * wp * c, p->x_zero, (size_t)((padded_pixels - (int64_t)hp * wp) * c));
   const int32_t blocks = (p->out_c + NB - 1) / NB;
-#if defined(_OPENMP)
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
   const int64_t tiles = (virtual_rows + MR_AMX - 1) / MR_AMX;
-  int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
-  parts = parts > tiles ? tiles : parts;
+  const int64_t parts = row_parts(blocks, tiles);
   const int64_t tiles_per_part = (tiles + parts - 1) / parts;
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
@@ -1271,14 +1248,8 @@ static int wide_conv_in_place(const edgeq_conv_params* p, const uint8_t* x, cons
   for (int64_t i = (int64_t)hp * wp * c; i < padded_count; ++i) padded[i] = zero;
   const int64_t m_count = (int64_t)p->out_h * p->out_w, row_stride = (int64_t)wp * c;
   const int32_t blocks = (p->out_c + NB_WIDE - 1) / NB_WIDE;
-#if defined(_OPENMP)
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
   const int64_t tiles = (m_count + 3) / 4;
-  int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
-  parts = parts > tiles ? tiles : parts;
+  const int64_t parts = row_parts(blocks, tiles);
   const int64_t tiles_per_part = (tiles + parts - 1) / parts;
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
@@ -1418,15 +1389,7 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
   const int32_t hp = 2 * tiles_h + 2, wp = 2 * tiles_w + 2;
   uint8_t* padded = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)hp * (size_t)wp * (size_t)c);
   if (!padded) return -2;
-  for (int32_t ph = 0; ph < hp; ++ph) {  // the pads, and past an odd edge, hold the zero point
-    uint8_t* row = padded + (int64_t)ph * wp * c;
-    const int32_t ih = ph - p->pad_top;
-    const int32_t left = ih < 0 || ih >= p->in_h ? wp : (p->pad_left < wp ? p->pad_left : wp);
-    const int32_t inside = left == wp ? 0 : (p->in_w < wp - left ? p->in_w : wp - left);
-    memset(row, p->x_zero, (size_t)left * c);
-    if (inside) memcpy(row + (int64_t)left * c, x + (int64_t)ih * p->in_w * c, (size_t)inside * c);
-    memset(row + (int64_t)(left + inside) * c, p->x_zero, (size_t)(wp - left - inside) * c);
-  }
+  pad_input(p, x, hp, wp, padded);  // past an odd edge too
   const int32_t blocks = (p->out_c + NB - 1) / NB;
   const int64_t panel_bytes = (int64_t)blocks * NB * kp;  // one position's panel: 8-bit weights, a byte each
   const int32_t chunk = p->winograd;  // proven by the plan: no int16 sum of a chunk wraps
@@ -1435,13 +1398,7 @@ static int winograd_conv(const edgeq_conv_params* p, const uint8_t* x, const uin
   const int64_t position_stride = (int64_t)WINOGRAD_TILES * kp;
   // Work items are (tile block, group of output blocks): with few tiles (7x7 maps have 16) the output
   // channels are split too, each item transforming its tiles' input again (a few percent of a product)
-#if defined(_OPENMP)
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
-  int64_t groups = threads > 1 && tile_blocks < 4 * threads ? (4 * threads + tile_blocks - 1) / tile_blocks : 1;
-  groups = groups > blocks ? blocks : groups;
+  const int64_t groups = row_parts(tile_blocks, blocks);
   const int32_t blocks_per_group = (int32_t)((blocks + groups - 1) / groups);
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
@@ -1848,16 +1805,8 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #else
   const int rows_per_tile = wide ? 4 : MR;
 #endif
-  // Work items are (channel block, range of rows): with few blocks (64 channels are two)
-  // the rows are split too, so every core of a 4- or 6-core board has work.
-#if defined(_OPENMP)
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
   const int64_t tiles = (m_count + rows_per_tile - 1) / rows_per_tile;
-  int64_t parts = threads > 1 && blocks < 4 * threads ? (4 * threads + blocks - 1) / blocks : 1;
-  parts = parts > tiles ? tiles : parts;
+  const int64_t parts = row_parts(blocks, tiles);
   const int64_t tiles_per_part = (tiles + parts - 1) / parts;
   int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) reduction(min : status)
@@ -1878,6 +1827,15 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
       status = -2;
       continue;
     }
+#if defined(EDGEQ_HAS_WIDE)
+    int16_t* wide_panel = wide ? (int16_t*)scratch(SCRATCH_WIDE_PANEL, sizeof(int16_t) * (size_t)p->k_padded * NB_WIDE) : NULL;
+    if (wide && !wide_panel) {
+      status = -2;
+      continue;
+    }
+    if (wide)  // sign-extended once per block, not per tile
+      for (int64_t i = 0; i < (int64_t)p->k_padded * NB_WIDE; ++i) wide_panel[i] = panel[i];
+#endif
 #if defined(EDGEQ_HAS_AMX)
     if (amx) amx_begin();
 #endif
@@ -1929,7 +1887,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
       if (wide) {
         const uint16_t* a16[4];
         for (int r = 0; r < 4; ++r) a16[r] = wide_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
-        micro_wide(a16, panel, p->k_padded, tile);
+        micro_wide_taps(a16, 0, 1, p->k_padded, wide_panel, tile);
       } else
 #endif
 #if defined(EDGEQ_HAS_PACKED2)
@@ -2100,51 +2058,32 @@ void edgeq_quantize(const float* x, int32_t channels, int32_t pixels, int32_t nc
   quantize_run(x, (int64_t)pixels * channels, scale, (float)zero, (float)qmin, (float)qmax, out);
 }
 
-void edgeq_max_pool(const float* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
-                    int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, float* out) {
-#pragma omp parallel for schedule(static)
-  for (int32_t oh = 0; oh < out_h; ++oh) {
-    for (int32_t ow = 0; ow < out_w; ++ow) {
-      float* o = out + ((int64_t)oh * out_w + ow) * c;
-      for (int32_t ch = 0; ch < c; ++ch) o[ch] = -INFINITY;
-      for (int32_t kh = 0; kh < kernel_h; ++kh) {
-        const int32_t ih = oh * stride_h - pad_top + kh;
-        if (ih < 0 || ih >= in_h) continue;
-        for (int32_t kw = 0; kw < kernel_w; ++kw) {
-          const int32_t iw = ow * stride_w - pad_left + kw;
-          if (iw < 0 || iw >= in_w) continue;
-          const float* xs = x + ((int64_t)ih * in_w + iw) * c;
-          for (int32_t ch = 0; ch < c; ++ch) o[ch] = xs[ch] > o[ch] ? xs[ch] : o[ch];
-        }
-      }
-    }
+/* Max pooling over NHWC, padding below every value: -inf for floats; for codes 0. Quantization is
+ * monotone, so the max of codes is the code of the max: a convolution followed by pooling and
+ * quantization writes codes before the pool (a quarter of the bytes, pooled with byte maxima). */
+#define EDGEQ_MAX_POOL(name, type, lowest)                                                                                   \
+  void name(const type* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w, \
+            int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, type* out) {                                   \
+    _Pragma("omp parallel for schedule(static)") for (int32_t oh = 0; oh < out_h; ++oh) {                                      \
+      for (int32_t ow = 0; ow < out_w; ++ow) {                                                                                 \
+        type* o = out + ((int64_t)oh * out_w + ow) * c;                                                                        \
+        for (int32_t ch = 0; ch < c; ++ch) o[ch] = (lowest);                                                                   \
+        for (int32_t kh = 0; kh < kernel_h; ++kh) {                                                                            \
+          const int32_t ih = oh * stride_h - pad_top + kh;                                                                     \
+          if (ih < 0 || ih >= in_h) continue;                                                                                  \
+          for (int32_t kw = 0; kw < kernel_w; ++kw) {                                                                          \
+            const int32_t iw = ow * stride_w - pad_left + kw;                                                                  \
+            if (iw < 0 || iw >= in_w) continue;                                                                                \
+            const type* xs = x + ((int64_t)ih * in_w + iw) * c;                                                                \
+            for (int32_t ch = 0; ch < c; ++ch) o[ch] = xs[ch] > o[ch] ? xs[ch] : o[ch];                                        \
+          }                                                                                                                    \
+        }                                                                                                                      \
+      }                                                                                                                        \
+    }                                                                                                                          \
   }
-}
-
-/* Max pooling of codes: quantization is monotone, so the max of codes is the code of the
- * max, and a convolution followed by pooling and quantization writes codes before the pool
- * (a quarter of the bytes, pooled with byte maxima). The padding takes code 0, below or equal
- * to every code, as -inf is for floats. */
-void edgeq_max_pool_codes(const uint8_t* x, int32_t in_h, int32_t in_w, int32_t c, int32_t out_h, int32_t out_w, int32_t kernel_h, int32_t kernel_w,
-                          int32_t stride_h, int32_t stride_w, int32_t pad_top, int32_t pad_left, uint8_t* out) {
-#pragma omp parallel for schedule(static)
-  for (int32_t oh = 0; oh < out_h; ++oh) {
-    for (int32_t ow = 0; ow < out_w; ++ow) {
-      uint8_t* o = out + ((int64_t)oh * out_w + ow) * c;
-      memset(o, 0, (size_t)c);
-      for (int32_t kh = 0; kh < kernel_h; ++kh) {
-        const int32_t ih = oh * stride_h - pad_top + kh;
-        if (ih < 0 || ih >= in_h) continue;
-        for (int32_t kw = 0; kw < kernel_w; ++kw) {
-          const int32_t iw = ow * stride_w - pad_left + kw;
-          if (iw < 0 || iw >= in_w) continue;
-          const uint8_t* xs = x + ((int64_t)ih * in_w + iw) * c;
-          for (int32_t ch = 0; ch < c; ++ch) o[ch] = xs[ch] > o[ch] ? xs[ch] : o[ch];
-        }
-      }
-    }
-  }
-}
+EDGEQ_MAX_POOL(edgeq_max_pool, float, -INFINITY)
+EDGEQ_MAX_POOL(edgeq_max_pool_codes, uint8_t, 0)
+#undef EDGEQ_MAX_POOL
 
 void edgeq_global_average_pool(const float* x, int32_t pixels, int32_t c, float* out) {
   for (int32_t ch = 0; ch < c; ++ch) out[ch] = 0.0f;
