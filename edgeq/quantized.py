@@ -30,7 +30,7 @@ from . import quant
 from .data import Preprocess
 from .errors import EdgeqError
 from .graph import eval_mode, execution_order, fold_batchnorm
-from .layers import MatMul
+from .layers import MatMul, expose_timm_attention
 from .manifest import Manifest, sha256_file, staged_folder
 from .models import LoadedModel, load_model
 from .reconstruction import ReconstructionConfig, Rounding, reconstruct
@@ -178,6 +178,9 @@ def prepare(model: nn.Module, spec: QuantSpec, example: torch.Tensor) -> tuple[n
     """Fold BatchNorm and wrap every quantizable layer (uncalibrated); ``example`` is an input
     batch that shows the order layers run in, which decides the first and the last."""
     folded = eval_mode(fold_batchnorm(model))
+    exposed = expose_timm_attention(folded)  # folded is a copy: the caller's model keeps its attention
+    if exposed:
+        log.info("timm attention: Q·Kᵀ and weights·V of %d modules quantized at %d bits", exposed, spec.matmul_act_bits)
     names = quantizable_layers(folded)
     if not names:
         raise EdgeqError(
@@ -481,5 +484,12 @@ def load(folder, *, allow_pickle: bool = False) -> tuple[nn.Module, LoadedModel,
         raise EdgeqError(f"{folder} does not match the layers of {model_entry['path']}", "re-run 'edgeq quantize'")
     for name in set(layers) - recorded:  # left unquantized at calibration
         _unwrap(model, name)
-    model.load_state_dict(load_file(str(manifest.checked_output(folder, WEIGHTS_FILE))))
+    state = load_file(str(manifest.checked_output(folder, WEIGHTS_FILE)))
+    missing = [key for key in model.state_dict() if key not in state]
+    if missing:  # e.g. timm attention quantized since the folder was made
+        raise EdgeqError(
+            f"{folder} holds no {missing[0]} (made by an edgeq that quantized less of this model)",
+            "re-run 'edgeq quantize'",
+        )
+    model.load_state_dict(state)
     return eval_mode(model), loaded, spec, manifest

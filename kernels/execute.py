@@ -9,7 +9,7 @@ import numpy as np
 
 from . import native
 from .plan import Plan, Unsupported, epilogue_arrays, run_generic
-from .relax_module import FLOAT_OPS, conv_struct, quantize_arguments
+from .relax_module import CODES_OPERANDS, FLOAT_OPS, conv_struct, quantize_arguments
 
 
 def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list | None = None) -> dict[str, np.ndarray]:
@@ -65,10 +65,11 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
         elif step.kernel in FLOAT_OPS:
             second = args[1] if len(args) > 1 else p["constant"]
             out = np.zeros(value.shape, np.float32)
-            first = np.ascontiguousarray(args[0], np.uint8 if step.kernel == "dequantize" else np.float32)
+            codes_in = step.kernel in CODES_OPERANDS
+            first = np.ascontiguousarray(args[0], np.uint8 if codes_in else np.float32)
             getattr(library.lib, FLOAT_OPS[step.kernel])(
                 ptr(first),
-                ptr(None if second is None else np.ascontiguousarray(second, np.float32)),
+                ptr(None if second is None else np.ascontiguousarray(second, np.uint8 if codes_in else np.float32)),
                 ptr(p["ints"]),
                 ptr(p["floats"]),
                 ptr(out),

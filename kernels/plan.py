@@ -43,6 +43,8 @@ UNSIGNED_ACTIVATIONS = {onnx.TensorProto.UINT8: 255, onnx.TensorProto.UINT4: 15,
 
 # The opset of a generic step's small model: the one the compile stage gives TVM's ONNX importer
 GENERIC_OPSET = 21
+# edgeq_matmul_codes sums k products of two factors within +-255 in int32
+MATMUL_CODES_MAX_K = 32768
 
 
 class Unsupported(Exception):
@@ -530,6 +532,8 @@ class _Planner:
             self._output_channel_axis(node, 1)
             self._dense_step(node, x, codes.T, w_zero, w_scale, None)
             return
+        if self._matmul_of_codes(node):
+            return
         a, b = self._plain(node.input[0], node), self._plain(node.input[1], node)
         if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2]:
             raise Unsupported(
@@ -537,6 +541,23 @@ class _Planner:
             )
         batch, m, k, n = int(np.prod(a.shape[:-2])), a.shape[-2], a.shape[-1], b.shape[-1]
         self._float_op("matmul", node, [a, b], (*a.shape[:-1], n), [batch, m, k, n], [1.0])
+
+    def _matmul_of_codes(self, node) -> bool:
+        """Both operands quantized (attention's scores and context at ``attention_bits``): one integer product of
+        their codes, scaled once, instead of two dequantized copies and a float product. False where it does
+        not apply (the float path takes it)."""
+        names = node.input[:2]
+        if not all(name in self.dequantized for name in names):
+            return False
+        a, b = (self.values[self.dequantized[name]] for name in names)
+        if a.layout != "plain" or b.layout != "plain" or len(a.shape) < 2 or len(b.shape) < 2:
+            return False
+        if a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-2] or a.shape[-1] > MATMUL_CODES_MAX_K:
+            return False
+        batch, m, k, n = int(np.prod(a.shape[:-2])), a.shape[-2], a.shape[-1], b.shape[-1]
+        alpha = np.float32(a.scale) * np.float32(b.scale)
+        self._float_op("matmul_codes", node, [a, b], (*a.shape[:-1], n), [batch, m, k, n, a.zero, b.zero], [alpha])
+        return True
 
     # -- float operators -------------------------------------------------------------------
     def _float(self, name, node) -> Value:

@@ -366,6 +366,11 @@ def float_op(kernel: str, a: np.ndarray, b: np.ndarray | None, ints: np.ndarray,
         for p in range(k):  # each output sums its products in k order, multiply and add rounded separately
             acc = acc + left[:, :, p : p + 1] * right[:, p : p + 1, :]
         return acc * floats[0]
+    if kernel == "matmul_codes":
+        batch, m, k, n, a_zero, b_zero = ints[:6]
+        left = np.asarray(a).reshape(batch, m, k).astype(np.int64) - a_zero
+        right = np.asarray(b).reshape(batch, k, n).astype(np.int64) - b_zero
+        return (left @ right).astype(np.int32).astype(F32) * floats[0]  # exact sums, one rounding each way
     raise ValueError(f"no reference for the float operator {kernel!r}")
 
 

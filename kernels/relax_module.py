@@ -51,7 +51,10 @@ FLOAT_OPS = {
     "gelu": "edgeq_gelu",
     "activation": "edgeq_activation",
     "matmul": "edgeq_matmul",
+    "matmul_codes": "edgeq_matmul_codes",
 }
+# operators of FLOAT_OPS whose operands are uint8 codes, not float32
+CODES_OPERANDS = frozenset({"dequantize", "matmul_codes"})
 
 
 def quantize_arguments(plan: Plan, step: Step) -> tuple[list[int], float]:

@@ -205,7 +205,7 @@ def _float_op(lib, name, a, b, ints, floats, shape):
     ptr = lib._ptr
     getattr(lib.lib, name)(
         ptr(np.ascontiguousarray(a)),
-        ptr(None if b is None else np.ascontiguousarray(b, np.float32)),
+        ptr(None if b is None else np.ascontiguousarray(b, np.uint8 if b.dtype == np.uint8 else np.float32)),
         ptr(np.array(ints, np.int32)),
         ptr(np.array(floats or [0.0], np.float32)),
         ptr(out),
@@ -264,7 +264,19 @@ def check_float_ops(lib, rng) -> str | None:
         rng.normal(0, 1, (batch, rows, k)).astype(np.float32),
         rng.normal(0, 1, (batch, k, n)).astype(np.float32),
     )
+    codes_left = rng.integers(0, 256, (batch, rows, k), dtype=np.uint8)
+    codes_right = rng.integers(0, 256, (batch, k, n), dtype=np.uint8)
+    zeros = [int(z) for z in rng.integers(0, 256, 2)]
     exact = [
+        (
+            "edgeq_matmul_codes",
+            "matmul_codes",
+            codes_left,
+            codes_right,
+            [batch, rows, k, n, *zeros],
+            [0.01],
+            (batch, rows, n),
+        ),
         ("edgeq_softmax", "softmax", x, None, [rows, cols], [], x.shape),
         ("edgeq_gelu", "gelu", x, None, [x.size], [], x.shape),
         ("edgeq_layer_norm", "layer_norm", x, gamma_beta, [rows, cols], [1e-5], x.shape),

@@ -128,6 +128,9 @@ def test_vit_linears_export_within_one_step(tmp_path):
     inputs = loaded.preprocess(load_fashion_mnist("test").images[:16])
     onnx_model, records = export.build_qdq_model(model, torch.from_numpy(inputs[:2]))
     assert {r["op"] for r in records} >= {"Conv", "MatMul"}
-    assert len(records) == 1 + 2 * 4 + 1  # patch embedding, 4 linears per block, head
+    layers = [r for r in records if "operand" not in r]
+    assert len(layers) == 1 + 2 * 4 + 1  # patch embedding, 4 linears per block, head
+    operands = [r for r in records if "operand" in r]  # timm attention's Q·Kᵀ and weights·V, both sides, per block
+    assert len(operands) == 2 * 2 * 2 and {r["act_bits"] for r in operands} == {8}
     check = export.compare_with_onnxruntime(model, onnx_model, records, inputs)
     assert check["quantizer_max_lsb"] == 0 and check["layer_max_rel_error"] < 1e-5

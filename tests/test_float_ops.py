@@ -17,7 +17,7 @@ BUILDS = ["host", "portable"]
 def call(library, name, a, b, ints, floats, out_shape):
     out = np.zeros(out_shape, np.float32)
     ptr = library._ptr
-    second = None if b is None else np.ascontiguousarray(b, np.float32)
+    second = None if b is None else np.ascontiguousarray(b, np.uint8 if b.dtype == np.uint8 else np.float32)
     getattr(library.lib, name)(
         ptr(np.ascontiguousarray(a)),
         ptr(second),
@@ -41,6 +41,33 @@ def test_matmul_tiles_equal_the_reference_bit_for_bit(libraries, build):
         ours = call(libraries[build], "edgeq_matmul", a, b, [2, m, k, n], [0.125], (2, m, n))
         expected = reference.float_op("matmul", a, b, np.array([2, m, k, n]), np.array([0.125], np.float32))
         assert np.array_equal(ours, expected), (m, k, n)
+
+
+@pytest.mark.parametrize("build", BUILDS)
+def test_matmul_of_codes_is_the_exact_integer_product_scaled_once(libraries, build):
+    """Attention's quantized operands multiply as integers: every output is the exact sum of (a - a_zero) *
+    (b - b_zero) converted to float and times alpha, bit for bit the reference's, on tile-sized and ragged shapes
+    (odd k, rows not a multiple of 4, columns not of 16) and on the extreme codes that bound the int32 sums."""
+    from edgeq.kernels import reference
+
+    rng = np.random.default_rng(5)
+    cases = [
+        (197, 64, 197, 131, 7),
+        (197, 197, 64, 0, 128),
+        (5, 33, 100, 255, 0),
+        (1, 1, 1, 3, 250),
+        (6, 7, 17, 9, 200),
+    ]
+    for m, k, n, a_zero, b_zero in cases:
+        a = rng.integers(0, 256, (3, m, k), dtype=np.uint8)
+        b = rng.integers(0, 256, (3, k, n), dtype=np.uint8)
+        a[0, 0], b[0, :, 0] = 0 if a_zero > 127 else 255, 0 if b_zero > 127 else 255  # the largest |products|
+        ints, alpha = [3, m, k, n, a_zero, b_zero], np.float32(0.0123)
+        ours = call(libraries[build], "edgeq_matmul_codes", a, b, ints, [alpha], (3, m, n))
+        expected = reference.float_op("matmul_codes", a, b, np.array(ints), np.array([alpha], np.float32))
+        assert np.array_equal(ours, expected), (m, k, n)
+        exact = (a.astype(np.int64) - a_zero) @ (b.astype(np.int64) - b_zero)
+        assert np.array_equal(ours, exact.astype(np.float32) * alpha), (m, k, n)
 
 
 @pytest.mark.parametrize("build", BUILDS)

@@ -376,7 +376,7 @@ def exports(tmp_path_factory, quantized_dirs, tiny_zoo_vit_export):
 
 @pytest.fixture(scope="session")
 def timm_vit_model(tmp_path_factory) -> onnx.ModelProto:
-    """A two-block timm ViT at W2A4: the exporter's attention (scaled_dot_product_attention) stays float."""
+    """A two-block timm ViT at W2A4: its attention's two products quantized at 8 bits (attention_bits)."""
     import timm
     import torch
 
@@ -458,7 +458,8 @@ def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
     if name == "mobilenet":
         assert any(step.params.get("depthwise") for step in plan.steps if step.kernel == "conv2d")
     if name == "vit":
-        assert {"layer_norm", "softmax", "gelu", "matmul", "dequantize"} <= set(kernels)
+        # attention's two quantized operands multiply as codes: no dequantized copies, no float product
+        assert {"layer_norm", "softmax", "gelu", "matmul_codes"} <= set(kernels) and "dequantize" not in kernels
     session = onnxruntime_session(model)
     input_name = model.graph.input[0].name
     for x in _inputs(model, 5):
@@ -484,7 +485,8 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
     lib = libraries[build]
     plan = kernel_plan.build_plan(timm_vit_model, lib.layout)
     kernels = plan.summary()["kernels"]
-    assert kernels["conv2d"] == 1 + 2 * 4 + 1 and {"layer_norm", "softmax", "gelu", "matmul", "copy"} <= set(kernels)
+    assert kernels["conv2d"] == 1 + 2 * 4 + 1 and {"layer_norm", "softmax", "gelu", "copy"} <= set(kernels)
+    assert kernels["matmul_codes"] == 2 * 2 and "matmul" not in kernels  # Q·Kᵀ and weights·V of both blocks
     session = onnxruntime_session(timm_vit_model)
     for x in _inputs(timm_vit_model, 3):
         env = execute.run_plan(plan, lib, x)

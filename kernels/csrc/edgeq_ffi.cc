@@ -99,6 +99,7 @@ EDGEQ_FLOAT_OP_ENTRY(edgeq_softmax)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_gelu)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_activation)
 EDGEQ_FLOAT_OP_ENTRY(edgeq_matmul)
+EDGEQ_FLOAT_OP_ENTRY(edgeq_matmul_codes)
 
 }  // namespace
 
@@ -118,3 +119,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_softmax, edgeq_softmax_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_gelu, edgeq_gelu_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_activation, edgeq_activation_entry);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_matmul, edgeq_matmul_entry);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(edgeq_matmul_codes, edgeq_matmul_codes_entry);

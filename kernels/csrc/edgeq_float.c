@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -401,4 +402,106 @@ void edgeq_matmul(const float* a, const float* b, const int32_t* ints, const flo
       matmul_rows(at, bt, i, i + 4 <= m ? i + 4 : m, j, k, n, alpha, ot);
     }
   }
+}
+
+/* ints: batch, m, k, n, a_zero, b_zero; floats: alpha. `a` (batch x m x k) and `b` (batch x k x n) hold uint8
+ * codes, as for edgeq_dequantize: out[t] = alpha * (float)(sum_p (a[t][i][p] - a_zero) * (b[t][p][j] - b_zero)),
+ * a matrix product of two quantized activations (attention's scores and context) in exact integers: each
+ * factor is within +-255, so the sum fits int32 for k <= 32768 (the planner's bound), and the one rounding
+ * is the int32 -> float conversion times alpha (the two scales' product).
+ *
+ * AVX2: vpmaddwd on int16 (code - zero) pairs along k, 4 rows x 16 columns of int32 sums per tile. b is
+ * widened once per call into 16-column panels, two int16 per column per k-pair:
+ *
+ *   panel[q] = | b[2q][j0] b[2q+1][j0] | b[2q][j0+1] b[2q+1][j0+1] | ... 16 columns (two __m256i)
+ *
+ * and a's rows into int16 with k padded to even, so one 32-bit broadcast is a row's k-pair. (vpmaddubsw
+ * would take twice the products per instruction, but its int16 pair sums saturate at 8-bit codes.) */
+#define MATMUL_CODES_COLS 16
+void edgeq_matmul_codes(const float* a_codes, const float* b_codes, const int32_t* ints, const float* floats, float* out) {
+  const uint8_t* a = (const uint8_t*)a_codes;
+  const uint8_t* b = (const uint8_t*)b_codes;
+  const int64_t batch = ints[0], m = ints[1], k = ints[2], n = ints[3];
+  const int32_t a_zero = ints[4], b_zero = ints[5];
+  const float alpha = floats[0];
+  const int64_t k_even = (k + 1) & ~(int64_t)1;
+  const int64_t col_blocks = (n + MATMUL_CODES_COLS - 1) / MATMUL_CODES_COLS;
+  int16_t* a_wide = (int16_t*)malloc(sizeof(int16_t) * (size_t)(batch * m * k_even));
+  int16_t* b_wide = (int16_t*)malloc(sizeof(int16_t) * (size_t)(batch * col_blocks * k_even * MATMUL_CODES_COLS));
+  if (!a_wide || !b_wide) {
+    free(a_wide);
+    free(b_wide);
+    for (int64_t i = 0; i < batch * m * n; ++i) out[i] = NAN; /* never silently wrong */
+    return;
+  }
+  for (int64_t row = 0; row < batch * m; ++row) {
+    int16_t* dst = a_wide + row * k_even;
+    for (int64_t p = 0; p < k; ++p) dst[p] = (int16_t)((int32_t)a[row * k + p] - a_zero);
+    if (k_even > k) dst[k] = 0;
+  }
+  for (int64_t t = 0; t < batch; ++t) {
+    for (int64_t cb = 0; cb < col_blocks; ++cb) {
+      int16_t* panel = b_wide + (t * col_blocks + cb) * k_even * MATMUL_CODES_COLS;
+      for (int64_t p = 0; p < k_even; ++p) {
+        for (int64_t c = 0; c < MATMUL_CODES_COLS; ++c) {
+          const int64_t j = cb * MATMUL_CODES_COLS + c;
+          const int16_t value = p < k && j < n ? (int16_t)((int32_t)b[(t * k + p) * n + j] - b_zero) : 0;
+          /* k-pair p/2, column c: the pair's two entries side by side */
+          panel[(p / 2) * 2 * MATMUL_CODES_COLS + 2 * c + (p % 2)] = value;
+        }
+      }
+    }
+  }
+  const int64_t row_blocks = (m + 3) / 4;
+#pragma omp parallel for schedule(static) collapse(2)
+  for (int64_t t = 0; t < batch; ++t) {
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      const int64_t i0 = rb * 4;
+      const int rows = m - i0 < 4 ? (int)(m - i0) : 4;
+      const int16_t* arow[4];
+      for (int r = 0; r < 4; ++r) arow[r] = a_wide + (t * m + i0 + (r < rows ? r : rows - 1)) * k_even;
+      for (int64_t cb = 0; cb < col_blocks; ++cb) {
+        const int16_t* panel = b_wide + (t * col_blocks + cb) * k_even * MATMUL_CODES_COLS;
+        int32_t tile[4][MATMUL_CODES_COLS];
+#if defined(__AVX2__)
+        __m256i acc[4][2];
+        for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (int64_t q = 0; q < k_even / 2; ++q) {
+          const __m256i w0 = _mm256_loadu_si256((const __m256i*)(panel + q * 2 * MATMUL_CODES_COLS));
+          const __m256i w1 = _mm256_loadu_si256((const __m256i*)(panel + q * 2 * MATMUL_CODES_COLS + 16));
+          for (int r = 0; r < 4; ++r) {
+            int32_t pair;
+            memcpy(&pair, arow[r] + 2 * q, sizeof pair);
+            const __m256i x = _mm256_set1_epi32(pair);
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(x, w0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(x, w1));
+          }
+        }
+        /* the panel's columns are pairs: lanes of w0 are columns 0-7, of w1 8-15 */
+        for (int r = 0; r < 4; ++r) {
+          _mm256_storeu_si256((__m256i*)tile[r], acc[r][0]);
+          _mm256_storeu_si256((__m256i*)(tile[r] + 8), acc[r][1]);
+        }
+#else
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < MATMUL_CODES_COLS; ++c) tile[r][c] = 0;
+        for (int64_t q = 0; q < k_even / 2; ++q) {
+          const int16_t* w = panel + q * 2 * MATMUL_CODES_COLS;
+          for (int r = 0; r < 4; ++r) {
+            const int32_t x0 = arow[r][2 * q], x1 = arow[r][2 * q + 1];
+            for (int c = 0; c < MATMUL_CODES_COLS; ++c) tile[r][c] += x0 * w[2 * c] + x1 * w[2 * c + 1];
+          }
+        }
+#endif
+        const int64_t j0 = cb * MATMUL_CODES_COLS;
+        const int cols = n - j0 < MATMUL_CODES_COLS ? (int)(n - j0) : MATMUL_CODES_COLS;
+        for (int r = 0; r < rows; ++r) {
+          float* y = out + (t * m + i0 + r) * n + j0;
+          for (int c = 0; c < cols; ++c) y[c] = (float)tile[r][c] * alpha;
+        }
+      }
+    }
+  }
+  free(a_wide);
+  free(b_wide);
 }

@@ -152,6 +152,7 @@ EDGEQ_FLOAT_OP(edgeq_softmax);
 EDGEQ_FLOAT_OP(edgeq_gelu);
 EDGEQ_FLOAT_OP(edgeq_activation);
 EDGEQ_FLOAT_OP(edgeq_matmul);
+EDGEQ_FLOAT_OP(edgeq_matmul_codes); /* a and b hold uint8 codes */
 
 #ifdef __cplusplus
 }
