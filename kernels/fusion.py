@@ -109,3 +109,82 @@ def _replace(plan: Plan, user: Step, step: Step) -> None:
     step.output = user.output
     plan.values[user.output] = dataclasses.replace(plan.values[user.output], shape=plan.values[old].shape)
     plan.steps.remove(user)
+
+
+def compose_copies(plan: Plan) -> None:
+    """A copy of a copy reads the first copy's source directly where its view is a box of the first's output
+    (exporters write attention's head split as a permute and then one slice per Q, K and V, and K's transpose
+    after its slice): moves are exact, so the values do not change; a copy or alias left without readers goes.
+    """
+    producers = {step.output: step for step in plan.steps if step.kernel in ("copy", "alias")}
+    for step in plan.steps:
+        if step.kernel != "copy":
+            continue
+        source = producers.get(step.inputs[0])
+        while source is not None and source.kernel == "alias":  # a reshape keeps the flat order
+            source = producers.get(source.inputs[0])
+        if source is None or source.kernel != "copy":
+            continue
+        ints = _composed_view(source.params["ints"], step.params["ints"])
+        if ints is None:
+            continue
+        step.inputs = [source.inputs[0]]
+        step.params = {**step.params, "ints": ints}
+        shape = tuple(int(n) for n in ints[:6])
+        whole = int(np.prod(shape)) == int(np.prod(plan.values[source.inputs[0]].shape))
+        if whole and ints[12] == 0 and all(s == c or n == 1 for n, s, c in zip(shape, ints[6:12], _contiguous(shape))):
+            # the two copies undo each other (a ViT's patch grid: NHWC to NCHW, flattened, transposed back)
+            step.kernel, step.params = "alias", {"shape": plan.values[step.output].shape}
+    changed = True
+    while changed:
+        read = set(_consumers(plan)) | {step.params.get("residual") for step in plan.steps}  # residuals go by name
+        unread = [
+            step
+            for step in plan.steps
+            if step.kernel in ("copy", "alias") and step.output != plan.output_name and step.output not in read
+        ]
+        for step in unread:
+            plan.steps.remove(step)
+        changed = bool(unread)
+
+
+def _composed_view(first: np.ndarray, second: np.ndarray) -> np.ndarray | None:
+    """The copy kernel's ints (shape[6], strides[6], offset) of ``second``'s view taken straight from ``first``'s
+    source, where every dimension of ``second`` walks one dimension of ``first``'s (contiguous) output within
+    its bounds; None otherwise. Neighbouring dimensions of ``first`` that its source lays out as one (an NHWC map's
+    height and width) count as one, so a flatten between the copies composes too."""
+    dims = [(int(n), int(s)) for n, s in zip(first[:6], first[6:12]) if n > 1]
+    merged: list[tuple[int, int]] = []
+    for n, s in dims:
+        if merged and merged[-1][1] == s * n:
+            merged[-1] = (merged[-1][0] * n, s)
+        else:
+            merged.append((n, s))
+    # as they are first (a view may walk part of what would merge), then merged
+    for grid in (dims, merged) if merged != dims else (dims,):
+        ints = _view_of_grid([n for n, _ in grid], [s for _, s in grid], int(first[12]), second)
+        if ints is not None:
+            return ints
+    return None
+
+
+def _view_of_grid(shape_a: list[int], strides_a: list[int], offset_a: int, second: np.ndarray) -> np.ndarray | None:
+    """``second``'s view over the contiguous grid ``shape_a`` as a view of the grid's source (its ``strides_a``)."""
+    shape_b, strides_b, offset_b = [int(v) for v in second[:6]], [int(v) for v in second[6:12]], int(second[12])
+    contiguous = [int(np.prod(shape_a[e + 1 :])) for e in range(len(shape_a))]
+    base = [(offset_b // contiguous[e]) % shape_a[e] for e in range(len(shape_a))]
+    composed, used = [0] * 6, set()
+    for d in range(6):
+        if shape_b[d] == 1 or strides_b[d] == 0:
+            continue  # stride 0 broadcasts in either view
+        walked = next((e for e in range(len(shape_a)) if contiguous[e] == strides_b[d]), None)
+        if walked is None or walked in used or base[walked] + shape_b[d] > shape_a[walked]:
+            return None
+        used.add(walked)
+        composed[d] = strides_a[walked]
+    offset = offset_a + sum(base[e] * strides_a[e] for e in range(len(shape_a)))
+    return np.array([*shape_b, *composed, offset], np.int32)
+
+
+def _contiguous(shape: tuple[int, ...]) -> list[int]:
+    return [int(np.prod(shape[d + 1 :])) for d in range(len(shape))]

@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import layouts, reference
-from .fusion import INF, fuse
+from .fusion import INF, compose_copies, fuse
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class _Planner:
         if value.layout == "nhwc" and value.shape[:2] != (1, 1):
             raise Unsupported("the model output is a feature map (NHWC inside the plan, NCHW outside)")
         plan = Plan(graph_input.name, dims, output, output_shape, self.steps, self.values, self.layout)
+        compose_copies(plan)
         fuse(plan)
         prove_fast_requantization(plan)
         return plan

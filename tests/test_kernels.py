@@ -487,6 +487,9 @@ def test_timm_vit_plan_is_within_one_step_of_onnxruntime(libraries, timm_vit_mod
     kernels = plan.summary()["kernels"]
     assert kernels["conv2d"] == 1 + 2 * 4 + 1 and {"layer_norm", "softmax", "gelu", "copy"} <= set(kernels)
     assert kernels["matmul_codes"] == 2 * 2 and "matmul" not in kernels  # Q·Kᵀ and weights·V of both blocks
+    # per block Q, Kᵀ and V straight from the QKV output and the heads merged back; the class token's row;
+    # the patch grid's NHWC -> NCHW -> tokens round trip is no copy at all
+    assert kernels["copy"] == 2 * 4 + 1
     session = onnxruntime_session(timm_vit_model)
     for x in _inputs(timm_vit_model, 3):
         env = execute.run_plan(plan, lib, x)
