@@ -63,16 +63,25 @@ def check_table_lookup(lib, rng) -> str | None:
 
 
 def check_conv(
-    lib, rng, min_size: int = 0, wide_inputs: bool = False, in_place: bool = False, winograd: bool = False
+    lib,
+    rng,
+    min_size: int = 0,
+    wide_inputs: bool = False,
+    in_place: bool = False,
+    winograd: bool = False,
+    short_pointwise: bool = False,
 ) -> str | None:
     """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
     height and width (larger maps have enough rows for the AMX tiles), ``wide_inputs`` draws 64 or 128 input
     channels (stride-1 layers of them run on AMX tiles without im2col), ``in_place`` a multiple of 16 input
     channels, which the vector kernels read in place (implicit GEMM) at any stride and padding, ``winograd`` a
-    3x3 stride-1 layer of 4-bit codes as Winograd F(2x2, 3x3) (odd and even sizes, any padding)."""
-    depthwise = not in_place and not winograd and bool(rng.integers(0, 4) == 0)
-    kernel = 3 if winograd else int(rng.choice([1, 3, 5]))
-    stride = 1 if winograd else int(rng.integers(1, 3))
+    3x3 stride-1 layer of 4-bit codes as Winograd F(2x2, 3x3) (odd and even sizes, any padding),
+    ``short_pointwise`` a 1x1 layer of 4-bit codes with 8-40 input channels and 32-100 outputs, codes only and
+    symmetric weights (the fast requantization straight from the microkernel's registers where the build has it)."""
+    special = in_place or winograd or short_pointwise
+    depthwise = not special and bool(rng.integers(0, 4) == 0)
+    kernel = 3 if winograd else (1 if short_pointwise else int(rng.choice([1, 3, 5])))
+    stride = 1 if winograd or short_pointwise else int(rng.integers(1, 3))
     pad = int(rng.integers(0, kernel // 2 + 1))
     low = max(kernel, min_size)
     h, w = int(rng.integers(low, max(13, low + 6))), int(rng.integers(low, max(13, low + 6)))
@@ -84,9 +93,11 @@ def check_conv(
         cin = int(rng.choice([16, 32, 48, 64]))
     if winograd:
         cin = int(rng.choice([32, 40, 64]))
-    n = cin if depthwise else int(rng.integers(1, 70))
-    x_max = 15 if winograd else int(rng.choice([15, 255]))
-    bits = 2 if winograd else int(rng.choice([2, 4, 8]))
+    if short_pointwise:
+        cin = int(rng.integers(8, 41))
+    n = cin if depthwise else int(rng.integers(32, 101) if short_pointwise else rng.integers(1, 70))
+    x_max = 15 if winograd or short_pointwise else int(rng.choice([15, 255]))
+    bits = 2 if winograd else (int(rng.choice([2, 4])) if short_pointwise else int(rng.choice([2, 4, 8])))
     x = rng.integers(0, x_max + 1, (h, w, cin)).astype(np.uint8)
     x_zero = int(rng.integers(0, x_max + 1))
     weights = rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), (n, 1 if depthwise else cin, kernel, kernel))
@@ -95,7 +106,7 @@ def check_conv(
     # asymmetric weights: a zero point per output channel, applied by the epilogue to the window sums
     w_zero = (
         rng.integers(-(2 ** (bits - 1)), 2 ** (bits - 1), n)
-        if not depthwise and not winograd and rng.integers(0, 2)
+        if not depthwise and not winograd and not short_pointwise and rng.integers(0, 2)
         else None
     )
     centred = weights if w_zero is None else weights - w_zero.reshape(-1, 1, 1, 1)
@@ -103,7 +114,9 @@ def check_conv(
     out_h, out_w = acc.shape[:2]
     multiplier = rng.uniform(0.001, 0.05, n).astype(np.float32)
     bias = rng.normal(0, 1, n).astype(np.float32)
-    residual = rng.normal(0, 1, (out_h * out_w, n)).astype(np.float32) if rng.integers(0, 2) else None
+    residual = (
+        rng.normal(0, 1, (out_h * out_w, n)).astype(np.float32) if not short_pointwise and rng.integers(0, 2) else None
+    )
     clamp = (0.0, float("inf")) if rng.integers(0, 2) else (-float("inf"), float("inf"))
     out_scale, out_zero, out_qmax = 0.07, int(rng.integers(0, 4)), int(rng.choice([15, 255]))
     y_ref, codes_ref = reference.epilogue(
@@ -310,6 +323,11 @@ def check_winograd_conv(lib, rng) -> str | None:
     return check_conv(lib, rng, winograd=True)
 
 
+def check_short_pointwise_conv(lib, rng) -> str | None:
+    """A 1x1 layer with few input channels and codes out: AVX2 requantizes its tiles from the registers."""
+    return check_conv(lib, rng, short_pointwise=True)
+
+
 def run(library_path: str, cases: int, seed: int) -> dict:
     lib = native.Library(library_path)
     rng = np.random.default_rng(seed)
@@ -322,6 +340,7 @@ def run(library_path: str, cases: int, seed: int) -> dict:
             check_conv,
             check_in_place_conv,
             check_winograd_conv,
+            check_short_pointwise_conv,
             check_float_ops,
         )
         for check in checks:
