@@ -181,24 +181,30 @@ static inline void widen_tile(const __m256i rows[MR][2], int accumulate, int32_t
 
 /* Chunks of k: 4 rows x 32 channels of int16 sums in 8 registers (with the two weight
  * vectors and the broadcast, 11 of 16: a 6-row tile makes GCC spill), widened into c. */
-static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
+/* int16 sums of one chunk of k, [k0, k1), for 4 rows x 32 channels, into rows[r][h] (channels 16h..16h+15). */
+static inline __attribute__((always_inline)) void chunk_sums(const uint8_t* const* a, const int8_t* panel, int32_t k0, int32_t k1, __m256i rows[MR][2]) {
   const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-  for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
-    const int32_t k1 = k0 + chunk < k_padded ? k0 + chunk : k_padded;
-    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-    const int8_t* w = panel + (int64_t)k0 * NB;
-    for (int32_t k = k0; k < k1; k += 2, w += 2 * NB) {
-      const __m256i w0 = _mm256_load_si256((const __m256i*)w);
-      const __m256i w1 = _mm256_load_si256((const __m256i*)(w + 32));
-      __m256i x;
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+  const int8_t* w = panel + (int64_t)k0 * NB;
+  for (int32_t k = k0; k < k1; k += 2, w += 2 * NB) {
+    const __m256i w0 = _mm256_load_si256((const __m256i*)w);
+    const __m256i w1 = _mm256_load_si256((const __m256i*)(w + 32));
+    __m256i x;
 #define EDGEQ_ROW(r)                                                                 \
   x = _mm256_set1_epi16(*(const int16_t*)(a##r + k));                               \
   c##r##0 = _mm256_add_epi16(c##r##0, _mm256_maddubs_epi16(x, w0));                 \
   c##r##1 = _mm256_add_epi16(c##r##1, _mm256_maddubs_epi16(x, w1));
-      EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
+    EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
 #undef EDGEQ_ROW
-    }
-    const __m256i rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  }
+  rows[0][0] = c00, rows[0][1] = c01, rows[1][0] = c10, rows[1][1] = c11;
+  rows[2][0] = c20, rows[2][1] = c21, rows[3][0] = c30, rows[3][1] = c31;
+}
+
+static void micro(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, int32_t chunk, int32_t* c) {
+  for (int32_t k0 = 0; k0 < k_padded; k0 += chunk) {
+    __m256i rows[MR][2];
+    chunk_sums(a, panel, k0, k0 + chunk < k_padded ? k0 + chunk : k_padded, rows);
     widen_tile(rows, k0 > 0, c);
   }
 }
@@ -895,21 +901,8 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
  * clamp on bytes equals epilogue_fast's on int32. */
 #define EDGEQ_HAS_FUSED_FAST 1
 static void micro_fast_codes(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, const epilogue_args* e, int64_t m, int32_t n0) {
-  const uint8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3];
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-  const int8_t* w = panel;
-  for (int32_t k = 0; k < k_padded; k += 2, w += 2 * NB) {
-    const __m256i w0 = _mm256_load_si256((const __m256i*)w);
-    const __m256i w1 = _mm256_load_si256((const __m256i*)(w + 32));
-    __m256i x;
-#define EDGEQ_ROW(r)                                                                 \
-  x = _mm256_set1_epi16(*(const int16_t*)(a##r + k));                               \
-  c##r##0 = _mm256_add_epi16(c##r##0, _mm256_maddubs_epi16(x, w0));                 \
-  c##r##1 = _mm256_add_epi16(c##r##1, _mm256_maddubs_epi16(x, w1));
-    EDGEQ_ROW(0) EDGEQ_ROW(1) EDGEQ_ROW(2) EDGEQ_ROW(3)
-#undef EDGEQ_ROW
-  }
-  const __m256i rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  __m256i rows[MR][2];
+  chunk_sums(a, panel, 0, k_padded, rows);
   const int32_t* correction = e->correction + n0;
   const float* mult = e->fast_mult + n0;
   const float* bias = e->fast_bias + n0;
