@@ -70,6 +70,7 @@ def check_conv(
     in_place: bool = False,
     winograd: bool = False,
     short_pointwise: bool = False,
+    depthwise_only: bool = False,
 ) -> str | None:
     """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
     height and width (larger maps have enough rows for the AMX tiles), ``wide_inputs`` draws 64 or 128 input
@@ -77,9 +78,11 @@ def check_conv(
     channels, which the vector kernels read in place (implicit GEMM) at any stride and padding, ``winograd`` a
     3x3 stride-1 layer of 4-bit codes as Winograd F(2x2, 3x3) (odd and even sizes, any padding),
     ``short_pointwise`` a 1x1 layer of 4-bit codes with 8-40 input channels and 32-100 outputs, codes only and
-    symmetric weights (the fast requantization straight from the microkernel's registers where the build has it)."""
+    symmetric weights (the fast requantization straight from the microkernel's registers where the build has it),
+    ``depthwise_only`` a depthwise layer of 16 to 272 channels (AVX2 pairs its taps: whole and half 32-channel
+    blocks, more than one 256-channel pass)."""
     special = in_place or winograd or short_pointwise
-    depthwise = not special and bool(rng.integers(0, 4) == 0)
+    depthwise = depthwise_only or (not special and bool(rng.integers(0, 4) == 0))
     kernel = 3 if winograd else (1 if short_pointwise else int(rng.choice([1, 3, 5])))
     stride = 1 if winograd or short_pointwise else int(rng.integers(1, 3))
     pad = int(rng.integers(0, kernel // 2 + 1))
@@ -87,6 +90,8 @@ def check_conv(
     h, w = int(rng.integers(low, max(13, low + 6))), int(rng.integers(low, max(13, low + 6)))
     # depthwise layers with a multiple of 16 channels take the vectorized path (16 channels per register)
     cin = int(rng.choice([16, 32, 48])) if depthwise and rng.integers(0, 2) else int(rng.integers(1, 40))
+    if depthwise_only:
+        cin = int(rng.choice([16, 32, 48, 80, 272]))
     if wide_inputs and not depthwise:
         cin = int(rng.choice([64, 128]))
     if in_place:
@@ -95,7 +100,13 @@ def check_conv(
         cin = int(rng.choice([32, 40, 64]))
     if short_pointwise:
         cin = int(rng.integers(8, 41))
-    n = cin if depthwise else int(rng.integers(32, 101) if short_pointwise else rng.integers(1, 70))
+    # short pointwise: 16 outputs or a ragged last block of at most 16 take AVX2's 8-row x 16-channel tiles
+    if depthwise:
+        n = cin
+    elif short_pointwise:
+        n = int(rng.choice([16, int(rng.integers(32, 101))]))
+    else:
+        n = int(rng.integers(1, 70))
     x_max = 15 if winograd or short_pointwise else int(rng.choice([15, 255]))
     bits = 2 if winograd else (int(rng.choice([2, 4])) if short_pointwise else int(rng.choice([2, 4, 8])))
     x = rng.integers(0, x_max + 1, (h, w, cin)).astype(np.uint8)
@@ -328,6 +339,11 @@ def check_short_pointwise_conv(lib, rng) -> str | None:
     return check_conv(lib, rng, short_pointwise=True)
 
 
+def check_depthwise_conv(lib, rng) -> str | None:
+    """A depthwise layer of 16 to 272 channels (the vector kernels' whole and partial channel blocks)."""
+    return check_conv(lib, rng, depthwise_only=True)
+
+
 def run(library_path: str, cases: int, seed: int) -> dict:
     lib = native.Library(library_path)
     rng = np.random.default_rng(seed)
@@ -341,6 +357,7 @@ def run(library_path: str, cases: int, seed: int) -> dict:
             check_in_place_conv,
             check_winograd_conv,
             check_short_pointwise_conv,
+            check_depthwise_conv,
             check_float_ops,
         )
         for check in checks:

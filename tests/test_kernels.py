@@ -162,6 +162,23 @@ def test_convolutions_read_in_place_match_the_reference_and_im2col(libraries, se
     assert selfcheck.check_in_place_conv(libraries.get(which, libraries["host"]), np.random.default_rng(seed)) is None
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["host", "avx2", "portable"]))
+def test_depthwise_convolutions_match_the_reference(libraries, seed, which):
+    """Depthwise layers of 16 to 272 channels, kernel 1/3/5, any stride and padding: AVX2 multiplies two taps per
+    instruction with padding read as zero-point codes and the centring subtracted once per channel."""
+    assert selfcheck.check_depthwise_conv(libraries.get(which, libraries["host"]), np.random.default_rng(seed)) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["host", "avx2", "portable"]))
+def test_short_pointwise_convolutions_match_the_reference(libraries, seed, which):
+    """1x1 layers of 8-40 input channels, read in place at their own stride (k stepped in pairs, not padded to 16),
+    16 outputs or a ragged last block on 8-row tiles, codes straight from the registers."""
+    library = libraries.get(which, libraries["host"])
+    assert selfcheck.check_short_pointwise_conv(library, np.random.default_rng(seed)) is None
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["avx2", "portable"]))
 def test_winograd_convolutions_match_the_reference(libraries, seed, which):

@@ -113,7 +113,7 @@ void edgeq_unpack(const uint8_t* packed, int64_t count, int32_t bits, int32_t lo
  * would be mapped anew and page-faulted in on every call. */
 enum { SCRATCH_ROWS = 0, SCRATCH_WIDE = 1, SCRATCH_LUT_INDEX = 2, SCRATCH_LUT_TABLES = 3, SCRATCH_PANEL = 4, SCRATCH_CORRECTION = 5, SCRATCH_AMX_ROWS = 6,
        SCRATCH_WINDOW_SUMS = 7, SCRATCH_PIXEL_SUMS = 8, SCRATCH_EIGHT_SUMS = 9, SCRATCH_WIDE_PANEL = 10, SCRATCH_WINOGRAD_V = 11,
-       SCRATCH_WINOGRAD_M = 12, SCRATCH_COUNT = 13 };
+       SCRATCH_WINOGRAD_M = 12, SCRATCH_TAIL = 13, SCRATCH_COUNT = 14 };
 static _Thread_local struct {
   void* data;
   size_t size;
@@ -892,37 +892,77 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
 }
 
 #if defined(__AVX2__)
+/* 32 channels' int32 sums (four vectors of 8, in channel order) to clamped codes with the fast
+ * requantization, the same arithmetic as epilogue_fast (acc = sum - correction, floor(acc * m + b), clamp,
+ * bytes) with four vectors packed to bytes at once. The int32 -> int16 -> uint8 saturations keep order and
+ * the bounds are codes (0 <= lo <= hi <= 255), so the clamp on bytes equals epilogue_fast's on int32. */
+static inline __attribute__((always_inline)) __m256i fast_codes32(const __m256i sums[4], const int32_t* correction, const float* mult,
+                                                                  const float* bias, __m256i lo, __m256i hi) {
+  __m256i q[4];
+  for (int v = 0; v < 4; ++v) {
+    const __m256i acc = _mm256_sub_epi32(sums[v], _mm256_loadu_si256((const __m256i*)(correction + 8 * v)));
+    const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + 8 * v)), _mm256_loadu_ps(bias + 8 * v));
+    q[v] = _mm256_cvtps_epi32(_mm256_floor_ps(y));
+  }
+  const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  const __m256i in_order = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  return _mm256_min_epu8(_mm256_max_epu8(in_order, lo), hi);
+}
+
+/* The same for 16 channels (two vectors of 8). */
+static inline __attribute__((always_inline)) __m128i fast_codes16(const __m256i sums[2], const int32_t* correction, const float* mult,
+                                                                  const float* bias, __m128i lo, __m128i hi) {
+  __m256i q[2];
+  for (int v = 0; v < 2; ++v) {
+    const __m256i acc = _mm256_sub_epi32(sums[v], _mm256_loadu_si256((const __m256i*)(correction + 8 * v)));
+    const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + 8 * v)), _mm256_loadu_ps(bias + 8 * v));
+    q[v] = _mm256_cvtps_epi32(_mm256_floor_ps(y));
+  }
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);  // 16 int16 in channel order
+  const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
+  return _mm_min_epu8(_mm_max_epu8(bytes, lo), hi);
+}
+
 /* A whole 4-row x 32-channel tile of a codes-only layer with the fast requantization whose k fits one int16
- * chunk: the epilogue straight from the sum registers, the same arithmetic as epilogue_fast (acc = sum -
- * correction, floor(acc * m + b), clamp, bytes), without the int32 tile stored and read back and with four
- * vectors packed to bytes at once. Where k is short (MobileNetV2's 16- and 24-channel expansions) the
- * epilogue was as much of the layer as the products: 0.62 -> 0.45 ms for the 112x112 16 -> 96 one. The
- * int32 -> int16 -> uint8 saturations keep order and the bounds are codes (0 <= lo <= hi <= 255), so the
- * clamp on bytes equals epilogue_fast's on int32. */
+ * chunk: the epilogue straight from the sum registers, without the int32 tile stored and read back. Where k
+ * is short (MobileNetV2's 16- and 24-channel expansions) the epilogue was as much of the layer as the
+ * products: 0.62 -> 0.45 ms for the 112x112 16 -> 96 one. */
 #define EDGEQ_HAS_FUSED_FAST 1
 static void micro_fast_codes(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, const epilogue_args* e, int64_t m, int32_t n0) {
   __m256i rows[MR][2];
   chunk_sums(a, panel, 0, k_padded, rows);
-  const int32_t* correction = e->correction + n0;
-  const float* mult = e->fast_mult + n0;
-  const float* bias = e->fast_bias + n0;
   const __m256i blo = _mm256_set1_epi8((char)e->fast_lo), bhi = _mm256_set1_epi8((char)e->fast_hi);
-  const __m256i byte_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int r = 0; r < MR; ++r) {
-    __m256i q[4];
-    for (int h = 0; h < 2; ++h) {
-      const __m256i halves[2] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][h])), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][h], 1))};
-      for (int g = 0; g < 2; ++g) {
-        const int v = 2 * h + g;
-        const __m256i acc = _mm256_sub_epi32(halves[g], _mm256_loadu_si256((const __m256i*)(correction + 8 * v)));
-        const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + 8 * v)), _mm256_loadu_ps(bias + 8 * v));
-        q[v] = _mm256_cvtps_epi32(_mm256_floor_ps(y));
-      }
+    const __m256i sums[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][0])), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][0], 1)),
+                             _mm256_cvtepi16_epi32(_mm256_castsi256_si128(rows[r][1])), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(rows[r][1], 1))};
+    _mm256_storeu_si256((__m256i*)(e->out_codes + (m + r) * e->out_c + n0),
+                        fast_codes32(sums, e->correction + n0, e->fast_mult + n0, e->fast_bias + n0, blo, bhi));
+  }
+}
+/* A block's last 16 channels or fewer (MobileNetV2's 32 -> 16 projection; a 32-wide tile would be half
+ * zeros): 8 rows x 16 channels, the panel's first 16 channels of each k-pair (its other 16 are zero
+ * padding), same fused requantization. A tile of fewer than 16 channels writes only its `count` bytes. */
+enum { MR_HALF = 8 };
+static void micro_fast_codes_half(const uint8_t* const* a, const int8_t* panel, int32_t k_padded, const epilogue_args* e, int64_t m, int32_t n0,
+                                  int32_t count) {
+  __m256i sum[MR_HALF];
+  for (int r = 0; r < MR_HALF; ++r) sum[r] = _mm256_setzero_si256();
+  for (int32_t k = 0; k < k_padded; k += 2) {
+    const __m256i w0 = _mm256_load_si256((const __m256i*)(panel + (int64_t)k * NB));
+    for (int r = 0; r < MR_HALF; ++r) sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(_mm256_set1_epi16(*(const int16_t*)(a[r] + k)), w0));
+  }
+  const __m128i blo = _mm_set1_epi8((char)e->fast_lo), bhi = _mm_set1_epi8((char)e->fast_hi);
+  for (int r = 0; r < MR_HALF; ++r) {
+    const __m256i sums[2] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum[r])), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum[r], 1))};
+    const __m128i codes = fast_codes16(sums, e->correction + n0, e->fast_mult + n0, e->fast_bias + n0, blo, bhi);
+    uint8_t* out = e->out_codes + (m + r) * e->out_c + n0;
+    if (count == 16) {
+      _mm_storeu_si128((__m128i*)out, codes);
+    } else {
+      uint8_t bytes[16];
+      _mm_storeu_si128((__m128i*)bytes, codes);
+      memcpy(out, bytes, (size_t)count);
     }
-    __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    bytes = _mm256_permutevar8x32_epi32(bytes, byte_order);
-    bytes = _mm256_min_epu8(_mm256_max_epu8(bytes, blo), bhi);
-    _mm256_storeu_si256((__m256i*)(e->out_codes + (m + r) * e->out_c + n0), bytes);
   }
 }
 #endif
@@ -1792,8 +1832,33 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
                        p->k_padded == k && __atomic_load_n(&in_place_allowed, __ATOMIC_RELAXED);
   implicit_input geometry;
   if (in_place && implicit_prepare(p, x, &geometry)) return -2;
+#if defined(EDGEQ_HAS_FUSED_FAST)
+  /* The plain AVX2 microkernel steps k in pairs: it stops at k rounded up to 2, not at k_padded (the
+   * panel's rows past k are zero weights). A 1x1 layer whose channels are not a whole number of 16
+   * (MobileNetV2's 24) reads its input rows in place at their own stride: a row's reads past its
+   * channels take the next pixel's codes against those zero weights, and the last rows, whose reads
+   * would leave the input, are copied with zero padding. */
+  const int pairs_only = !in_place && !implicit && !amx_rows_product && !vnni && !wide && !in_registers && !signed8 && !split && !lut && !winograd;
+#else
+  const int pairs_only = 0;
+#endif
+  const int32_t k_used = pairs_only ? (k + 1) / 2 * 2 : p->k_padded;
+  const int direct_short = pairs_only && !direct && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 &&
+                           p->pad_left == 0 && p->in_h == p->out_h && p->in_w == p->out_w && p->in_c < p->k_padded;
+  const int64_t row_stride = direct_short ? p->in_c : p->k_padded;
+  // rows from tail_from on read from `tail`, k_padded apart (their in-place reads would pass the input's end)
+  int64_t tail_from = m_count;
+  uint8_t* tail = NULL;
+  if (direct_short && k_used > p->in_c) {  // an odd number of channels
+    tail_from = m_count - (k_used - p->in_c + p->in_c - 1) / p->in_c;
+    if (tail_from < 0) tail_from = 0;
+    tail = (uint8_t*)scratch(SCRATCH_TAIL, (size_t)((m_count - tail_from) * p->k_padded));
+    if (!tail) return -2;
+    memset(tail, 0, (size_t)((m_count - tail_from) * p->k_padded));
+    for (int64_t m = tail_from; m < m_count; ++m) memcpy(tail + (m - tail_from) * p->k_padded, x + m * p->in_c, (size_t)p->in_c);
+  }
   uint8_t* rows = NULL;
-  if (!direct && !implicit && !in_place && !wide_in_place && !winograd) {
+  if (!direct && !direct_short && !implicit && !in_place && !wide_in_place && !winograd) {
     rows = (uint8_t*)scratch(SCRATCH_ROWS, (size_t)(m_count * p->k_padded * (split ? 2 : 1)));
     if (!rows) return -2;
     im2col(p, x, split, rows);
@@ -1801,7 +1866,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
     if (signed8)
       for (int64_t i = 0; i < row_bytes; ++i) rows[i] ^= 0x80;
   }
-  const uint8_t* low_rows = direct ? x : rows;
+  const uint8_t* low_rows = direct || direct_short ? x : rows;
   uint16_t* wide_rows = NULL;
   if (wide && !wide_in_place) {
     wide_rows = (uint16_t*)scratch(SCRATCH_WIDE, (size_t)(m_count * p->k_padded) * sizeof(uint16_t));
@@ -1834,7 +1899,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #if defined(EDGEQ_HAS_FUSED_FAST)
   // the plain microkernel's tiles whose k fits one int16 chunk: the fast requantization from its registers
   const int fused_fast = codes_only && fast && !sums && !wide && !vnni && !signed8 && !in_registers && !in_place && !amx_rows_product &&
-                         p->k_padded <= chunk;
+                         k_used <= chunk;
 #endif
 #if defined(EDGEQ_HAS_WIDE)
   if (wide_in_place) return wide_conv_in_place(p, x, packed_weights, &e, codes_only);
@@ -1887,11 +1952,23 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
     if (amx) amx_begin();
 #endif
     const int32_t n0 = b * nb, count = p->out_c - n0 < nb ? p->out_c - n0 : nb;
-    for (int64_t m = m_begin; m < m_end; m += rows_per_tile) {
+    int64_t m = m_begin;
+#if defined(EDGEQ_HAS_FUSED_FAST)
+    if (fused_fast && count <= 16)
+      for (; m + MR_HALF <= m_end; m += MR_HALF) {
+        const uint8_t* a[MR_HALF];
+        for (int r = 0; r < MR_HALF; ++r) a[r] = m + r < tail_from ? low_rows + (m + r) * row_stride : tail + (m + r - tail_from) * p->k_padded;
+        micro_fast_codes_half(a, panel, k_used, &e, m, n0, count);
+      }
+#endif
+    for (; m < m_end; m += rows_per_tile) {
       int32_t tile[TILE_ROWS_MAX * NB], high[MR * NB];
       const uint8_t* a[TILE_ROWS_MAX];
       if (!in_place)
-        for (int r = 0; r < TILE_ROWS_MAX; ++r) a[r] = low_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
+        for (int r = 0; r < TILE_ROWS_MAX; ++r) {
+          const int64_t row = m + r < m_count ? m + r : m_count - 1;
+          a[r] = row < tail_from ? low_rows + row * row_stride : tail + (row - tail_from) * p->k_padded;
+        }
       if (in_place) {
         const uint8_t* base[TILE_ROWS_MAX];
         for (int r = 0; r < rows_per_tile; ++r) base[r] = implicit_row(&geometry, m + r < m_count ? m + r : m_count - 1);
@@ -1949,11 +2026,11 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
 #endif
 #if defined(EDGEQ_HAS_FUSED_FAST)
       if (fused_fast && count == NB && m + MR <= m_count) {
-        micro_fast_codes(a, panel, p->k_padded, &e, m, n0);
+        micro_fast_codes(a, panel, k_used, &e, m, n0);
         continue;
       } else
 #endif
-        micro(a, panel, p->k_padded, chunk, tile);
+        micro(a, panel, k_used, chunk, tile);
       if (split) block_product(rows + m_count * p->k_padded, m_count, p->k_padded, panel, p->k_padded, chunk, m, high);
       if (codes_only)
         for (int r = 0; r < rows_per_tile && m + r < m_count; ++r) epilogue_codes(&e, m + r, n0, count, tile + r * nb);
@@ -1966,6 +2043,168 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   }
   return status;
 }
+
+#if defined(__AVX2__)
+/* Depthwise products with two taps per instruction. vpmaddubsw multiplies unsigned bytes by signed
+ * bytes and adds adjacent pairs into int16, so the codes of two taps interleave per channel and one
+ * instruction does 32 channels' pairs; the 16-lane multiply-add it replaces took a widening, a
+ * subtraction, a multiply and an add per tap. Codes are not centred per tap: padding reads a row of
+ * zero-point codes (no bounds tests in the tap loop), which makes the centring one constant per
+ * channel, x_zero * (sum of its weights), subtracted in int32 by the epilogue (its `correction`).
+ * The sums stay exact in int16 under the caller's bound, taps * max(x_max, x_zero) * max|w| <= 32767,
+ * which also holds for each pair (no saturation).
+ *
+ *   codes of taps t, u at 32 channels  t: c0 c1 .. c31          u: c0 c1 .. c31
+ *   unpacklo_epi8(t, u)   lane 0: c0t c0u c1t c1u .. c7t c7u    lane 1: c16t c16u .. c23t c23u
+ *   unpackhi_epi8(t, u)   lane 0: c8t c8u .. c15t c15u          lane 1: c24t c24u .. c31t c31u
+ * (AVX2 unpacks work within 128-bit lanes); the weights are interleaved the same way once per call, and
+ * the int16 sums are widened back to channel order. A block of 16 channels interleaves two 128-bit loads
+ * into one register in channel order. An odd last tap is paired with a zero weight. */
+enum { DW_PIXELS = 4, DW_MAX_TAPS = 64, DW_CHUNK = 256 };
+
+/* Output pixels q0 .. q0 + n - 1 of a group (n is DW_PIXELS, or 1 for a row's last pixels) over every
+ * channel: at[t][q] is where tap t of pixel q reads its channels, m the output index of pixel q0. */
+static inline __attribute__((always_inline)) void dw_pixels(const uint8_t* const (*at)[DW_PIXELS], const int q0, const int n, const int32_t pairs,
+                                                            const int8_t* wp, const int32_t c, const epilogue_args* e, const int fused, const int64_t m) {
+  const int64_t pair_stride = 2 * (int64_t)c;
+  const __m256i blo = _mm256_set1_epi8((char)e->fast_lo), bhi = _mm256_set1_epi8((char)e->fast_hi);
+  for (int32_t c0 = 0; c0 < c; c0 += DW_CHUNK) {
+    const int32_t len = c - c0 < DW_CHUNK ? c - c0 : DW_CHUNK;
+    int32_t acc[DW_PIXELS][DW_CHUNK];
+    int32_t j = 0;
+    for (; j + 32 <= len; j += 32) {
+      const int64_t ch = c0 + j;
+      __m256i lo[DW_PIXELS], hi[DW_PIXELS];
+      for (int q = 0; q < n; ++q) lo[q] = hi[q] = _mm256_setzero_si256();
+      for (int32_t pp = 0; pp < pairs; ++pp) {
+        const __m256i wlo = _mm256_loadu_si256((const __m256i*)(wp + pp * pair_stride + 2 * ch));
+        const __m256i whi = _mm256_loadu_si256((const __m256i*)(wp + pp * pair_stride + 2 * ch + 32));
+        for (int q = 0; q < n; ++q) {
+          const __m256i xt = _mm256_loadu_si256((const __m256i*)(at[2 * pp][q0 + q] + ch));
+          const __m256i xu = _mm256_loadu_si256((const __m256i*)(at[2 * pp + 1][q0 + q] + ch));
+          lo[q] = _mm256_add_epi16(lo[q], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(xt, xu), wlo));
+          hi[q] = _mm256_add_epi16(hi[q], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(xt, xu), whi));
+        }
+      }
+      for (int q = 0; q < n; ++q) {
+        const __m256i sums[4] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo[q])), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi[q])),
+                                 _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo[q], 1)), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi[q], 1))};
+        if (fused)
+          _mm256_storeu_si256((__m256i*)(e->out_codes + (m + q) * c + ch), fast_codes32(sums, e->correction + ch, e->fast_mult + ch, e->fast_bias + ch, blo, bhi));
+        else
+          for (int v = 0; v < 4; ++v) _mm256_storeu_si256((__m256i*)(acc[q] + j + 8 * v), sums[v]);
+      }
+    }
+    for (; j < len; j += 16) {
+      const int64_t ch = c0 + j;
+      __m256i sum[DW_PIXELS];
+      for (int q = 0; q < n; ++q) sum[q] = _mm256_setzero_si256();
+      for (int32_t pp = 0; pp < pairs; ++pp) {
+        const __m256i ws = _mm256_loadu_si256((const __m256i*)(wp + pp * pair_stride + 2 * ch));
+        for (int q = 0; q < n; ++q) {
+          const __m128i xt = _mm_loadu_si128((const __m128i*)(at[2 * pp][q0 + q] + ch));
+          const __m128i xu = _mm_loadu_si128((const __m128i*)(at[2 * pp + 1][q0 + q] + ch));
+          const __m256i in_order = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(xt, xu)), _mm_unpackhi_epi8(xt, xu), 1);
+          sum[q] = _mm256_add_epi16(sum[q], _mm256_maddubs_epi16(in_order, ws));
+        }
+      }
+      for (int q = 0; q < n; ++q) {
+        const __m256i sums[2] = {_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum[q])), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum[q], 1))};
+        if (fused)
+          _mm_storeu_si128((__m128i*)(e->out_codes + (m + q) * c + ch),
+                           fast_codes16(sums, e->correction + ch, e->fast_mult + ch, e->fast_bias + ch, _mm256_castsi256_si128(blo), _mm256_castsi256_si128(bhi)));
+        else
+          for (int v = 0; v < 2; ++v) _mm256_storeu_si256((__m256i*)(acc[q] + j + 8 * v), sums[v]);
+      }
+    }
+    if (!fused)
+      for (int q = 0; q < n; ++q) epilogue(e, m + q, c0, len, acc[q], NULL);
+  }
+}
+
+static int depthwise_tap_pairs(const edgeq_conv_params* p, const uint8_t* x, const int8_t* w, const epilogue_args* e_in) {
+  const int32_t c = p->in_c, taps = p->kernel_h * p->kernel_w, pairs = (taps + 1) / 2;
+  const int64_t pair_stride = 2 * (int64_t)c;  // bytes of interleaved weights per tap pair
+  int8_t* wp = (int8_t*)malloc((size_t)(pairs * pair_stride));
+  int32_t* correction = (int32_t*)malloc(sizeof(int32_t) * (size_t)c);
+  uint8_t* pad = (uint8_t*)malloc((size_t)p->in_w * (size_t)c);  // a row of zero-point codes
+  if (!wp || !correction || !pad) {
+    free(wp);
+    free(correction);
+    free(pad);
+    return -2;
+  }
+  memset(pad, p->x_zero, (size_t)p->in_w * (size_t)c);
+  for (int32_t ch = 0; ch < c; ++ch) {
+    int32_t total = 0;
+    for (int32_t t = 0; t < taps; ++t) total += w[(int64_t)t * c + ch];
+    correction[ch] = p->x_zero * total;
+  }
+  for (int32_t pp = 0; pp < pairs; ++pp) {
+    const int8_t* wt = w + (int64_t)(2 * pp) * c;
+    const int8_t* wu = 2 * pp + 1 < taps ? wt + c : NULL;
+    int8_t* out = wp + pp * pair_stride;
+    int32_t j = 0;
+    for (; j + 32 <= c; j += 32) {
+      const __m256i vt = _mm256_loadu_si256((const __m256i*)(wt + j));
+      const __m256i vu = wu ? _mm256_loadu_si256((const __m256i*)(wu + j)) : _mm256_setzero_si256();
+      _mm256_storeu_si256((__m256i*)(out + 2 * j), _mm256_unpacklo_epi8(vt, vu));
+      _mm256_storeu_si256((__m256i*)(out + 2 * j + 32), _mm256_unpackhi_epi8(vt, vu));
+    }
+    for (; j < c; j += 16) {
+      const __m128i vt = _mm_loadu_si128((const __m128i*)(wt + j));
+      const __m128i vu = wu ? _mm_loadu_si128((const __m128i*)(wu + j)) : _mm_setzero_si128();
+      _mm_storeu_si128((__m128i*)(out + 2 * j), _mm_unpacklo_epi8(vt, vu));
+      _mm_storeu_si128((__m128i*)(out + 2 * j + 16), _mm_unpackhi_epi8(vt, vu));
+    }
+  }
+  epilogue_args e = *e_in;
+  e.correction = correction;
+  // codes straight from the sum registers where the plan proved the one-multiply requantization exact
+  const int fused = e.fast_mult != NULL && e.w_zero == NULL;
+  const int32_t kernel_w = p->kernel_w, in_w = p->in_w, out_w = p->out_w, stride_w = p->stride_w, pad_left = p->pad_left;
+  const int64_t step = (int64_t)DW_PIXELS * stride_w * c;  // how far a group's reads move to the next group
+#pragma omp parallel for schedule(static)
+  for (int32_t oh = 0; oh < p->out_h; ++oh) {
+    const uint8_t* row[DW_MAX_TAPS];  // rows of padding read the zero-point row
+    for (int32_t kh = 0; kh < p->kernel_h; ++kh) {
+      const int32_t ih = oh * p->stride_h - p->pad_top + kh;
+      row[kh] = ih >= 0 && ih < p->in_h ? x + (int64_t)ih * in_w * c : pad;
+    }
+    const uint8_t* at[DW_MAX_TAPS + 1][DW_PIXELS];
+    int inside_before = 0;
+    for (int32_t ow0 = 0; ow0 < out_w; ow0 += DW_PIXELS) {
+      const int32_t pixels = out_w - ow0 < DW_PIXELS ? out_w - ow0 : DW_PIXELS;
+      const int inside = pixels == DW_PIXELS && ow0 * stride_w - pad_left >= 0 &&
+                         (ow0 + DW_PIXELS - 1) * stride_w - pad_left + kernel_w <= in_w;
+      if (inside && inside_before) {  // the previous group's reads, moved along the row
+        for (int32_t t = 0; t < taps; ++t)
+          for (int q = 0; q < DW_PIXELS; ++q) at[t][q] += step;
+      } else {
+        for (int32_t t = 0; t < taps; ++t) {
+          const int32_t kh = t / kernel_w, kw = t % kernel_w;
+          for (int q = 0; q < DW_PIXELS; ++q) {
+            const int32_t iw = (ow0 + q) * stride_w - pad_left + kw;
+            at[t][q] = q < pixels && iw >= 0 && iw < in_w ? row[kh] + (int64_t)iw * c : pad;
+          }
+        }
+      }
+      inside_before = inside;
+      if (taps % 2)
+        for (int q = 0; q < DW_PIXELS; ++q) at[taps][q] = at[taps - 1][q];  // against the zero weight
+      const int64_t m = (int64_t)oh * out_w + ow0;
+      if (pixels == DW_PIXELS)
+        dw_pixels((const uint8_t* const (*)[DW_PIXELS])at, 0, DW_PIXELS, pairs, wp, c, &e, fused, m);
+      else
+        for (int q = 0; q < pixels; ++q) dw_pixels((const uint8_t* const (*)[DW_PIXELS])at, q, 1, pairs, wp, c, &e, fused, m + q);
+    }
+  }
+  free(wp);
+  free(correction);
+  free(pad);
+  return 0;
+}
+#endif
 
 int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* packed_weights, const float* multiplier, const float* bias,
                            const float* residual, float* out_float, uint8_t* out_codes) {
@@ -1982,82 +2221,14 @@ int edgeq_depthwise_conv2d(const edgeq_conv_params* p, const uint8_t* x, const u
   const int64_t m_count = (int64_t)p->out_h * p->out_w;
   const int32_t x_zero = p->x_zero;
   enum { CHUNK = 256 };  // channels per pass: the sums stay on the stack
-  // int16 sums (16 lanes, vpmullw) when no sum of taps can leave int16: always at 4 bits
+  // int16 sums when no sum of taps can leave int16 (always at 4 bits): AVX2 pairs taps (depthwise_tap_pairs)
   const int32_t x_span = p->x_max > x_zero ? p->x_max : x_zero;
   const int narrow = (int64_t)p->kernel_h * p->kernel_w * x_span * (p->w_absmax > 0 ? p->w_absmax : 1) <= 32767;
 #if defined(__AVX2__)
-  enum { MAX_TAPS = 64 };  // up to 8x8 kernels on the vector path
-  if (narrow && c % 16 == 0 && taps <= MAX_TAPS) {
-    // 16 channels per register, the int16 sums kept in a register across the taps
-    int16_t* w16 = (int16_t*)malloc(sizeof(int16_t) * (size_t)taps * (size_t)c);
-    if (!w16) {
-      free(w);
-      return -2;
-    }
-    for (int64_t i = 0; i < (int64_t)taps * c; ++i) w16[i] = w[i];
-    const __m256i vzero = _mm256_set1_epi16((int16_t)x_zero);
-    enum { PIXELS = 4 };  // output pixels along a row share each weight load
-#pragma omp parallel for schedule(static)
-    for (int32_t oh = 0; oh < p->out_h; ++oh) {
-      for (int32_t ow0 = 0; ow0 < p->out_w; ow0 += PIXELS) {
-        const int32_t pixels = p->out_w - ow0 < PIXELS ? p->out_w - ow0 : PIXELS;
-        // where each tap of each output pixel reads its channels (-1: padding, or past the row's last pixel),
-        // worked out once for every channel chunk and register width below
-        int64_t x_at[MAX_TAPS][PIXELS];
-        for (int32_t kh = 0; kh < p->kernel_h; ++kh)
-          for (int32_t kw = 0; kw < p->kernel_w; ++kw)
-            for (int q = 0; q < PIXELS; ++q) {
-              const int32_t ih = oh * p->stride_h - p->pad_top + kh, iw = (ow0 + q) * p->stride_w - p->pad_left + kw;
-              const int inside = q < pixels && ih >= 0 && ih < p->in_h && iw >= 0 && iw < p->in_w;
-              x_at[kh * p->kernel_w + kw][q] = inside ? ((int64_t)ih * p->in_w + iw) * c : -1;
-            }
-        for (int32_t c0 = 0; c0 < c; c0 += CHUNK) {
-          const int32_t len = c - c0 < CHUNK ? c - c0 : CHUNK;
-          int32_t acc[PIXELS][CHUNK];
-          int32_t j = 0;
-#if defined(__AVX512BW__)
-          // 32 channels per register where the build has AVX-512 (a 16-channel step takes the rest)
-          const __m512i zzero = _mm512_set1_epi16((int16_t)x_zero);
-          for (; j + 32 <= len; j += 32) {
-            __m512i sum[PIXELS];
-            for (int q = 0; q < PIXELS; ++q) sum[q] = _mm512_setzero_si512();
-            for (int32_t t = 0; t < taps; ++t) {
-              const __m512i ws = _mm512_loadu_si512((const void*)(w16 + (int64_t)t * c + c0 + j));
-              for (int q = 0; q < PIXELS; ++q) {
-                if (x_at[t][q] < 0) continue;
-                const __m512i xs = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(x + x_at[t][q] + c0 + j)));
-                sum[q] = _mm512_add_epi16(sum[q], _mm512_mullo_epi16(_mm512_sub_epi16(xs, zzero), ws));
-              }
-            }
-            for (int q = 0; q < PIXELS; ++q) {
-              _mm512_storeu_si512((void*)(acc[q] + j), _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[q])));
-              _mm512_storeu_si512((void*)(acc[q] + j + 16), _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[q], 1)));
-            }
-          }
-#endif
-          for (; j < len; j += 16) {
-            __m256i sum[PIXELS];
-            for (int q = 0; q < PIXELS; ++q) sum[q] = _mm256_setzero_si256();
-            for (int32_t t = 0; t < taps; ++t) {
-              const __m256i ws = _mm256_loadu_si256((const __m256i*)(w16 + (int64_t)t * c + c0 + j));
-              for (int q = 0; q < PIXELS; ++q) {
-                if (x_at[t][q] < 0) continue;
-                const __m256i xs = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(x + x_at[t][q] + c0 + j)));
-                sum[q] = _mm256_add_epi16(sum[q], _mm256_mullo_epi16(_mm256_sub_epi16(xs, vzero), ws));
-              }
-            }
-            for (int q = 0; q < PIXELS; ++q) {
-              _mm256_storeu_si256((__m256i*)(acc[q] + j), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum[q])));
-              _mm256_storeu_si256((__m256i*)(acc[q] + j + 8), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum[q], 1)));
-            }
-          }
-          for (int q = 0; q < pixels; ++q) epilogue(&e, (int64_t)oh * p->out_w + ow0 + q, c0, len, acc[q], NULL);
-        }
-      }
-    }
-    free(w16);
+  if (narrow && c % 16 == 0 && taps <= DW_MAX_TAPS) {
+    const int status = depthwise_tap_pairs(p, x, w, &e);
     free(w);
-    return 0;
+    return status;
   }
 #endif
 #pragma omp parallel for schedule(static)
