@@ -35,12 +35,12 @@ def compile_flags(arch: str, cpu_features, mcpu: str | None = None) -> list[str]
     return flags
 
 
-def source_digest() -> str:
-    """A short hash of what decides a compiled kernel module: the C sources and the Python that packs and plans for
-    them."""
+def source_digest(source_dir: Path | None = None) -> str:
+    """A short hash of what decides a compiled kernel module: the C sources (of ``source_dir``, default this
+    package's) and the Python that packs and plans for them."""
     hasher = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for source in [*sorted(SOURCE_DIR.iterdir()), *sorted(here.glob("*.py"))]:
+    for source in [*sorted((source_dir or SOURCE_DIR).iterdir()), *sorted(here.glob("*.py"))]:
         hasher.update(source.name.encode() + source.read_bytes())
     return hasher.hexdigest()[:16]
 
@@ -58,17 +58,17 @@ def build_object(compiler: str, flags: list[str], out_dir: Path) -> list[Path]:
     return objects
 
 
-def build_shared(compiler: str, flags: list[str], cache: Path) -> Path:
-    """A shared library of the C kernels (for ctypes), cached by source and flags."""
+def build_shared(compiler: str, flags: list[str], cache: Path, source_dir: Path | None = None) -> Path:
+    """A shared library of the C kernels (for ctypes), cached by source and flags; ``source_dir`` builds another
+    copy of ``csrc`` (an older revision, to compare against)."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = (
-        cache
-        / f"libedgeq_kernels-{hashlib.sha256(repr((source_digest(), compiler, flags)).encode()).hexdigest()[:16]}.so"
-    )
+    digest = source_digest(source_dir)
+    path = cache / f"libedgeq_kernels-{hashlib.sha256(repr((digest, compiler, flags)).encode()).hexdigest()[:16]}.so"
+    sources = C_SOURCES if source_dir is None else tuple(Path(source_dir) / source.name for source in C_SOURCES)
     if not path.exists():
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             partial = Path(tmp) / path.name
-            command = [compiler, *flags, "-std=c11", "-shared", *map(str, C_SOURCES), "-o", str(partial), "-lm"]
+            command = [compiler, *flags, "-std=c11", "-shared", *map(str, sources), "-o", str(partial), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 raise RuntimeError(f"compiling the kernels failed: {' '.join(command)}\n{result.stderr.strip()}")

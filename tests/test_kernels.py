@@ -465,6 +465,40 @@ def _assert_equals_reference(plan: kernel_plan.Plan, env: dict, x: np.ndarray) -
         )
 
 
+def test_kernel_ab_compares_two_builds_layer_by_layer(libraries, exports, tmp_path):
+    """benchmarks/kernel_ab.py: a revision's kernels against this checkout's on every convolution of a plan; the
+    same build agrees with itself, a base whose depthwise centring is off in one channel is reported."""
+    import importlib.util
+
+    from edgeq.kernels import native
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("edgeq_kernel_ab", script)
+    kernel_ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel_ab)
+    model = onnx.load(str(exports["mobilenet"] / MODEL_FILE))
+    lib = libraries["host"]
+    plan = kernel_plan.build_plan(model, lib.layout)
+    x = _inputs(model, 1)[0]
+    rows = kernel_ab.compare("mobilenet", {"A": lib, "B": lib}, plan, x, rounds=1, calls=1)
+    assert len(rows) == sum(step.kernel == "conv2d" for step in plan.steps)
+    assert all(row["same"] and row["a_ms"] > 0 and row["b_ms"] > 0 for row in rows)
+    broken = tmp_path / "csrc"
+    shutil.copytree(toolchain.SOURCE_DIR, broken)
+    source = (broken / "edgeq_kernels.c").read_text()
+    assert "correction[ch] = p->x_zero * total;" in source
+    (broken / "edgeq_kernels.c").write_text(
+        source.replace("correction[ch] = p->x_zero * total;", "correction[ch] = p->x_zero * total + 1000 * (ch == 1);")
+    )
+    compiler, flags = toolchain.host_flags()
+    if "-mavx2" not in flags:
+        pytest.skip("the depthwise centring constant is AVX2's")
+    base = native.Library(toolchain.build_shared(compiler, flags, tmp_path / "build", source_dir=broken))
+    rows = kernel_ab.compare("mobilenet", {"A": base, "B": lib}, plan, x, rounds=1, calls=1)
+    assert not all(row["same"] for row in rows if row["layer"].startswith("dw "))
+    assert all(row["same"] for row in rows if not row["layer"].startswith("dw "))
+
+
 @pytest.mark.parametrize("name", ["tiny", "mobilenet", "vit"])
 def test_plan_matches_onnxruntime_qdq_model(libraries, exports, name):
     model = onnx.load(str(exports[name] / MODEL_FILE))
