@@ -71,6 +71,7 @@ def check_conv(
     winograd: bool = False,
     short_pointwise: bool = False,
     depthwise_only: bool = False,
+    classifier: bool = False,
 ) -> str | None:
     """One random convolution through ``lib`` against the reference; ``min_size`` sets the input's least
     height and width (larger maps have enough rows for the AMX tiles), ``wide_inputs`` draws 64 or 128 input
@@ -80,14 +81,17 @@ def check_conv(
     ``short_pointwise`` a 1x1 layer of 4-bit codes with 8-40 input channels and 32-100 outputs, codes only and
     symmetric weights (the fast requantization straight from the microkernel's registers where the build has it),
     ``depthwise_only`` a depthwise layer of 16 to 272 channels (AVX2 pairs its taps: whole and half 32-channel
-    blocks, more than one 256-channel pass)."""
-    special = in_place or winograd or short_pointwise
+    blocks, more than one 256-channel pass), ``classifier`` a 1x1 layer on a single pixel (one row of products),
+    8-bit inputs for the most part."""
+    special = in_place or winograd or short_pointwise or classifier
     depthwise = depthwise_only or (not special and bool(rng.integers(0, 4) == 0))
-    kernel = 3 if winograd else (1 if short_pointwise else int(rng.choice([1, 3, 5])))
-    stride = 1 if winograd or short_pointwise else int(rng.integers(1, 3))
-    pad = int(rng.integers(0, kernel // 2 + 1))
+    kernel = 3 if winograd else (1 if short_pointwise or classifier else int(rng.choice([1, 3, 5])))
+    stride = 1 if winograd or short_pointwise or classifier else int(rng.integers(1, 3))
+    pad = 0 if classifier else int(rng.integers(0, kernel // 2 + 1))
     low = max(kernel, min_size)
     h, w = int(rng.integers(low, max(13, low + 6))), int(rng.integers(low, max(13, low + 6)))
+    if classifier:
+        h = w = 1
     # depthwise layers with a multiple of 16 channels take the vectorized path (16 channels per register)
     cin = int(rng.choice([16, 32, 48])) if depthwise and rng.integers(0, 2) else int(rng.integers(1, 40))
     if depthwise_only:
@@ -100,6 +104,8 @@ def check_conv(
         cin = int(rng.choice([32, 40, 64]))
     if short_pointwise:
         cin = int(rng.integers(8, 41))
+    if classifier:
+        cin = int(rng.integers(1, 300))
     # short pointwise: 16 outputs or a ragged last block of at most 16 take AVX2's 8-row x 16-channel tiles
     if depthwise:
         n = cin
@@ -107,7 +113,11 @@ def check_conv(
         n = int(rng.choice([16, int(rng.integers(32, 101))]))
     else:
         n = int(rng.integers(1, 70))
-    x_max = 15 if winograd or short_pointwise else int(rng.choice([15, 255]))
+    x_max = (
+        15
+        if winograd or short_pointwise
+        else (int(rng.choice([15, 255, 255])) if classifier else int(rng.choice([15, 255])))
+    )
     bits = 2 if winograd else (int(rng.choice([2, 4])) if short_pointwise else int(rng.choice([2, 4, 8])))
     x = rng.integers(0, x_max + 1, (h, w, cin)).astype(np.uint8)
     x_zero = int(rng.integers(0, x_max + 1))
@@ -344,6 +354,11 @@ def check_depthwise_conv(lib, rng) -> str | None:
     return check_conv(lib, rng, depthwise_only=True)
 
 
+def check_classifier_conv(lib, rng) -> str | None:
+    """A 1x1 layer on one pixel (a classifier on one image): AVX2 runs 8-bit inputs on a one-row wide kernel."""
+    return check_conv(lib, rng, classifier=True)
+
+
 def run(library_path: str, cases: int, seed: int) -> dict:
     lib = native.Library(library_path)
     rng = np.random.default_rng(seed)
@@ -358,6 +373,7 @@ def run(library_path: str, cases: int, seed: int) -> dict:
             check_winograd_conv,
             check_short_pointwise_conv,
             check_depthwise_conv,
+            check_classifier_conv,
             check_float_ops,
         )
         for check in checks:

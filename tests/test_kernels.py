@@ -179,6 +179,15 @@ def test_short_pointwise_convolutions_match_the_reference(libraries, seed, which
     assert selfcheck.check_short_pointwise_conv(library, np.random.default_rng(seed)) is None
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["host", "avx2", "portable"]))
+def test_single_pixel_layers_match_the_reference(libraries, seed, which):
+    """A classifier on one image: a 1x1 layer on one pixel, 4- and 8-bit inputs (AVX2: a one-row wide kernel that
+    sign-extends the 8-bit panel as it reads it)."""
+    library = libraries.get(which, libraries["host"])
+    assert selfcheck.check_classifier_conv(library, np.random.default_rng(seed)) is None
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), which=st.sampled_from(["avx2", "portable"]))
 def test_winograd_convolutions_match_the_reference(libraries, seed, which):

@@ -341,6 +341,22 @@ static void micro_wide_taps(const uint16_t* const* a, int64_t row_stride, int32_
   }
 }
 
+/* One row (a classifier on one image): the 8-bit panel sign-extended as it is read, where the 4-row tile would
+ * need the whole panel widened to int16 first and compute the row four times (1280 -> 1000: 0.18 ms against
+ * onnxruntime's 0.10). */
+static void micro_wide_row(const uint16_t* a0, const int8_t* panel, int32_t k_padded, int32_t* c) {
+  __m256i c0 = _mm256_setzero_si256(), c1 = c0;
+  for (int32_t k = 0; k < k_padded; k += 2) {
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(panel + (int64_t)k * NB_WIDE)));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(panel + (int64_t)k * NB_WIDE + 16)));
+    const __m256i x = _mm256_set1_epi32(*(const int32_t*)(a0 + k));
+    c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(x, w0));
+    c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(x, w1));
+  }
+  _mm256_storeu_si256((__m256i*)c, c0);
+  _mm256_storeu_si256((__m256i*)(c + 8), c1);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* AVX-512 VNNI (LAYOUT_VNNI, panel [k/4][32][4]): one vpdpbusd multiplies a row's 4
  * activation codes (broadcast) by 16 channels' 4 weights and adds the four products into
@@ -1945,7 +1961,7 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
       status = -2;
       continue;
     }
-    if (wide)  // sign-extended once per block, not per tile
+    if (wide && m_count > 1)  // sign-extended once per block, not per tile
       for (int64_t i = 0; i < (int64_t)p->k_padded * NB_WIDE; ++i) wide_panel[i] = panel[i];
 #endif
 #if defined(EDGEQ_HAS_AMX)
@@ -2008,7 +2024,9 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
       else
 #endif
 #if defined(EDGEQ_HAS_WIDE)
-      if (wide) {
+      if (wide && m_count == 1) {
+        micro_wide_row(wide_rows, panel, p->k_padded, tile);
+      } else if (wide) {
         const uint16_t* a16[4];
         for (int r = 0; r < 4; ++r) a16[r] = wide_rows + (m + r < m_count ? m + r : m_count - 1) * p->k_padded;
         micro_wide_taps(a16, 0, 1, p->k_padded, wide_panel, tile);
