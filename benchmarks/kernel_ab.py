@@ -59,39 +59,18 @@ def base_sources(revision: str, into: Path) -> Path:
 
 def compare(model_name: str, libraries: dict, plan, inputs: np.ndarray, rounds: int, calls: int) -> list[dict]:
     from edgeq.kernels import execute
-    from edgeq.kernels.plan import epilogue_arrays
-    from edgeq.kernels.relax_module import conv_struct
 
-    first = libraries["A"]
     rows = []
     with libraries["A"].threads(1), libraries["B"].threads(1):
-        values = execute.run_plan(plan, first, inputs)
+        values = execute.run_plan(plan, libraries["A"], inputs)
         for step in plan.steps:
             if step.kernel != "conv2d":
                 continue
             p = step.params
-            params = conv_struct(p)
-            multiplier, bias = epilogue_arrays(p)
-            source = values[step.inputs[0]]
-            residual = values[p["residual"]] if p["residual"] else None
+            kernels = {tag: execute.conv_call(library, step, values) for tag, library in libraries.items()}
             best, outputs = {"A": float("inf"), "B": float("inf")}, {}
             for _ in range(rounds):
-                for tag, library in libraries.items():
-
-                    def call(library=library):
-                        return library.conv2d(
-                            params,
-                            source,
-                            p["packed"],
-                            p["wsum"],
-                            multiplier,
-                            bias,
-                            residual,
-                            want_float=step.out_kind == "float",
-                            want_codes=step.out_kind == "codes",
-                            depthwise=p["depthwise"],
-                        )
-
+                for tag, call in kernels.items():
                     outputs[tag] = call()
                     began = time.perf_counter()
                     for _ in range(calls):

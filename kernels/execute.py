@@ -12,6 +12,32 @@ from .plan import Plan, Unsupported, epilogue_arrays, run_generic
 from .relax_module import CODES_OPERANDS, FLOAT_OPS, conv_struct, quantize_arguments
 
 
+def conv_call(library: native.Library, step, env: dict[str, np.ndarray]):
+    """A call of ``library``'s kernel for the conv2d ``step`` on its inputs in ``env``, returning (floats, codes);
+    its arguments made once, so that it can be timed alone."""
+    p = step.params
+    params = conv_struct(p)
+    residual = env[p["residual"]] if p["residual"] else None
+    multiplier, bias = epilogue_arrays(p)
+    source = env[step.inputs[0]]
+
+    def call():
+        return library.conv2d(
+            params,
+            source,
+            p["packed"],
+            p["wsum"],
+            multiplier,
+            bias,
+            residual,
+            want_float=step.out_kind == "float",
+            want_codes=step.out_kind == "codes",
+            depthwise=p["depthwise"],
+        )
+
+    return call
+
+
 def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list | None = None) -> dict[str, np.ndarray]:
     """Execute a plan through ctypes (no TVM): every value by name, for tests and profiling.
 
@@ -33,21 +59,7 @@ def run_plan(plan: Plan, library: native.Library, x: np.ndarray, timings: list |
             out = np.zeros(value.shape, np.uint8)
             library.lib.edgeq_quantize(ptr(args[0]), *ints[:3], native.ctypes.c_float(scale), *ints[3:], ptr(out))
         elif step.kernel == "conv2d":
-            params = conv_struct(p)
-            residual = env[p["residual"]] if p["residual"] else None
-            multiplier, bias = epilogue_arrays(p)
-            out_float, out_codes = library.conv2d(
-                params,
-                args[0],
-                p["packed"],
-                p["wsum"],
-                multiplier,
-                bias,
-                residual,
-                want_float=step.out_kind == "float",
-                want_codes=step.out_kind == "codes",
-                depthwise=p["depthwise"],
-            )
+            out_float, out_codes = conv_call(library, step, env)()
             out = (out_codes if step.out_kind == "codes" else out_float).reshape(value.shape)
         elif step.kernel == "generic":
             out = run_generic(p["model"], args).reshape(value.shape)

@@ -908,6 +908,13 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
 }
 
 #if defined(__AVX2__)
+/* Eight int32 sums to unclamped codes: floor((sum - correction) * m + b). */
+static inline __attribute__((always_inline)) __m256i fast_code_lanes(__m256i sums, const int32_t* correction, const float* mult, const float* bias) {
+  const __m256i acc = _mm256_sub_epi32(sums, _mm256_loadu_si256((const __m256i*)correction));
+  const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult)), _mm256_loadu_ps(bias));
+  return _mm256_cvtps_epi32(_mm256_floor_ps(y));
+}
+
 /* 32 channels' int32 sums (four vectors of 8, in channel order) to clamped codes with the fast
  * requantization, the same arithmetic as epilogue_fast (acc = sum - correction, floor(acc * m + b), clamp,
  * bytes) with four vectors packed to bytes at once. The int32 -> int16 -> uint8 saturations keep order and
@@ -915,11 +922,7 @@ static inline __attribute__((always_inline)) void epilogue_fast(const epilogue_a
 static inline __attribute__((always_inline)) __m256i fast_codes32(const __m256i sums[4], const int32_t* correction, const float* mult,
                                                                   const float* bias, __m256i lo, __m256i hi) {
   __m256i q[4];
-  for (int v = 0; v < 4; ++v) {
-    const __m256i acc = _mm256_sub_epi32(sums[v], _mm256_loadu_si256((const __m256i*)(correction + 8 * v)));
-    const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + 8 * v)), _mm256_loadu_ps(bias + 8 * v));
-    q[v] = _mm256_cvtps_epi32(_mm256_floor_ps(y));
-  }
+  for (int v = 0; v < 4; ++v) q[v] = fast_code_lanes(sums[v], correction + 8 * v, mult + 8 * v, bias + 8 * v);
   const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
   const __m256i in_order = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   return _mm256_min_epu8(_mm256_max_epu8(in_order, lo), hi);
@@ -929,11 +932,7 @@ static inline __attribute__((always_inline)) __m256i fast_codes32(const __m256i 
 static inline __attribute__((always_inline)) __m128i fast_codes16(const __m256i sums[2], const int32_t* correction, const float* mult,
                                                                   const float* bias, __m128i lo, __m128i hi) {
   __m256i q[2];
-  for (int v = 0; v < 2; ++v) {
-    const __m256i acc = _mm256_sub_epi32(sums[v], _mm256_loadu_si256((const __m256i*)(correction + 8 * v)));
-    const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(mult + 8 * v)), _mm256_loadu_ps(bias + 8 * v));
-    q[v] = _mm256_cvtps_epi32(_mm256_floor_ps(y));
-  }
+  for (int v = 0; v < 2; ++v) q[v] = fast_code_lanes(sums[v], correction + 8 * v, mult + 8 * v, bias + 8 * v);
   const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);  // 16 int16 in channel order
   const __m128i bytes = _mm_packus_epi16(_mm256_castsi256_si128(words), _mm256_extracti128_si256(words, 1));
   return _mm_min_epu8(_mm_max_epu8(bytes, lo), hi);
