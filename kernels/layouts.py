@@ -42,9 +42,13 @@ LAYOUTS = {
 TABLE_LOOKUP = {"avx2": "avx2-lut", "neon": "neon-lut"}  # the table-lookup kernel each build also has
 # When the table-lookup kernel is chosen: measured on Zen 3 against the vpmaddubsw kernel
 # (benchmarks/speed.py, docs/kernels.md), tables cost more than they save below ~512 output
-# channels (they are built per row and shared by the channels) and for few rows.
+# channels (they are built per row and shared by the channels) and for few rows; and below ~256
+# products per output (k), where building a row's tables costs as much as its lookups save (MobileNetV2's
+# 96 -> 576 expansions at 14x14: 0.143 ms on tables against 0.117 on vpmaddubsw; 320 -> 1280 at 7x7,
+# k = 320: 0.222 against 0.236; Zen 3, one thread, interleaved).
 LUT_MIN_ROWS = 9
 LUT_MIN_CHANNELS = 512
+LUT_MIN_K = 256
 # On NEON without dot product the tables win from the first block of 16 channels (an
 # estimate: benchmarks/arm_estimate.py; no A72 was at hand to time it): per group pair
 # and row the lookups take 10 instructions on two pipes for 128 multiply-adds, smlal 16 on
@@ -68,8 +72,8 @@ def conv_layout(layout: Layout, x_max: int, weights: np.ndarray | None = None, r
     """The layout one layer runs in on a build whose own layout is ``layout``.
 
     AVX2 builds run layers with 8-bit inputs on the wide (int16) kernel, and layers with
-    4-bit inputs, 2-bit weights (values in [-2, 1]), many rows and many output channels
-    on the table-lookup kernel; NEON builds (no dot product) run such layers on theirs
+    4-bit inputs, 2-bit weights (values in [-2, 1]), many rows, many output channels and a
+    long k on the table-lookup kernel; NEON builds (no dot product) run such layers on theirs
     from a few rows on.
     """
     if layout.name == "vnni":  # 64 multiply-adds per instruction at any input width: nothing beats it there
@@ -80,7 +84,12 @@ def conv_layout(layout: Layout, x_max: int, weights: np.ndarray | None = None, r
     if len(candidates) > 1:
         lut = candidates[-1]
         if lut.name == "avx2-lut":
-            loses = rows is None or rows < LUT_MIN_ROWS or weights.shape[0] < LUT_MIN_CHANNELS
+            loses = (
+                rows is None
+                or rows < LUT_MIN_ROWS
+                or weights.shape[0] < LUT_MIN_CHANNELS
+                or weights.shape[1] < LUT_MIN_K
+            )
         else:
             loses = rows is None or rows < NEON_LUT_MIN_ROWS
         if loses:

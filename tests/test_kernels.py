@@ -134,6 +134,7 @@ def test_table_lookup_layout_stores_two_bits_per_weight_and_is_chosen_for_wide_l
     assert (
         layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights[:64], rows=196).name == "avx2"
     )  # tables cost more than they save
+    assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights[:, :96], rows=196).name == "avx2"  # short k too
     assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 255, weights, rows=196).name == "avx2-wide"
     assert layouts.conv_layout(layouts.LAYOUTS["avx2"], 15, weights * 2, rows=196).name == "avx2"  # not 2-bit
     with pytest.raises(ValueError, match="2-bit"):
