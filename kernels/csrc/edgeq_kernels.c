@@ -1861,16 +1861,16 @@ int edgeq_conv2d(const edgeq_conv_params* p, const uint8_t* x, const uint8_t* pa
   const int direct_short = pairs_only && !direct && p->kernel_h == 1 && p->kernel_w == 1 && p->stride_h == 1 && p->stride_w == 1 && p->pad_top == 0 &&
                            p->pad_left == 0 && p->in_h == p->out_h && p->in_w == p->out_w && p->in_c < p->k_padded;
   const int64_t row_stride = direct_short ? p->in_c : p->k_padded;
-  // rows from tail_from on read from `tail`, k_padded apart (their in-place reads would pass the input's end)
+  // rows from tail_from on read from `tail`, k_padded apart: with an odd number of channels the last row's
+  // last pair reads one code past the input's end
   int64_t tail_from = m_count;
   uint8_t* tail = NULL;
-  if (direct_short && k_used > p->in_c) {  // an odd number of channels
-    tail_from = m_count - (k_used - p->in_c + p->in_c - 1) / p->in_c;
-    if (tail_from < 0) tail_from = 0;
-    tail = (uint8_t*)scratch(SCRATCH_TAIL, (size_t)((m_count - tail_from) * p->k_padded));
+  if (direct_short && k_used > p->in_c) {
+    tail_from = m_count - 1;
+    tail = (uint8_t*)scratch(SCRATCH_TAIL, (size_t)p->k_padded);
     if (!tail) return -2;
-    memset(tail, 0, (size_t)((m_count - tail_from) * p->k_padded));
-    for (int64_t m = tail_from; m < m_count; ++m) memcpy(tail + (m - tail_from) * p->k_padded, x + m * p->in_c, (size_t)p->in_c);
+    memset(tail, 0, (size_t)p->k_padded);
+    memcpy(tail, x + tail_from * p->in_c, (size_t)p->in_c);
   }
   uint8_t* rows = NULL;
   if (!direct && !direct_short && !implicit && !in_place && !wide_in_place && !winograd) {
