@@ -242,3 +242,49 @@ def test_the_mixed_variant_names_its_layers_and_belongs_to_its_model():
     assert real.cell_spec("efficientnet-lite0", "w2a4", module).layers == ()
     assert real.has_bits("efficientnet-lite0", "w2a4-dw8") and not real.has_bits("cifar10-resnet20", "w2a4-dw8")
     assert real.has_bits("cifar10-resnet20", "w2a4")
+
+
+def test_defaults_for_one_row_override_the_models_and_a_flag_overrides_both():
+    real = _real()
+    # EfficientNet-Lite0's W4A4 row starts from GPTQ with per-channel zero points; its other rows do not
+    assert real.initial_rounding("efficientnet-lite0", None, "w4a4") == "gptq"
+    assert real.asymmetric_weights("efficientnet-lite0", None, "w4a4") is True
+    for bits in ("w2a4", "w3a3", "w4a4-early8", None):
+        assert real.initial_rounding("efficientnet-lite0", None, bits) == "nearest"
+        assert real.asymmetric_weights("efficientnet-lite0", None, bits) is False
+    # a model-wide default holds for every width
+    assert real.initial_rounding("cifar10-resnet20", None, "w3a3") == "gptq"
+    assert real.initial_rounding("efficientnet-lite0", "nearest", "w4a4") == "nearest"
+    assert real.asymmetric_weights("efficientnet-lite0", "off", "w4a4") is False
+    # a cell made with the row's own defaults is not stale; one made with the model's would be
+    settings = {
+        "method": "rtn",
+        "eval_count": {"efficientnet-lite0": 10},
+        "seed": 0,
+        "time_budget": None,
+        "window": None,
+        "bias_correction": None,
+        "initial_rounding": None,
+        "asymmetric_weights": None,
+        "inversion": {"efficientnet-lite0": None},
+        "num_images": {"efficientnet-lite0": 64},
+    }
+    cell = {
+        "model": "efficientnet-lite0",
+        "bits": "w4a4",
+        "source": "noise",
+        "method": "rtn",
+        "eval_images": 10,
+        "seed": 0,
+        "time_budget": real.time_budget("efficientnet-lite0", None),
+        "window": None,
+        "bias_correction": True,
+        "initial_rounding": "gptq",
+        "asymmetric_weights": True,
+        "requested_images": 64,
+    }
+    assert real._same_settings(cell, settings)
+    assert not real._same_settings({**cell, "initial_rounding": "nearest", "asymmetric_weights": False}, settings)
+    assert real._same_settings(
+        {**cell, "bits": "w2a4", "initial_rounding": "nearest", "asymmetric_weights": False}, settings
+    )
