@@ -773,9 +773,11 @@ def write_page(results: dict, out: Path, command: str, models, bits_list, source
             for source in sources
         ):
             lines.append(
-                "\nAsymmetric weights (a zero point per output channel) buy accuracy at 2 and 3 bits; compiled, they "
-                "run on the kernels as fast as symmetric ones (zero points folded into the stored weights or "
-                "subtracted in the epilogue, whichever is faster on the target: docs/kernels.md)."
+                "\nRows whose method names a GPTQ start or asymmetric weights (a zero point per output channel) use "
+                "them where they measured better (docs/quantization.md); the other rows start from round-to-nearest "
+                "with symmetric weights. Compiled, asymmetric weights run on the kernels as fast as symmetric ones "
+                "(zero points folded into the stored weights or subtracted in the epilogue, whichever is faster on "
+                "the target: docs/kernels.md)."
             )
         for bits, (base, layer_bits, kept) in VARIANTS.get(name, {}).items():
             if bits in bits_list:
