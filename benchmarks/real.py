@@ -676,7 +676,8 @@ def conclusions(results: dict, models, bits_list) -> list[str]:
                 if limit is not None:
                     spent = free[chosen]["quantize_seconds"] + (free[chosen]["synthesis_seconds"] or 0)
                     text += (
-                        f"; {spent:.0f} s of synthesis and quantization on {free[chosen]['threads']} threads, "
+                        f"; {spent:.0f} s of synthesis and quantization on {free[chosen]['threads']} "
+                        f"thread{'' if free[chosen]['threads'] == 1 else 's'}, "
                         f"{'within' if spent <= limit else 'over'} the {limit / 60:.0f}-minute budget"
                     )
                 missing = [s for s in DATA_FREE if s not in free]
