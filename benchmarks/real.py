@@ -112,7 +112,7 @@ TARGETS = {
 }
 TIME_TARGET = {"efficientnet-lite0": 1800.0}  # seconds of calibration + quantization, on two cores
 # Within it, unless --time-budget and --inversion-iters say otherwise: 50 inversion steps for 64 images at 224
-# pixels (about 6 s a step for a batch of 32 on two cores: 10 minutes), then 1200 s of reconstruction
+# pixels (about 6 s a step for a batch of 32 on two cores: 10 minutes), then 1200 s of rounding (GPTQ + reconstruction)
 DEFAULT_TIME_BUDGET = {"efficientnet-lite0": 1200.0}
 DEFAULT_INVERSION_ITERS = {"efficientnet-lite0": 50}
 

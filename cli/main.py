@@ -206,7 +206,8 @@ quantization_options = _stacked(
     click.option(
         "--time-budget",
         type=click.FloatRange(min=0, min_open=True),
-        help="Seconds for all of reconstruction; caps --iters per unit (a budget per bit width in a sweep).",
+        help="Seconds for GPTQ's rounding and reconstruction together; caps --iters per unit (a budget per bit "
+        "width in a sweep).",
     ),
     window_option,
     bias_correction_option,
@@ -699,7 +700,7 @@ Examples:
 @click.option(
     "--time-budget",
     type=click.FloatRange(min=0, min_open=True),
-    help="Seconds for all of reconstruction; caps --iters per unit.",
+    help="Seconds for GPTQ's rounding and reconstruction together; caps --iters per unit.",
 )
 @window_option
 @click.option(

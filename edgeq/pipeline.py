@@ -47,7 +47,7 @@ class RunOptions:
     strategy: str | None = None
     method: str = "qdrop"  # how weights round (edgeq.reconstruction.Method)
     iters: int = 2000  # reconstruction iterations per block or layer
-    time_budget: float | None = None  # seconds for all of reconstruction (caps iters per unit)
+    time_budget: float | None = None  # seconds for GPTQ and reconstruction together (caps iters per unit)
     window: int | None = None  # reconstruct large convolutional inputs on windows of this many pixels
     bias_correction: bool = False  # correct biases for the mean shift of the final rounding
     initial_rounding: str = "nearest"  # or "gptq": where rounding starts (edgeq.reconstruction.Rounding)

@@ -16,8 +16,10 @@ evaluation and the reports read them through this module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -352,15 +354,24 @@ def quantize_module(
     spec = QuantSpec.load(spec) if isinstance(spec, str) else spec
     prepared, layers = prepare(model, spec, torch.from_numpy(inputs[:1]))
     calibrate(prepared, layers, inputs, spec, seed=seed)
+    started = time.perf_counter()
     if reconstruction is not None and reconstruction.initial_rounding is Rounding.GPTQ:
         order = execution_order(prepared, list(layers), torch.from_numpy(inputs[:1]))
         gptq_round(prepared, layers, order, inputs)
     if reconstruction is not None and reconstruction.learns:
+        learning = reconstruction
+        if reconstruction.time_budget is not None:
+            # A budget is for the rounding as a whole: GPTQ's pass over the layers is spent from it, so
+            # `edgeq compile --time-budget 1800` means 30 minutes whatever the start.
+            left = reconstruction.time_budget - (time.perf_counter() - started)
+            if left < reconstruction.time_budget:
+                log.info("%.0f s of the time budget left for reconstruction after GPTQ", max(left, 0.0))
+            learning = dataclasses.replace(reconstruction, time_budget=max(left, 1e-3))
         units = reconstruct(
             prepared,
             layers,
             torch.from_numpy(inputs),
-            reconstruction,
+            learning,
             seed=seed,
             device=device,
             matmuls=quantized_matmuls(prepared),

@@ -228,6 +228,33 @@ def test_a_time_budget_caps_the_iterations_and_fisher_weights_are_squared_gradie
     assert torch.allclose(weights, out2.grad.pow(2))
 
 
+def test_gptq_spends_from_the_time_budget(monkeypatch):
+    import time
+
+    real_gptq = quantized.gptq_round
+    seen = {}
+
+    def slow_gptq(*args, **kwargs):
+        time.sleep(0.5)
+        return real_gptq(*args, **kwargs)
+
+    def recording_reconstruct(model, layers, inputs, config, **kwargs):
+        seen["budget"] = config.time_budget
+        return []
+
+    monkeypatch.setattr(quantized, "gptq_round", slow_gptq)
+    monkeypatch.setattr(quantized, "reconstruct", recording_reconstruct)
+    config = ReconstructionConfig(method="adaround", iters=10, time_budget=3.0, initial_rounding="gptq")
+    quantized.quantize_module(_two_layer_model(), _inputs(16), "w2a4", reconstruction=config)
+    assert 0 < seen["budget"] <= 2.5  # what GPTQ took is not given to reconstruction again
+    config = ReconstructionConfig(method="adaround", iters=10, time_budget=0.2, initial_rounding="gptq")
+    quantized.quantize_module(_two_layer_model(), _inputs(16), "w2a4", reconstruction=config)
+    assert 0 < seen["budget"] <= 1e-3  # spent: every unit gets its minimum
+    config = ReconstructionConfig(method="adaround", iters=10, time_budget=3.0)
+    quantized.quantize_module(_two_layer_model(), _inputs(16), "w2a4", reconstruction=config)
+    assert 2.5 < seen["budget"] <= 3.0  # from nearest, reconstruction has (nearly) all of it
+
+
 def test_attention_matmul_inputs_are_quantized_learned_exported_and_compiled(tmp_path):
     from edgeq.stages import compile as compile_stage
     from edgeq.stages import verify as verify_stage

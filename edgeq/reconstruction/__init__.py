@@ -72,7 +72,8 @@ class ReconstructionConfig:
     β from 20 to 2 after a 20% warm-up, rounding-loss weight 0.01 for ResNets and 0.1 for
     MobileNet-style networks (``round_weight=None`` picks by whether the model has
     depthwise convolutions), Adam at 1e-3 for the rounding and 4e-5 for activation steps.
-    ``time_budget`` (seconds for the whole model) caps the iterations of each unit to its
+    ``time_budget`` (seconds for the whole model, GPTQ's initial rounding included when
+    ``edgeq.quantized.quantize_module`` runs both) caps the iterations of each unit to its
     share of what is left. ``window`` (pixels) reconstructs convolutional units whose
     inputs are larger on random ``window``×``window`` crops (:mod:`.crops`): many more
     iterations in the same time at high resolution. ``bias_correction`` corrects each layer's
